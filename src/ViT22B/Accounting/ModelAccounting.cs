@@ -1,0 +1,108 @@
+using ViT22B.Models;
+
+namespace ViT22B.Accounting;
+
+/// <summary>Parameter counts by component, computed from a config alone (no tensors).</summary>
+/// <param name="PatchEmbed">Patch-embedding kernel and bias.</param>
+/// <param name="PosEmbed">Learned position embedding (0 for sincos2d).</param>
+/// <param name="ClassToken">Class token.</param>
+/// <param name="NormPre">timm's <c>norm_pre</c>.</param>
+/// <param name="Blocks">All blocks, every parameter.</param>
+/// <param name="BlockMatmulWeights">The blocks' matmul weights only, L·(4D² + 2DF): the N of the FLOPs formula and the
+/// convention of ViT-22B's published 21,743M.</param>
+/// <param name="FinalNorm">The final <c>norm</c> (or <c>fc_norm</c> with GAP).</param>
+/// <param name="PoolHead">The MAP head.</param>
+/// <param name="Classifier">The linear classifier.</param>
+public sealed record ParameterCount(long PatchEmbed, long PosEmbed, long ClassToken, long NormPre, long Blocks,
+    long BlockMatmulWeights, long FinalNorm, long PoolHead, long Classifier)
+{
+    /// <summary>Everything.</summary>
+    public long Total => Backbone + PoolHead + Classifier;
+    /// <summary>Everything but the MAP head and the classifier.</summary>
+    public long Backbone => PatchEmbed + PosEmbed + ClassToken + NormPre + Blocks + FinalNorm;
+}
+
+/// <summary>Model FLOPs per image (2 FLOPs per multiply-accumulate, matmuls only; SPEC.md §9).</summary>
+/// <param name="Stem">Patch embedding, 2·N_patches·C·P²·D.</param>
+/// <param name="BlockMatmuls">2·N·T with N = L·(4D² + 2DF) and T tokens including the class token.</param>
+/// <param name="Attention">Q·Kᵀ and A·V, 4·L·T²·D.</param>
+/// <param name="Head">MAP head (4·T·D² + 4·D² + 4·T·D + 4·D·F) and classifier (2·D·C).</param>
+public sealed record FlopsCount(double Stem, double BlockMatmuls, double Attention, double Head)
+{
+    /// <summary>Forward FLOPs per image.</summary>
+    public double Forward => Stem + BlockMatmuls + Attention + Head;
+    /// <summary>Training FLOPs per image: forward + backward = 3 × forward (PaLM's MFU convention: no
+    /// rematerialization counted).</summary>
+    public double Training => 3 * Forward;
+}
+
+/// <summary>
+/// Exact parameter counts and model FLOPs from a <see cref="ViTConfig"/> (SPEC.md §8–9). Costs nothing for the 22B
+/// preset: no tensor is allocated. Counts agree with <c>parameters()</c> of an instantiated
+/// <see cref="VisionTransformer"/> for every knob.
+/// </summary>
+public static class ModelAccounting
+{
+    /// <summary>Parameter counts of <paramref name="c"/> at <see cref="ViTConfig.ImgSize"/>.</summary>
+    public static ParameterCount Parameters(ViTConfig c)
+    {
+        ArgumentNullException.ThrowIfNull(c);
+        c.Validate();
+        long d = c.EmbedDim, f = c.MlpDim, hd = c.HeadDim;
+        long Norm(long dim) => dim + (c.NormBias ? dim : 0);
+        long qkNorms = c.QkNorm ? 2 * Norm(hd) : 0;
+
+        long block = c.Block == BlockKind.Sequential
+            ? 2 * Norm(d)
+              + 3 * d * d + (c.QkvBias ? 3 * d : 0) + qkNorms
+              + d * d + (c.ProjBias ? d : 0)
+              + d * f + (c.MlpBias ? f : 0) + f * d + (c.MlpBias ? d : 0)
+            : Norm(d)
+              + (f + 3 * d) * d + (c.QkvBias ? f + 3 * d : c.MlpBias ? f : 0) + qkNorms
+              + (c.FuseOutProj
+                  ? (d + f) * d + (c.ProjBias || c.MlpBias ? d : 0)
+                  : d * d + (c.ProjBias ? d : 0) + f * d + (c.MlpBias ? d : 0));
+
+        long map = c.GlobalPool == GlobalPool.Map
+            ? d /* latent */ + (d * d + d) /* q */ + (2 * d * d + 2 * d) /* kv */ + (d * d + d) /* proj */ + Norm(d)
+              + (d * f + f) + (f * d + d) /* mlp */
+            : 0;
+
+        return new ParameterCount(
+            PatchEmbed: (long)c.InChans * c.PatchSize * c.PatchSize * d + (c.PreNorm ? 0 : d),
+            PosEmbed: c.PosEmbed == PosEmbedKind.Learn ? (c.NumPatches + (c.ClassToken && !c.NoEmbedClass ? 1 : 0)) * d : 0,
+            ClassToken: c.ClassToken ? d : 0,
+            NormPre: c.PreNorm ? Norm(d) : 0,
+            Blocks: c.Depth * block,
+            BlockMatmulWeights: c.Depth * (4 * d * d + 2 * d * f),
+            FinalNorm: Norm(d),
+            PoolHead: map,
+            Classifier: c.NumClasses > 0 ? c.NumClasses * d + c.NumClasses : 0);
+    }
+
+    /// <summary>Model FLOPs per image of <paramref name="c"/> at <see cref="ViTConfig.ImgSize"/>.</summary>
+    public static FlopsCount Flops(ViTConfig c)
+    {
+        ArgumentNullException.ThrowIfNull(c);
+        c.Validate();
+        double d = c.EmbedDim, f = c.MlpDim, l = c.Depth, t = c.NumTokens;
+        double n = l * (4 * d * d + 2 * d * f);
+        double head = (c.GlobalPool == GlobalPool.Map ? 4 * t * d * d + 4 * d * d + 4 * t * d + 4 * d * f : 0)
+                      + 2 * d * c.NumClasses;
+        return new FlopsCount(
+            Stem: 2.0 * c.NumPatches * c.InChans * c.PatchSize * c.PatchSize * d,
+            BlockMatmuls: 2 * n * t,
+            Attention: 4 * l * t * t * d,
+            Head: head);
+    }
+
+    /// <summary>
+    /// Model FLOPs utilization (PaLM §4.1): achieved model FLOP/s over peak FLOP/s, where the model FLOPs of a
+    /// training step are <see cref="FlopsCount.Training"/> per image and of inference <see cref="FlopsCount.Forward"/>.
+    /// </summary>
+    public static double Mfu(double modelFlopsPerImage, double imagesPerSecond, double peakFlopsPerSecond)
+    {
+        if (peakFlopsPerSecond <= 0) throw new ArgumentOutOfRangeException(nameof(peakFlopsPerSecond), "peak FLOP/s must be positive.");
+        return modelFlopsPerImage * imagesPerSecond / peakFlopsPerSecond;
+    }
+}

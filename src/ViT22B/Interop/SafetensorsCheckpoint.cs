@@ -1,0 +1,96 @@
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace ViT22B.Interop;
+
+/// <summary>A tensor whose shape in the checkpoint differs from the model's.</summary>
+/// <param name="Key">State-dict key.</param>
+/// <param name="Expected">Shape in the model.</param>
+/// <param name="Found">Shape in the checkpoint.</param>
+public sealed record ShapeMismatch(string Key, long[] Expected, long[] Found)
+{
+    /// <inheritdoc />
+    public override string ToString() => $"{Key}: model [{string.Join(", ", Expected)}], checkpoint [{string.Join(", ", Found)}]";
+}
+
+/// <summary>What loading a checkpoint into a model found.</summary>
+/// <param name="Path">The checkpoint file.</param>
+/// <param name="Loaded">Keys copied into the model.</param>
+/// <param name="Missing">Model keys the checkpoint lacks (left as they were).</param>
+/// <param name="Unexpected">Checkpoint keys the model lacks (ignored).</param>
+/// <param name="Mismatched">Keys present in both with different shapes.</param>
+public sealed record LoadReport(string Path, IReadOnlyList<string> Loaded, IReadOnlyList<string> Missing,
+    IReadOnlyList<string> Unexpected, IReadOnlyList<ShapeMismatch> Mismatched)
+{
+    /// <summary>True when every model key was loaded and nothing was left over or mismatched.</summary>
+    public bool IsExact => Missing.Count == 0 && Unexpected.Count == 0 && Mismatched.Count == 0;
+
+    /// <inheritdoc />
+    public override string ToString()
+    {
+        static string List(IEnumerable<object> items) => string.Join("; ", items.Take(20)) + (items.Count() > 20 ? $"; … ({items.Count()} in all)" : "");
+        var parts = new List<string> { $"'{Path}': loaded {Loaded.Count} tensors" };
+        if (Missing.Count > 0) parts.Add($"missing {Missing.Count}: {List(Missing)}");
+        if (Unexpected.Count > 0) parts.Add($"unexpected {Unexpected.Count}: {List(Unexpected)}");
+        if (Mismatched.Count > 0) parts.Add($"shape mismatches {Mismatched.Count}: {List(Mismatched)}");
+        return string.Join("; ", parts);
+    }
+}
+
+/// <summary>The checkpoint does not fit the model; <see cref="Report"/> says how.</summary>
+public sealed class CheckpointMismatchException : InvalidOperationException
+{
+    /// <summary>What was found.</summary>
+    public LoadReport Report { get; }
+
+    /// <summary>Creates the exception.</summary>
+    public CheckpointMismatchException(LoadReport report)
+        : base($"Checkpoint does not match the model: {report}") => Report = report;
+}
+
+/// <summary>
+/// Loads and saves a module's state dict as safetensors. Keys are the module's state-dict keys (timm's for
+/// <see cref="Models.VisionTransformer"/>), so a timm or converted big_vision checkpoint loads without renaming.
+/// </summary>
+public static class SafetensorsCheckpoint
+{
+    /// <summary>
+    /// Copies every tensor of the file whose key and shape match into <paramref name="module"/> (converting dtype
+    /// and device as needed, one tensor at a time). Nothing is copied when the check fails: shape mismatches always
+    /// throw; with <paramref name="strict"/> (default) missing and unexpected keys throw too.
+    /// </summary>
+    /// <exception cref="CheckpointMismatchException">The file does not fit the model.</exception>
+    /// <exception cref="SafetensorsFormatException">The file is malformed.</exception>
+    public static LoadReport Load(nn.Module module, string path, bool strict = true)
+    {
+        ArgumentNullException.ThrowIfNull(module);
+        using var reader = SafetensorsReader.Open(path);
+        var target = module.state_dict();
+        var loaded = new List<string>();
+        var unexpected = new List<string>();
+        var mismatched = new List<ShapeMismatch>();
+        foreach (var e in reader.Entries)
+        {
+            if (!target.TryGetValue(e.Name, out var t)) unexpected.Add(e.Name);
+            else if (!t.shape.SequenceEqual(e.Shape)) mismatched.Add(new ShapeMismatch(e.Name, t.shape, e.Shape));
+            else loaded.Add(e.Name);
+        }
+        var missing = target.Keys.Where(k => !reader.Contains(k)).ToList();
+        var report = new LoadReport(path, loaded, missing, unexpected, mismatched);
+        if (mismatched.Count > 0 || (strict && !report.IsExact)) throw new CheckpointMismatchException(report);
+        using var noGrad = torch.no_grad();
+        foreach (string key in loaded)
+        {
+            using var src = reader.Read(key);
+            target[key].copy_(src);
+        }
+        return report;
+    }
+
+    /// <summary>Writes the module's state dict atomically, in state-dict order, in the tensors' own dtype.</summary>
+    public static void Save(nn.Module module, string path, IReadOnlyDictionary<string, string>? metadata = null)
+    {
+        ArgumentNullException.ThrowIfNull(module);
+        Safetensors.Save(path, module.state_dict(), metadata);
+    }
+}

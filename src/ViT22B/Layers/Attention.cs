@@ -1,0 +1,63 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using ViT22B.Models;
+using static TorchSharp.torch;
+
+namespace ViT22B.Layers;
+
+/// <summary>
+/// Multi-head self-attention of the classic block (timm <c>Attention</c>): fused <c>qkv</c> [3D, D] (rows q | k | v,
+/// each head-major), optional per-head QK-norm over the head dimension (<c>q_norm</c>, <c>k_norm</c>, shared across
+/// heads), softmax(q·kᵀ/√d)·v, out-projection <c>proj</c> [D, D].
+/// </summary>
+public sealed class Attention : nn.Module<Tensor, Tensor>
+{
+    private readonly Linear qkv;
+    private readonly Norm? q_norm, k_norm;
+    private readonly Linear proj;
+    private readonly int _heads;
+
+    /// <summary>Creates the attention layer for <paramref name="c"/>.</summary>
+    public Attention(ViTConfig c, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(Attention))
+    {
+        _heads = c.NumHeads;
+        qkv = nn.Linear(c.EmbedDim, 3L * c.EmbedDim, hasBias: c.QkvBias, device: device, dtype: dtype);
+        if (c.QkNorm)
+        {
+            q_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
+            k_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
+        }
+        proj = nn.Linear(c.EmbedDim, c.EmbedDim, hasBias: c.ProjBias, device: device, dtype: dtype);
+        RegisterComponents();
+    }
+
+    /// <summary>[B, N, D] → [B, N, D].</summary>
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = torch.NewDisposeScope();
+        var parts = qkv.forward(x).chunk(3, -1);
+        var z = AttentionOps.Attend(parts[0], parts[1], parts[2], _heads, q_norm, k_norm);
+        return proj.forward(z).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>The attention arithmetic shared by the classic block, the parallel block and the MAP head.</summary>
+public static class AttentionOps
+{
+    /// <summary>
+    /// q [B, Nq, D], k and v [B, Nk, D] → concat over heads of softmax(Norm_q(q_h)·Norm_k(k_h)ᵀ/√d)·v_h, [B, Nq, D].
+    /// The norms (when given) act per head and token over the head dimension d = D / heads.
+    /// </summary>
+    public static Tensor Attend(Tensor q, Tensor k, Tensor v, int heads, Norm? qNorm, Norm? kNorm)
+    {
+        using var scope = torch.NewDisposeScope();
+        long b = q.shape[0], nq = q.shape[1], nk = k.shape[1], dim = q.shape[2], d = dim / heads;
+        var qh = q.view(b, nq, heads, d);
+        var kh = k.view(b, nk, heads, d);
+        if (qNorm is not null) qh = qNorm.call(qh);
+        if (kNorm is not null) kh = kNorm.call(kh);
+        var vh = v.view(b, nk, heads, d).transpose(1, 2);
+        var o = nn.functional.scaled_dot_product_attention(qh.transpose(1, 2), kh.transpose(1, 2), vh); // [B, H, Nq, d]
+        return o.transpose(1, 2).reshape(b, nq, dim).MoveToOuterDisposeScope();
+    }
+}

@@ -1,0 +1,46 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using ViT22B.Models;
+using static TorchSharp.torch;
+
+namespace ViT22B.Layers;
+
+/// <summary>
+/// Multi-head attention pooling (big_vision <c>MAPHead</c>, timm <c>AttentionPoolLatent</c>): a learned probe
+/// attends over all tokens, then <c>x = x + Mlp(Norm(x))</c>; returns the probe's row, [B, N, D] → [B, D].
+/// Keys <c>latent</c> [1, 1, D], <c>q</c>, <c>kv</c> [2D, D] (rows k | v), <c>proj</c>, <c>norm</c>, <c>mlp.fc1</c>,
+/// <c>mlp.fc2</c>. All projections carry biases (as in both references); the norm follows the model's norm kind.
+/// </summary>
+public sealed class MapHead : nn.Module<Tensor, Tensor>
+{
+    private readonly Parameter latent;
+    private readonly Linear q, kv, proj;
+    private readonly Norm norm;
+    private readonly Mlp mlp;
+    private readonly int _heads;
+
+    /// <summary>Creates the head for <paramref name="c"/> (heads = model heads, MLP size = model MLP size).</summary>
+    public MapHead(ViTConfig c, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(MapHead))
+    {
+        _heads = c.NumHeads;
+        latent = Param.Of(torch.zeros(1, 1, c.EmbedDim, dtype: dtype, device: device));
+        q = nn.Linear(c.EmbedDim, c.EmbedDim, hasBias: true, device: device, dtype: dtype);
+        kv = nn.Linear(c.EmbedDim, 2L * c.EmbedDim, hasBias: true, device: device, dtype: dtype);
+        proj = nn.Linear(c.EmbedDim, c.EmbedDim, hasBias: true, device: device, dtype: dtype);
+        norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
+        mlp = new Mlp(c.EmbedDim, c.MlpDim, bias: true, c.Act, device, dtype);
+        RegisterComponents();
+    }
+
+    /// <summary>[B, N, D] → [B, D].</summary>
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = torch.NewDisposeScope();
+        long b = x.shape[0];
+        var query = q.forward(latent.expand(b, -1, -1));                 // [B, 1, D]
+        var kvs = kv.forward(x).chunk(2, -1);                            // k | v
+        var pooled = proj.forward(AttentionOps.Attend(query, kvs[0], kvs[1], _heads, null, null));
+        pooled = pooled + mlp.call(norm.call(pooled));
+        return pooled.select(1, 0).MoveToOuterDisposeScope();
+    }
+}

@@ -1,0 +1,38 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using ViT22B.Models;
+using static TorchSharp.torch;
+
+namespace ViT22B.Layers;
+
+/// <summary>Two-layer MLP, <c>fc2(act(fc1(x)))</c> (timm <c>Mlp</c>; keys <c>fc1.*</c>, <c>fc2.*</c>).</summary>
+public sealed class Mlp : nn.Module<Tensor, Tensor>
+{
+    private readonly Linear fc1, fc2;
+    private readonly Activation _act;
+
+    /// <summary>Creates the MLP D → F → D.</summary>
+    public Mlp(long dim, long hidden, bool bias, Activation act, Device? device = null, ScalarType dtype = ScalarType.Float32)
+        : base(nameof(Mlp))
+    {
+        _act = act;
+        fc1 = nn.Linear(dim, hidden, hasBias: bias, device: device, dtype: dtype);
+        fc2 = nn.Linear(hidden, dim, hasBias: bias, device: device, dtype: dtype);
+        RegisterComponents();
+    }
+
+    /// <summary>[..., D] → [..., D].</summary>
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = torch.NewDisposeScope();
+        return fc2.forward(Act.Apply(fc1.forward(x), _act)).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>The activation functions of <see cref="Activation"/>.</summary>
+public static class Act
+{
+    /// <summary>Applies exact or tanh-approximated GELU.</summary>
+    public static Tensor Apply(Tensor x, Activation act) => nn.functional.gelu(x,
+        act == Activation.Gelu ? TorchSharp.Modules.GELU.Approximate.none : TorchSharp.Modules.GELU.Approximate.tanh);
+}

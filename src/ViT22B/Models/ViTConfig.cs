@@ -1,0 +1,229 @@
+using TorchSharp;
+
+namespace ViT22B.Models;
+
+/// <summary>Which transformer block the encoder stacks.</summary>
+public enum BlockKind
+{
+    /// <summary>ViT-22B parallel block (arXiv:2302.05442 §2): one shared pre-norm, fused in/out projections,
+    /// attention and MLP computed side by side, one residual add. timm <c>ParallelScalingBlock</c>.</summary>
+    Parallel,
+    /// <summary>Classic pre-norm ViT block (ViT, SoViT): attention then MLP, two residual adds. timm <c>Block</c>.</summary>
+    Sequential,
+}
+
+/// <summary>Normalization used by every norm of the model (pre-norms, QK-norms, final norm, MAP head norm).</summary>
+public enum NormKind
+{
+    /// <summary>LayerNorm: centering and scaling; optional bias.</summary>
+    LayerNorm,
+    /// <summary>RMSNorm: scaling only, no centering (Zhang &amp; Sennrich 2019); no bias.</summary>
+    RmsNorm,
+}
+
+/// <summary>MLP activation.</summary>
+public enum Activation
+{
+    /// <summary>Exact GELU, <c>0.5·x·(1 + erf(x/√2))</c> (timm default).</summary>
+    Gelu,
+    /// <summary>tanh-approximated GELU (Flax default, so big_vision checkpoints).</summary>
+    GeluTanh,
+}
+
+/// <summary>How the token sequence becomes one embedding.</summary>
+public enum GlobalPool
+{
+    /// <summary>Multi-head attention pooling with a learned probe (big_vision <c>MAPHead</c>, timm
+    /// <c>AttentionPoolLatent</c>), after the final norm.</summary>
+    Map,
+    /// <summary>Mean over patch tokens, then <c>fc_norm</c> (timm <c>global_pool='avg'</c>).</summary>
+    Gap,
+    /// <summary>The final-normed class token.</summary>
+    Token,
+}
+
+/// <summary>Position embedding kind.</summary>
+public enum PosEmbedKind
+{
+    /// <summary>Learned absolute embedding, parameter <c>pos_embed</c>.</summary>
+    Learn,
+    /// <summary>Fixed 2-D sine-cosine table, big_vision <c>posemb_sincos_2d</c>: [sin x, cos x, sin y, cos y],
+    /// temperature 10,000; no parameters.</summary>
+    SinCos2d,
+}
+
+/// <summary>
+/// Immutable architecture description of a <see cref="VisionTransformer"/>. Every knob of SPEC.md §16; the
+/// defaults describe a ViT-22B-style model (parallel block, QK-norm, no QKV or norm bias, MAP head) with ViT-B/16
+/// shapes. Use <see cref="Parse"/> for named presets and <c>with</c> to change knobs:
+/// <code>var cfg = ViTConfig.Parse("So400m/14") with { NumClasses = 1000 };</code>
+/// JSON read/write lives in <see cref="ViTConfigJson"/>. Call <see cref="Validate"/> (models do) to get a clear
+/// exception for inconsistent values.
+/// </summary>
+public sealed record ViTConfig
+{
+    /// <summary>Input image side in pixels (square images). JSON <c>img_size</c>.</summary>
+    public int ImgSize { get; init; } = 224;
+    /// <summary>Patch side in pixels. JSON <c>patch_size</c>.</summary>
+    public int PatchSize { get; init; } = 16;
+    /// <summary>Input channels. JSON <c>in_chans</c>.</summary>
+    public int InChans { get; init; } = 3;
+    /// <summary>Width D. JSON <c>embed_dim</c>.</summary>
+    public int EmbedDim { get; init; } = 768;
+    /// <summary>Number of blocks L. JSON <c>depth</c>.</summary>
+    public int Depth { get; init; } = 12;
+    /// <summary>Attention heads H (also used by the MAP head). JSON <c>num_heads</c>.</summary>
+    public int NumHeads { get; init; } = 12;
+    /// <summary>MLP hidden size F (also used by the MAP head's MLP). JSON <c>mlp_dim</c>.</summary>
+    public int MlpDim { get; init; } = 3072;
+    /// <summary>Block kind. JSON <c>block</c>: "parallel" | "sequential".</summary>
+    public BlockKind Block { get; init; } = BlockKind.Parallel;
+    /// <summary>Bias on the Q, K, V projections. In a parallel block this is timm's <c>in_proj.bias</c> over
+    /// all F+3D rows (then <see cref="MlpBias"/> must be true). JSON <c>qkv_bias</c>.</summary>
+    public bool QkvBias { get; init; }
+    /// <summary>Normalize queries and keys per head over the head dimension before the dot product.
+    /// JSON <c>qk_norm</c>.</summary>
+    public bool QkNorm { get; init; } = true;
+    /// <summary>Norm kind of every norm in the model. JSON <c>norm</c>: "layernorm" | "rmsnorm".</summary>
+    public NormKind Norm { get; init; } = NormKind.LayerNorm;
+    /// <summary>Bias (shift) on every norm; LayerNorm only. JSON <c>norm_bias</c>.</summary>
+    public bool NormBias { get; init; }
+    /// <summary>Biases of the MLP in- and out-projections (parallel block: timm's <c>mlp_bias</c> on the MLP
+    /// slice of <c>in_proj</c>, and the MLP part of the out-projection bias). JSON <c>mlp_bias</c>.</summary>
+    public bool MlpBias { get; init; } = true;
+    /// <summary>Bias of the attention out-projection. JSON <c>proj_bias</c>.</summary>
+    public bool ProjBias { get; init; } = true;
+    /// <summary>Parallel block: one fused out-projection <c>out_proj</c> [D, D+F] (columns attention | MLP)
+    /// instead of timm's default <c>attn_out_proj</c> + <c>mlp_out_proj</c>. JSON <c>fuse_out_proj</c>.</summary>
+    public bool FuseOutProj { get; init; } = true;
+    /// <summary>MLP activation. JSON <c>act</c>: "gelu" | "gelu_tanh".</summary>
+    public Activation Act { get; init; } = Activation.GeluTanh;
+    /// <summary>Prepend a learned class token. JSON <c>class_token</c>.</summary>
+    public bool ClassToken { get; init; }
+    /// <summary>With a class token and a learned position embedding: add the embedding to the patch tokens only
+    /// (big_vision order, timm <c>no_embed_class=True</c>) instead of giving the class token its own slot
+    /// (timm default). JSON <c>no_embed_class</c>.</summary>
+    public bool NoEmbedClass { get; init; }
+    /// <summary>timm <c>pre_norm</c>: a norm (<c>norm_pre</c>) after the position embedding, and no patch-embedding
+    /// bias. JSON <c>pre_norm</c>.</summary>
+    public bool PreNorm { get; init; }
+    /// <summary>Pooling head. JSON <c>global_pool</c>: "map" | "gap" | "token".</summary>
+    public GlobalPool GlobalPool { get; init; } = GlobalPool.Map;
+    /// <summary>Position embedding. JSON <c>pos_embed</c>: "learn" | "sincos2d".</summary>
+    public PosEmbedKind PosEmbed { get; init; } = PosEmbedKind.Learn;
+    /// <summary>Classifier outputs; 0 = no classifier (the model returns the pooled embedding).
+    /// JSON <c>num_classes</c>.</summary>
+    public int NumClasses { get; init; }
+    /// <summary>Epsilon of every norm. JSON <c>norm_eps</c>.</summary>
+    public double NormEps { get; init; } = 1e-6;
+    /// <summary>Accept inputs of other sizes (multiples of the patch size): a learned position embedding is
+    /// resampled bicubically with antialiasing (timm <c>dynamic_img_size</c>). JSON <c>dynamic_img_size</c>.</summary>
+    public bool DynamicImgSize { get; init; }
+    /// <summary>Parameter dtype used when a model is built without an explicit dtype. JSON <c>dtype</c>:
+    /// "float32" | "bfloat16" | "float16" | "float64".</summary>
+    public torch.ScalarType DType { get; init; } = torch.ScalarType.Float32;
+
+    /// <summary>Head dimension d = D / H.</summary>
+    public int HeadDim => EmbedDim / NumHeads;
+    /// <summary>Patches per side at <see cref="ImgSize"/>.</summary>
+    public int GridSize => ImgSize / PatchSize;
+    /// <summary>Patch tokens at <see cref="ImgSize"/>.</summary>
+    public int NumPatches => GridSize * GridSize;
+    /// <summary>Tokens before the patch tokens (the class token).</summary>
+    public int NumPrefixTokens => ClassToken ? 1 : 0;
+    /// <summary>Sequence length the encoder sees at <see cref="ImgSize"/>.</summary>
+    public int NumTokens => NumPatches + NumPrefixTokens;
+
+    /// <summary>Throws <see cref="ArgumentException"/> naming the first inconsistent knob.</summary>
+    public ViTConfig Validate()
+    {
+        static void Require(bool ok, string message)
+        {
+            if (!ok) throw new ArgumentException($"Invalid ViT config: {message}");
+        }
+        Require(ImgSize > 0 && PatchSize > 0 && InChans > 0, $"img_size ({ImgSize}), patch_size ({PatchSize}) and in_chans ({InChans}) must be positive.");
+        Require(EmbedDim > 0 && Depth >= 0 && NumHeads > 0 && MlpDim > 0, $"embed_dim ({EmbedDim}), num_heads ({NumHeads}) and mlp_dim ({MlpDim}) must be positive and depth ({Depth}) non-negative.");
+        Require(ImgSize % PatchSize == 0, $"img_size {ImgSize} is not divisible by patch_size {PatchSize}.");
+        Require(EmbedDim % NumHeads == 0, $"embed_dim {EmbedDim} is not divisible by num_heads {NumHeads}.");
+        Require(NumClasses >= 0, $"num_classes must be >= 0, found {NumClasses}.");
+        Require(NormEps > 0 && double.IsFinite(NormEps), $"norm_eps must be a positive number, found {NormEps}.");
+        Require(!(Norm == NormKind.RmsNorm && NormBias), "norm_bias requires norm \"layernorm\" (RMSNorm has no bias).");
+        Require(!(GlobalPool == GlobalPool.Token && !ClassToken), "global_pool \"token\" requires class_token = true.");
+        Require(!(Block == BlockKind.Parallel && QkvBias && !MlpBias),
+            "a parallel block with qkv_bias = true has one in_proj bias over all F+3D rows, so mlp_bias must be true.");
+        Require(PosEmbed != PosEmbedKind.SinCos2d || EmbedDim % 4 == 0, $"pos_embed \"sincos2d\" needs embed_dim divisible by 4, found {EmbedDim}.");
+        Require(PosEmbed != PosEmbedKind.SinCos2d || EmbedDim >= 8, $"pos_embed \"sincos2d\" needs embed_dim >= 8, found {EmbedDim}.");
+        Require(DType is torch.ScalarType.Float32 or torch.ScalarType.BFloat16 or torch.ScalarType.Float16 or torch.ScalarType.Float64,
+            $"dtype must be float32, bfloat16, float16 or float64, found {DType}.");
+        return this;
+    }
+
+    // Shapes: big_vision decode_variant (arXiv:2106.04560 Table 2) for Ti..e; ViT-22B Table 1 (arXiv:2302.05442);
+    // SoViT §4.1 / App. B.2 (arXiv:2305.13035). See SPEC.md §8.
+    private static readonly (string Name, int D, int L, int F, int H, Family Family)[] Sizes =
+    {
+        ("Ti", 192, 12, 768, 3, Family.Timm),
+        ("S", 384, 12, 1536, 6, Family.Timm),
+        ("B", 768, 12, 3072, 12, Family.Timm),
+        ("L", 1024, 24, 4096, 16, Family.Timm),
+        ("H", 1280, 32, 5120, 16, Family.Timm),
+        ("g", 1408, 40, 6144, 16, Family.BigVision),
+        ("G", 1664, 48, 8192, 16, Family.BigVision),
+        ("e", 1792, 56, 15360, 16, Family.BigVision),
+        ("22B", 6144, 48, 24576, 48, Family.Vit22B),
+        ("So400m", 1152, 27, 4304, 16, Family.BigVision),
+        ("So150m", 880, 18, 2320, 16, Family.BigVision),
+    };
+
+    private enum Family { Timm, BigVision, Vit22B }
+
+    /// <summary>The preset names with their canonical patch size: Ti/16 … 22B/14, So400m/14, So150m/14.</summary>
+    public static IReadOnlyList<string> PresetNames { get; } =
+        Sizes.Select(s => $"{s.Name}/{(s.Name is "Ti" or "S" or "B" or "L" ? 16 : 14)}").ToArray();
+
+    /// <summary>
+    /// Parses a preset such as <c>"B/16"</c>, <c>"22B/14"</c> or <c>"So400m/14"</c> (size names are
+    /// case-sensitive, as in big_vision: "g" and "G" differ; any positive patch size that divides 224 is accepted).
+    /// Ti…H follow timm's <c>vit_*_patch*_224</c> (classic block, biases, LayerNorm with bias, class token,
+    /// token pooling, exact GELU, 1000 classes). g, G, e, So400m, So150m follow big_vision (classic block, biases,
+    /// no class token, MAP head, tanh-GELU, no classifier). 22B is the ViT-22B block: parallel, QK-norm, no QKV
+    /// bias, scale-only RMSNorm ("without bias and centering"), MLP biases, fused projections, MAP head.
+    /// </summary>
+    /// <exception cref="ArgumentException">Unknown size name or malformed string.</exception>
+    public static ViTConfig Parse(string preset)
+    {
+        ArgumentNullException.ThrowIfNull(preset);
+        string known = string.Join(", ", PresetNames);
+        var parts = preset.Trim().Split('/');
+        if (parts.Length != 2 || !int.TryParse(parts[1], out int patch) || patch <= 0)
+            throw new ArgumentException($"Unknown ViT preset '{preset}': expected <size>/<patch>, one of {known}.", nameof(preset));
+        int i = Array.FindIndex(Sizes, s => s.Name == parts[0]);
+        if (i < 0)
+            throw new ArgumentException($"Unknown ViT preset '{preset}': size '{parts[0]}' is not one of {string.Join(", ", Sizes.Select(s => s.Name))} (known presets: {known}).", nameof(preset));
+        var (_, d, l, f, h, family) = Sizes[i];
+        var shape = new ViTConfig { EmbedDim = d, Depth = l, MlpDim = f, NumHeads = h, PatchSize = patch, ImgSize = 224 };
+        var cfg = family switch
+        {
+            Family.Timm => shape with
+            {
+                Block = BlockKind.Sequential, QkvBias = true, QkNorm = false, Norm = NormKind.LayerNorm, NormBias = true,
+                MlpBias = true, ProjBias = true, Act = Activation.Gelu, ClassToken = true, GlobalPool = GlobalPool.Token,
+                NumClasses = 1000,
+            },
+            Family.BigVision => shape with
+            {
+                Block = BlockKind.Sequential, QkvBias = true, QkNorm = false, Norm = NormKind.LayerNorm, NormBias = true,
+                MlpBias = true, ProjBias = true, Act = Activation.GeluTanh, ClassToken = false, GlobalPool = GlobalPool.Map,
+            },
+            _ => shape with
+            {
+                Block = BlockKind.Parallel, QkvBias = false, QkNorm = true, Norm = NormKind.RmsNorm, NormBias = false,
+                MlpBias = true, ProjBias = true, FuseOutProj = true, Act = Activation.GeluTanh, ClassToken = false,
+                GlobalPool = GlobalPool.Map,
+            },
+        };
+        if (224 % patch != 0)
+            throw new ArgumentException($"ViT preset '{preset}': patch size {patch} does not divide the preset image size 224; set ImgSize with 'with {{ ImgSize = … }}' after parsing a supported patch size.", nameof(preset));
+        return cfg.Validate();
+    }
+}

@@ -1,0 +1,193 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using ViT22B.Layers;
+using static TorchSharp.torch;
+
+namespace ViT22B.Models;
+
+/// <summary>The outputs of one pass through a <see cref="VisionTransformer"/>.</summary>
+/// <param name="Pooled">The pooled pre-logits embedding [B, D].</param>
+/// <param name="PatchTokens">The encoder's output patch tokens [B, N, D] (after the final norm when the model applies
+/// one before pooling; prefix tokens excluded).</param>
+/// <param name="Logits">Classifier outputs [B, C], or null when the model has no classifier.</param>
+public sealed record ViTOutput(Tensor Pooled, Tensor PatchTokens, Tensor? Logits) : IDisposable
+{
+    /// <summary>Disposes the three tensors.</summary>
+    public void Dispose()
+    {
+        Pooled.Dispose();
+        PatchTokens.Dispose();
+        Logits?.Dispose();
+    }
+}
+
+/// <summary>
+/// Vision transformer of the ViT-22B family (and classic ViT / SoViT) as described by a <see cref="ViTConfig"/>:
+/// patch embedding → position embedding (+ class token) → optional pre-norm → blocks → final norm → pooling
+/// (MAP, GAP or class token) → optional linear classifier. State-dict keys equal timm's
+/// <c>VisionTransformer</c> for the same options (SPEC.md §7), so timm and converted big_vision checkpoints load
+/// without renaming (<see cref="Interop.SafetensorsCheckpoint"/>).
+/// <para>Built with explicit <c>device</c> and <c>dtype</c> (TorchSharp's defaults are process-global); the
+/// parameters are initialized as big_vision does (SPEC.md §6, <see cref="Initialization"/>) from TorchSharp's
+/// default generator, so seed it with <c>torch.manual_seed</c> for reproducible weights. Build models outside any
+/// dispose scope.</para>
+/// </summary>
+public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
+{
+    private readonly PatchEmbed patch_embed;
+    private readonly Parameter? cls_token;
+    private readonly Parameter? pos_embed;
+    private readonly Norm? norm_pre;
+    private readonly Encoder blocks;
+    private readonly Norm? norm;
+    private readonly MapHead? attn_pool;
+    private readonly Norm? fc_norm;
+    private readonly Linear? head;
+
+    /// <summary>The (validated) architecture.</summary>
+    public ViTConfig Config { get; }
+
+    /// <summary>Builds and initializes a model on <paramref name="device"/> (default CPU) in <paramref name="dtype"/>
+    /// (default <see cref="ViTConfig.DType"/>).</summary>
+    public VisionTransformer(ViTConfig config, Device? device = null, ScalarType? dtype = null) : base(nameof(VisionTransformer))
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        Config = config.Validate();
+        var c = Config;
+        var dt = dtype ?? c.DType;
+        if (dt is not (ScalarType.Float32 or ScalarType.BFloat16 or ScalarType.Float16 or ScalarType.Float64))
+            throw new ArgumentException($"dtype must be a floating-point type (float32, bfloat16, float16, float64), found {dt}.", nameof(dtype));
+        device ??= torch.CPU;
+
+        patch_embed = new PatchEmbed(c.InChans, c.EmbedDim, c.PatchSize, bias: !c.PreNorm, device, dt);
+        if (c.ClassToken) cls_token = Param.Of(torch.zeros(1, 1, c.EmbedDim, dtype: dt, device: device));
+        if (c.PosEmbed == PosEmbedKind.Learn)
+        {
+            int slots = c.NumPatches + (c.ClassToken && !c.NoEmbedClass ? 1 : 0);
+            pos_embed = Param.Of(torch.zeros(1, slots, c.EmbedDim, dtype: dt, device: device));
+        }
+        if (c.PreNorm) norm_pre = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
+        blocks = new Encoder(c, device, dt);
+        if (c.GlobalPool == GlobalPool.Gap) fc_norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
+        else norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
+        if (c.GlobalPool == GlobalPool.Map) attn_pool = new MapHead(c, device, dt);
+        if (c.NumClasses > 0) head = nn.Linear(c.EmbedDim, c.NumClasses, hasBias: true, device: device, dtype: dt);
+        RegisterComponents();
+        Initialization.BigVision(this);
+    }
+
+    /// <summary>The dtype of the parameters.</summary>
+    public ScalarType DType => patch_embed.parameters().First().dtype;
+
+    /// <summary>The device of the parameters.</summary>
+    public Device Device => patch_embed.parameters().First().device;
+
+    /// <summary>Images [B, C, H, W] → logits [B, C] (or the pooled embedding [B, D] when <see cref="ViTConfig.NumClasses"/> is 0).</summary>
+    public override Tensor forward(Tensor images)
+    {
+        using var scope = torch.NewDisposeScope();
+        return ForwardHead(ForwardFeatures(images)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Images [B, C, H, W] → all tokens after the blocks and the final norm [B, prefix + N, D]
+    /// (timm <c>forward_features</c>; with GAP pooling there is no final norm here, timm's <c>fc_norm</c> follows
+    /// the pooling).</summary>
+    public Tensor ForwardFeatures(Tensor images)
+    {
+        var (gh, gw) = CheckImages(images);
+        using var scope = torch.NewDisposeScope();
+        var x = patch_embed.call(images);
+        x = AddPositions(x, gh, gw);
+        if (norm_pre is not null) x = norm_pre.call(x);
+        x = blocks.forward(x);
+        if (norm is not null) x = norm.call(x);
+        return x.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Tokens from <see cref="ForwardFeatures"/> → logits, or the pooled pre-logits embedding [B, D] when
+    /// <paramref name="preLogits"/> is true or there is no classifier.</summary>
+    public Tensor ForwardHead(Tensor tokens, bool preLogits = false)
+    {
+        using var scope = torch.NewDisposeScope();
+        var pooled = Config.GlobalPool switch
+        {
+            GlobalPool.Map => attn_pool!.call(tokens),
+            GlobalPool.Gap => fc_norm!.call(tokens.narrow(1, Config.NumPrefixTokens, tokens.shape[1] - Config.NumPrefixTokens).mean(new long[] { 1 })),
+            _ => tokens.select(1, 0),
+        };
+        var result = preLogits || head is null ? pooled : head.forward(pooled);
+        return result.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>One pass that returns the pooled embedding, the patch tokens and (with a classifier) the logits.</summary>
+    public ViTOutput Encode(Tensor images)
+    {
+        using var scope = torch.NewDisposeScope();
+        var tokens = ForwardFeatures(images);
+        var pooled = ForwardHead(tokens, preLogits: true);
+        var logits = head?.forward(pooled);
+        var patches = tokens.narrow(1, Config.NumPrefixTokens, tokens.shape[1] - Config.NumPrefixTokens);
+        return new ViTOutput(pooled.MoveToOuterDisposeScope(), patches.MoveToOuterDisposeScope(), logits?.MoveToOuterDisposeScope());
+    }
+
+    private (long Gh, long Gw) CheckImages(Tensor images)
+    {
+        var c = Config;
+        if (images.dim() != 4)
+            throw new ArgumentException($"Expected images [B, C, H, W], found shape [{string.Join(", ", images.shape)}].", nameof(images));
+        long ch = images.shape[1], h = images.shape[2], w = images.shape[3];
+        if (ch != c.InChans)
+            throw new ArgumentException($"Expected {c.InChans} input channels, found {ch} (images of shape [{string.Join(", ", images.shape)}]).", nameof(images));
+        if (c.DynamicImgSize)
+        {
+            if (h % c.PatchSize != 0 || w % c.PatchSize != 0 || h == 0 || w == 0)
+                throw new ArgumentException($"Image size {h}×{w} is not a positive multiple of the patch size {c.PatchSize}.", nameof(images));
+        }
+        else if (h != c.ImgSize || w != c.ImgSize)
+        {
+            throw new ArgumentException($"Expected {c.ImgSize}×{c.ImgSize} images, found {h}×{w}; set dynamic_img_size to resample the position embedding for other sizes.", nameof(images));
+        }
+        var p = patch_embed.parameters().First();
+        if (images.dtype != p.dtype)
+            throw new ArgumentException($"Images are {images.dtype} but the model's parameters are {p.dtype}; convert the input with .to({p.dtype}).", nameof(images));
+        if (images.device.type != p.device.type || (p.device.type == DeviceType.CUDA && images.device.index != p.device.index))
+            throw new ArgumentException($"Images are on {images.device} but the model is on {p.device}.", nameof(images));
+        return (h / c.PatchSize, w / c.PatchSize);
+    }
+
+    private Tensor AddPositions(Tensor x, long gh, long gw)
+    {
+        var c = Config;
+        using var scope = torch.NewDisposeScope();
+        long b = x.shape[0];
+        Tensor? cls = cls_token?.expand(b, -1, -1);
+        Tensor result;
+        if (pos_embed is null)
+        {
+            x = x + SinCosPosEmbed.Table(gh, gw, c.EmbedDim, x.dtype, x.device);
+            result = cls is null ? x : torch.cat(new[] { cls, x }, 1);
+        }
+        else
+        {
+            bool slot = cls is not null && !c.NoEmbedClass;
+            Tensor pos = pos_embed;
+            if (gh != c.GridSize || gw != c.GridSize) pos = ResamplePosEmbed(pos_embed, slot ? 1 : 0, gh, gw);
+            result = slot ? torch.cat(new[] { cls!, x }, 1) + pos
+                : cls is null ? x + pos : torch.cat(new[] { cls, x + pos }, 1);
+        }
+        return result.MoveToOuterDisposeScope();
+    }
+
+    // timm resample_abs_pos_embed: bicubic with antialiasing over the patch grid, prefix slots kept as they are.
+    private Tensor ResamplePosEmbed(Tensor pos, int prefix, long gh, long gw)
+    {
+        var c = Config;
+        using var scope = torch.NewDisposeScope();
+        var grid = pos.narrow(1, prefix, c.NumPatches).to(ScalarType.Float32)
+            .reshape(1, c.GridSize, c.GridSize, c.EmbedDim).permute(0, 3, 1, 2);
+        var resized = nn.functional.interpolate(grid, new[] { gh, gw }, mode: InterpolationMode.Bicubic, align_corners: false, antialias: true)
+            .permute(0, 2, 3, 1).reshape(1, gh * gw, c.EmbedDim).to(pos.dtype);
+        var result = prefix > 0 ? torch.cat(new[] { pos.narrow(1, 0, prefix), resized }, 1) : resized;
+        return result.MoveToOuterDisposeScope();
+    }
+}

@@ -1,0 +1,75 @@
+using TorchSharp;
+using ViT22B.Models;
+using static TorchSharp.torch;
+
+namespace ViT22B.Tests;
+
+internal static class TestUtil
+{
+    /// <summary>Overwrites every parameter with seeded N(0, scale²) values (norm scales around 1), so that no
+    /// term of a forward pass is trivially zero or one.</summary>
+    public static void Randomize(nn.Module module, long seed, double scale = 0.5)
+    {
+        var g = new torch.Generator((ulong)seed);
+        using var noGrad = torch.no_grad();
+        foreach (var (name, p) in module.named_parameters())
+        {
+            var r = torch.randn(p.shape, dtype: ScalarType.Float64, generator: g) * scale;
+            if (name.EndsWith("norm.weight") || name.EndsWith("norm1.weight") || name.EndsWith("norm2.weight") || name.EndsWith("norm_pre.weight"))
+                r = r + 1.0;
+            p.copy_(r);
+        }
+    }
+
+    public static Tensor RandomImages(ViTConfig c, long batch, long seed, ScalarType dtype = ScalarType.Float64, long? h = null, long? w = null)
+    {
+        var g = new torch.Generator((ulong)seed);
+        return torch.randn(new[] { batch, (long)c.InChans, h ?? c.ImgSize, w ?? c.ImgSize }, dtype: ScalarType.Float64, generator: g).to(dtype);
+    }
+
+    /// <summary>max |a − e| / max |e|, computed in float64.</summary>
+    public static double RelErr(Tensor actual, Tensor expected)
+    {
+        var a = actual.detach().to(ScalarType.Float64).cpu();
+        var e = expected.detach().to(ScalarType.Float64).cpu();
+        Assert.Equal(e.shape, a.shape);
+        double scale = e.abs().max().item<double>();
+        return (a - e).abs().max().item<double>() / Math.Max(scale, 1e-300);
+    }
+
+    public static double MaxAbs(Tensor actual, Tensor expected) =>
+        (actual.detach().to(ScalarType.Float64).cpu() - expected.detach().to(ScalarType.Float64).cpu()).abs().max().item<double>();
+
+    /// <summary>A tiny config for fast numerics tests: 2 blocks, width 16, 2 heads, 16×16 images of 4×4 patches.</summary>
+    public static ViTConfig Tiny(BlockKind block) => new()
+    {
+        ImgSize = 16, PatchSize = 4, InChans = 3, EmbedDim = 16, Depth = 2, NumHeads = 2, MlpDim = 24, Block = block,
+        NumClasses = 5,
+    };
+
+    /// <summary>Knob combinations exercised by the numerics tests (each must validate).</summary>
+    public static IEnumerable<(string Name, ViTConfig Config)> Variants()
+    {
+        foreach (var block in new[] { BlockKind.Parallel, BlockKind.Sequential })
+        {
+            var t = Tiny(block);
+            string b = block.ToString();
+            yield return ($"{b}-default", t);
+            yield return ($"{b}-vit22b", t with { QkvBias = false, QkNorm = true, Norm = NormKind.RmsNorm, NormBias = false, GlobalPool = GlobalPool.Map, NumClasses = 0 });
+            yield return ($"{b}-classic", t with { QkvBias = true, QkNorm = false, NormBias = true, Act = Activation.Gelu, ClassToken = true, GlobalPool = GlobalPool.Token });
+            yield return ($"{b}-gap-sincos", t with { GlobalPool = GlobalPool.Gap, PosEmbed = PosEmbedKind.SinCos2d, ClassToken = true, NormBias = true });
+            yield return ($"{b}-xp", t with { Norm = NormKind.RmsNorm, PreNorm = true, ClassToken = true, NoEmbedClass = true, GlobalPool = GlobalPool.Token, FuseOutProj = false });
+            yield return ($"{b}-nobias", t with { QkvBias = false, MlpBias = false, ProjBias = false, NormBias = false, PreNorm = true, GlobalPool = GlobalPool.Gap, NumClasses = 3 });
+            yield return ($"{b}-unfused-gelu", t with { FuseOutProj = false, Act = Activation.Gelu, ProjBias = false, NormBias = true, InChans = 1 });
+        }
+    }
+}
+
+/// <summary>A fact that runs only where CUDA is available, and says so when skipped.</summary>
+public sealed class CudaFactAttribute : FactAttribute
+{
+    public CudaFactAttribute()
+    {
+        if (!torch.cuda.is_available()) Skip = "No CUDA device: this machine has no GPU (or no CUDA build of libtorch); the CPU tests cover the same numerics.";
+    }
+}
