@@ -96,6 +96,31 @@ public static class ModelAccounting
             Head: head);
     }
 
+    /// <summary>Bytes of the parameters alone in <paramref name="dtype"/> (no gradients, optimizer state or activations).</summary>
+    public static long ParameterBytes(ViTConfig c, TorchSharp.torch.ScalarType dtype) => Parameters(c).Total * dtype switch
+    {
+        TorchSharp.torch.ScalarType.Float64 => 8,
+        TorchSharp.torch.ScalarType.Float32 => 4,
+        TorchSharp.torch.ScalarType.BFloat16 or TorchSharp.torch.ScalarType.Float16 => 2,
+        _ => throw new ArgumentException($"Not a floating-point parameter dtype: {dtype}.", nameof(dtype)),
+    };
+
+    /// <summary>
+    /// Throws <see cref="InsufficientMemoryException"/> when the parameters of <paramref name="c"/> in
+    /// <paramref name="dtype"/> exceed the memory this process may use on the CPU (the GC's view of available
+    /// physical memory, which honours container limits). Call before building a model on the CPU: an
+    /// over-committed allocation otherwise ends in the kernel's OOM killer, not in an exception.
+    /// </summary>
+    public static void EnsureFitsInHostMemory(ViTConfig c, TorchSharp.torch.ScalarType dtype)
+    {
+        long need = ParameterBytes(c, dtype);
+        long have = GC.GetGCMemoryInfo().TotalAvailableMemoryBytes;
+        if (need > have)
+            throw new InsufficientMemoryException(
+                $"The parameters alone need {need / 1e9:F1} GB in {dtype} ({Parameters(c).Total:N0} parameters), but this machine has {have / 1e9:F1} GB; " +
+                "pick a smaller preset or dtype, or shard the model.");
+    }
+
     /// <summary>
     /// Model FLOPs utilization (PaLM §4.1): achieved model FLOP/s over peak FLOP/s, where the model FLOPs of a
     /// training step are <see cref="FlopsCount.Training"/> per image and of inference <see cref="FlopsCount.Forward"/>.

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Packs ViT22B, then builds and runs a console app in a temporary folder that references the package from a
+# local feed (plus libtorch-cpu-linux-x64), as a user would. Proves the package carries everything, including
+# the libstdc++ compatibility step for GCC 12 distributions (Debian 12, Ubuntu 22.04).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+work="$(mktemp -d)"
+version="0.1.0-smoke.$(date +%s)"
+cleanup() {
+  rm -rf "$work"
+  # The unique smoke version was extracted into the package cache by restore; drop it again.
+  rm -rf "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b/$version"
+}
+trap cleanup EXIT
+
+dotnet pack "$root/src/ViT22B/ViT22B.csproj" -c Release -o "$work/feed" -p:Version="$version" --nologo -v quiet
+ls "$work/feed"
+if command -v unzip >/dev/null; then
+  unzip -l "$work/feed/ViT22B.$version.nupkg" | grep -q "buildTransitive/ViT22B.targets" \
+    || { echo "package lacks buildTransitive/ViT22B.targets" >&2; exit 1; }
+fi
+cache_lib="${NUGET_PACKAGES:-$HOME/.nuget/packages}/torchsharp/0.107.0/runtimes/linux-x64/native/libLibTorchSharp.so"
+cache_sum_before="$(sha256sum "$cache_lib" 2>/dev/null || true)"
+
+mkdir "$work/app"
+cp "$root/tests/PackageSmoke/Program.cs.txt" "$work/app/Program.cs"
+cat > "$work/app/nuget.config" <<XML
+<?xml version="1.0" encoding="utf-8"?>
+<configuration>
+  <packageSources>
+    <add key="vit22b-local" value="$work/feed" />
+  </packageSources>
+</configuration>
+XML
+cat > "$work/app/SmokeApp.csproj" <<XML
+<Project Sdk="Microsoft.NET.Sdk">
+  <PropertyGroup>
+    <OutputType>Exe</OutputType>
+    <TargetFramework>net10.0</TargetFramework>
+    <ImplicitUsings>enable</ImplicitUsings>
+    <Nullable>enable</Nullable>
+    <NoWarn>\$(NoWarn);NU1603</NoWarn>
+  </PropertyGroup>
+  <ItemGroup>
+    <PackageReference Include="ViT22B" Version="$version" />
+    <PackageReference Include="libtorch-cpu-linux-x64" Version="2.10.0" />
+  </ItemGroup>
+</Project>
+XML
+cd "$work/app"
+dotnet build -c Release --nologo -v quiet
+dotnet run -c Release --no-build
+# Publishing applies the same step to the publish folder.
+dotnet publish -c Release --nologo -v quiet -o "$work/publish"
+dotnet "$work/publish/SmokeApp.dll"
+
+# The compatibility step must never modify the shared NuGet cache.
+if [ -n "$cache_sum_before" ] && [ "$(sha256sum "$cache_lib")" != "$cache_sum_before" ]; then
+  echo "the NuGet cache copy of libLibTorchSharp.so was modified" >&2
+  exit 1
+fi
+echo "package smoke test passed"
