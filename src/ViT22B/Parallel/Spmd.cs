@@ -1,0 +1,53 @@
+namespace ViT22B.Parallel;
+
+/// <summary>One rank's failure, as collected by <see cref="Spmd.Run{T}"/>.</summary>
+public sealed class RankFailedException : Exception
+{
+    /// <summary>Creates the exception.</summary>
+    public RankFailedException(int rank, Exception inner) : base($"Rank {rank} failed: {inner.Message}", inner) => Rank = rank;
+
+    /// <summary>The failed rank.</summary>
+    public int Rank { get; }
+}
+
+/// <summary>
+/// Runs one function per rank, each on its own dedicated OS thread (TorchSharp's dispose scopes, grad mode and
+/// the current CUDA stream are per thread, so ranks never share a thread and never use async/await).
+/// </summary>
+public static class Spmd
+{
+    /// <summary>
+    /// Runs <paramref name="body"/>(rank) on <see cref="ThreadedWorld.Size"/> threads and returns the results by rank.
+    /// The first exception on any rank poisons the world (its peers' collectives fail at once instead of hanging);
+    /// after every thread has finished, all failures are thrown together, the originating one first.
+    /// </summary>
+    /// <exception cref="AggregateException">One or more ranks failed; inner exceptions are
+    /// <see cref="RankFailedException"/>s.</exception>
+    public static T[] Run<T>(ThreadedWorld world, Func<int, T> body, int stackBytes = 16 << 20)
+    {
+        ArgumentNullException.ThrowIfNull(world);
+        ArgumentNullException.ThrowIfNull(body);
+        var results = new T[world.Size];
+        var failures = new RankFailedException?[world.Size];
+        var order = new long[world.Size];
+        long clock = 0;
+        var threads = Enumerable.Range(0, world.Size).Select(rank => new Thread(() =>
+        {
+            try
+            {
+                results[rank] = body(rank);
+            }
+            catch (Exception e)
+            {
+                order[rank] = Interlocked.Increment(ref clock);
+                failures[rank] = new RankFailedException(rank, e);
+                world.Poison(failures[rank]!);
+            }
+        }, stackBytes) { Name = $"vit22b-rank-{rank}", IsBackground = true }).ToList();
+        foreach (var t in threads) t.Start();
+        foreach (var t in threads) t.Join();
+        var failed = Enumerable.Range(0, world.Size).Where(r => failures[r] is not null).OrderBy(r => order[r]).Select(r => (Exception)failures[r]!).ToList();
+        if (failed.Count > 0) throw new AggregateException($"{failed.Count} of {world.Size} ranks failed; first: {failed[0].Message}", failed);
+        return results;
+    }
+}
