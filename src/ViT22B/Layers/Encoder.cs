@@ -1,15 +1,14 @@
 using TorchSharp;
-using TorchSharp.Modules;
 using ViT22B.Models;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
 
 /// <summary>
-/// The stack of blocks. A <see cref="ModuleList{T}"/>, so a model's field <c>blocks</c> yields timm's keys
-/// <c>blocks.0.…</c>, <c>blocks.1.…</c>.
+/// The stack of blocks on one device. A <c>ModuleList</c>, so a model's field <c>blocks</c> yields timm's
+/// keys <c>blocks.0.…</c>, <c>blocks.1.…</c>.
 /// </summary>
-public sealed class Encoder : ModuleList<nn.Module<Tensor, Tensor>>
+public sealed class Encoder : BlockStack
 {
     /// <summary>Creates <see cref="ViTConfig.Depth"/> blocks of kind <see cref="ViTConfig.Block"/>.</summary>
     public Encoder(ViTConfig c, Device? device = null, ScalarType dtype = ScalarType.Float32)
@@ -20,7 +19,7 @@ public sealed class Encoder : ModuleList<nn.Module<Tensor, Tensor>>
     }
 
     /// <summary>Runs the blocks in order, [B, N, D] → [B, N, D].</summary>
-    public Tensor forward(Tensor x)
+    public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
         var h = x;

@@ -38,7 +38,7 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
     private readonly Parameter? cls_token;
     private readonly Parameter? pos_embed;
     private readonly Norm? norm_pre;
-    private readonly Encoder blocks;
+    private readonly BlockStack blocks;
     private readonly Norm? norm;
     private readonly MapHead? attn_pool;
     private readonly Norm? fc_norm;
@@ -49,8 +49,21 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
 
     /// <summary>Builds and initializes a model on <paramref name="device"/> (default CPU) in <paramref name="dtype"/>
     /// (default <see cref="ViTConfig.DType"/>).</summary>
-    public VisionTransformer(ViTConfig config, Device? device = null, ScalarType? dtype = null) : base(nameof(VisionTransformer))
+    public VisionTransformer(ViTConfig config, Device? device = null, ScalarType? dtype = null)
+        : this(config, device, dtype, (c, dev, dt) => new Encoder(c, dev, dt), null)
     {
+    }
+
+    /// <summary>
+    /// Builds a model whose block stack comes from <paramref name="blockStack"/> (the sharded encoder of
+    /// <c>ViT22B.Parallel</c> uses this); <paramref name="layout"/> says which part of each full parameter this
+    /// instance holds, so that initialization uses the full parameters' bounds (null = everything whole).
+    /// </summary>
+    public VisionTransformer(ViTConfig config, Device? device, ScalarType? dtype,
+        Func<ViTConfig, Device, ScalarType, BlockStack> blockStack, Func<string, ShardSpec?>? layout)
+        : base(nameof(VisionTransformer))
+    {
+        ArgumentNullException.ThrowIfNull(blockStack);
         ArgumentNullException.ThrowIfNull(config);
         Config = config.Validate();
         var c = Config;
@@ -67,13 +80,13 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
             pos_embed = Param.Of(torch.zeros(1, slots, c.EmbedDim, dtype: dt, device: device));
         }
         if (c.PreNorm) norm_pre = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
-        blocks = new Encoder(c, device, dt);
+        blocks = blockStack(c, device, dt);
         if (c.GlobalPool == GlobalPool.Gap) fc_norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
         else norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
         if (c.GlobalPool == GlobalPool.Map) attn_pool = new MapHead(c, device, dt);
         if (c.NumClasses > 0) head = nn.Linear(c.EmbedDim, c.NumClasses, hasBias: true, device: device, dtype: dt);
         RegisterComponents();
-        Initialization.BigVision(this);
+        Initialization.BigVision(this, layout);
     }
 
     /// <summary>The dtype of the parameters.</summary>

@@ -1,0 +1,254 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using ViT22B.Layers;
+using ViT22B.Models;
+using static TorchSharp.torch;
+
+namespace ViT22B.Parallel;
+
+/// <summary>What a sharded block needs to know about its place in the mesh.</summary>
+/// <param name="Plan">The sharding plan.</param>
+/// <param name="Rank">The rank's context (mesh coordinates and communicators).</param>
+/// <param name="Mode">Overlapped (ring) or plain communication.</param>
+public sealed record ShardContext(ShardingPlan Plan, RankContext Rank, CommMode Mode)
+{
+    /// <summary>Model-axis index.</summary>
+    public int ModelIndex => Rank.Mesh.Coordinates(Rank.Rank).Model;
+
+    /// <summary>Data-axis index.</summary>
+    public int DataIndex => Rank.Mesh.Coordinates(Rank.Rank).Data;
+
+    /// <summary>The shape this rank stores for a full parameter.</summary>
+    public long[] LocalShape(string key, long[] fullShape) => Plan.Spec(key, fullShape, ModelIndex, DataIndex).LocalShape;
+
+    /// <summary>The model-axis shard of a parameter as used in compute: the stored tensor, or, under FSDP, the
+    /// all-gather of its data-axis shards (whose backward reduce-scatters the gradient).</summary>
+    public Tensor Use(string key, Tensor stored, long[] fullShape) =>
+        Plan.IsFsdpSharded(key, fullShape)
+            ? Regions.FsdpGather(stored, Rank.Data, Plan.FsdpCounts(key, fullShape, ModelIndex), Plan.FsdpDim(key, fullShape))
+            : stored;
+
+    /// <summary>The token partition of the forward pass in progress on this rank (set by <see cref="ShardedEncoder"/>).</summary>
+    internal long[]? Counts { get; set; }
+
+    /// <summary>The current token partition, checked against this rank's chunk.</summary>
+    internal long[] CountsFor(Tensor x)
+    {
+        var counts = Counts ?? throw new InvalidOperationException("Sharded blocks run inside a ShardedEncoder, which sets the token partition.");
+        int r = Rank.Model.Rank;
+        if (counts[r] != x.shape[0])
+            throw new ArgumentException($"Model rank {r} holds {x.shape[0]} tokens but the partition [{string.Join(", ", counts)}] gives it {counts[r]}.");
+        return counts;
+    }
+
+    /// <summary>Creates an uninitialized parameter of this rank's shape for a full parameter.</summary>
+    public Parameter NewParameter(string key, long[] fullShape, ScalarType dtype, Device device) =>
+        new(torch.empty(LocalShape(key, fullShape), dtype: dtype, device: device).DetachFromDisposeScope());
+}
+
+/// <summary>Holds one linear layer's parameters (keys <c>weight</c>, <c>bias</c>) without computing anything.</summary>
+internal sealed class LinearShard : nn.Module
+{
+    private readonly Parameter weight;
+    private readonly Parameter? bias;
+
+    public LinearShard(ShardContext s, string prefix, long outFeatures, long inFeatures, bool hasBias, ScalarType dtype, Device device)
+        : base(nameof(LinearShard))
+    {
+        (Prefix, FullWeight, FullBias) = (prefix, new[] { outFeatures, inFeatures }, new[] { outFeatures });
+        weight = s.NewParameter(prefix + "weight", FullWeight, dtype, device);
+        if (hasBias) bias = s.NewParameter(prefix + "bias", FullBias, dtype, device);
+        RegisterComponents();
+    }
+
+    public string Prefix { get; }
+    public long[] FullWeight { get; }
+    public long[] FullBias { get; }
+    public Tensor Weight(ShardContext s) => s.Use(Prefix + "weight", weight, FullWeight);
+    public Tensor? Bias => bias;
+}
+
+/// <summary>
+/// One model-axis rank's shard of the ViT-22B parallel block (<see cref="ParallelBlock"/>), on token-major
+/// activations: input and output are this rank's token chunk [T_r, B, D].
+/// <code>
+/// y       = Norm(x_r)                                        local tokens
+/// [U|Q|K|V]_r = AllGatherMatmul(y, W_in,r)                   all tokens, own heads and MLP slice
+/// Z_r     = Attn(Norm_q Q_r, Norm_k K_r, V_r); G_r = GELU(U_r + b_U,r)
+/// x_r'    = x_r + MatmulReduceScatter([Z_r | G_r], W_out,r) + b_out
+/// </code>
+/// Keys and shapes follow <see cref="ShardingPlan"/>.
+/// </summary>
+public sealed class ShardedParallelBlock : nn.Module<Tensor, Tensor>
+{
+    private readonly Norm in_norm;
+    private readonly LinearShard in_proj;
+    private readonly Parameter? mlp_bias;
+    private readonly Norm? q_norm, k_norm;
+    private readonly LinearShard? out_proj, attn_out_proj, mlp_out_proj;
+    private readonly ShardContext _s;
+    private readonly string _prefix;
+    private readonly long[] _mlpBiasShape;
+    private readonly Activation _act;
+
+    /// <summary>Creates block <paramref name="index"/>'s shard (parameters uninitialized).</summary>
+    public ShardedParallelBlock(ViTConfig c, int index, ShardContext s, Device device, ScalarType dtype) : base(nameof(ShardedParallelBlock))
+    {
+        (_s, _prefix, _act) = (s, $"blocks.{index}.", c.Act);
+        long d = c.EmbedDim, f = c.MlpDim;
+        _mlpBiasShape = new[] { f };
+        in_norm = new Norm(d, c.Norm, c.NormBias, c.NormEps, device, dtype);
+        in_proj = new LinearShard(s, _prefix + "in_proj.", f + 3 * d, d, c.QkvBias, dtype, device);
+        if (!c.QkvBias && c.MlpBias) mlp_bias = s.NewParameter(_prefix + "mlp_bias", _mlpBiasShape, dtype, device);
+        if (c.QkNorm)
+        {
+            q_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
+            k_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
+        }
+        if (c.FuseOutProj) out_proj = new LinearShard(s, _prefix + "out_proj.", d, d + f, c.ProjBias || c.MlpBias, dtype, device);
+        else
+        {
+            attn_out_proj = new LinearShard(s, _prefix + "attn_out_proj.", d, d, c.ProjBias, dtype, device);
+            mlp_out_proj = new LinearShard(s, _prefix + "mlp_out_proj.", d, f, c.MlpBias, dtype, device);
+        }
+        RegisterComponents();
+    }
+
+    /// <summary>[T_r, B, D] → [T_r, B, D].</summary>
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = torch.NewDisposeScope();
+        var plan = _s.Plan;
+        var comm = _s.Rank.Model;
+        var counts = _s.CountsFor(x);
+        long u = plan.MlpPerRank, a = plan.AttnPerRank;
+        var p = Regions.AllGatherMatmul(in_norm.call(x), in_proj.Weight(_s), comm, counts, _s.Mode);   // [T, B, U+3A]
+        if (in_proj.Bias is not null) p = p + in_proj.Bias;
+        var parts = p.split(new[] { u, a, a, a }, -1);
+        var gate = mlp_bias is null ? parts[0] : parts[0] + mlp_bias;
+        var z = AttentionOps.Attend(parts[1].transpose(0, 1), parts[2].transpose(0, 1), parts[3].transpose(0, 1),
+            plan.HeadsPerRank, q_norm, k_norm).transpose(0, 1);                                        // [T, B, A]
+        var h = torch.cat(new[] { z, Act.Apply(gate, _act) }, -1);                                       // [T, B, A+U]
+        Tensor w;
+        Tensor? bias;
+        if (out_proj is not null) (w, bias) = (out_proj.Weight(_s), out_proj.Bias);
+        else
+        {
+            w = torch.cat(new[] { attn_out_proj!.Weight(_s), mlp_out_proj!.Weight(_s) }, 1);
+            bias = attn_out_proj.Bias is null ? mlp_out_proj.Bias : mlp_out_proj.Bias is null ? attn_out_proj.Bias : attn_out_proj.Bias + mlp_out_proj.Bias;
+        }
+        var y = Regions.MatmulReduceScatter(h, w, comm, counts, _s.Mode);                              // [T_r, B, D]
+        if (bias is not null) y = y + bias;
+        return (x + y).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>
+/// One model-axis rank's shard of the classic block (<see cref="SequentialBlock"/>): two all-gather/reduce-scatter
+/// pairs, attention over the rank's heads and MLP over its slice, token-major [T_r, B, D] in and out.
+/// </summary>
+public sealed class ShardedSequentialBlock : nn.Module<Tensor, Tensor>
+{
+    private readonly Norm norm1, norm2;
+    private readonly AttnShard attn;
+    private readonly MlpShard mlp;
+    private readonly ShardContext _s;
+    private readonly Activation _act;
+
+    internal sealed class AttnShard : nn.Module
+    {
+        public readonly LinearShard qkv, proj;
+        public readonly Norm? q_norm, k_norm;
+
+        public AttnShard(ViTConfig c, ShardContext s, string prefix, Device device, ScalarType dtype) : base(nameof(AttnShard))
+        {
+            long d = c.EmbedDim;
+            qkv = new LinearShard(s, prefix + "qkv.", 3 * d, d, c.QkvBias, dtype, device);
+            if (c.QkNorm)
+            {
+                q_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
+                k_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
+            }
+            proj = new LinearShard(s, prefix + "proj.", d, d, c.ProjBias, dtype, device);
+            RegisterComponents();
+        }
+    }
+
+    internal sealed class MlpShard : nn.Module
+    {
+        public readonly LinearShard fc1, fc2;
+
+        public MlpShard(ViTConfig c, ShardContext s, string prefix, Device device, ScalarType dtype) : base(nameof(MlpShard))
+        {
+            fc1 = new LinearShard(s, prefix + "fc1.", c.MlpDim, c.EmbedDim, c.MlpBias, dtype, device);
+            fc2 = new LinearShard(s, prefix + "fc2.", c.EmbedDim, c.MlpDim, c.MlpBias, dtype, device);
+            RegisterComponents();
+        }
+    }
+
+    /// <summary>Creates block <paramref name="index"/>'s shard (parameters uninitialized).</summary>
+    public ShardedSequentialBlock(ViTConfig c, int index, ShardContext s, Device device, ScalarType dtype) : base(nameof(ShardedSequentialBlock))
+    {
+        (_s, _act) = (s, c.Act);
+        string prefix = $"blocks.{index}.";
+        norm1 = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
+        attn = new AttnShard(c, s, prefix + "attn.", device, dtype);
+        norm2 = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
+        mlp = new MlpShard(c, s, prefix + "mlp.", device, dtype);
+        RegisterComponents();
+    }
+
+    /// <summary>[T_r, B, D] → [T_r, B, D].</summary>
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = torch.NewDisposeScope();
+        var comm = _s.Rank.Model;
+        var counts = _s.CountsFor(x);
+        long a = _s.Plan.AttnPerRank;
+        var qkv = Regions.AllGatherMatmul(norm1.call(x), attn.qkv.Weight(_s), comm, counts, _s.Mode);    // [T, B, 3A]
+        if (attn.qkv.Bias is not null) qkv = qkv + attn.qkv.Bias;
+        var parts = qkv.split(new[] { a, a, a }, -1);
+        var z = AttentionOps.Attend(parts[0].transpose(0, 1), parts[1].transpose(0, 1), parts[2].transpose(0, 1),
+            _s.Plan.HeadsPerRank, attn.q_norm, attn.k_norm).transpose(0, 1);
+        var y = Regions.MatmulReduceScatter(z, attn.proj.Weight(_s), comm, counts, _s.Mode);
+        if (attn.proj.Bias is not null) y = y + attn.proj.Bias;
+        var x1 = x + y;
+        var hdn = Regions.AllGatherMatmul(norm2.call(x1), mlp.fc1.Weight(_s), comm, counts, _s.Mode);
+        if (mlp.fc1.Bias is not null) hdn = hdn + mlp.fc1.Bias;
+        var m = Regions.MatmulReduceScatter(Act.Apply(hdn, _act), mlp.fc2.Weight(_s), comm, counts, _s.Mode);
+        if (mlp.fc2.Bias is not null) m = m + mlp.fc2.Bias;
+        return (x1 + m).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>
+/// The sharded block stack: takes the replicated token sequence [B, T, D], keeps this rank's token chunk
+/// (token-major [T_r, B, D]), runs the sharded blocks, and all-gathers the chunks back to [B, T, D] for the
+/// replicated final norm and head.
+/// </summary>
+public sealed class ShardedEncoder : BlockStack
+{
+    private readonly ShardContext _s;
+
+    /// <summary>Creates the shards of every block.</summary>
+    public ShardedEncoder(ViTConfig c, ShardContext s, Device device, ScalarType dtype)
+        : base(Enumerable.Range(0, c.Depth).Select(i => c.Block == BlockKind.Parallel
+            ? (nn.Module<Tensor, Tensor>)new ShardedParallelBlock(c, i, s, device, dtype)
+            : new ShardedSequentialBlock(c, i, s, device, dtype)).ToArray())
+    {
+        _s = s;
+    }
+
+    /// <inheritdoc />
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = torch.NewDisposeScope();
+        var comm = _s.Rank.Model;
+        long total = x.shape[1];
+        var counts = TokenPartition.Counts(total, comm.Size);
+        _s.Counts = counts;
+        var h = Regions.ScatterTokens(x.transpose(0, 1), comm, counts);              // [T_r, B, D]
+        foreach (var block in this) h = block.call(h);
+        return Regions.GatherTokens(h, comm, counts).transpose(0, 1).MoveToOuterDisposeScope();
+    }
+}
