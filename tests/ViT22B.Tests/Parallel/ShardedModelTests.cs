@@ -156,3 +156,94 @@ public class ShardedModelTests
         foreach (long b in bytes) Assert.Equal(replicated + (fullBytes - replicated) / 4, b);
     }
 }
+
+public sealed class ShardedCheckpointTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("vit22b-ckpt-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private static T[] OnMesh<T>(int data, int model, ShardingPlan plan, Func<ShardContext, T> body)
+    {
+        var mesh = new DeviceMesh(data, model);
+        var world = new ThreadedWorld(mesh.WorldSize, TimeSpan.FromSeconds(60));
+        var ctx = RankContext.CreateThreaded(world, mesh);
+        return Spmd.Run(world, r => body(new ShardContext(plan, ctx[r], CommMode.Overlapped)));
+    }
+
+    [Fact]
+    public void Save_at_model_axis_4_load_at_2_and_at_1_gives_equal_outputs()
+    {
+        var c = ShardedModelTests.Config(BlockKind.Parallel);
+        var images = TestUtil.RandomImages(c, 2, seed: 9, ScalarType.Float32);
+        torch.manual_seed(11);
+        var at4 = OnMesh(1, 4, new ShardingPlan(c, 4), s =>
+        {
+            using var shard = ShardedModel.Create(s);        // random init, sharded from the start
+            ShardedCheckpoint.Save(_dir, shard, s);
+            using var scope = torch.NewDisposeScope();
+            using var noGrad = torch.no_grad();
+            return shard.call(images).DetachFromDisposeScope();
+        });
+        Assert.True(File.Exists(Path.Combine(_dir, ShardedCheckpoint.IndexFileName)));
+        Assert.Equal(4, Directory.GetFiles(_dir, "rank-*.safetensors").Length);
+
+        var at2 = OnMesh(1, 2, new ShardingPlan(c, 2), s =>
+        {
+            using var shard = ShardedModel.Create(s);
+            ShardedCheckpoint.Load(_dir, shard, s);
+            using var scope = torch.NewDisposeScope();
+            using var noGrad = torch.no_grad();
+            return shard.call(images).DetachFromDisposeScope();
+        });
+        using var single = new VisionTransformer(c, torch.CPU, ScalarType.Float32);
+        var report = single.load_state_dict(ShardedCheckpoint.LoadFull(_dir));
+        using var noGrad = torch.no_grad();
+        var at1 = single.call(images);
+        foreach (var y in at4.Concat(at2))
+            Assert.True(TestUtil.RelErr(y, at1) < 1e-5, $"relative error {TestUtil.RelErr(y, at1):E2}");
+        Assert.True(at4[0].equal(at4[3]).all().item<bool>(), "replicated outputs are identical on every rank");
+    }
+
+    [Fact]
+    public void Fsdp_checkpoint_reshards_to_a_plain_mesh()
+    {
+        var c = ShardedModelTests.Config(BlockKind.Sequential);
+        var images = TestUtil.RandomImages(c, 2, seed: 12, ScalarType.Float32);
+        var before = OnMesh(2, 2, new ShardingPlan(c, 2, 2, fsdp: true), s =>
+        {
+            using var shard = ShardedModel.Create(s);
+            ShardedCheckpoint.Save(_dir, shard, s);
+            using var scope = torch.NewDisposeScope();
+            using var noGrad = torch.no_grad();
+            return shard.call(images).DetachFromDisposeScope();
+        });
+        var after = OnMesh(1, 4, new ShardingPlan(c, 4), s =>
+        {
+            using var shard = ShardedModel.Create(s);
+            ShardedCheckpoint.Load(_dir, shard, s);
+            using var scope = torch.NewDisposeScope();
+            using var noGrad = torch.no_grad();
+            return shard.call(images).DetachFromDisposeScope();
+        });
+        Assert.True(TestUtil.RelErr(after[0], before[0]) < 1e-5);
+    }
+
+    [Fact]
+    public void Incomplete_or_foreign_checkpoints_are_rejected()
+    {
+        var e = Assert.Throws<FileNotFoundException>(() => ShardedCheckpoint.LoadFull(_dir));
+        Assert.Contains("has no index.json", e.Message);
+        File.WriteAllText(Path.Combine(_dir, ShardedCheckpoint.IndexFileName), "{\"format\": \"other\"}");
+        Assert.Contains("not a valid sharded-checkpoint index", Assert.Throws<FormatException>(() => ShardedCheckpoint.LoadFull(_dir)).Message);
+        var c = ShardedModelTests.Config(BlockKind.Parallel);
+        OnMesh(1, 2, new ShardingPlan(c, 2), s =>
+        {
+            using var shard = ShardedModel.Create(s);
+            ShardedCheckpoint.Save(_dir, shard, s);
+            return 0;
+        });
+        File.Delete(Directory.GetFiles(_dir, "rank-00001-*").Single());
+        Assert.Contains("which is missing", Assert.Throws<FileNotFoundException>(() => ShardedCheckpoint.LoadFull(_dir)).Message);
+    }
+}
