@@ -204,6 +204,30 @@ public sealed class ThreadedCommunicator : ICommunicator
     /// <summary>The world rank of this member.</summary>
     public int WorldRank => _group.WorldRanks[Rank];
 
+    /// <summary>Bytes this rank has sent so far, counted as a ring implementation sends them (all-gather: (k−1)·local;
+    /// reduce-scatter: (k−1)/k·input; all-reduce: 2·(k−1)/k·input; permute: the tensor; broadcast: the root's
+    /// tensor). Used to report communication volume.</summary>
+    public long BytesSent { get; private set; }
+
+    /// <summary>Collectives issued so far.</summary>
+    public long Operations => _seq;
+
+    private void Count(string op, Tensor? input, int root = -1)
+    {
+        if (input is null || Size == 1) return;
+        long bytes = input.numel() * input.element_size();
+        int k = Size;
+        BytesSent += op switch
+        {
+            "AllGather" => (k - 1) * bytes,
+            "ReduceScatter" => (k - 1) * bytes / k,
+            "AllReduce" => 2 * (k - 1) * bytes / k,
+            "Permute" => bytes,
+            "Broadcast" => Rank == root ? bytes : 0,
+            _ => 0,
+        };
+    }
+
     private sealed class Work : ICommWork
     {
         private readonly Func<Tensor> _wait;
@@ -223,6 +247,7 @@ public sealed class ThreadedCommunicator : ICommunicator
     {
         long seq = _seq++;
         _group.World.ThrowIfPoisoned($"Group '{Name}', rank {Rank}, {op} #{seq}");
+        Count(op, input, arg is int root && op == "Broadcast" ? root : -1);
         Tensor? copy = null;
         if (input is not null)
         {
