@@ -35,12 +35,12 @@ public class ShardedModelTests
             model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone()), images, probe);
     }
 
-    private static void AssertShardedMatches(ViTConfig c, int data, int model, CommMode mode, bool fsdp = false)
+    private static void AssertShardedMatches(ViTConfig c, int data, int model, CommMode mode, bool fsdp = false, Func<int, TimeSpan>? delay = null)
     {
         const long batch = 4;
         var reference = Full(c, batch);
         var mesh = new DeviceMesh(data, model);
-        var world = new ThreadedWorld(mesh.WorldSize, TimeSpan.FromSeconds(60));
+        var world = new ThreadedWorld(mesh.WorldSize, TimeSpan.FromSeconds(60), delay);
         var contexts = RankContext.CreateThreaded(world, mesh);
         var plan = new ShardingPlan(c, model, data, fsdp);
         var results = Spmd.Run(world, r =>
@@ -87,6 +87,21 @@ public class ShardedModelTests
     [InlineData(4, CommMode.Plain)]
     public void Parallel_block_model_matches_single_rank(int model, CommMode mode) =>
         AssertShardedMatches(Config(BlockKind.Parallel), 1, model, mode);
+
+    [Theory]
+    [InlineData(BlockKind.Parallel, 2)]
+    [InlineData(BlockKind.Parallel, 4)]
+    [InlineData(BlockKind.Sequential, 4)]
+    public void Single_block_matches_single_rank(BlockKind block, int model) =>
+        AssertShardedMatches(Config(block) with { Depth = 1 }, 1, model, CommMode.Overlapped);
+
+    [Fact]
+    public void Random_communication_delays_change_no_result()
+    {
+        var rng = new Random(17);
+        AssertShardedMatches(Config(BlockKind.Parallel), 2, 2, CommMode.Overlapped, fsdp: true,
+            delay: _ => { lock (rng) return TimeSpan.FromMilliseconds(rng.Next(0, 4)); });
+    }
 
     [Theory]
     [InlineData(2)]
