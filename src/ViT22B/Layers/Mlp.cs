@@ -25,14 +25,16 @@ public sealed class Mlp : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
-        return fc2.forward(Act.Apply(fc1.forward(x), _act)).MoveToOuterDisposeScope();
+        var h = fc1.forward(x);
+        return fc2.forward(Act.Apply(h, _act, inPlace: !h.requires_grad)).MoveToOuterDisposeScope();
     }
 }
 
 /// <summary>The activation functions of <see cref="Activation"/>.</summary>
 public static class Act
 {
-    /// <summary>Applies exact or tanh-approximated GELU.</summary>
-    public static Tensor Apply(Tensor x, Activation act) => nn.functional.gelu(x,
-        act == Activation.Gelu ? TorchSharp.Modules.GELU.Approximate.none : TorchSharp.Modules.GELU.Approximate.tanh);
+    /// <summary>Applies exact or tanh-approximated GELU; <paramref name="inPlace"/> overwrites <paramref name="x"/>
+    /// (only when no gradient flows through it: saves one activation-sized allocation).</summary>
+    public static Tensor Apply(Tensor x, Activation act, bool inPlace = false) => nn.functional.gelu(x,
+        act == Activation.Gelu ? TorchSharp.Modules.GELU.Approximate.none : TorchSharp.Modules.GELU.Approximate.tanh, inPlace);
 }

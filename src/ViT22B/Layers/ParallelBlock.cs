@@ -56,17 +56,43 @@ public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
     }
 
     /// <summary>[B, N, D] → [B, N, D].</summary>
+    /// <remarks>The fused weights are applied as two GEMMs over views (rows [mlp] and [q|k|v] of W_in; columns
+    /// [attn] and [mlp] of W_out, accumulated in place): measured on a 2-core CPU, one [F+3D]-wide GEMM ran about
+    /// 20% slower than the two narrower ones, and no concatenation of [Z | G] is needed (docs/performance.md).</remarks>
     public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
-        var p = in_proj.forward(in_norm.call(x)).split(new[] { _mlpDim, _dim, _dim, _dim }, -1);
-        var u = mlp_bias is null ? p[0] : p[0] + mlp_bias;
-        var z = AttentionOps.Attend(p[1], p[2], p[3], _heads, q_norm, k_norm);        // [B, N, D]
-        var g = Act.Apply(u, _act);                                                   // [B, N, F]
-        var y = out_proj is not null
-            ? out_proj.forward(torch.cat(new[] { z, g }, -1))
-            : attn_out_proj!.forward(z) + mlp_out_proj!.forward(g);
-        return (x + y).MoveToOuterDisposeScope();
+        var y = in_norm.call(x);
+        var w = in_proj.weight!;
+        var b = in_proj.bias;
+        var u = nn.functional.linear(y, w.narrow(0, 0, _mlpDim), b?.narrow(0, 0, _mlpDim) ?? mlp_bias);      // [B, N, F]
+        var qkv = nn.functional.linear(y, w.narrow(0, _mlpDim, 3 * _dim), b?.narrow(0, _mlpDim, 3 * _dim));  // [B, N, 3D]
+        var p = qkv.chunk(3, -1);
+        var z = AttentionOps.Attend(p[0], p[1], p[2], _heads, q_norm, k_norm);                               // [B, N, D]
+        var g = Act.Apply(u, _act, inPlace: !u.requires_grad);                                               // [B, N, F]
+        Tensor outp;
+        if (out_proj is not null)
+        {
+            var wo = out_proj.weight!;
+            outp = nn.functional.linear(z, wo.narrow(1, 0, _dim), out_proj.bias);
+            outp = AddLinear(outp, g, wo.narrow(1, _dim, _mlpDim));
+        }
+        else
+        {
+            outp = AddLinear(attn_out_proj!.forward(z), g, mlp_out_proj!.weight!);
+            if (mlp_out_proj.bias is not null) outp = outp + mlp_out_proj.bias;
+        }
+        return (x + outp).MoveToOuterDisposeScope();
+    }
+
+    // acc + x·Wᵀ, accumulating in place (addmm_) when no gradient is recorded.
+    private static Tensor AddLinear(Tensor acc, Tensor x, Tensor w)
+    {
+        if (acc.requires_grad || x.requires_grad || w.requires_grad && torch.is_grad_enabled())
+            return acc + nn.functional.linear(x, w);
+        var flat = acc.view(-1, acc.shape[^1]);
+        flat.addmm_(x.reshape(-1, x.shape[^1]), w.t());
+        return acc;
     }
 
     /// <summary>
