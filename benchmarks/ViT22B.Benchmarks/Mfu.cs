@@ -1,0 +1,140 @@
+using System.Globalization;
+using System.Reflection;
+using System.Text.Json;
+using BenchmarkDotNet.Attributes;
+using BenchmarkDotNet.Columns;
+using BenchmarkDotNet.Configs;
+using BenchmarkDotNet.Reports;
+using BenchmarkDotNet.Running;
+using TorchSharp;
+using ViT22B.Accounting;
+using static TorchSharp.torch;
+
+namespace ViT22B.Benchmarks;
+
+/// <summary>
+/// Base of the MFU suites. After every measured iteration (<see cref="IterationCleanupAttribute"/>, untimed) one
+/// 2048³ GEMM of the benchmark's dtype is timed on the same device, so the peak is sampled interleaved with the
+/// measured operation in the same process. At global cleanup the case writes its model FLOPs per invocation and
+/// its GEMM samples to a file that <see cref="MfuColumn"/> reads in the host process.
+/// </summary>
+public abstract class MfuBenchmark
+{
+    /// <summary>Folder shared by the benchmark processes and the host (cleared by Program at start).</summary>
+    public static string DataFolder => Path.Combine(Path.GetTempPath(), "vit22b-benchmarks-mfu");
+
+    private MfuMeter? _meter;
+    private readonly List<double> _gemmSeconds = new();
+
+    /// <summary>Model FLOPs of one benchmark invocation (set by the derived setup).</summary>
+    protected double FlopsPerInvocation { get; set; }
+
+    /// <summary>Starts peak sampling for <paramref name="dtype"/> on <paramref name="device"/>.</summary>
+    protected void StartPeakSampling(ScalarType dtype, Device device)
+    {
+        _meter = new MfuMeter(device, dtype);
+        _meter.TimeGemm();   // warm
+    }
+
+    /// <summary>Samples the peak (call from the derived class's [IterationCleanup]).</summary>
+    protected void SamplePeak() => _gemmSeconds.Add(_meter!.TimeGemm());
+
+    /// <summary>Writes the samples (call from the derived class's [GlobalCleanup]).</summary>
+    protected void WriteSamples()
+    {
+        Directory.CreateDirectory(DataFolder);
+        var record = new MfuRecord(FlopsPerInvocation, _meter!.GemmFlops, _gemmSeconds.ToArray());
+        var suite = GetType();
+        while (suite.BaseType is not null && suite.BaseType != typeof(MfuBenchmark)) suite = suite.BaseType;   // skip BenchmarkDotNet's generated subclasses
+        File.WriteAllText(Path.Combine(DataFolder, Key(suite, ParameterPairs(this)) + ".json"), JsonSerializer.Serialize(record));
+        _meter.Dispose();
+        _gemmSeconds.Clear();
+    }
+
+    internal static IEnumerable<(string Name, string Value)> ParameterPairs(object benchmark) =>
+        benchmark.GetType().GetProperties(BindingFlags.Public | BindingFlags.Instance)
+            .Where(p => p.GetCustomAttribute<ParamsAttribute>() is not null)
+            .Select(p => (p.Name, Convert.ToString(p.GetValue(benchmark), CultureInfo.InvariantCulture) ?? ""));
+
+    internal static string Key(Type type, IEnumerable<(string Name, string Value)> pairs) =>
+        string.Join("_", new[] { type.Name }.Concat(pairs.OrderBy(p => p.Name, StringComparer.Ordinal).Select(p => $"{p.Name}-{p.Value}")))
+            .Replace('/', '-').Replace(' ', '-').Replace('+', 'p');
+}
+
+/// <summary>What a benchmark case reports to the columns.</summary>
+public sealed record MfuRecord(double Flops, double GemmFlops, double[] GemmSeconds);
+
+/// <summary>Columns computed from a case's mean time and its interleaved GEMM samples.</summary>
+public sealed class MfuColumn : IColumn
+{
+    private readonly string _kind;
+
+    private MfuColumn(string kind) => _kind = kind;
+
+    /// <summary>Model GFLOP/s achieved.</summary>
+    public static readonly IColumn Achieved = new MfuColumn("GFLOP/s");
+    /// <summary>Median same-run GEMM GFLOP/s.</summary>
+    public static readonly IColumn Peak = new MfuColumn("Peak GFLOP/s");
+    /// <summary>Achieved over same-run peak.</summary>
+    public static readonly IColumn Mfu = new MfuColumn("MFU");
+    /// <summary>Achieved over the datasheet peak in VIT22B_DATASHEET_PEAK_TFLOPS (GPU runs), else "-".</summary>
+    public static readonly IColumn DatasheetMfu = new MfuColumn("MFU (datasheet)");
+
+    /// <inheritdoc />
+    public string Id => "Mfu." + _kind;
+    /// <inheritdoc />
+    public string ColumnName => _kind;
+    /// <inheritdoc />
+    public bool AlwaysShow => true;
+    /// <inheritdoc />
+    public ColumnCategory Category => ColumnCategory.Custom;
+    /// <inheritdoc />
+    public int PriorityInCategory => _kind switch { "GFLOP/s" => 0, "Peak GFLOP/s" => 1, "MFU" => 2, _ => 3 };
+    /// <inheritdoc />
+    public bool IsNumeric => true;
+    /// <inheritdoc />
+    public UnitType UnitType => UnitType.Dimensionless;
+    /// <inheritdoc />
+    public string Legend => _kind switch
+    {
+        "GFLOP/s" => "Model FLOPs (SPEC.md §9: 2 per MAC, matmuls only, training = 3 × forward) per second",
+        "Peak GFLOP/s" => "Median of 2048³ GEMMs of the same dtype, timed after every iteration of the same case",
+        "MFU" => "Model-FLOPs utilization: GFLOP/s over the same-run peak",
+        _ => "Model FLOP/s over VIT22B_DATASHEET_PEAK_TFLOPS (set it on a GPU machine)",
+    };
+    /// <inheritdoc />
+    public bool IsAvailable(Summary summary) => true;
+    /// <inheritdoc />
+    public bool IsDefault(Summary summary, BenchmarkCase benchmarkCase) => false;
+    /// <inheritdoc />
+    public string GetValue(Summary summary, BenchmarkCase benchmarkCase, SummaryStyle style) => GetValue(summary, benchmarkCase);
+
+    /// <inheritdoc />
+    public string GetValue(Summary summary, BenchmarkCase benchmarkCase)
+    {
+        string key = MfuBenchmark.Key(benchmarkCase.Descriptor.Type,
+            benchmarkCase.Parameters.Items.Select(p => (p.Name, Convert.ToString(p.Value, CultureInfo.InvariantCulture) ?? "")));
+        string path = Path.Combine(MfuBenchmark.DataFolder, key + ".json");
+        var mean = summary[benchmarkCase]?.ResultStatistics?.Mean;
+        if (!File.Exists(path) || mean is null) return "n/a";
+        var r = JsonSerializer.Deserialize<MfuRecord>(File.ReadAllText(path))!;
+        if (r.Flops <= 0 || r.GemmSeconds.Length == 0) return "n/a";
+        double achieved = r.Flops / (mean.Value * 1e-9);
+        double peak = r.GemmFlops / MfuMeter.Median(r.GemmSeconds);
+        return _kind switch
+        {
+            "GFLOP/s" => (achieved / 1e9).ToString("F1", CultureInfo.InvariantCulture),
+            "Peak GFLOP/s" => (peak / 1e9).ToString("F1", CultureInfo.InvariantCulture),
+            "MFU" => (achieved / peak).ToString("P1", CultureInfo.InvariantCulture),
+            _ => double.TryParse(Environment.GetEnvironmentVariable("VIT22B_DATASHEET_PEAK_TFLOPS"), CultureInfo.InvariantCulture, out double tf) && tf > 0
+                ? (achieved / (tf * 1e12)).ToString("P1", CultureInfo.InvariantCulture) : "-",
+        };
+    }
+}
+
+/// <summary>The MFU columns, for [Config].</summary>
+public sealed class MfuConfig : ManualConfig
+{
+    /// <summary>Adds the columns.</summary>
+    public MfuConfig() => AddColumn(MfuColumn.Achieved, MfuColumn.Peak, MfuColumn.Mfu, MfuColumn.DatasheetMfu);
+}

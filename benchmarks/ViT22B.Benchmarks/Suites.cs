@@ -1,0 +1,206 @@
+using BenchmarkDotNet.Attributes;
+using TorchSharp;
+using TorchSharp.Modules;
+using ViT22B.Accounting;
+using ViT22B.Layers;
+using ViT22B.Models;
+using static TorchSharp.torch;
+
+namespace ViT22B.Benchmarks;
+
+/// <summary>Shared pieces of the suites.</summary>
+internal static class Bench
+{
+    public static readonly Device Device = Environment.GetEnvironmentVariable("VIT22B_BENCH_DEVICE") is { Length: > 0 } d ? new Device(d) : torch.CPU;
+
+    /// <summary>"with" or "without" biases on every layer and norm (QKV, MLP, out-projection, norms).</summary>
+    public static ViTConfig WithBiases(ViTConfig c, bool biases) => c with { QkvBias = biases, MlpBias = biases, ProjBias = biases, NormBias = biases };
+}
+
+/// <summary>
+/// (a) one block forward and (b) one block forward+backward at ViT-B/16 shapes (batch 8, 197 tokens): parallel
+/// (fused or separate out-projection) vs sequential, with vs without biases, float32 vs bfloat16.
+/// </summary>
+[Config(typeof(MfuConfig))]
+public class BlockBenchmarks : MfuBenchmark
+{
+    private nn.Module<Tensor, Tensor> _block = null!;
+    private Tensor _x = null!, _probe = null!;
+
+    /// <summary>Parameter dtype.</summary>
+    [Params(ScalarType.Float32, ScalarType.BFloat16)] public ScalarType DType { get; set; }
+    /// <summary>Block variant.</summary>
+    [Params("parallel-fused", "parallel-separate", "sequential")] public string Block { get; set; } = "";
+    /// <summary>Biases on every projection and norm.</summary>
+    [Params(true, false)] public bool Biases { get; set; }
+    /// <summary>Forward only (inference mode) or forward+backward.</summary>
+    [Params("forward", "forward+backward")] public string Pass { get; set; } = "";
+
+    /// <summary>Builds the block.</summary>
+    [GlobalSetup]
+    public void Setup()
+    {
+        torch.manual_seed(0);
+        bool parallel = Block.StartsWith("parallel");
+        var c = Bench.WithBiases(ViTConfig.Parse("B/16") with
+        {
+            Block = parallel ? BlockKind.Parallel : BlockKind.Sequential, FuseOutProj = Block != "parallel-separate", QkNorm = false,
+        }, Biases);
+        _block = parallel ? new ParallelBlock(c, Bench.Device, DType) : new SequentialBlock(c, Bench.Device, DType);
+        const long batch = 8;
+        _x = torch.randn(new long[] { batch, c.NumTokens, c.EmbedDim }, generator: new torch.Generator(1)).to(DType).to(Bench.Device);
+        _probe = torch.randn(new long[] { batch, c.NumTokens, c.EmbedDim }, generator: new torch.Generator(2)).to(DType).to(Bench.Device);
+        double forward = batch * (2.0 * c.NumTokens * (4.0 * c.EmbedDim * c.EmbedDim + 2.0 * c.EmbedDim * c.MlpDim) + 4.0 * c.NumTokens * c.NumTokens * c.EmbedDim);
+        FlopsPerInvocation = Pass == "forward" ? forward : 3 * forward;
+        StartPeakSampling(DType, Bench.Device);
+    }
+
+    /// <summary>One pass.</summary>
+    [Benchmark]
+    public void Run()
+    {
+        if (Pass == "forward")
+        {
+            using var mode = torch.inference_mode();
+            using var scope = torch.NewDisposeScope();
+            _block.call(_x);
+        }
+        else
+        {
+            using var scope = torch.NewDisposeScope();
+            _block.zero_grad();
+            (_block.call(_x) * _probe).sum().backward();
+        }
+    }
+
+    /// <summary>Samples the peak after each iteration.</summary>
+    [IterationCleanup] public void Peak() => SamplePeak();
+
+    /// <summary>Writes the samples and releases tensors.</summary>
+    [GlobalCleanup]
+    public void Cleanup()
+    {
+        WriteSamples();
+        _block.Dispose();
+        _x.Dispose();
+        _probe.Dispose();
+    }
+}
+
+/// <summary>
+/// (c) a full model inference batch and (d) a full training step (forward, backward, AdamW step) with stem and head,
+/// batch 8 at 224 px: presets S/16 and B/16 (timm-style: biases, LayerNorm, class token, 1000 classes) with their
+/// classic block or the parallel block, float32 vs bfloat16.
+/// </summary>
+[Config(typeof(MfuConfig))]
+public class ModelBenchmarks : MfuBenchmark
+{
+    private VisionTransformer _model = null!;
+    private optim.Optimizer? _optimizer;
+    private Tensor _images = null!, _labels = null!;
+
+    /// <summary>Preset.</summary>
+    [Params("S/16", "B/16")] public string Preset { get; set; } = "";
+    /// <summary>Parameter and activation dtype.</summary>
+    [Params(ScalarType.Float32, ScalarType.BFloat16)] public ScalarType DType { get; set; }
+    /// <summary>Block kind.</summary>
+    [Params(BlockKind.Parallel, BlockKind.Sequential)] public BlockKind Block { get; set; }
+    /// <summary>inference or training.</summary>
+    [Params("inference", "training")] public string Mode { get; set; } = "";
+
+    /// <summary>Builds the model and the batch.</summary>
+    [GlobalSetup]
+    public void Setup()
+    {
+        torch.manual_seed(0);
+        var c = ViTConfig.Parse(Preset) with { Block = Block };
+        _model = new VisionTransformer(c, Bench.Device, DType);
+        const long batch = 8;
+        _images = torch.randn(new long[] { batch, 3, c.ImgSize, c.ImgSize }, generator: new torch.Generator(1)).to(DType).to(Bench.Device);
+        _labels = (torch.arange(batch, dtype: ScalarType.Int64) % c.NumClasses).to(Bench.Device);
+        var f = ModelAccounting.Flops(c);
+        if (Mode == "training")
+        {
+            _model.train();
+            _optimizer = torch.optim.AdamW(_model.parameters(), lr: 1e-4);
+            FlopsPerInvocation = batch * f.Training;
+        }
+        else
+        {
+            _model.eval();
+            FlopsPerInvocation = batch * f.Forward;
+        }
+        StartPeakSampling(DType, Bench.Device);
+    }
+
+    /// <summary>One inference batch or one training step.</summary>
+    [Benchmark]
+    public void Run()
+    {
+        using var scope = torch.NewDisposeScope();
+        if (_optimizer is null)
+        {
+            using var mode = torch.inference_mode();
+            _model.call(_images);
+            return;
+        }
+        _optimizer.zero_grad();
+        nn.functional.cross_entropy(_model.call(_images).to(ScalarType.Float32), _labels).backward();
+        _optimizer.step();
+    }
+
+    /// <summary>Samples the peak after each iteration.</summary>
+    [IterationCleanup] public void Peak() => SamplePeak();
+
+    /// <summary>Writes the samples and releases everything.</summary>
+    [GlobalCleanup]
+    public void Cleanup()
+    {
+        WriteSamples();
+        _optimizer?.Dispose();
+        _model.Dispose();
+        _images.Dispose();
+        _labels.Dispose();
+    }
+}
+
+/// <summary>The peak itself: a 2048×2048×2048 GEMM per dtype (its MFU column is ~100% by construction).</summary>
+[Config(typeof(MfuConfig))]
+public class GemmPeakBenchmarks : MfuBenchmark
+{
+    private Tensor _a = null!, _b = null!;
+
+    /// <summary>dtype.</summary>
+    [Params(ScalarType.Float32, ScalarType.BFloat16)] public ScalarType DType { get; set; }
+
+    /// <summary>Creates the operands.</summary>
+    [GlobalSetup]
+    public void Setup()
+    {
+        _a = torch.randn(2048, 2048).to(DType).to(Bench.Device);
+        _b = torch.randn(2048, 2048).to(DType).to(Bench.Device);
+        FlopsPerInvocation = 2.0 * 2048 * 2048 * 2048;
+        StartPeakSampling(DType, Bench.Device);
+    }
+
+    /// <summary>One GEMM.</summary>
+    [Benchmark]
+    public void Gemm2048()
+    {
+        using var mode = torch.inference_mode();
+        using var c = _a.matmul(_b);
+        if (Bench.Device.type == DeviceType.CUDA) torch.cuda.synchronize(Bench.Device);
+    }
+
+    /// <summary>Samples the peak after each iteration.</summary>
+    [IterationCleanup] public void Peak() => SamplePeak();
+
+    /// <summary>Writes the samples.</summary>
+    [GlobalCleanup]
+    public void Cleanup()
+    {
+        WriteSamples();
+        _a.Dispose();
+        _b.Dispose();
+    }
+}

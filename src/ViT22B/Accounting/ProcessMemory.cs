@@ -1,0 +1,32 @@
+using static TorchSharp.torch;
+
+namespace ViT22B.Accounting;
+
+/// <summary>A snapshot of the process's memory: resident set size and TorchSharp's live tensor count.</summary>
+/// <param name="ResidentBytes">Resident set size (RSS) of the process.</param>
+/// <param name="LiveTensors">TorchSharp tensor handles not yet disposed or finalized.</param>
+public readonly record struct ProcessMemory(long ResidentBytes, long LiveTensors)
+{
+    /// <summary>Takes a snapshot (after a full GC, so finalizable garbage does not count as live).</summary>
+    public static ProcessMemory Sample()
+    {
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        GC.Collect();
+        return new ProcessMemory(ReadRss(), Tensor.TotalCount);
+    }
+
+    private static long ReadRss()
+    {
+        // /proc/self/statm: size resident shared … in pages. Fall back to .NET's working set elsewhere.
+        try
+        {
+            var fields = File.ReadAllText("/proc/self/statm").Split(' ');
+            return long.Parse(fields[1], System.Globalization.CultureInfo.InvariantCulture) * Environment.SystemPageSize;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or FormatException or IndexOutOfRangeException)
+        {
+            return Environment.WorkingSet;
+        }
+    }
+}
