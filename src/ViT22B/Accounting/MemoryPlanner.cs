@@ -1,0 +1,87 @@
+using ViT22B.Models;
+using static TorchSharp.torch;
+
+namespace ViT22B.Accounting;
+
+/// <summary>Bytes one device holds for a model, by kind.</summary>
+/// <param name="Weights">Parameters (this device's shards and the replicated rest).</param>
+/// <param name="Gradients">Parameter gradients (training only; same dtype and sharding as the weights).</param>
+/// <param name="OptimizerState">AdamW's two moments per parameter, in the parameter dtype (TorchSharp's AdamW keeps
+/// them in the parameter's dtype), training only.</param>
+/// <param name="Activations">Peak activation memory: for inference the largest set of tensors alive at once inside
+/// a block; for training the tensors autograd saves for backward in every block, plus that working set.</param>
+public sealed record MemoryPlan(long Weights, long Gradients, long OptimizerState, long Activations)
+{
+    /// <summary>Everything.</summary>
+    public long Total => Weights + Gradients + OptimizerState + Activations;
+
+    /// <summary>Whether <see cref="Total"/> fits in <paramref name="deviceBytes"/>.</summary>
+    public bool FitsIn(long deviceBytes) => Total <= deviceBytes;
+}
+
+/// <summary>
+/// Estimates the bytes per device of weights, gradients, optimizer state and activations for a preset, dtype, batch,
+/// training or inference, and a data × model mesh (tensor-parallel blocks as in <c>ViT22B.Parallel</c>, optional FSDP
+/// over the data axis) — from the config alone, so it answers questions such as whether ViT-22B/14 bf16 inference
+/// fits one 80 GB GPU before anything is allocated. The activation model is derived from the block equations
+/// (which tensors are alive, which autograd saves) and checked against measured peak resident memory for small
+/// presets on the CPU (tests); it ignores allocator fragmentation and framework workspace (cuBLAS, flash attention),
+/// so keep a margin.
+/// </summary>
+public static class MemoryPlanner
+{
+    /// <summary>Plans one device's memory.</summary>
+    /// <param name="c">The model.</param>
+    /// <param name="dtype">Parameter and activation dtype.</param>
+    /// <param name="batch">Global batch (split over the data axis).</param>
+    /// <param name="training">Training (gradients, AdamW state, saved activations) or inference.</param>
+    /// <param name="model">Tensor-parallel degree.</param>
+    /// <param name="data">Data-parallel degree.</param>
+    /// <param name="fsdp">Shard block weights (and their gradients and optimizer state) over the data axis too.</param>
+    public static MemoryPlan Plan(ViTConfig c, ScalarType dtype, int batch, bool training, int model = 1, int data = 1, bool fsdp = false)
+    {
+        ArgumentNullException.ThrowIfNull(c);
+        c.Validate();
+        if (batch < 1 || model < 1 || data < 1) throw new ArgumentException($"batch ({batch}), model ({model}) and data ({data}) must be at least 1.");
+        if (c.NumHeads % model != 0 || c.MlpDim % model != 0)
+            throw new ArgumentException($"A model axis of {model} must divide num_heads ({c.NumHeads}) and mlp_dim ({c.MlpDim}).");
+        long size = dtype switch
+        {
+            ScalarType.Float64 => 8,
+            ScalarType.Float32 => 4,
+            ScalarType.BFloat16 or ScalarType.Float16 => 2,
+            _ => throw new ArgumentException($"Not a floating-point dtype: {dtype}.", nameof(dtype)),
+        };
+        var p = ModelAccounting.Parameters(c);
+        long d = c.EmbedDim, f = c.MlpDim, l = c.Depth;
+        // Block parameters split over the model axis: the matmul weights and the biases of split rows.
+        long splitBiases = l * (c.Block == BlockKind.Parallel
+            ? (c.QkvBias ? f + 3 * d : c.MlpBias ? f : 0)
+            : (c.QkvBias ? 3 * d : 0) + (c.MlpBias ? f : 0));
+        double weightsPerDevice = p.Total - p.BlockMatmulWeights - splitBiases
+            + (double)p.BlockMatmulWeights / model / (fsdp ? data : 1) + (double)splitBiases / model;
+        long weights = (long)Math.Ceiling(weightsPerDevice) * size;
+
+        // Activations, in elements of the activation dtype, for this device's share of the batch.
+        double b = Math.Ceiling((double)batch / data), t = c.NumTokens, k = model;
+        double bt = b * t;
+        double qkNorm = c.QkNorm ? 2 * d : 0;
+        // Working set inside one block (inference): block input and output, normed input (all tokens when sharded),
+        // the in-projection outputs, the attention output and the MLP hidden activation.
+        double working = c.Block == BlockKind.Parallel
+            ? bt * (2 * d / k + d + (f + 3 * d + d + f) / k)
+            : bt * (2 * d / k + d + Math.Max(3 * d + d, f + f) / k);
+        double activations = working;
+        if (training)
+        {
+            // Saved for backward per block: norm inputs (own tokens), gathered normed inputs, q/k/v and the attention
+            // output, QK-norm inputs, the MLP pre-activation and activation (own heads / MLP slice).
+            double saved = c.Block == BlockKind.Parallel
+                ? bt * (d / k + d + (3 * d + d + qkNorm + f + f) / k)
+                : bt * (2 * d / k + 2 * d + (3 * d + d + qkNorm + f + f) / k);
+            activations = l * saved + working + bt * d * 2;   // + stem output and the gathered tokens before the head
+        }
+        long acts = (long)Math.Ceiling(activations) * size;
+        return new MemoryPlan(weights, training ? weights : 0, training ? 2 * weights : 0, acts);
+    }
+}

@@ -1,0 +1,124 @@
+using System.Runtime.InteropServices;
+using TorchSharp;
+using ViT22B.Accounting;
+using ViT22B.Models;
+using static TorchSharp.torch;
+
+namespace ViT22B.Tests.Performance;
+
+/// <summary>The memory planner against bytes actually allocated (glibc's allocator statistics) for small presets.</summary>
+[Collection("process-wide counters")]
+public class MemoryPlannerTests
+{
+    [StructLayout(LayoutKind.Sequential)]
+    private struct MallInfo2
+    {
+        public nuint Arena, Ordblks, Smblks, Hblks, Hblkhd, Usmblks, Fsmblks, Uordblks, Fordblks, Keepcost;
+    }
+
+    [DllImport("libc", EntryPoint = "mallinfo2")]
+    private static extern MallInfo2 NativeMallInfo2();
+
+    [DllImport("libc", EntryPoint = "mallopt")]
+    private static extern int MallOpt(int param, int value);
+
+    private const int M_MMAP_THRESHOLD = -3;
+
+    /// <summary>Bytes currently allocated through malloc (main arena plus mmapped blocks), after a full GC.</summary>
+    private static long Allocated()
+    {
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        GC.Collect();
+        var m = NativeMallInfo2();
+        return (long)(m.Uordblks + m.Hblkhd);
+    }
+
+    private static bool HaveMallInfo2()
+    {
+        try { NativeMallInfo2(); return OperatingSystem.IsLinux(); }
+        catch (Exception e) when (e is EntryPointNotFoundException or DllNotFoundException) { return false; }
+    }
+
+    [Theory]
+    [InlineData("Ti/16", BlockKind.Parallel, ScalarType.Float32)]
+    [InlineData("Ti/16", BlockKind.Sequential, ScalarType.Float32)]
+    [InlineData("S/16", BlockKind.Parallel, ScalarType.BFloat16)]
+    [InlineData("S/16", BlockKind.Sequential, ScalarType.Float32)]
+    public void Training_memory_matches_measured_allocation(string preset, BlockKind block, ScalarType dtype)
+    {
+        Assert.True(HaveMallInfo2(), "needs glibc's mallinfo2 (Linux, glibc 2.33+)");
+        // mallinfo2 sees the main arena and every mmapped block; this test thread allocates from another arena, so
+        // route every allocation of 4 KiB or more through mmap while measuring (restored to glibc's default after).
+        Assert.Equal(1, MallOpt(M_MMAP_THRESHOLD, 4096));
+        try
+        {
+            Measure(preset, block, dtype);
+        }
+        finally
+        {
+            MallOpt(M_MMAP_THRESHOLD, 128 * 1024);
+        }
+    }
+
+    private static void Measure(string preset, BlockKind block, ScalarType dtype)
+    {
+        var c = ViTConfig.Parse(preset) with { Block = block };
+        const int batch = 4;
+        var plan = MemoryPlanner.Plan(c, dtype, batch, training: true);
+        long start = Allocated();
+        using var model = new VisionTransformer(c, torch.CPU, dtype);
+        long weights = Allocated() - start;
+        using var images = torch.randn(batch, 3, 224, 224).to(dtype);
+        using var labels = torch.arange((long)batch);
+        long beforeOptimizer = Allocated();
+        using var optimizer = torch.optim.AdamW(model.parameters(), lr: 1e-4);   // TorchSharp allocates both moments here
+        long optimizerState = Allocated() - beforeOptimizer;
+        void Step(Action<long>? afterForward = null)
+        {
+            using var scope = torch.NewDisposeScope();
+            long before = Allocated();
+            var loss = nn.functional.cross_entropy(model.call(images).to(ScalarType.Float32), labels);
+            afterForward?.Invoke(Allocated() - before);     // what autograd keeps for backward
+            loss.backward();
+            optimizer.step();
+        }
+        Step();                                              // gradients and one-time workspaces now exist
+        long saved = 0;
+        Step(bytes => saved = bytes);
+        long gradients = model.parameters().Sum(p => p.grad!.numel() * p.grad.element_size());
+
+        string ratios = $"weights {(double)weights / plan.Weights:F3}, optimizer {(double)optimizerState / plan.OptimizerState:F3}, " +
+                        $"gradients {(double)gradients / plan.Gradients:F3}, saved activations {(double)saved / plan.Activations:F3}";
+        Assert.True((double)weights / plan.Weights is > 0.98 and < 1.05, ratios);
+        Assert.True((double)optimizerState / plan.OptimizerState is > 0.98 and < 1.05, ratios);
+        Assert.Equal(plan.Gradients, gradients);
+        // The planned activations add one block's working set to the saved tensors: measured saved ≈ 0.85–1.0 of it.
+        Assert.True((double)saved / plan.Activations is > 0.85 and < 1.1, ratios);
+    }
+
+    [Fact]
+    public void Vit22B_bf16_inference_fits_one_80GB_GPU_but_not_a_40GB_one()
+    {
+        var plan = MemoryPlanner.Plan(ViTConfig.Parse("22B/14"), ScalarType.BFloat16, batch: 1, training: false);
+        Assert.Equal(ModelAccounting.Parameters(ViTConfig.Parse("22B/14")).Total * 2, plan.Weights);   // 44.4 GB
+        Assert.Equal(0, plan.Gradients);
+        Assert.True(plan.FitsIn(80_000_000_000));
+        Assert.False(plan.FitsIn(40_000_000_000));
+    }
+
+    [Fact]
+    public void Sharding_divides_the_block_weights()
+    {
+        var c = ViTConfig.Parse("22B/14");
+        var one = MemoryPlanner.Plan(c, ScalarType.BFloat16, 8, training: true);
+        var tp8 = MemoryPlanner.Plan(c, ScalarType.BFloat16, 8, training: true, model: 8);
+        var fsdp = MemoryPlanner.Plan(c, ScalarType.BFloat16, 8, training: true, model: 8, data: 4, fsdp: true);
+        var p = ModelAccounting.Parameters(c);
+        long replicated = p.Total - p.BlockMatmulWeights - c.Depth * (long)c.MlpDim;
+        Assert.Equal((replicated + (p.BlockMatmulWeights + c.Depth * (long)c.MlpDim) / 8) * 2, tp8.Weights);
+        Assert.True(fsdp.Weights < tp8.Weights / 2);   // the replicated MAP head (0.45 B parameters) stays whole
+        Assert.True(tp8.Activations < one.Activations);
+        Assert.Contains("must divide", Assert.Throws<ArgumentException>(() => MemoryPlanner.Plan(c, ScalarType.BFloat16, 8, true, model: 5)).Message);
+    }
+}
