@@ -56,44 +56,62 @@ public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
     }
 
     /// <summary>[B, N, D] → [B, N, D].</summary>
-    /// <remarks>The fused weights are applied as two GEMMs over views (rows [mlp] and [q|k|v] of W_in; columns
-    /// [attn] and [mlp] of W_out, accumulated in place): measured on a 2-core CPU, one [F+3D]-wide GEMM ran about
-    /// 20% slower than the two narrower ones, and no concatenation of [Z | G] is needed (docs/performance.md).</remarks>
+    /// <remarks>When no gradient is recorded the fused weights are applied as two GEMMs over views (rows [mlp] and
+    /// [q|k|v] of W_in; columns [attn] and [mlp] of W_out, accumulated in place): on a 2-core CPU one [F+3D]-wide GEMM
+    /// ran about 20% slower than the two narrower ones. With autograd the single fused GEMMs are used, since the
+    /// backward of a view-sliced weight materializes full-size zero gradients (docs/performance.md, attempts 1 and 6).
+    /// </remarks>
     public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
         var y = in_norm.call(x);
+        bool recording = torch.is_grad_enabled() && (y.requires_grad || parameters().Any(q => q.requires_grad));
+        var result = recording ? ForwardFused(x, y) : ForwardSplit(x, y);
+        return result.MoveToOuterDisposeScope();
+    }
+
+    // Training: one GEMM per projection, as the block is written.
+    private Tensor ForwardFused(Tensor x, Tensor y)
+    {
+        var p = in_proj.forward(y).split(new[] { _mlpDim, _dim, _dim, _dim }, -1);
+        var u = mlp_bias is null ? p[0] : p[0] + mlp_bias;
+        var z = AttentionOps.Attend(p[1], p[2], p[3], _heads, q_norm, k_norm);        // [B, N, D]
+        var g = Act.Apply(u, _act);                                                   // [B, N, F]
+        var outp = out_proj is not null
+            ? out_proj.forward(torch.cat(new[] { z, g }, -1))
+            : attn_out_proj!.forward(z) + mlp_out_proj!.forward(g);
+        return x + outp;
+    }
+
+    // Inference: two GEMMs over views of each fused weight, GELU and the out-projection accumulation in place.
+    private Tensor ForwardSplit(Tensor x, Tensor y)
+    {
         var w = in_proj.weight!;
         var b = in_proj.bias;
         var u = nn.functional.linear(y, w.narrow(0, 0, _mlpDim), b?.narrow(0, 0, _mlpDim) ?? mlp_bias);      // [B, N, F]
         var qkv = nn.functional.linear(y, w.narrow(0, _mlpDim, 3 * _dim), b?.narrow(0, _mlpDim, 3 * _dim));  // [B, N, 3D]
         var p = qkv.chunk(3, -1);
         var z = AttentionOps.Attend(p[0], p[1], p[2], _heads, q_norm, k_norm);                               // [B, N, D]
-        var g = Act.Apply(u, _act, inPlace: !u.requires_grad);                                               // [B, N, F]
+        var g = Act.Apply(u, _act, inPlace: true);                                                           // [B, N, F]
         Tensor outp;
         if (out_proj is not null)
         {
             var wo = out_proj.weight!;
             outp = nn.functional.linear(z, wo.narrow(1, 0, _dim), out_proj.bias);
-            outp = AddLinear(outp, g, wo.narrow(1, _dim, _mlpDim));
+            AddLinear(outp, g, wo.narrow(1, _dim, _mlpDim));
         }
         else
         {
-            outp = AddLinear(attn_out_proj!.forward(z), g, mlp_out_proj!.weight!);
-            if (mlp_out_proj.bias is not null) outp = outp + mlp_out_proj.bias;
+            outp = attn_out_proj!.forward(z);
+            AddLinear(outp, g, mlp_out_proj!.weight!);
+            if (mlp_out_proj.bias is not null) outp.add_(mlp_out_proj.bias);
         }
-        return (x + outp).MoveToOuterDisposeScope();
+        return x + outp;
     }
 
-    // acc + x·Wᵀ, accumulating in place (addmm_) when no gradient is recorded.
-    private static Tensor AddLinear(Tensor acc, Tensor x, Tensor w)
-    {
-        if (acc.requires_grad || x.requires_grad || w.requires_grad && torch.is_grad_enabled())
-            return acc + nn.functional.linear(x, w);
-        var flat = acc.view(-1, acc.shape[^1]);
-        flat.addmm_(x.reshape(-1, x.shape[^1]), w.t());
-        return acc;
-    }
+    // acc += x·Wᵀ in place (no gradient is recorded on this path).
+    private static void AddLinear(Tensor acc, Tensor x, Tensor w) =>
+        acc.view(-1, acc.shape[^1]).addmm_(x.reshape(-1, x.shape[^1]), w.t());
 
     /// <summary>
     /// Rewrites a state dict of unfused parallel blocks (timm's default <c>attn_out_proj</c> + <c>mlp_out_proj</c>)
