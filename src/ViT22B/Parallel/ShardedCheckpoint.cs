@@ -79,19 +79,13 @@ public static class ShardedCheckpoint
         }
     }
 
-    /// <summary>Reassembles one full parameter (CPU) from the source shards.</summary>
+    /// <summary>Reassembles one full parameter (CPU) from the source shard files, reading each distinct part once.</summary>
     private static Tensor Reassemble(string key, long[] fullShape, ShardingPlan plan, SafetensorsReader[] readers)
     {
-        Tensor? full = null;
         for (int rank = 0; rank < readers.Length; rank++)
-        {
-            var spec = plan.Spec(key, fullShape, rank % plan.ModelSize, rank / plan.ModelSize);
-            using var part = readers[rank].Read(key);
-            full ??= torch.empty(fullShape, dtype: part.dtype, device: torch.CPU);
-            ShardingPlan.Place(full, part, spec);
-            if (spec.IsWhole) break;     // replicated: every rank holds the same tensor
-        }
-        return full!;
+            _ = readers[rank][key];                    // every file must hold the key (names file and key if not)
+        using var scope = torch.NewDisposeScope();     // the parts read from the files
+        return plan.Reassemble(key, fullShape, rank => readers[rank].Read(key)).MoveToOuterDisposeScope();
     }
 
     /// <summary>Loads a checkpoint written with any mesh into this rank's shard (a different mesh reshards). Every

@@ -158,6 +158,28 @@ public sealed class ShardingPlan
     public Dictionary<string, Tensor> Shard(IReadOnlyDictionary<string, Tensor> full, int model, int data = 0) =>
         full.ToDictionary(kv => kv.Key, kv => Slice(kv.Value, Spec(kv.Key, kv.Value.shape, model, data)));
 
+    /// <summary>
+    /// Reassembles one full parameter (on the CPU) from the shards of a <c>DataSize × ModelSize</c> mesh (world rank
+    /// order, model axis fastest). <paramref name="shardOf"/> is asked only for ranks holding a part not seen yet, so
+    /// replicas (replicated parameters, copies on other data ranks) are read once. Tensors it returns are not
+    /// disposed here.
+    /// </summary>
+    public Tensor Reassemble(string key, long[] fullShape, Func<int, Tensor> shardOf)
+    {
+        ArgumentNullException.ThrowIfNull(shardOf);
+        Tensor? full = null;
+        var seen = new HashSet<string>();
+        for (int rank = 0; rank < ModelSize * DataSize; rank++)
+        {
+            var spec = Spec(key, fullShape, rank % ModelSize, rank / ModelSize);
+            if (!seen.Add($"{spec.Dim}:{string.Join(",", spec.Segments)}")) continue;
+            var part = shardOf(rank);
+            full ??= torch.empty(fullShape, dtype: part.dtype, device: torch.CPU);
+            Place(full, part.cpu(), spec);
+        }
+        return full!;
+    }
+
     /// <summary>Reassembles a full state dict from the shard state dicts of every rank, indexed by world rank of a
     /// <c>DataSize × ModelSize</c> mesh (model axis fastest).</summary>
     public Dictionary<string, Tensor> Unshard(IReadOnlyList<IReadOnlyDictionary<string, Tensor>> shards)
@@ -167,14 +189,9 @@ public sealed class ShardingPlan
         var result = new Dictionary<string, Tensor>();
         foreach (var (key, fullShape) in FullShapes())
         {
-            var first = shards[0].TryGetValue(key, out var t) ? t : throw new KeyNotFoundException($"Shard 0 has no '{key}'.");
-            var full = torch.empty(fullShape, dtype: first.dtype, device: torch.CPU);
             for (int rank = 0; rank < shards.Count; rank++)
-            {
-                if (!shards[rank].TryGetValue(key, out var s)) throw new KeyNotFoundException($"Shard {rank} has no '{key}'.");
-                Place(full, s.cpu(), Spec(key, fullShape, rank % ModelSize, rank / ModelSize));
-            }
-            result[key] = full;
+                if (!shards[rank].ContainsKey(key)) throw new KeyNotFoundException($"Shard {rank} has no '{key}'.");
+            result[key] = Reassemble(key, fullShape, rank => shards[rank][key]);
         }
         return result;
     }
