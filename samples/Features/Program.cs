@@ -44,7 +44,7 @@ return root.Parse(args).Invoke();
 static void Run(string configArg, FileInfo? weights, string input, FileInfo output, long seed, int batchSize, string deviceArg, string? dtypeArg, PixelNormalization norm)
 {
     var config = File.Exists(configArg) ? ViTConfigJson.Load(configArg) : ViTConfig.Parse(configArg);
-    var dtype = dtypeArg is null ? config.DType : ViTConfigJson.FromJson($"{{\"dtype\": {JsonSerializer.Serialize(dtypeArg)}}}").DType;
+    var dtype = dtypeArg is null ? config.DType : ViTConfigJson.ParseDType(dtypeArg);
     var device = new Device(deviceArg);
     using var images = LoadInput(input, config, norm, out var names);
     if (device.type == DeviceType.CPU) ModelAccounting.EnsureFitsInHostMemory(config, dtype);

@@ -36,8 +36,8 @@ root.SetAction(parse =>
         if (parse.GetValue(threadsOption) is > 0 and var t) torch.set_num_threads(t);
         var config = ViTConfig.Parse(parse.GetValue(presetOption)!);
         if (parse.GetValue(blockOption) is { } block)
-            config = ViTConfigJson.FromJson(ViTConfigJson.ToJson(config).Replace($"\"block\": \"{(config.Block == BlockKind.Parallel ? "parallel" : "sequential")}\"", $"\"block\": {JsonSerializer.Serialize(block)}"));
-        var dtype = ViTConfigJson.FromJson($"{{\"dtype\": {JsonSerializer.Serialize(parse.GetValue(dtypeOption))}}}").DType;
+            config = (config with { Block = ViTConfigJson.ParseBlock(block) }).Validate();
+        var dtype = ViTConfigJson.ParseDType(parse.GetValue(dtypeOption)!);
         string mode = parse.GetValue(modeOption)!;
         if (mode is not ("inference" or "training")) throw new ArgumentException($"--mode must be inference or training, found '{mode}'.");
         var result = Measure(config, parse.GetValue(presetOption)!, Math.Max(1, parse.GetValue(batchOption)), dtype, new Device(parse.GetValue(deviceOption)!),

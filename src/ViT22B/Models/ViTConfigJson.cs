@@ -93,7 +93,7 @@ public static class ViTConfigJson
                     "depth" => c with { Depth = Int(where, p) },
                     "num_heads" => c with { NumHeads = Int(where, p) },
                     "mlp_dim" => c with { MlpDim = Int(where, p) },
-                    "block" => c with { Block = Choice(where, p, ("parallel", BlockKind.Parallel), ("sequential", BlockKind.Sequential)) },
+                    "block" => c with { Block = Choice(where, p, Blocks) },
                     "qkv_bias" => c with { QkvBias = Bool(where, p) },
                     "qk_norm" => c with { QkNorm = Bool(where, p) },
                     "norm" => c with { Norm = Choice(where, p, ("layernorm", NormKind.LayerNorm), ("rmsnorm", NormKind.RmsNorm)) },
@@ -110,16 +110,35 @@ public static class ViTConfigJson
                     "num_classes" => c with { NumClasses = Int(where, p) },
                     "norm_eps" => c with { NormEps = Number(where, p) },
                     "dynamic_img_size" => c with { DynamicImgSize = Bool(where, p) },
-                    "dtype" => c with
-                    {
-                        DType = Choice(where, p, ("float32", torch.ScalarType.Float32), ("bfloat16", torch.ScalarType.BFloat16),
-                            ("float16", torch.ScalarType.Float16), ("float64", torch.ScalarType.Float64)),
-                    },
+                    "dtype" => c with { DType = Choice(where, p, DTypes) },
                     _ => throw new FormatException($"{where}: unknown key '{p.Name}'; known keys: {string.Join(", ", Keys)}."),
                 };
             }
             return c.Validate();
         }
+    }
+
+    private static readonly (string Name, BlockKind Value)[] Blocks = { ("parallel", BlockKind.Parallel), ("sequential", BlockKind.Sequential) };
+
+    private static readonly (string Name, torch.ScalarType Value)[] DTypes =
+    {
+        ("float32", torch.ScalarType.Float32), ("bfloat16", torch.ScalarType.BFloat16),
+        ("float16", torch.ScalarType.Float16), ("float64", torch.ScalarType.Float64),
+    };
+
+    /// <summary>Parses a dtype as spelled in the JSON (<c>float32</c>, <c>bfloat16</c>, <c>float16</c>, <c>float64</c>).</summary>
+    /// <exception cref="FormatException">Any other value.</exception>
+    public static torch.ScalarType ParseDType(string value) => Lookup("dtype", value, DTypes);
+
+    /// <summary>Parses a block kind as spelled in the JSON (<c>parallel</c>, <c>sequential</c>).</summary>
+    /// <exception cref="FormatException">Any other value.</exception>
+    public static BlockKind ParseBlock(string value) => Lookup("block", value, Blocks);
+
+    private static T Lookup<T>(string key, string value, (string Name, T Value)[] options)
+    {
+        foreach (var (name, v) in options)
+            if (name == value) return v;
+        throw new FormatException($"Unknown {key} '{value}'; expected one of {string.Join(", ", options.Select(o => '"' + o.Name + '"'))}.");
     }
 
     /// <summary>Reads and validates a config file.</summary>

@@ -118,6 +118,15 @@ public class ViTConfigTests
     }
 
     [Fact]
+    public void Dtype_and_block_names_parse_as_in_json()
+    {
+        Assert.Equal(ScalarType.BFloat16, ViTConfigJson.ParseDType("bfloat16"));
+        Assert.Equal(BlockKind.Sequential, ViTConfigJson.ParseBlock("sequential"));
+        Assert.Contains("Unknown dtype 'fp8'", Assert.Throws<FormatException>(() => ViTConfigJson.ParseDType("fp8")).Message);
+        Assert.Contains("\"parallel\"", Assert.Throws<FormatException>(() => ViTConfigJson.ParseBlock("diagonal")).Message);
+    }
+
+    [Fact]
     public void Missing_config_file_names_the_path()
     {
         var e = Assert.Throws<FileNotFoundException>(() => ViTConfigJson.Load("/nonexistent/dir/cfg.json"));
