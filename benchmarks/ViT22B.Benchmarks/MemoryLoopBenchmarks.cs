@@ -77,26 +77,16 @@ public class MemoryLoopBenchmarks
         public MemoryConfig() => AddColumn(new MemoryColumn("RSS growth (MiB)"), new MemoryColumn("Extra live tensors (max)"));
     }
 
-    private sealed class MemoryColumn(string name) : IColumn
+    private sealed class MemoryColumn(string name) : ComputedColumn(name, name.StartsWith("RSS")
+        ? "Resident set growth over the loop, after warm-up (last run)"
+        : "Tensors alive after an iteration beyond those alive before the loop (last run)")
     {
-        public string Id => "Memory." + name;
-        public string ColumnName => name;
-        public bool AlwaysShow => true;
-        public ColumnCategory Category => ColumnCategory.Custom;
-        public int PriorityInCategory => 0;
-        public bool IsNumeric => true;
-        public UnitType UnitType => UnitType.Dimensionless;
-        public string Legend => name.StartsWith("RSS") ? "Resident set growth over the loop, after warm-up (last run)" : "Tensors alive after an iteration beyond those alive before the loop (last run)";
-        public bool IsAvailable(Summary summary) => true;
-        public bool IsDefault(Summary summary, BenchmarkCase benchmarkCase) => false;
-        public string GetValue(Summary summary, BenchmarkCase benchmarkCase, SummaryStyle style) => GetValue(summary, benchmarkCase);
-
-        public string GetValue(Summary summary, BenchmarkCase benchmarkCase)
+        public override string GetValue(Summary summary, BenchmarkCase benchmarkCase)
         {
             string path = Path.Combine(MfuBenchmark.DataFolder, "memory-loop.json");
             if (!File.Exists(path)) return "n/a";
             var r = JsonSerializer.Deserialize<MemoryRecord>(File.ReadAllText(path))!;
-            return name.StartsWith("RSS") ? r.RssGrowthMiB.ToString("F1", CultureInfo.InvariantCulture) : r.MaxExtraLiveTensors.ToString(CultureInfo.InvariantCulture);
+            return ColumnName.StartsWith("RSS") ? r.RssGrowthMiB.ToString("F1", CultureInfo.InvariantCulture) : r.MaxExtraLiveTensors.ToString(CultureInfo.InvariantCulture);
         }
     }
 }

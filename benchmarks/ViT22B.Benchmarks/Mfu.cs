@@ -65,52 +65,26 @@ public abstract class MfuBenchmark
 public sealed record MfuRecord(double Flops, double GemmFlops, double[] GemmSeconds);
 
 /// <summary>Columns computed from a case's mean time and its interleaved GEMM samples.</summary>
-public sealed class MfuColumn : IColumn
+public sealed class MfuColumn : ComputedColumn
 {
     private readonly string _kind;
 
-    private MfuColumn(string kind) => _kind = kind;
+    private MfuColumn(string kind, string legend, int priority) : base(kind, legend, priority) => _kind = kind;
 
     /// <summary>Model GFLOP/s achieved.</summary>
-    public static readonly IColumn Achieved = new MfuColumn("GFLOP/s");
+    public static readonly IColumn Achieved = new MfuColumn("GFLOP/s",
+        "Model FLOPs (SPEC.md §9: 2 per MAC, matmuls only, training = 3 × forward) per second", 0);
     /// <summary>Median same-run GEMM GFLOP/s.</summary>
-    public static readonly IColumn Peak = new MfuColumn("Peak GFLOP/s");
+    public static readonly IColumn Peak = new MfuColumn("Peak GFLOP/s",
+        "Median of 2048³ GEMMs of the same dtype, timed after every iteration of the same case", 1);
     /// <summary>Achieved over same-run peak.</summary>
-    public static readonly IColumn Mfu = new MfuColumn("MFU");
+    public static readonly IColumn Mfu = new MfuColumn("MFU", "Model-FLOPs utilization: GFLOP/s over the same-run peak", 2);
     /// <summary>Achieved over the datasheet peak in VIT22B_DATASHEET_PEAK_TFLOPS (GPU runs), else "-".</summary>
-    public static readonly IColumn DatasheetMfu = new MfuColumn("MFU (datasheet)");
+    public static readonly IColumn DatasheetMfu = new MfuColumn("MFU (datasheet)",
+        "Model FLOP/s over VIT22B_DATASHEET_PEAK_TFLOPS (set it on a GPU machine)", 3);
 
     /// <inheritdoc />
-    public string Id => "Mfu." + _kind;
-    /// <inheritdoc />
-    public string ColumnName => _kind;
-    /// <inheritdoc />
-    public bool AlwaysShow => true;
-    /// <inheritdoc />
-    public ColumnCategory Category => ColumnCategory.Custom;
-    /// <inheritdoc />
-    public int PriorityInCategory => _kind switch { "GFLOP/s" => 0, "Peak GFLOP/s" => 1, "MFU" => 2, _ => 3 };
-    /// <inheritdoc />
-    public bool IsNumeric => true;
-    /// <inheritdoc />
-    public UnitType UnitType => UnitType.Dimensionless;
-    /// <inheritdoc />
-    public string Legend => _kind switch
-    {
-        "GFLOP/s" => "Model FLOPs (SPEC.md §9: 2 per MAC, matmuls only, training = 3 × forward) per second",
-        "Peak GFLOP/s" => "Median of 2048³ GEMMs of the same dtype, timed after every iteration of the same case",
-        "MFU" => "Model-FLOPs utilization: GFLOP/s over the same-run peak",
-        _ => "Model FLOP/s over VIT22B_DATASHEET_PEAK_TFLOPS (set it on a GPU machine)",
-    };
-    /// <inheritdoc />
-    public bool IsAvailable(Summary summary) => true;
-    /// <inheritdoc />
-    public bool IsDefault(Summary summary, BenchmarkCase benchmarkCase) => false;
-    /// <inheritdoc />
-    public string GetValue(Summary summary, BenchmarkCase benchmarkCase, SummaryStyle style) => GetValue(summary, benchmarkCase);
-
-    /// <inheritdoc />
-    public string GetValue(Summary summary, BenchmarkCase benchmarkCase)
+    public override string GetValue(Summary summary, BenchmarkCase benchmarkCase)
     {
         string key = MfuBenchmark.Key(benchmarkCase.Descriptor.Type,
             benchmarkCase.Parameters.Items.Select(p => (p.Name, Convert.ToString(p.Value, CultureInfo.InvariantCulture) ?? "")));

@@ -94,21 +94,10 @@ public class OverlapBenchmarks
     }
 
     /// <summary>(T_plain − T_overlapped) / T_comm for the Overlapped rows, from the other rows of the same run.</summary>
-    private sealed class HiddenColumn : IColumn
+    private sealed class HiddenColumn() : ComputedColumn("Hidden",
+        "Fraction of the collective's time hidden by the ring: (T_plain − T_overlapped) / T_comm")
     {
-        public string Id => nameof(HiddenColumn);
-        public string ColumnName => "Hidden";
-        public bool AlwaysShow => true;
-        public ColumnCategory Category => ColumnCategory.Custom;
-        public int PriorityInCategory => 0;
-        public bool IsNumeric => true;
-        public UnitType UnitType => UnitType.Dimensionless;
-        public string Legend => "Fraction of the collective's time hidden by the ring: (T_plain − T_overlapped) / T_comm";
-        public bool IsAvailable(Summary summary) => true;
-        public bool IsDefault(Summary summary, BenchmarkCase benchmarkCase) => false;
-        public string GetValue(Summary summary, BenchmarkCase benchmarkCase, SummaryStyle style) => GetValue(summary, benchmarkCase);
-
-        public string GetValue(Summary summary, BenchmarkCase benchmarkCase)
+        public override string GetValue(Summary summary, BenchmarkCase benchmarkCase)
         {
             object? P(BenchmarkCase b, string name) => b.Parameters.Items.FirstOrDefault(i => i.Name == name)?.Value;
             if (!Equals(P(benchmarkCase, nameof(Variant)), OverlapVariant.Overlapped)) return "-";
