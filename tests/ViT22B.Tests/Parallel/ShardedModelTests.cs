@@ -186,31 +186,29 @@ public sealed class ShardedCheckpointTests : IDisposable
         return Spmd.Run(world, r => body(new ShardContext(plan, ctx[r], CommMode.Overlapped)));
     }
 
+    /// <summary>On every rank: build a shard, save it to (or load it from) the checkpoint folder, run a forward.</summary>
+    private Tensor[] SaveOrLoadThenForward(int data, int model, ShardingPlan plan, bool save, Tensor images) =>
+        OnMesh(data, model, plan, s =>
+        {
+            using var shard = ShardedModel.Create(s);
+            if (save) ShardedCheckpoint.Save(_dir, shard, s);
+            else ShardedCheckpoint.Load(_dir, shard, s);
+            using var scope = torch.NewDisposeScope();
+            using var noGrad = torch.no_grad();
+            return shard.call(images).DetachFromDisposeScope();
+        });
+
     [Fact]
     public void Save_at_model_axis_4_load_at_2_and_at_1_gives_equal_outputs()
     {
         var c = ShardedModelTests.Config(BlockKind.Parallel);
         var images = TestUtil.RandomImages(c, 2, seed: 9, ScalarType.Float32);
         torch.manual_seed(11);
-        var at4 = OnMesh(1, 4, new ShardingPlan(c, 4), s =>
-        {
-            using var shard = ShardedModel.Create(s);        // random init, sharded from the start
-            ShardedCheckpoint.Save(_dir, shard, s);
-            using var scope = torch.NewDisposeScope();
-            using var noGrad = torch.no_grad();
-            return shard.call(images).DetachFromDisposeScope();
-        });
+        var at4 = SaveOrLoadThenForward(1, 4, new ShardingPlan(c, 4), save: true, images);     // random init, sharded from the start
         Assert.True(File.Exists(Path.Combine(_dir, ShardedCheckpoint.IndexFileName)));
         Assert.Equal(4, Directory.GetFiles(_dir, "rank-*.safetensors").Length);
 
-        var at2 = OnMesh(1, 2, new ShardingPlan(c, 2), s =>
-        {
-            using var shard = ShardedModel.Create(s);
-            ShardedCheckpoint.Load(_dir, shard, s);
-            using var scope = torch.NewDisposeScope();
-            using var noGrad = torch.no_grad();
-            return shard.call(images).DetachFromDisposeScope();
-        });
+        var at2 = SaveOrLoadThenForward(1, 2, new ShardingPlan(c, 2), save: false, images);
         using var single = new VisionTransformer(c, torch.CPU, ScalarType.Float32);
         var report = single.load_state_dict(ShardedCheckpoint.LoadFull(_dir));
         using var noGrad = torch.no_grad();
@@ -225,22 +223,8 @@ public sealed class ShardedCheckpointTests : IDisposable
     {
         var c = ShardedModelTests.Config(BlockKind.Sequential);
         var images = TestUtil.RandomImages(c, 2, seed: 12, ScalarType.Float32);
-        var before = OnMesh(2, 2, new ShardingPlan(c, 2, 2, fsdp: true), s =>
-        {
-            using var shard = ShardedModel.Create(s);
-            ShardedCheckpoint.Save(_dir, shard, s);
-            using var scope = torch.NewDisposeScope();
-            using var noGrad = torch.no_grad();
-            return shard.call(images).DetachFromDisposeScope();
-        });
-        var after = OnMesh(1, 4, new ShardingPlan(c, 4), s =>
-        {
-            using var shard = ShardedModel.Create(s);
-            ShardedCheckpoint.Load(_dir, shard, s);
-            using var scope = torch.NewDisposeScope();
-            using var noGrad = torch.no_grad();
-            return shard.call(images).DetachFromDisposeScope();
-        });
+        var before = SaveOrLoadThenForward(2, 2, new ShardingPlan(c, 2, 2, fsdp: true), save: true, images);
+        var after = SaveOrLoadThenForward(1, 4, new ShardingPlan(c, 4), save: false, images);
         Assert.True(TestUtil.RelErr(after[0], before[0]) < 1e-5);
     }
 
