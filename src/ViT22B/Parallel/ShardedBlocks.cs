@@ -87,29 +87,27 @@ public sealed class ShardedParallelBlock : nn.Module<Tensor, Tensor>
     private readonly Norm? q_norm, k_norm;
     private readonly LinearShard? out_proj, attn_out_proj, mlp_out_proj;
     private readonly ShardContext _s;
-    private readonly string _prefix;
-    private readonly long[] _mlpBiasShape;
     private readonly Activation _act;
 
     /// <summary>Creates block <paramref name="index"/>'s shard (parameters uninitialized).</summary>
     public ShardedParallelBlock(ViTConfig c, int index, ShardContext s, Device device, ScalarType dtype) : base(nameof(ShardedParallelBlock))
     {
-        (_s, _prefix, _act) = (s, $"blocks.{index}.", c.Act);
+        (_s, _act) = (s, c.Act);
+        string prefix = $"blocks.{index}.";
         long d = c.EmbedDim, f = c.MlpDim;
-        _mlpBiasShape = new[] { f };
         in_norm = new Norm(d, c.Norm, c.NormBias, c.NormEps, device, dtype);
-        in_proj = new LinearShard(s, _prefix + "in_proj.", f + 3 * d, d, c.QkvBias, dtype, device);
-        if (!c.QkvBias && c.MlpBias) mlp_bias = s.NewParameter(_prefix + "mlp_bias", _mlpBiasShape, dtype, device);
+        in_proj = new LinearShard(s, prefix + "in_proj.", f + 3 * d, d, c.QkvBias, dtype, device);
+        if (!c.QkvBias && c.MlpBias) mlp_bias = s.NewParameter(prefix + "mlp_bias", new[] { f }, dtype, device);
         if (c.QkNorm)
         {
             q_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
             k_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
         }
-        if (c.FuseOutProj) out_proj = new LinearShard(s, _prefix + "out_proj.", d, d + f, c.ProjBias || c.MlpBias, dtype, device);
+        if (c.FuseOutProj) out_proj = new LinearShard(s, prefix + "out_proj.", d, d + f, c.ProjBias || c.MlpBias, dtype, device);
         else
         {
-            attn_out_proj = new LinearShard(s, _prefix + "attn_out_proj.", d, d, c.ProjBias, dtype, device);
-            mlp_out_proj = new LinearShard(s, _prefix + "mlp_out_proj.", d, f, c.MlpBias, dtype, device);
+            attn_out_proj = new LinearShard(s, prefix + "attn_out_proj.", d, d, c.ProjBias, dtype, device);
+            mlp_out_proj = new LinearShard(s, prefix + "mlp_out_proj.", d, f, c.MlpBias, dtype, device);
         }
         RegisterComponents();
     }

@@ -263,8 +263,7 @@ public sealed class ThreadedCommunicator : ICommunicator
             });
             return new Work(() =>
             {
-                try { posted.GetAwaiter().GetResult(); }
-                catch (CommunicatorException) { throw; }
+                posted.GetAwaiter().GetResult();   // a mismatch found while posting surfaces here
                 return _group.Complete(seq, Rank, op, compute);
             });
         }
