@@ -73,3 +73,10 @@ public sealed class CudaFactAttribute : FactAttribute
         if (!torch.cuda.is_available()) Skip = "No CUDA device: this machine has no GPU (or no CUDA build of libtorch); the CPU tests cover the same numerics.";
     }
 }
+
+internal static class TensorAssert
+{
+    /// <summary>Same shape, dtype and bits (NaN-free tensors).</summary>
+    public static bool Same(torch.Tensor a, torch.Tensor b) =>
+        a.shape.SequenceEqual(b.shape) && a.dtype == b.dtype && a.eq(b).all().item<bool>();
+}

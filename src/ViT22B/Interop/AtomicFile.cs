@@ -3,6 +3,10 @@ namespace ViT22B.Interop;
 /// <summary>Writes files so that a crash mid-write never leaves a half-written file in place of the old one.</summary>
 public static class AtomicFile
 {
+    // Test hook: runs after the temporary file is complete and flushed, just before the rename (a crash there must
+    // leave the previous file intact). Flow-local, so concurrent tests do not see each other's hooks.
+    internal static readonly AsyncLocal<Action<string>?> BeforeRename = new();
+
     /// <summary>
     /// Calls <paramref name="write"/> on a temporary file in the destination folder, flushes it to disk, then
     /// renames it over <paramref name="path"/>. On any exception the temporary file is deleted and the previous
@@ -23,6 +27,7 @@ public static class AtomicFile
                 write(fs);
                 fs.Flush(flushToDisk: true);
             }
+            BeforeRename.Value?.Invoke(tmp);
             File.Move(tmp, full, overwrite: true);
         }
         catch

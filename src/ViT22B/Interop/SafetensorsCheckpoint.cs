@@ -57,11 +57,13 @@ public static class SafetensorsCheckpoint
     /// <summary>
     /// Copies every tensor of the file whose key and shape match into <paramref name="module"/> (converting dtype
     /// and device as needed, one tensor at a time). Nothing is copied when the check fails: shape mismatches always
-    /// throw; with <paramref name="strict"/> (default) missing and unexpected keys throw too.
+    /// throw; with <paramref name="strict"/> (default) missing and unexpected keys throw too. With a
+    /// <paramref name="prefix"/> only the file's keys that start with it are considered, the prefix removed (a
+    /// training checkpoint keeps the model under <c>model/</c>).
     /// </summary>
     /// <exception cref="CheckpointMismatchException">The file does not fit the model.</exception>
     /// <exception cref="SafetensorsFormatException">The file is malformed.</exception>
-    public static LoadReport Load(nn.Module module, string path, bool strict = true)
+    public static LoadReport Load(nn.Module module, string path, bool strict = true, string prefix = "")
     {
         ArgumentNullException.ThrowIfNull(module);
         using var reader = SafetensorsReader.Open(path);
@@ -69,19 +71,21 @@ public static class SafetensorsCheckpoint
         var loaded = new List<string>();
         var unexpected = new List<string>();
         var mismatched = new List<ShapeMismatch>();
-        foreach (var e in reader.Entries)
+        ArgumentNullException.ThrowIfNull(prefix);
+        foreach (var e in reader.Entries.Where(e => e.Name.StartsWith(prefix, StringComparison.Ordinal)))
         {
-            if (!target.TryGetValue(e.Name, out var t)) unexpected.Add(e.Name);
-            else if (!t.shape.SequenceEqual(e.Shape)) mismatched.Add(new ShapeMismatch(e.Name, t.shape, e.Shape));
-            else loaded.Add(e.Name);
+            string key = e.Name[prefix.Length..];
+            if (!target.TryGetValue(key, out var t)) unexpected.Add(key);
+            else if (!t.shape.SequenceEqual(e.Shape)) mismatched.Add(new ShapeMismatch(key, t.shape, e.Shape));
+            else loaded.Add(key);
         }
-        var missing = target.Keys.Where(k => !reader.Contains(k)).ToList();
+        var missing = target.Keys.Where(k => !reader.Contains(prefix + k)).ToList();
         var report = new LoadReport(path, loaded, missing, unexpected, mismatched);
         if (mismatched.Count > 0 || (strict && !report.IsExact)) throw new CheckpointMismatchException(report);
         using var noGrad = torch.no_grad();
         foreach (string key in loaded)
         {
-            using var src = reader.Read(key);
+            using var src = reader.Read(prefix + key);
             target[key].copy_(src);
         }
         return report;
