@@ -7,6 +7,7 @@ using System.CommandLine;
 using System.Text.Json;
 using TorchSharp;
 using ViT22B.Accounting;
+using ViT22B.Data;
 using ViT22B.Imaging;
 using ViT22B.Interop;
 using ViT22B.Models;

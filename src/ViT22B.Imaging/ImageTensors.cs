@@ -1,48 +1,52 @@
 using SkiaSharp;
 using TorchSharp;
+using ViT22B.Data;
 using static TorchSharp.torch;
 
 namespace ViT22B.Imaging;
 
-/// <summary>Pixel normalization applied after scaling pixel values to [0, 1].</summary>
-public enum PixelNormalization
-{
-    /// <summary>big_vision's value range (−1, 1): <c>2·v − 1</c>.</summary>
-    MinusOneToOne,
-    /// <summary>ImageNet mean/std (timm's <c>IMAGENET_DEFAULT_MEAN/STD</c>).</summary>
-    ImageNet,
-}
-
 /// <summary>
-/// Decodes images (JPEG, PNG, WebP, BMP, GIF first frame) with SkiaSharp and turns them into model inputs:
-/// EXIF orientation applied, grayscale expanded and alpha composited on white to RGB, shorter side resized with
-/// a bicubic (Mitchell) filter, center crop, [C, H, W] float32 with the chosen normalization.
+/// Decodes images (JPEG, PNG, WebP, BMP, GIF first frame) with SkiaSharp into tensors: EXIF orientation applied,
+/// grayscale expanded and alpha composited on white to RGB, float32 [3, H, W] with values in [0, 1]. Resizing,
+/// cropping and normalization are tensor transforms (<see cref="Transforms"/>); <see cref="Load"/> chains the
+/// evaluation ones. Declared sizes are checked against a pixel limit before any pixel memory is allocated.
 /// </summary>
 public static class ImageTensors
 {
     private static readonly string[] Extensions = { ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif" };
-    private static readonly float[] ImageNetMean = { 0.485f, 0.456f, 0.406f };
-    private static readonly float[] ImageNetStd = { 0.229f, 0.224f, 0.225f };
+
+    /// <summary>Default limit on width × height (PIL's <c>MAX_IMAGE_PIXELS</c>, 89,478,485): larger declared sizes
+    /// are refused before decoding, as a guard against decompression bombs.</summary>
+    public const long DefaultMaxPixels = 89_478_485;
+
+    /// <summary>Whether the file name has an image extension this class decodes.</summary>
+    public static bool IsImageFile(string path) => Extensions.Contains(Path.GetExtension(path).ToLowerInvariant());
 
     /// <summary>Image files of a folder (by extension, sorted by name for a stable order).</summary>
     public static IReadOnlyList<string> ListImages(string folder)
     {
         if (!Directory.Exists(folder)) throw new DirectoryNotFoundException($"Image folder '{folder}' does not exist.");
-        return Directory.EnumerateFiles(folder)
-            .Where(f => Extensions.Contains(Path.GetExtension(f).ToLowerInvariant()))
-            .OrderBy(f => f, StringComparer.Ordinal).ToList();
+        return Directory.EnumerateFiles(folder).Where(IsImageFile).OrderBy(f => f, StringComparer.Ordinal).ToList();
     }
 
-    /// <summary>Loads one image as a [3, size, size] float32 CPU tensor (resize shorter side to
-    /// <paramref name="size"/>, center crop).</summary>
+    /// <summary>The evaluation transform: resize the shorter side to <paramref name="size"/> (bicubic, antialiased),
+    /// center crop <paramref name="size"/>², normalize.</summary>
+    public static ImageTransform EvalTransform(int size, PixelNormalization normalization = PixelNormalization.MinusOneToOne) =>
+        Transforms.Compose(Transforms.ResizeShorterSide(size, Resampling.Bicubic), Transforms.CenterCrop(size), Transforms.Normalize(normalization));
+
+    /// <summary>The inception-crop training transform: random resized crop to <paramref name="size"/>², random
+    /// horizontal flip, normalize (big_vision's <c>inception_crop|flip_lr|value_range(-1, 1)</c>).</summary>
+    public static ImageTransform TrainTransform(int size, PixelNormalization normalization = PixelNormalization.MinusOneToOne) =>
+        Transforms.Compose(Transforms.RandomResizedCrop(size), Transforms.HorizontalFlip(), Transforms.Normalize(normalization));
+
+    /// <summary>Loads one image as a [3, size, size] float32 CPU tensor (<see cref="EvalTransform"/>).</summary>
     /// <exception cref="InvalidDataException">The file is not a decodable image (the message names it).</exception>
-    public static Tensor Load(string path, int size, PixelNormalization normalization = PixelNormalization.MinusOneToOne)
+    public static Tensor Load(string path, int size, PixelNormalization normalization = PixelNormalization.MinusOneToOne, long maxPixels = DefaultMaxPixels)
     {
         if (size <= 0) throw new ArgumentOutOfRangeException(nameof(size), $"size must be positive, found {size}.");
-        if (!File.Exists(path)) throw new FileNotFoundException($"Image '{path}' does not exist.", path);
-        using var oriented = DecodeOriented(path);
-        using var square = ResizeAndCrop(oriented, size);
-        return ToTensor(square, normalization);
+        using var scope = torch.NewDisposeScope();
+        var x = Decode(path, maxPixels);
+        return EvalTransform(size, normalization)(x, new Random(0)).MoveToOuterDisposeScope();
     }
 
     /// <summary>Loads several images into one batch [N, 3, size, size].</summary>
@@ -54,18 +58,46 @@ public static class ImageTensors
         return torch.stack(items).MoveToOuterDisposeScope();
     }
 
-    private static SKBitmap DecodeOriented(string path)
+    /// <summary>Decodes a file to float32 RGB [3, H, W] in [0, 1], upright.</summary>
+    /// <exception cref="FileNotFoundException">The file does not exist.</exception>
+    /// <exception cref="InvalidDataException">Empty, truncated, undecodable, or declaring more than
+    /// <paramref name="maxPixels"/> pixels (the message names the file).</exception>
+    public static Tensor Decode(string path, long maxPixels = DefaultMaxPixels)
     {
-        using var codec = SKCodec.Create(path) ?? throw new InvalidDataException($"'{path}' is not a decodable image (JPEG, PNG, WebP, BMP or GIF).");
-        var info = new SKImageInfo(codec.Info.Width, codec.Info.Height, SKColorType.Rgba8888, SKAlphaType.Unpremul);
+        ArgumentNullException.ThrowIfNull(path);
+        if (!File.Exists(path)) throw new FileNotFoundException($"Image '{path}' does not exist.", path);
+        using var stream = File.OpenRead(path);
+        return Decode(stream, path, maxPixels);
+    }
+
+    /// <summary>Decodes an image from a stream (read to its end); <paramref name="name"/> names it in errors.</summary>
+    public static Tensor Decode(Stream stream, string name, long maxPixels = DefaultMaxPixels)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        if (maxPixels <= 0) throw new ArgumentOutOfRangeException(nameof(maxPixels), $"maxPixels must be positive, found {maxPixels}.");
+        using var bitmap = DecodeOriented(stream, name, maxPixels);
+        return ToTensor(bitmap);
+    }
+
+    private static SKBitmap DecodeOriented(Stream stream, string name, long maxPixels)
+    {
+        using var data = SKData.Create(stream);
+        if (data is null || data.Size == 0) throw new InvalidDataException($"'{name}' is empty (0 bytes); not an image.");
+        using var codec = SKCodec.Create(data) ?? throw new InvalidDataException($"'{name}' is not a decodable image (JPEG, PNG, WebP, BMP or GIF); its format is unsupported or its header is corrupt.");
+        long w = codec.Info.Width, h = codec.Info.Height;
+        if (w <= 0 || h <= 0) throw new InvalidDataException($"'{name}' declares an empty size {w}×{h}.");
+        if (w * h > maxPixels)
+            throw new InvalidDataException($"'{name}' declares {w}×{h} = {w * h:N0} pixels, over the limit of {maxPixels:N0}; refused before decoding (raise maxPixels if the file is trusted).");
+        var info = new SKImageInfo((int)w, (int)h, SKColorType.Rgba8888, SKAlphaType.Unpremul);
         var bitmap = new SKBitmap(info);
-        var result = codec.GetPixels(info, bitmap.GetPixels());
+        // Frame 0 only (GIF, animated WebP).
+        var result = codec.GetPixels(info, bitmap.GetPixels(), new SKCodecOptions(0));
         if (result != SKCodecResult.Success)
         {
             bitmap.Dispose();
             throw new InvalidDataException(result == SKCodecResult.IncompleteInput
-                ? $"'{path}' is truncated: the image data ends early."
-                : $"'{path}' could not be decoded: {result}.");
+                ? $"'{name}' is truncated: the image data ends early."
+                : $"'{name}' could not be decoded: {result}.");
         }
         return Orient(bitmap, codec.EncodedOrigin);
     }
@@ -98,36 +130,17 @@ public static class ImageTensors
         _ => SKMatrix.Identity,
     };
 
-    private static SKBitmap ResizeAndCrop(SKBitmap src, int size)
+    private static Tensor ToTensor(SKBitmap bmp)
     {
-        double scale = (double)size / Math.Min(src.Width, src.Height);
-        int w = Math.Max(size, (int)Math.Round(src.Width * scale)), h = Math.Max(size, (int)Math.Round(src.Height * scale));
-        using var resized = src.Resize(new SKImageInfo(w, h, SKColorType.Rgba8888, SKAlphaType.Unpremul), new SKSamplingOptions(SKCubicResampler.Mitchell))
-            ?? throw new InvalidOperationException("Image resize failed.");
-        var crop = new SKBitmap(new SKImageInfo(size, size, SKColorType.Rgba8888, SKAlphaType.Unpremul));
-        resized.ExtractSubset(crop, SKRectI.Create((w - size) / 2, (h - size) / 2, size, size));
-        var copy = crop.Copy();
-        crop.Dispose();
-        return copy;
-    }
-
-    private static Tensor ToTensor(SKBitmap bmp, PixelNormalization normalization)
-    {
-        int w = bmp.Width, h = bmp.Height;
-        var data = new float[3 * h * w];
-        var pixels = bmp.Pixels;   // SKColor (unpremultiplied)
-        for (int i = 0; i < pixels.Length; i++)
+        int w = bmp.Width, h = bmp.Height, n = w * h;
+        var rgba = bmp.Bytes;   // Rgba8888, unpremultiplied
+        var data = new float[3 * n];
+        for (int i = 0; i < n; i++)
         {
-            var px = pixels[i];
-            float a = px.Alpha / 255f;
+            float a = rgba[4 * i + 3] / 255f;
             // Alpha composited over white; grayscale images decode to equal R, G, B.
-            float r = (px.Red * a + 255f * (1 - a)) / 255f, g = (px.Green * a + 255f * (1 - a)) / 255f, b = (px.Blue * a + 255f * (1 - a)) / 255f;
-            float[] rgb = { r, g, b };
             for (int ch = 0; ch < 3; ch++)
-            {
-                float v = normalization == PixelNormalization.ImageNet ? (rgb[ch] - ImageNetMean[ch]) / ImageNetStd[ch] : 2 * rgb[ch] - 1;
-                data[ch * h * w + i] = v;
-            }
+                data[ch * n + i] = (rgba[4 * i + ch] * a + 255f * (1 - a)) / 255f;
         }
         return torch.tensor(data, new long[] { 3, h, w }, ScalarType.Float32);
     }
