@@ -15,15 +15,19 @@ using ViT22B.Training;
 using static TorchSharp.torch;
 
 var dataOption = new Option<DirectoryInfo>("--data") { Description = "Folder with the Fashion-MNIST IDX files (gzipped or not).", DefaultValueFactory = _ => new DirectoryInfo("/usr/share/datasets/fashion-mnist") };
-var epochsOption = new Option<int>("--epochs") { Description = "Training epochs.", DefaultValueFactory = _ => 10 };
+var epochsOption = new Option<int>("--epochs") { Description = "Training epochs.", DefaultValueFactory = _ => 13 };
 var batchOption = new Option<int>("--batch-size") { Description = "Images per step.", DefaultValueFactory = _ => 128 };
 var lrOption = new Option<double>("--lr") { Description = "Peak learning rate.", DefaultValueFactory = _ => 2e-3 };
 var optimizerOption = new Option<string>("--optimizer") { Description = "adamw or adafactor.", DefaultValueFactory = _ => "adamw" };
 var widthOption = new Option<int>("--width") { Description = "Embedding width D.", DefaultValueFactory = _ => 128 };
 var depthOption = new Option<int>("--depth") { Description = "Blocks.", DefaultValueFactory = _ => 4 };
 var headsOption = new Option<int>("--heads") { Description = "Attention heads.", DefaultValueFactory = _ => 4 };
-var patchOption = new Option<int>("--patch") { Description = "Patch size (28 must be divisible by it).", DefaultValueFactory = _ => 4 };
+var patchOption = new Option<int>("--patch") { Description = "Patch size (28 must be divisible by it).", DefaultValueFactory = _ => 7 };
+var poolOption = new Option<string>("--pool") { Description = "Pooling head: map (ViT-22B), gap or token.", DefaultValueFactory = _ => "map" };
+var augmentOption = new Option<string>("--augment") { Description = "Training augmentation: none, flip, or crop-flip (random 28×28 crop of the 2-pixel zero-padded image, then flip).", DefaultValueFactory = _ => "flip" };
 var checkpointOption = new Option<FileInfo>("--checkpoint") { Description = "Training checkpoint written after every epoch.", DefaultValueFactory = _ => new FileInfo("fashion-mnist-vit.safetensors") };
+var exportOption = new Option<DirectoryInfo?>("--export-test-images") { Description = "Also write the first --export-count test images as PNG files into this folder (input for samples/Classify)." };
+var exportCountOption = new Option<int>("--export-count") { Description = "Test images to export.", DefaultValueFactory = _ => 8 };
 var resumeOption = new Option<bool>("--resume") { Description = "Continue from --checkpoint." };
 var seedOption = new Option<int>("--seed") { Description = "Seed of the initialization and the data order.", DefaultValueFactory = _ => 0 };
 var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 };
@@ -31,8 +35,8 @@ var trainLimitOption = new Option<int>("--train-limit") { Description = "Use onl
 var testLimitOption = new Option<int>("--test-limit") { Description = "Use only the first N test images (0 = all 10,000).", DefaultValueFactory = _ => 0 };
 var root = new RootCommand("Train a small ViT-22B-style model on Fashion-MNIST (install it with `apt-get install dataset-fashion-mnist`).")
 {
-    dataOption, epochsOption, batchOption, lrOption, optimizerOption, widthOption, depthOption, headsOption, patchOption,
-    checkpointOption, resumeOption, seedOption, threadsOption, trainLimitOption, testLimitOption,
+    dataOption, epochsOption, batchOption, lrOption, optimizerOption, widthOption, depthOption, headsOption, patchOption, poolOption, augmentOption,
+    checkpointOption, resumeOption, exportOption, exportCountOption, seedOption, threadsOption, trainLimitOption, testLimitOption,
 };
 root.SetAction(parse =>
 {
@@ -43,21 +47,34 @@ root.SetAction(parse =>
     {
         ImgSize = 28, PatchSize = parse.GetValue(patchOption), InChans = 1, NumClasses = 10,
         EmbedDim = width, Depth = parse.GetValue(depthOption), NumHeads = heads, MlpDim = 4 * width,
-    }.Validate();
-    return Train(config, parse.GetValue(dataOption)!, parse.GetValue(epochsOption), parse.GetValue(batchOption), parse.GetValue(lrOption),
+        GlobalPool = parse.GetValue(poolOption) switch
+        {
+            "map" => GlobalPool.Map, "gap" => GlobalPool.Gap, "token" => GlobalPool.Token,
+            var other => throw new ArgumentException($"--pool must be map, gap or token, found '{other}'."),
+        },
+    };
+    config = (config with { ClassToken = config.GlobalPool == GlobalPool.Token }).Validate();
+    var augment = parse.GetValue(augmentOption) switch
+    {
+        "none" => Array.Empty<ImageTransform>(),
+        "flip" => new[] { Transforms.HorizontalFlip() },
+        "crop-flip" => new[] { Transforms.RandomCrop(28, padding: 2), Transforms.HorizontalFlip() },
+        var other => throw new ArgumentException($"--augment must be none, flip or crop-flip, found '{other}'."),
+    };
+    return Train(config, augment, parse.GetValue(dataOption)!, parse.GetValue(epochsOption), parse.GetValue(batchOption), parse.GetValue(lrOption),
         parse.GetValue(optimizerOption)!, parse.GetValue(checkpointOption)!, parse.GetValue(resumeOption), parse.GetValue(seedOption),
-        parse.GetValue(trainLimitOption), parse.GetValue(testLimitOption));
+        parse.GetValue(trainLimitOption), parse.GetValue(testLimitOption), parse.GetValue(exportOption), parse.GetValue(exportCountOption));
 });
 return root.Parse(args).Invoke();
 
-static int Train(ViTConfig config, DirectoryInfo data, int epochs, int batchSize, double lr, string optimizerName, FileInfo checkpoint,
-    bool resume, int seed, int trainLimit, int testLimit)
+static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data, int epochs, int batchSize, double lr, string optimizerName, FileInfo checkpoint,
+    bool resume, int seed, int trainLimit, int testLimit, DirectoryInfo? export, int exportCount)
 {
     if (Console.IsOutputRedirected) AnsiConsole.Profile.Width = 120;
     using var loggerFactory = LoggerFactory.Create(b => b.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss "; }));
     var logger = loggerFactory.CreateLogger("TrainFashionMnist");
 
-    var trainTransform = Transforms.Compose(Transforms.RandomCrop(28, padding: 2), Transforms.HorizontalFlip(), Transforms.Normalize(PixelNormalization.MinusOneToOne));
+    var trainTransform = Transforms.Compose(augment.Append(Transforms.Normalize(PixelNormalization.MinusOneToOne)).ToArray());
     var testTransform = Transforms.Normalize(PixelNormalization.MinusOneToOne);
     using var fullTrain = IdxFile.LoadFashionMnist(data.FullName, train: true, trainTransform);
     using var fullTest = IdxFile.LoadFashionMnist(data.FullName, train: false, testTransform);
@@ -65,6 +82,10 @@ static int Train(ViTConfig config, DirectoryInfo data, int epochs, int batchSize
     IDataset testSet = testLimit > 0 ? Subset.First(fullTest, testLimit) : fullTest;
     var trainLoader = new DataLoader(trainSet, new DataLoaderOptions { BatchSize = batchSize, Shuffle = true, Seed = seed, DropLast = true, Workers = 2 });
     var testLoader = new DataLoader(testSet, new DataLoaderOptions { BatchSize = 500, Shuffle = false, Workers = 2 });
+
+    string labelsPath = Path.ChangeExtension(checkpoint.FullName, ".labels.txt");
+    ViT22B.Interop.AtomicFile.Write(labelsPath, s => { using var w = new StreamWriter(s, leaveOpen: true); foreach (var c in fullTest.Classes) w.WriteLine(c); });
+    if (export is not null) Export(fullTest, export, exportCount);
 
     torch.manual_seed(seed);
     using var model = new VisionTransformer(config, torch.CPU, ScalarType.Float32);
@@ -91,6 +112,21 @@ static int Train(ViTConfig config, DirectoryInfo data, int epochs, int batchSize
     if (results.Count > 0)
         AnsiConsole.MarkupLine($"Final test accuracy [green]{results[^1].Eval!.Top1:P2}[/] after {sw.Elapsed.TotalMinutes:F1} min; checkpoint [blue]{checkpoint.FullName.EscapeMarkup()}[/].");
     return 0;
+}
+
+// Writes test images as PNG files named <index>-<class>.png, for samples/Classify.
+static void Export(TensorDataset test, DirectoryInfo folder, int count)
+{
+    folder.Create();
+    for (int i = 0; i < Math.Min(count, test.Count); i++)
+    {
+        var ex = test.Get(i, new Random(0));
+        using var image = ex.Image;
+        using var pixels = (image + 1) / 2;   // back from [-1, 1] to [0, 1]
+        string name = $"{i:D4}-{test.Classes[(int)ex.Label].Replace('/', '-').Replace(' ', '-')}.png";
+        ViT22B.Imaging.ImageTensors.SavePng(pixels, Path.Combine(folder.FullName, name));
+    }
+    AnsiConsole.MarkupLine($"Wrote {Math.Min(count, test.Count)} test images to [blue]{folder.FullName.EscapeMarkup()}[/].");
 }
 
 static string ModelSummary(ViTConfig c) => $"{c.Block.ToString().ToLowerInvariant()} D={c.EmbedDim} L={c.Depth} H={c.NumHeads} patch={c.PatchSize} ({c.NumPatches} tokens), qk_norm={c.QkNorm}, pool={c.GlobalPool.ToString().ToLowerInvariant()}";

@@ -79,6 +79,33 @@ public static class ImageTensors
         return ToTensor(bitmap);
     }
 
+    /// <summary>Writes an image [C, H, W] (C = 1 or 3, values in [0, 1], clamped) as a PNG file, atomically.</summary>
+    public static void SavePng(Tensor image, string path)
+    {
+        ArgumentNullException.ThrowIfNull(image);
+        if (image.dim() != 3 || image.shape[0] is not (1 or 3))
+            throw new ArgumentException($"Expected an image [1 or 3, H, W], found [{string.Join(", ", image.shape)}].", nameof(image));
+        int h = (int)image.shape[1], w = (int)image.shape[2];
+        byte[] bytes;
+        using (var scope = torch.NewDisposeScope())
+        {
+            var rgb = image.shape[0] == 1 ? image.expand(3, h, w) : image;
+            bytes = (rgb.to(ScalarType.Float32).clamp(0, 1) * 255).round().to(ScalarType.Byte).permute(1, 2, 0).contiguous().cpu().data<byte>().ToArray();
+        }
+        using var bmp = new SKBitmap(new SKImageInfo(w, h, SKColorType.Rgba8888, SKAlphaType.Unpremul));
+        var rgba = new byte[4 * w * h];
+        for (int i = 0; i < w * h; i++)
+        {
+            rgba[4 * i] = bytes[3 * i];
+            rgba[4 * i + 1] = bytes[3 * i + 1];
+            rgba[4 * i + 2] = bytes[3 * i + 2];
+            rgba[4 * i + 3] = 255;
+        }
+        System.Runtime.InteropServices.Marshal.Copy(rgba, 0, bmp.GetPixels(), rgba.Length);
+        using var data = bmp.Encode(SKEncodedImageFormat.Png, 100) ?? throw new InvalidOperationException($"PNG encoding of '{path}' failed.");
+        ViT22B.Interop.AtomicFile.Write(path, s => data.SaveTo(s));
+    }
+
     private static SKBitmap DecodeOriented(Stream stream, string name, long maxPixels)
     {
         using var data = SKData.Create(stream);

@@ -41,9 +41,50 @@ public sealed class Attention : nn.Module<Tensor, Tensor>
     }
 }
 
+/// <summary>Statistics of one attention layer's logits on one batch (<see cref="AttentionOps.Observe"/>).</summary>
+/// <param name="MaxAbsLogit">The largest |q·k/√d| over the batch, heads and token pairs (ViT-22B saw values over
+/// 50,000 before divergence without QK-norm).</param>
+/// <param name="MeanEntropy">Mean entropy (nats) of the attention distributions (over batch, heads and queries);
+/// near zero means one-hot attention.</param>
+/// <param name="MinEntropy">The smallest entropy of any head, averaged over batch and queries.</param>
+public sealed record AttentionStats(double MaxAbsLogit, double MeanEntropy, double MinEntropy);
+
 /// <summary>The attention arithmetic shared by the classic block, the parallel block and the MAP head.</summary>
 public static class AttentionOps
 {
+    [ThreadStatic] private static Action<AttentionStats>? _observer;
+
+    /// <summary>
+    /// Until the returned scope is disposed, every attention computed on this thread (each block in order, then the
+    /// MAP head) also reports its logit statistics to <paramref name="observer"/>. Costs one extra q·kᵀ per layer
+    /// (in float32, without gradient); nothing is computed when no observer is set.
+    /// </summary>
+    public static IDisposable Observe(Action<AttentionStats> observer)
+    {
+        ArgumentNullException.ThrowIfNull(observer);
+        var previous = _observer;
+        _observer = observer;
+        return new Restore(() => _observer = previous);
+    }
+
+    private sealed class Restore(Action undo) : IDisposable
+    {
+        public void Dispose() => undo();
+    }
+
+    private static void Report(Tensor qh, Tensor kh)   // [B, N, H, d]
+    {
+        using var noGrad = torch.no_grad();
+        using var scope = torch.NewDisposeScope();
+        var q = qh.detach().to(ScalarType.Float32).transpose(1, 2);
+        var k = kh.detach().to(ScalarType.Float32).transpose(1, 2);
+        var logits = q.matmul(k.transpose(-2, -1)) / Math.Sqrt(q.shape[^1]);     // [B, H, Nq, Nk]
+        var logp = logits.log_softmax(-1);
+        var entropy = -(logp.exp() * logp).sum(-1);                                // [B, H, Nq]
+        var perHead = entropy.mean(new long[] { 0, 2 });                          // [H]
+        _observer!(new AttentionStats(logits.abs().max().item<float>(), entropy.mean().item<float>(), perHead.min().item<float>()));
+    }
+
     /// <summary>
     /// q [B, Nq, D], k and v [B, Nk, D] → concat over heads of softmax(Norm_q(q_h)·Norm_k(k_h)ᵀ/√d)·v_h, [B, Nq, D].
     /// The norms (when given) act per head and token over the head dimension d = D / heads.
@@ -56,6 +97,7 @@ public static class AttentionOps
         var kh = k.view(b, nk, heads, d);
         if (qNorm is not null) qh = qNorm.call(qh);
         if (kNorm is not null) kh = kNorm.call(kh);
+        if (_observer is not null) Report(qh, kh);
         var vh = v.view(b, nk, heads, d).transpose(1, 2);
         var o = nn.functional.scaled_dot_product_attention(qh.transpose(1, 2), kh.transpose(1, 2), vh); // [B, H, Nq, d]
         return o.transpose(1, 2).reshape(b, nq, dim).MoveToOuterDisposeScope();
