@@ -71,7 +71,10 @@ static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data,
     bool resume, int seed, int trainLimit, int testLimit, DirectoryInfo? export, int exportCount)
 {
     if (Console.IsOutputRedirected) AnsiConsole.Profile.Width = 120;
-    using var loggerFactory = LoggerFactory.Create(b => b.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss "; }));
+    // Interactive: a progress bar, and only warnings from the logger; redirected (logs, CI): the logger's lines.
+    bool interactive = !Console.IsOutputRedirected;
+    using var loggerFactory = LoggerFactory.Create(b => b.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss "; })
+        .SetMinimumLevel(interactive ? LogLevel.Warning : LogLevel.Information));
     var logger = loggerFactory.CreateLogger("TrainFashionMnist");
 
     var trainTransform = Transforms.Compose(augment.Append(Transforms.Normalize(PixelNormalization.MinusOneToOne)).ToArray());
@@ -104,7 +107,24 @@ static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data,
     AnsiConsole.MarkupLine($"[bold]Fashion-MNIST[/]: {trainSet.Count:N0} training / {testSet.Count:N0} test images; model {ModelSummary(config)}, " +
         $"{model.parameters().Sum(p => p.numel()):N0} parameters; {optimizerName}, peak lr {lr}, {epochs} epochs × {trainLoader.BatchesPerEpoch} steps; {torch.get_num_threads()} threads");
     var sw = Stopwatch.StartNew();
-    var results = trainer.Fit(trainLoader, epochs, testLoader);
+    IReadOnlyList<EpochResult> results;
+    if (interactive)
+    {
+        results = AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
+            .Start(ctx =>
+            {
+                var task = ctx.AddTask("training", maxValue: total);
+                task.Value = trainer.Step;
+                string last = "";
+                return trainer.Fit(trainLoader, epochs, testLoader,
+                    new StepReporter(r => { task.Value = r.Step; task.Description = $"step {r.Step}/{total} loss {r.Loss:F3}{last}"; }),
+                    onEpoch: e => last = $" · epoch {e.Epoch + 1} test top-1 {e.Eval!.Top1:P2}");
+            });
+    }
+    else
+    {
+        results = trainer.Fit(trainLoader, epochs, testLoader);
+    }
     var table = new Table().Title("Test accuracy per epoch").AddColumns("epoch", "step", "train loss", "train top-1", "test loss", "test top-1", "test top-5", "epoch time", "img/s");
     foreach (var r in results)
         table.AddRow($"{r.Epoch + 1}", $"{r.Step}", $"{r.TrainLoss:F4}", $"{r.TrainTop1:P2}", $"{r.Eval!.Loss:F4}", $"{r.Eval.Top1:P2}", $"{r.Eval.Top5:P2}", $"{r.Elapsed.TotalSeconds:F0} s", $"{r.ImagesPerSecond:F0}");
@@ -130,3 +150,9 @@ static void Export(TensorDataset test, DirectoryInfo folder, int count)
 }
 
 static string ModelSummary(ViTConfig c) => $"{c.Block.ToString().ToLowerInvariant()} D={c.EmbedDim} L={c.Depth} H={c.NumHeads} patch={c.PatchSize} ({c.NumPatches} tokens), qk_norm={c.QkNorm}, pool={c.GlobalPool.ToString().ToLowerInvariant()}";
+
+// Reports each step synchronously on the training thread (System.Progress would post to the thread pool).
+internal sealed class StepReporter(Action<StepResult> report) : IProgress<StepResult>
+{
+    public void Report(StepResult value) => report(value);
+}

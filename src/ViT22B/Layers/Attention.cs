@@ -57,7 +57,7 @@ public static class AttentionOps
     /// <summary>
     /// Until the returned scope is disposed, every attention computed on this thread (each block in order, then the
     /// MAP head) also reports its logit statistics to <paramref name="observer"/>. Costs one extra q·kᵀ per layer
-    /// (in float32, without gradient); nothing is computed when no observer is set.
+    /// (in float32, float64 for float64 models; without gradient); nothing is computed when no observer is set.
     /// </summary>
     public static IDisposable Observe(Action<AttentionStats> observer)
     {
@@ -76,13 +76,15 @@ public static class AttentionOps
     {
         using var noGrad = torch.no_grad();
         using var scope = torch.NewDisposeScope();
-        var q = qh.detach().to(ScalarType.Float32).transpose(1, 2);
-        var k = kh.detach().to(ScalarType.Float32).transpose(1, 2);
+        var dt = qh.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
+        var q = qh.detach().to(dt).transpose(1, 2);
+        var k = kh.detach().to(dt).transpose(1, 2);
         var logits = q.matmul(k.transpose(-2, -1)) / Math.Sqrt(q.shape[^1]);     // [B, H, Nq, Nk]
         var logp = logits.log_softmax(-1);
         var entropy = -(logp.exp() * logp).sum(-1);                                // [B, H, Nq]
         var perHead = entropy.mean(new long[] { 0, 2 });                          // [H]
-        _observer!(new AttentionStats(logits.abs().max().item<float>(), entropy.mean().item<float>(), perHead.min().item<float>()));
+        double Item(Tensor t) => t.to(ScalarType.Float64).item<double>();
+        _observer!(new AttentionStats(Item(logits.abs().max()), Item(entropy.mean()), Item(perHead.min())));
     }
 
     /// <summary>

@@ -165,9 +165,11 @@ public sealed class Trainer
     /// <summary>
     /// Trains until epoch <paramref name="epochs"/> is done (or <paramref name="maxSteps"/> steps are completed),
     /// continuing from <see cref="Position"/> (set by <see cref="LoadCheckpoint"/>). After each epoch evaluates on
-    /// <paramref name="eval"/> (if given), logs and checkpoints (if <see cref="TrainerOptions.CheckpointPath"/> is set).
+    /// <paramref name="eval"/> (if given), logs, checkpoints (if <see cref="TrainerOptions.CheckpointPath"/> is set) and
+    /// calls <paramref name="onEpoch"/>; <paramref name="progress"/> hears about every step.
     /// </summary>
-    public IReadOnlyList<EpochResult> Fit(DataLoader train, int epochs, DataLoader? eval = null, IProgress<StepResult>? progress = null, long? maxSteps = null)
+    public IReadOnlyList<EpochResult> Fit(DataLoader train, int epochs, DataLoader? eval = null, IProgress<StepResult>? progress = null,
+        long? maxSteps = null, Action<EpochResult>? onEpoch = null)
     {
         ArgumentNullException.ThrowIfNull(train);
         if (epochs <= 0) throw new ArgumentOutOfRangeException(nameof(epochs), $"epochs must be positive, found {epochs}.");
@@ -220,6 +222,7 @@ public sealed class Trainer
                 _logger.LogInformation("epoch {Epoch} done: step {Step}, train loss {Loss:F4}, train top-1 {Top1:P2}, eval loss {EvalLoss:F4}, eval top-1 {EvalTop1:P2}, top-5 {EvalTop5:P2}, {Seconds:F1} s, {Ips:F0} img/s",
                     epoch + 1, Step, result.TrainLoss, result.TrainTop1, ev.Loss, ev.Top1, ev.Top5, sw.Elapsed.TotalSeconds, result.ImagesPerSecond);
             if (Options.CheckpointPath is { } p) SaveCheckpoint(p, order);
+            onEpoch?.Invoke(result);
         }
         return results;
     }

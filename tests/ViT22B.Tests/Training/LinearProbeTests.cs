@@ -75,9 +75,9 @@ public sealed class LinearProbeTests
         var logits = q.matmul(k.transpose(-2, -1)) / Math.Sqrt(hd);
         var prob = logits.softmax(-1);
         var entropy = -(prob * prob.log()).sum(-1);
-        Assert.Equal(logits.abs().max().item<double>(), stats[0].MaxAbsLogit, 4);
-        Assert.Equal(entropy.mean().item<double>(), stats[0].MeanEntropy, 4);
-        Assert.Equal(entropy.mean(new long[] { 0, 2 }).min().item<double>(), stats[0].MinEntropy, 4);
+        Assert.Equal(logits.abs().max().item<double>(), stats[0].MaxAbsLogit, 1e-10);
+        Assert.Equal(entropy.mean().item<double>(), stats[0].MeanEntropy, 1e-10);
+        Assert.Equal(entropy.mean(new long[] { 0, 2 }).min().item<double>(), stats[0].MinEntropy, 1e-10);
         Assert.InRange(stats[0].MeanEntropy, 0, Math.Log(4));
     }
 }
