@@ -9,6 +9,7 @@ using System.Diagnostics;
 using Microsoft.Extensions.Logging;
 using Spectre.Console;
 using TorchSharp;
+using ViT22B.Accounting;
 using ViT22B.Data;
 using ViT22B.Models;
 using ViT22B.Training;
@@ -101,11 +102,15 @@ static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data,
     };
     long total = (long)epochs * trainLoader.BatchesPerEpoch;
     var schedule = new LearningRateSchedule { PeakLr = lr, TotalSteps = total, Decay = DecayKind.Cosine, WarmupSteps = Math.Min(total / 10, 500) }.Validate();
-    var trainer = new Trainer(model, optimizer, schedule, new TrainerOptions { ClipGradNorm = 1.0, CheckpointPath = checkpoint.FullName, LogEverySteps = 100 }, logger);
+    // The float32 GEMM peak of this machine (median of 5 × 2048³), so that the log reports MFU as well as TFLOP/s.
+    double peak;
+    using (var meter = new MfuMeter(torch.CPU, ScalarType.Float32))
+        peak = meter.GemmFlops / Enumerable.Range(0, 5).Select(_ => meter.TimeGemm()).Order().ElementAt(2);
+    var trainer = new Trainer(model, optimizer, schedule, new TrainerOptions { ClipGradNorm = 1.0, CheckpointPath = checkpoint.FullName, LogEverySteps = 100, PeakFlopsPerSecond = peak }, logger);
     if (resume) trainer.LoadCheckpoint(checkpoint.FullName);
 
     AnsiConsole.MarkupLine($"[bold]Fashion-MNIST[/]: {trainSet.Count:N0} training / {testSet.Count:N0} test images; model {ModelSummary(config)}, " +
-        $"{model.parameters().Sum(p => p.numel()):N0} parameters; {optimizerName}, peak lr {lr}, {epochs} epochs × {trainLoader.BatchesPerEpoch} steps; {torch.get_num_threads()} threads");
+        $"{model.parameters().Sum(p => p.numel()):N0} parameters; {optimizerName}, peak lr {lr}, {epochs} epochs × {trainLoader.BatchesPerEpoch} steps; {torch.get_num_threads()} threads; float32 GEMM peak {peak / 1e9:F0} GFLOP/s");
     var sw = Stopwatch.StartNew();
     IReadOnlyList<EpochResult> results;
     if (interactive)

@@ -122,6 +122,38 @@ public sealed class ImageTensorsTests : IDisposable
         }
     }
 
+    [Theory]
+    [InlineData(1)] [InlineData(2)] [InlineData(3)] [InlineData(4)]
+    [InlineData(5)] [InlineData(6)] [InlineData(7)] [InlineData(8)]
+    public void Every_exif_orientation_decodes_upright(byte orientation)
+    {
+        // Four flat quadrants (red, green / blue, white) survive JPEG; the upright image is the stored one transformed
+        // as the EXIF specification says, written here with tensor flips and transposes of the plain decode.
+        string plain = Write("quadrants.jpg", 48, 32, (x, y) => (x < 24, y < 16) switch
+        {
+            (true, true) => new SKColor(255, 0, 0), (false, true) => new SKColor(0, 255, 0),
+            (true, false) => new SKColor(0, 0, 255), _ => new SKColor(255, 255, 255),
+        }, SKEncodedImageFormat.Jpeg);
+        string oriented = Path.Combine(_dir, $"oriented-{orientation}.jpg");
+        File.WriteAllBytes(oriented, WithExifOrientation(File.ReadAllBytes(plain), orientation));
+        using var scope = torch.NewDisposeScope();
+        var stored = ImageTensors.Decode(plain);                       // [3, 32, 48], orientation 1
+        var expected = orientation switch
+        {
+            1 => stored,
+            2 => stored.flip(2),                                       // mirrored left-right
+            3 => stored.flip(1, 2),                                    // rotated 180°
+            4 => stored.flip(1),                                       // mirrored top-bottom
+            5 => stored.transpose(1, 2),                               // transposed
+            6 => stored.transpose(1, 2).flip(2),                       // rotate 90° clockwise to view
+            7 => stored.transpose(1, 2).flip(1, 2),                    // transverse
+            _ => stored.transpose(1, 2).flip(1),                       // rotate 90° counter-clockwise to view
+        };
+        var actual = ImageTensors.Decode(oriented);
+        Assert.Equal(expected.shape, actual.shape);
+        Assert.True((actual - expected).abs().max().item<float>() < 1e-5, $"orientation {orientation} is not upright");
+    }
+
     [Fact]
     public void Folder_listing_is_sorted_and_filters_extensions()
     {

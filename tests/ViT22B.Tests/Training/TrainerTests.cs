@@ -7,6 +7,13 @@ using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Training;
 
+// Model initialization draws from libtorch's process-wide default generator; tests running in parallel would draw
+// from it between torch.manual_seed and the model's construction, so these tests (which compare separately built
+// runs and need reproducible inits) run alone.
+[CollectionDefinition("global generator", DisableParallelization = true)]
+public sealed class GlobalGeneratorCollection;
+
+[Collection("global generator")]
 public sealed class TrainerTests : IDisposable
 {
     private readonly string _dir = Directory.CreateTempSubdirectory("vit22b-train-").FullName;
