@@ -154,7 +154,7 @@ public sealed class Trainer
             {
                 var y = batch.Labels.to(model.Device);
                 var logits = model.forward(batch.Images.to(model.DType, model.Device));
-                lossSum += Losses.Compute(logits, y, loss).item<float>() * batch.Count;
+                lossSum += Losses.Compute(logits, y, loss).to(ScalarType.Float64).item<double>() * batch.Count;
                 var k = Losses.TopKCorrect(logits, y, 1, 5);
                 (top1, top5, count) = (top1 + k[0], top5 + k[1], count + batch.Count);
             }

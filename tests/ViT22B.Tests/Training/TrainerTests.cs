@@ -188,6 +188,18 @@ public sealed class TrainerTests : IDisposable
     }
 
     [Fact]
+    public void Evaluation_of_a_float64_model_reports_its_loss()
+    {
+        using var test = Quadrants(20, 1);
+        torch.manual_seed(1);
+        using var model = new VisionTransformer(Config, torch.CPU, ScalarType.Float64);
+        var r = Trainer.Evaluate(model, Loader(test));
+        Assert.Equal(20, r.Count);
+        Assert.InRange(r.Loss, 0.5, 5);           // near ln 4 for an untrained 4-class model
+        Assert.InRange(r.Top5, 1.0, 1.0);         // 4 classes: every label is in the top 5
+    }
+
+    [Fact]
     public void Bfloat16_training_runs_with_float32_loss_and_masters()
     {
         using var train = Quadrants(32, 0);
