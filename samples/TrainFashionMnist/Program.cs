@@ -19,6 +19,7 @@ var dataOption = new Option<DirectoryInfo>("--data") { Description = "Folder wit
 var epochsOption = new Option<int>("--epochs") { Description = "Training epochs.", DefaultValueFactory = _ => 13 };
 var batchOption = new Option<int>("--batch-size") { Description = "Images per step.", DefaultValueFactory = _ => 128 };
 var lrOption = new Option<double>("--lr") { Description = "Peak learning rate.", DefaultValueFactory = _ => 2e-3 };
+var smoothingOption = new Option<double>("--label-smoothing") { Description = "Softmax label smoothing.", DefaultValueFactory = _ => 0.0 };
 var optimizerOption = new Option<string>("--optimizer") { Description = "adamw or adafactor.", DefaultValueFactory = _ => "adamw" };
 var widthOption = new Option<int>("--width") { Description = "Embedding width D.", DefaultValueFactory = _ => 128 };
 var depthOption = new Option<int>("--depth") { Description = "Blocks.", DefaultValueFactory = _ => 4 };
@@ -36,7 +37,7 @@ var trainLimitOption = new Option<int>("--train-limit") { Description = "Use onl
 var testLimitOption = new Option<int>("--test-limit") { Description = "Use only the first N test images (0 = all 10,000).", DefaultValueFactory = _ => 0 };
 var root = new RootCommand("Train a small ViT-22B-style model on Fashion-MNIST (install it with `apt-get install dataset-fashion-mnist`).")
 {
-    dataOption, epochsOption, batchOption, lrOption, optimizerOption, widthOption, depthOption, headsOption, patchOption, poolOption, augmentOption,
+    dataOption, epochsOption, batchOption, lrOption, smoothingOption, optimizerOption, widthOption, depthOption, headsOption, patchOption, poolOption, augmentOption,
     checkpointOption, resumeOption, exportOption, exportCountOption, seedOption, threadsOption, trainLimitOption, testLimitOption,
 };
 root.SetAction(parse =>
@@ -62,13 +63,13 @@ root.SetAction(parse =>
         "crop-flip" => new[] { Transforms.RandomCrop(28, padding: 2), Transforms.HorizontalFlip() },
         var other => throw new ArgumentException($"--augment must be none, flip or crop-flip, found '{other}'."),
     };
-    return Train(config, augment, parse.GetValue(dataOption)!, parse.GetValue(epochsOption), parse.GetValue(batchOption), parse.GetValue(lrOption),
+    return Train(config, augment, parse.GetValue(dataOption)!, parse.GetValue(epochsOption), parse.GetValue(batchOption), parse.GetValue(lrOption), parse.GetValue(smoothingOption),
         parse.GetValue(optimizerOption)!, parse.GetValue(checkpointOption)!, parse.GetValue(resumeOption), parse.GetValue(seedOption),
         parse.GetValue(trainLimitOption), parse.GetValue(testLimitOption), parse.GetValue(exportOption), parse.GetValue(exportCountOption));
 });
 return root.Parse(args).Invoke();
 
-static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data, int epochs, int batchSize, double lr, string optimizerName, FileInfo checkpoint,
+static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data, int epochs, int batchSize, double lr, double labelSmoothing, string optimizerName, FileInfo checkpoint,
     bool resume, int seed, int trainLimit, int testLimit, DirectoryInfo? export, int exportCount)
 {
     if (Console.IsOutputRedirected) AnsiConsole.Profile.Width = 120;
@@ -106,7 +107,7 @@ static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data,
     double peak;
     using (var meter = new MfuMeter(torch.CPU, ScalarType.Float32))
         peak = meter.GemmFlops / Enumerable.Range(0, 5).Select(_ => meter.TimeGemm()).Order().ElementAt(2);
-    var trainer = new Trainer(model, optimizer, schedule, new TrainerOptions { ClipGradNorm = 1.0, CheckpointPath = checkpoint.FullName, LogEverySteps = 100, PeakFlopsPerSecond = peak }, logger);
+    var trainer = new Trainer(model, optimizer, schedule, new TrainerOptions { ClipGradNorm = 1.0, LabelSmoothing = labelSmoothing, CheckpointPath = checkpoint.FullName, LogEverySteps = 100, PeakFlopsPerSecond = peak }, logger);
     if (resume) trainer.LoadCheckpoint(checkpoint.FullName);
 
     AnsiConsole.MarkupLine($"[bold]Fashion-MNIST[/]: {trainSet.Count:N0} training / {testSet.Count:N0} test images; model {ModelSummary(config)}, " +
