@@ -80,3 +80,12 @@ internal static class TensorAssert
     public static bool Same(torch.Tensor a, torch.Tensor b) =>
         a.shape.SequenceEqual(b.shape) && a.dtype == b.dtype && a.eq(b).all().item<bool>();
 }
+
+/// <summary>A test of what happens on a machine without CUDA; skipped, with the reason, where CUDA is present.</summary>
+public sealed class CpuOnlyFactAttribute : FactAttribute
+{
+    public CpuOnlyFactAttribute()
+    {
+        if (torch.cuda.is_available()) Skip = "CUDA is available here: this test checks the behaviour of a CPU-only machine.";
+    }
+}

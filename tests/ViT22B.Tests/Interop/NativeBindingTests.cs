@@ -59,7 +59,7 @@ public sealed class NativeBindingTests
         Assert.Contains("libc.so.6", s.Message);
     }
 
-    [Fact]
+    [CpuOnlyFact]
     public void A_cpu_run_never_loads_cuda_or_nccl()
     {
         // Model work and every CPU-side binding path (enums, ids, error mapping) must leave the GPU libraries unopened.

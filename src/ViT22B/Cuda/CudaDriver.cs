@@ -1,0 +1,193 @@
+using System.Collections.Concurrent;
+using System.Runtime.InteropServices;
+using ViT22B.Interop;
+
+namespace ViT22B.Cuda;
+
+/// <summary>The <c>CUresult</c> codes the library distinguishes (cuda.h); others are reported by number.</summary>
+public enum CudaResult
+{
+    /// <summary>CUDA_SUCCESS.</summary>
+    Success = 0,
+    /// <summary>CUDA_ERROR_INVALID_VALUE.</summary>
+    InvalidValue = 1,
+    /// <summary>CUDA_ERROR_OUT_OF_MEMORY.</summary>
+    OutOfMemory = 2,
+    /// <summary>CUDA_ERROR_NOT_INITIALIZED.</summary>
+    NotInitialized = 3,
+    /// <summary>CUDA_ERROR_DEINITIALIZED.</summary>
+    Deinitialized = 4,
+    /// <summary>CUDA_ERROR_NO_DEVICE.</summary>
+    NoDevice = 100,
+    /// <summary>CUDA_ERROR_INVALID_DEVICE.</summary>
+    InvalidDevice = 101,
+    /// <summary>CUDA_ERROR_INVALID_CONTEXT.</summary>
+    InvalidContext = 201,
+    /// <summary>CUDA_ERROR_INVALID_HANDLE.</summary>
+    InvalidHandle = 400,
+    /// <summary>CUDA_ERROR_NOT_READY: the event or stream has pending work (not an error for queries).</summary>
+    NotReady = 600,
+    /// <summary>CUDA_ERROR_ILLEGAL_ADDRESS.</summary>
+    IllegalAddress = 700,
+    /// <summary>CUDA_ERROR_LAUNCH_FAILED.</summary>
+    LaunchFailed = 719,
+    /// <summary>CUDA_ERROR_UNKNOWN.</summary>
+    Unknown = 999,
+}
+
+/// <summary>A CUDA driver call failed.</summary>
+public sealed class CudaException : InvalidOperationException
+{
+    /// <summary>Creates the exception.</summary>
+    public CudaException(string operation, CudaResult result, string detail)
+        : base($"{operation} failed: {result} ({(int)result}){(detail.Length > 0 ? $": {detail}" : "")}.")
+        => (Operation, Result) = (operation, result);
+
+    /// <summary>The driver function that failed.</summary>
+    public string Operation { get; }
+    /// <summary>The driver's result code.</summary>
+    public CudaResult Result { get; }
+}
+
+/// <summary>
+/// The CUDA driver API (<c>libcuda.so.1</c>, installed with the NVIDIA driver) for what TorchSharp lacks: events
+/// and the per-thread current context. Loaded on first use only; every symbol is resolved by name when the function
+/// table is built, so an old driver fails with the missing symbol's name. The driver API avoids loading a second
+/// CUDA runtime next to libtorch's hash-renamed one (TORCHSHARP.md §10).
+/// </summary>
+public static unsafe class CudaDriver
+{
+    /// <summary>The driver library (loaded on first use).</summary>
+    public static readonly LazyNativeLibrary Library = new("libcuda.so.1", new[] { "libcuda.so.1", "libcuda.so" },
+        "It is installed with the NVIDIA driver; CUDA features need an NVIDIA GPU and its driver.");
+
+    private static readonly Lazy<Functions> Api = new(() =>
+    {
+        var f = new Functions(Library);
+        Check(f.Init(0), "cuInit");
+        return f;
+    }, LazyThreadSafetyMode.ExecutionAndPublication);
+
+    private static readonly ConcurrentDictionary<int, nint> PrimaryContexts = new();
+
+    internal static Functions F => Api.Value;
+
+    /// <summary>Throws <see cref="CudaException"/> with the driver's error text unless <paramref name="result"/> is success.</summary>
+    public static void Check(CudaResult result, string operation)
+    {
+        if (result == CudaResult.Success) return;
+        string detail = "";
+        if (Api.IsValueCreated)
+        {
+            nint s;
+            if (Api.Value.GetErrorString(result, &s) == CudaResult.Success) detail = Marshal.PtrToStringUTF8(s) ?? "";
+        }
+        throw new CudaException(operation, result, detail);
+    }
+
+    /// <summary>Makes device <paramref name="device"/>'s primary context (the one libtorch uses) current on the calling
+    /// thread; driver calls for that device must follow it on every worker thread.</summary>
+    public static void MakeCurrent(int device)
+    {
+        if (device < 0) throw new ArgumentOutOfRangeException(nameof(device), $"device must be ≥ 0, found {device}.");
+        var ctx = PrimaryContexts.GetOrAdd(device, d =>
+        {
+            int handle;
+            Check(F.DeviceGet(&handle, d), "cuDeviceGet");
+            nint c;
+            Check(F.DevicePrimaryCtxRetain(&c, handle), "cuDevicePrimaryCtxRetain");
+            return c;
+        });
+        Check(F.CtxSetCurrent(ctx), "cuCtxSetCurrent");
+    }
+
+    internal sealed class Functions
+    {
+        public readonly delegate* unmanaged<uint, CudaResult> Init;
+        public readonly delegate* unmanaged<int*, int, CudaResult> DeviceGet;
+        public readonly delegate* unmanaged<nint*, int, CudaResult> DevicePrimaryCtxRetain;
+        public readonly delegate* unmanaged<nint, CudaResult> CtxSetCurrent;
+        public readonly delegate* unmanaged<nint*, uint, CudaResult> EventCreate;
+        public readonly delegate* unmanaged<nint, nint, CudaResult> EventRecord;
+        public readonly delegate* unmanaged<nint, CudaResult> EventQuery;
+        public readonly delegate* unmanaged<nint, CudaResult> EventSynchronize;
+        public readonly delegate* unmanaged<nint, CudaResult> EventDestroy;
+        public readonly delegate* unmanaged<nint, nint, uint, CudaResult> StreamWaitEvent;
+        public readonly delegate* unmanaged<CudaResult, nint*, CudaResult> GetErrorString;
+
+        public Functions(LazyNativeLibrary lib)
+        {
+            Init = (delegate* unmanaged<uint, CudaResult>)lib.GetExport("cuInit");
+            DeviceGet = (delegate* unmanaged<int*, int, CudaResult>)lib.GetExport("cuDeviceGet");
+            DevicePrimaryCtxRetain = (delegate* unmanaged<nint*, int, CudaResult>)lib.GetExport("cuDevicePrimaryCtxRetain");
+            CtxSetCurrent = (delegate* unmanaged<nint, CudaResult>)lib.GetExport("cuCtxSetCurrent");
+            EventCreate = (delegate* unmanaged<nint*, uint, CudaResult>)lib.GetExport("cuEventCreate");
+            EventRecord = (delegate* unmanaged<nint, nint, CudaResult>)lib.GetExport("cuEventRecord");
+            EventQuery = (delegate* unmanaged<nint, CudaResult>)lib.GetExport("cuEventQuery");
+            EventSynchronize = (delegate* unmanaged<nint, CudaResult>)lib.GetExport("cuEventSynchronize");
+            EventDestroy = (delegate* unmanaged<nint, CudaResult>)lib.GetExport("cuEventDestroy_v2");
+            StreamWaitEvent = (delegate* unmanaged<nint, nint, uint, CudaResult>)lib.GetExport("cuStreamWaitEvent");
+            GetErrorString = (delegate* unmanaged<CudaResult, nint*, CudaResult>)lib.GetExport("cuGetErrorString");
+        }
+    }
+}
+
+/// <summary>
+/// A CUDA event (timing disabled): record it on a stream after some work, make another stream wait for it, or ask
+/// whether the work has finished. Created for one device; the device's primary context is made current on the
+/// calling thread by every method.
+/// </summary>
+public sealed unsafe class CudaEvent : IDisposable
+{
+    private const uint DisableTiming = 2;   // CU_EVENT_DISABLE_TIMING
+    private nint _event;
+
+    /// <summary>Creates an event on device <paramref name="device"/>.</summary>
+    public CudaEvent(int device)
+    {
+        Device = device;
+        CudaDriver.MakeCurrent(device);
+        nint e;
+        CudaDriver.Check(CudaDriver.F.EventCreate(&e, DisableTiming), "cuEventCreate");
+        _event = e;
+    }
+
+    /// <summary>The device.</summary>
+    public int Device { get; }
+
+    /// <summary>Captures the work queued on <paramref name="stream"/> so far (a raw <c>cudaStream_t</c>; 0 = legacy default stream).</summary>
+    public void Record(nint stream) => Call(e => CudaDriver.F.EventRecord(e, stream), "cuEventRecord");
+
+    /// <summary>Makes <paramref name="stream"/> wait (on the device, without blocking the host) until this event's work is done.</summary>
+    public void Wait(nint stream) => Call(e => CudaDriver.F.StreamWaitEvent(stream, e, 0), "cuStreamWaitEvent");
+
+    /// <summary>Whether the recorded work has finished (never blocks).</summary>
+    public bool IsComplete
+    {
+        get
+        {
+            CudaResult r = CudaResult.Success;
+            Call(e => (r = CudaDriver.F.EventQuery(e)) == CudaResult.NotReady ? CudaResult.Success : r, "cuEventQuery");
+            return r == CudaResult.Success;
+        }
+    }
+
+    /// <summary>Blocks the calling thread until the recorded work has finished.</summary>
+    public void Synchronize() => Call(e => CudaDriver.F.EventSynchronize(e), "cuEventSynchronize");
+
+    private void Call(Func<nint, CudaResult> f, string op)
+    {
+        ObjectDisposedException.ThrowIf(_event == 0, this);
+        CudaDriver.MakeCurrent(Device);
+        CudaDriver.Check(f(_event), op);
+    }
+
+    /// <summary>Destroys the event (the driver releases it once pending work has passed it).</summary>
+    public void Dispose()
+    {
+        if (_event == 0) return;
+        CudaDriver.MakeCurrent(Device);
+        CudaDriver.F.EventDestroy(_event);
+        _event = 0;
+    }
+}

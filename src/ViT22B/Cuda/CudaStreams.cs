@@ -1,0 +1,99 @@
+using ViT22B.Interop;
+
+namespace ViT22B.Cuda;
+
+/// <summary>
+/// CUDA streams through the C functions libtorch 2.10 exports (<c>libtorch_cuda.so</c>; TORCHSHARP.md §10): streams
+/// from c10's pool (non-blocking, handed out round-robin, so not exclusive), the current stream, and
+/// <see cref="StreamScope"/>, which makes a stream current for TorchSharp ops on the calling thread. Loaded on first
+/// use only; a CPU build of libtorch fails with a message naming the library.
+/// </summary>
+public static unsafe class CudaStreams
+{
+    /// <summary>libtorch's CUDA library (loaded on first use).</summary>
+    public static readonly LazyNativeLibrary Library = new("libtorch_cuda.so",
+        new[] { "libtorch_cuda.so", Path.Combine(AppContext.BaseDirectory, "libtorch_cuda.so"), Path.Combine(AppContext.BaseDirectory, "cuda-12.8", "libtorch_cuda.so") },
+        "CUDA streams need a CUDA build of libtorch 2.10 (the libtorch-cuda-12.8-linux-x64 packages), not libtorch-cpu.");
+
+    private static readonly Lazy<Functions> Api = new(() => new Functions(Library), LazyThreadSafetyMode.ExecutionAndPublication);
+
+    internal static Functions F => Api.Value;
+
+    /// <summary>A stream from libtorch's pool for <paramref name="device"/> (created non-blocking, so NCCL and copies on
+    /// it do not serialize with the legacy default stream).</summary>
+    public static nint FromPool(int device, bool highPriority = false)
+    {
+        nint s;
+        Check(F.GetStreamFromPool(highPriority ? (byte)1 : (byte)0, device, &s), "torch_get_cuda_stream_from_pool", device);
+        return s;
+    }
+
+    /// <summary>The stream TorchSharp ops on <paramref name="device"/> currently go to on this thread.</summary>
+    public static nint Current(int device)
+    {
+        nint s;
+        Check(F.GetCurrentStream(device, &s), "aoti_torch_get_current_cuda_stream", device);
+        return s;
+    }
+
+    /// <summary>Blocks until all work queued on <paramref name="stream"/> has finished.</summary>
+    public static void Synchronize(nint stream, int device) => Check(F.StreamSynchronize(stream, device), "torch_cuda_stream_synchronize", device);
+
+    internal static void Check(int error, string operation, int device)
+    {
+        if (error != 0) throw new InvalidOperationException($"{operation} failed for cuda:{device} (AOTI error {error}); libtorch's last error message is in torch's log.");
+    }
+
+    internal sealed class Functions
+    {
+        public readonly delegate* unmanaged<byte, int, nint*, int> GetStreamFromPool;
+        public readonly delegate* unmanaged<int, nint*, int> GetCurrentStream;
+        public readonly delegate* unmanaged<nint, int, int> StreamSynchronize;
+        public readonly delegate* unmanaged<nint, int, nint*, int> CreateStreamGuard;
+        public readonly delegate* unmanaged<nint, int> DeleteStreamGuard;
+
+        public Functions(LazyNativeLibrary lib)
+        {
+            GetStreamFromPool = (delegate* unmanaged<byte, int, nint*, int>)lib.GetExport("torch_get_cuda_stream_from_pool");
+            GetCurrentStream = (delegate* unmanaged<int, nint*, int>)lib.GetExport("aoti_torch_get_current_cuda_stream");
+            StreamSynchronize = (delegate* unmanaged<nint, int, int>)lib.GetExport("torch_cuda_stream_synchronize");
+            CreateStreamGuard = (delegate* unmanaged<nint, int, nint*, int>)lib.GetExport("aoti_torch_create_cuda_stream_guard");
+            DeleteStreamGuard = (delegate* unmanaged<nint, int>)lib.GetExport("aoti_torch_delete_cuda_stream_guard");
+        }
+    }
+}
+
+/// <summary>
+/// Makes <see cref="Stream"/> the current stream of its device for TorchSharp ops on the calling thread until
+/// disposed (libtorch's <c>CUDAStreamGuard</c>). Create and dispose it on the same thread; the current stream is
+/// thread-local per device.
+/// </summary>
+public sealed unsafe class StreamScope : IDisposable
+{
+    private nint _guard;
+    private readonly int _thread = Environment.CurrentManagedThreadId;
+
+    /// <summary>Makes <paramref name="stream"/> current on <paramref name="device"/>.</summary>
+    public StreamScope(nint stream, int device)
+    {
+        (Stream, Device) = (stream, device);
+        nint g;
+        CudaStreams.Check(CudaStreams.F.CreateStreamGuard(stream, device, &g), "aoti_torch_create_cuda_stream_guard", device);
+        _guard = g;
+    }
+
+    /// <summary>The stream made current.</summary>
+    public nint Stream { get; }
+    /// <summary>The device.</summary>
+    public int Device { get; }
+
+    /// <summary>Restores the previous current stream.</summary>
+    public void Dispose()
+    {
+        if (_guard == 0) return;
+        if (Environment.CurrentManagedThreadId != _thread)
+            throw new InvalidOperationException("A StreamScope must be disposed on the thread that created it (the current stream is thread-local).");
+        CudaStreams.Check(CudaStreams.F.DeleteStreamGuard(_guard), "aoti_torch_delete_cuda_stream_guard", Device);
+        _guard = 0;
+    }
+}
