@@ -17,14 +17,18 @@ var modelOption = new Option<int>("--model") { Description = "Tensor-parallel (m
 var modeOption = new Option<CommMode>("--mode") { Description = "Overlapped (ring loops) or Plain (collective, then matmul).", DefaultValueFactory = _ => CommMode.Overlapped };
 var fsdpOption = new Option<bool>("--fsdp") { Description = "Also shard the block weights over the data axis (ZeRO-3)." };
 var batchOption = new Option<int>("--batch-size") { Description = "Global batch (split over the data axis).", DefaultValueFactory = _ => 4 };
+var launchOption = new Option<int>("--launch") { Description = "Start this many local processes with the torchrun variables (one per GPU) running --rendezvous-check, and check that all received rank 0's id." };
+var rendezvousOption = new Option<bool>("--rendezvous-check") { Description = "Worker mode: read the torchrun variables, receive a 128-byte id from rank 0 over TCP and print its checksum." };
 var root = new RootCommand("Run a ViT-22B-style model on a simulated mesh and check it against the unsharded model.")
 {
-    dataOption, modelOption, modeOption, fsdpOption, batchOption,
+    dataOption, modelOption, modeOption, fsdpOption, batchOption, launchOption, rendezvousOption,
 };
 root.SetAction(parse =>
 {
     try
     {
+        if (parse.GetValue(rendezvousOption)) return RendezvousWorker();
+        if (parse.GetValue(launchOption) is > 0 and var n) return Launch(n);
         return Run(parse.GetValue(dataOption), parse.GetValue(modelOption), parse.GetValue(modeOption), parse.GetValue(fsdpOption), parse.GetValue(batchOption));
     }
     catch (ArgumentException e)
@@ -34,6 +38,33 @@ root.SetAction(parse =>
     }
 });
 return root.Parse(args).Invoke();
+
+// Multi-process check: N processes of this program meet over TCP (MASTER_ADDR:MASTER_PORT) and rank 0 hands every
+// rank the same 128 bytes; on GPUs the same exchange carries ncclGetUniqueId's id (docs/gpu.md).
+static int Launch(int n)
+{
+    string self = Environment.ProcessPath ?? throw new InvalidOperationException("Cannot tell this program's path.");
+    var args = new List<string>();
+    if (Path.GetFileNameWithoutExtension(self) == "dotnet") args.Add(System.Reflection.Assembly.GetEntryAssembly()!.Location);   // started as `dotnet Sharding.dll`
+    args.Add("--rendezvous-check");
+    var results = LocalLauncher.Run(self, args, n, TimeSpan.FromSeconds(60));
+    var table = new Table().Title($"Rendezvous of {n} local processes").AddColumns("rank", "exit code", "output");
+    foreach (var r in results) table.AddRow($"{r.Rank}", $"{r.ExitCode}", r.Output.Trim().EscapeMarkup());
+    AnsiConsole.Write(table);
+    var sums = results.Select(r => r.Output.Split("checksum ").LastOrDefault()?.Trim()).Distinct().ToList();
+    bool ok = results.All(r => r.ExitCode == 0) && sums.Count == 1 && sums[0] is { Length: > 0 };
+    AnsiConsole.MarkupLine(ok ? $"[green]All {n} ranks received rank 0's id.[/]" : "[red]The rendezvous failed.[/]");
+    return ok ? 0 : 1;
+}
+
+static int RendezvousWorker()
+{
+    var env = LaunchEnvironment.FromEnvironment();
+    byte[]? id = env.Rank == 0 ? System.Security.Cryptography.RandomNumberGenerator.GetBytes(128) : null;
+    var received = Rendezvous.Broadcast(env, id, TimeSpan.FromSeconds(30));
+    Console.WriteLine($"rank {env.Rank}/{env.WorldSize} (local {env.LocalRank}) checksum {Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(received))[..16]}");
+    return 0;
+}
 
 static int Run(int data, int model, CommMode mode, bool fsdp, int batch)
 {
