@@ -89,3 +89,13 @@ public sealed class CpuOnlyFactAttribute : FactAttribute
         if (torch.cuda.is_available()) Skip = "CUDA is available here: this test checks the behaviour of a CPU-only machine.";
     }
 }
+
+/// <summary>A test that needs a CUDA device and libnccl.so.2; skipped with the reason otherwise.</summary>
+public sealed class NcclFactAttribute : FactAttribute
+{
+    public NcclFactAttribute()
+    {
+        if (!torch.cuda.is_available()) Skip = "No CUDA device: NCCL tests need a GPU.";
+        else if (!System.Runtime.InteropServices.NativeLibrary.TryLoad("libnccl.so.2", out _)) Skip = "libnccl.so.2 is not on the library path (set VIT22B_NCCL_PATH or install NCCL).";
+    }
+}

@@ -179,19 +179,48 @@ public static unsafe class Nccl
         return id;
     }
 
+    internal static Functions F => Api.Value;
+
     // The function table; each pointer is resolved when the table is first built, so a missing symbol is reported by
-    // name before any collective runs.
-    private sealed class Functions
+    // name before any collective runs. Signatures follow nccl.h (PARALLEL.md §2): size_t → nuint, handles → nint,
+    // the unique id by value.
+    internal sealed class Functions
     {
         public readonly delegate* unmanaged<int*, NcclResult> GetVersion;
         public readonly delegate* unmanaged<NcclUniqueId*, NcclResult> GetUniqueId;
         public readonly delegate* unmanaged<NcclResult, nint> GetErrorString;
+        public readonly delegate* unmanaged<nint*, int, NcclUniqueId, int, NcclResult> CommInitRank;
+        public readonly delegate* unmanaged<nint*, int, int*, NcclResult> CommInitAll;
+        public readonly delegate* unmanaged<nint, NcclResult> CommDestroy;
+        public readonly delegate* unmanaged<nint, NcclResult> CommAbort;
+        public readonly delegate* unmanaged<nint, NcclResult*, NcclResult> CommGetAsyncError;
+        public readonly delegate* unmanaged<nint, nint, nuint, NcclDataType, NcclRedOp, nint, nint, NcclResult> AllReduce;
+        public readonly delegate* unmanaged<nint, nint, nuint, NcclDataType, NcclRedOp, nint, nint, NcclResult> ReduceScatter;
+        public readonly delegate* unmanaged<nint, nint, nuint, NcclDataType, nint, nint, NcclResult> AllGather;
+        public readonly delegate* unmanaged<nint, nint, nuint, NcclDataType, int, nint, nint, NcclResult> Broadcast;
+        public readonly delegate* unmanaged<nint, nuint, NcclDataType, int, nint, nint, NcclResult> Send;
+        public readonly delegate* unmanaged<nint, nuint, NcclDataType, int, nint, nint, NcclResult> Recv;
+        public readonly delegate* unmanaged<NcclResult> GroupStart;
+        public readonly delegate* unmanaged<NcclResult> GroupEnd;
 
         public Functions(LazyNativeLibrary lib)
         {
             GetVersion = (delegate* unmanaged<int*, NcclResult>)lib.GetExport("ncclGetVersion");
             GetUniqueId = (delegate* unmanaged<NcclUniqueId*, NcclResult>)lib.GetExport("ncclGetUniqueId");
             GetErrorString = (delegate* unmanaged<NcclResult, nint>)lib.GetExport("ncclGetErrorString");
+            CommInitRank = (delegate* unmanaged<nint*, int, NcclUniqueId, int, NcclResult>)lib.GetExport("ncclCommInitRank");
+            CommInitAll = (delegate* unmanaged<nint*, int, int*, NcclResult>)lib.GetExport("ncclCommInitAll");
+            CommDestroy = (delegate* unmanaged<nint, NcclResult>)lib.GetExport("ncclCommDestroy");
+            CommAbort = (delegate* unmanaged<nint, NcclResult>)lib.GetExport("ncclCommAbort");
+            CommGetAsyncError = (delegate* unmanaged<nint, NcclResult*, NcclResult>)lib.GetExport("ncclCommGetAsyncError");
+            AllReduce = (delegate* unmanaged<nint, nint, nuint, NcclDataType, NcclRedOp, nint, nint, NcclResult>)lib.GetExport("ncclAllReduce");
+            ReduceScatter = (delegate* unmanaged<nint, nint, nuint, NcclDataType, NcclRedOp, nint, nint, NcclResult>)lib.GetExport("ncclReduceScatter");
+            AllGather = (delegate* unmanaged<nint, nint, nuint, NcclDataType, nint, nint, NcclResult>)lib.GetExport("ncclAllGather");
+            Broadcast = (delegate* unmanaged<nint, nint, nuint, NcclDataType, int, nint, nint, NcclResult>)lib.GetExport("ncclBroadcast");
+            Send = (delegate* unmanaged<nint, nuint, NcclDataType, int, nint, nint, NcclResult>)lib.GetExport("ncclSend");
+            Recv = (delegate* unmanaged<nint, nuint, NcclDataType, int, nint, nint, NcclResult>)lib.GetExport("ncclRecv");
+            GroupStart = (delegate* unmanaged<NcclResult>)lib.GetExport("ncclGroupStart");
+            GroupEnd = (delegate* unmanaged<NcclResult>)lib.GetExport("ncclGroupEnd");
         }
     }
 }
