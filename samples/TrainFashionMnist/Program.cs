@@ -20,6 +20,7 @@ var epochsOption = new Option<int>("--epochs") { Description = "Training epochs.
 var batchOption = new Option<int>("--batch-size") { Description = "Images per step.", DefaultValueFactory = _ => 128 };
 var lrOption = new Option<double>("--lr") { Description = "Peak learning rate.", DefaultValueFactory = _ => 2e-3 };
 var smoothingOption = new Option<double>("--label-smoothing") { Description = "Softmax label smoothing.", DefaultValueFactory = _ => 0.0 };
+var dtypeOption = new Option<string>("--dtype") { Description = "Model dtype: float32 or bfloat16 (bfloat16: forward/backward in bf16, loss and optimizer state in float32 with float32 master weights).", DefaultValueFactory = _ => "float32" };
 var optimizerOption = new Option<string>("--optimizer") { Description = "adamw or adafactor.", DefaultValueFactory = _ => "adamw" };
 var widthOption = new Option<int>("--width") { Description = "Embedding width D.", DefaultValueFactory = _ => 128 };
 var depthOption = new Option<int>("--depth") { Description = "Blocks.", DefaultValueFactory = _ => 4 };
@@ -37,7 +38,7 @@ var trainLimitOption = new Option<int>("--train-limit") { Description = "Use onl
 var testLimitOption = new Option<int>("--test-limit") { Description = "Use only the first N test images (0 = all 10,000).", DefaultValueFactory = _ => 0 };
 var root = new RootCommand("Train a small ViT-22B-style model on Fashion-MNIST (install it with `apt-get install dataset-fashion-mnist`).")
 {
-    dataOption, epochsOption, batchOption, lrOption, smoothingOption, optimizerOption, widthOption, depthOption, headsOption, patchOption, poolOption, augmentOption,
+    dataOption, epochsOption, batchOption, lrOption, smoothingOption, dtypeOption, optimizerOption, widthOption, depthOption, headsOption, patchOption, poolOption, augmentOption,
     checkpointOption, resumeOption, exportOption, exportCountOption, seedOption, threadsOption, trainLimitOption, testLimitOption,
 };
 root.SetAction(parse =>
@@ -63,6 +64,7 @@ root.SetAction(parse =>
         "crop-flip" => new[] { Transforms.RandomCrop(28, padding: 2), Transforms.HorizontalFlip() },
         var other => throw new ArgumentException($"--augment must be none, flip or crop-flip, found '{other}'."),
     };
+    config = config with { DType = ViTConfigJson.ParseDType(parse.GetValue(dtypeOption)!) };
     return Train(config, augment, parse.GetValue(dataOption)!, parse.GetValue(epochsOption), parse.GetValue(batchOption), parse.GetValue(lrOption), parse.GetValue(smoothingOption),
         parse.GetValue(optimizerOption)!, parse.GetValue(checkpointOption)!, parse.GetValue(resumeOption), parse.GetValue(seedOption),
         parse.GetValue(trainLimitOption), parse.GetValue(testLimitOption), parse.GetValue(exportOption), parse.GetValue(exportCountOption));
@@ -93,7 +95,7 @@ static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data,
     if (export is not null) Export(fullTest, export, exportCount);
 
     torch.manual_seed(seed);
-    using var model = new VisionTransformer(config, torch.CPU, ScalarType.Float32);
+    using var model = new VisionTransformer(config, torch.CPU, config.DType);
     var parameters = Optimizer.WithWeightDecay(model, weightDecay: 0.05, headWeightDecay: 0.05);
     using Optimizer optimizer = optimizerName switch
     {
@@ -103,15 +105,15 @@ static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data,
     };
     long total = (long)epochs * trainLoader.BatchesPerEpoch;
     var schedule = new LearningRateSchedule { PeakLr = lr, TotalSteps = total, Decay = DecayKind.Cosine, WarmupSteps = Math.Min(total / 10, 500) }.Validate();
-    // The float32 GEMM peak of this machine (median of 5 × 2048³), so that the log reports MFU as well as TFLOP/s.
+    // The same-dtype GEMM peak of this machine (median of 5 × 2048³), so that the log reports MFU as well as TFLOP/s.
     double peak;
-    using (var meter = new MfuMeter(torch.CPU, ScalarType.Float32))
+    using (var meter = new MfuMeter(torch.CPU, config.DType))
         peak = meter.GemmFlops / Enumerable.Range(0, 5).Select(_ => meter.TimeGemm()).Order().ElementAt(2);
     var trainer = new Trainer(model, optimizer, schedule, new TrainerOptions { ClipGradNorm = 1.0, LabelSmoothing = labelSmoothing, CheckpointPath = checkpoint.FullName, LogEverySteps = 100, PeakFlopsPerSecond = peak }, logger);
     if (resume) trainer.LoadCheckpoint(checkpoint.FullName);
 
     AnsiConsole.MarkupLine($"[bold]Fashion-MNIST[/]: {trainSet.Count:N0} training / {testSet.Count:N0} test images; model {ModelSummary(config)}, " +
-        $"{model.parameters().Sum(p => p.numel()):N0} parameters; {optimizerName}, peak lr {lr}, {epochs} epochs × {trainLoader.BatchesPerEpoch} steps; {torch.get_num_threads()} threads; float32 GEMM peak {peak / 1e9:F0} GFLOP/s");
+        $"{model.parameters().Sum(p => p.numel()):N0} parameters; {optimizerName}, peak lr {lr}, {epochs} epochs × {trainLoader.BatchesPerEpoch} steps; {torch.get_num_threads()} threads; {ViTConfigJson.DTypeName(config.DType)}; GEMM peak {peak / 1e9:F0} GFLOP/s");
     var sw = Stopwatch.StartNew();
     IReadOnlyList<EpochResult> results;
     if (interactive)
