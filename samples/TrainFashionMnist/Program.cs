@@ -133,6 +133,11 @@ static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data,
     {
         results = trainer.Fit(trainLoader, epochs, testLoader);
     }
+    if (results.Count == 0)
+    {
+        AnsiConsole.MarkupLine($"Nothing to do: the checkpoint [blue]{checkpoint.FullName.EscapeMarkup()}[/] already holds {trainer.Position.Epoch} of {epochs} epochs (step {trainer.Step}); raise --epochs only by starting a new run, the schedule depends on it.");
+        return 0;
+    }
     var table = new Table().Title("Test accuracy per epoch").AddColumns("epoch", "step", "train loss", "train top-1", "test loss", "test top-1", "test top-5", "epoch time", "img/s");
     foreach (var r in results)
         table.AddRow($"{r.Epoch + 1}", $"{r.Step}", $"{r.TrainLoss:F4}", $"{r.TrainTop1:P2}", $"{r.Eval!.Loss:F4}", $"{r.Eval.Top1:P2}", $"{r.Eval.Top5:P2}", $"{r.Elapsed.TotalSeconds:F0} s", $"{r.ImagesPerSecond:F0}");
