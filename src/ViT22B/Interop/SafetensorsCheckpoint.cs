@@ -67,11 +67,21 @@ public static class SafetensorsCheckpoint
     {
         ArgumentNullException.ThrowIfNull(module);
         using var reader = SafetensorsReader.Open(path);
+        return Load(module, reader, strict, prefix);
+    }
+
+    /// <summary>As <see cref="Load(nn.Module, string, bool, string)"/>, from a file already open (a caller that also
+    /// reads other entries of it opens it once).</summary>
+    public static LoadReport Load(nn.Module module, SafetensorsReader reader, bool strict = true, string prefix = "")
+    {
+        ArgumentNullException.ThrowIfNull(module);
+        ArgumentNullException.ThrowIfNull(reader);
+        ArgumentNullException.ThrowIfNull(prefix);
+        string path = reader.Path;
         var target = module.state_dict();
         var loaded = new List<string>();
         var unexpected = new List<string>();
         var mismatched = new List<ShapeMismatch>();
-        ArgumentNullException.ThrowIfNull(prefix);
         foreach (var e in reader.Entries.Where(e => e.Name.StartsWith(prefix, StringComparison.Ordinal)))
         {
             string key = e.Name[prefix.Length..];

@@ -63,17 +63,13 @@ public static class TrainingCheckpoint
     /// its weights, for evaluation or fine-tuning.</summary>
     public static VisionTransformer LoadModel(string path, Device? device = null, ScalarType? dtype = null)
     {
-        ViTConfig config;
-        ScalarType storedDType;
-        using (var reader = Open(path))
-        {
-            config = ViTConfigJson.FromJson(Meta(reader, "config"), path);
-            storedDType = ViTConfigJson.ParseDType(Meta(reader, "dtype"));
-        }
+        using var reader = Open(path);
+        var config = ViTConfigJson.FromJson(Meta(reader, "config"), path);
+        var storedDType = ViTConfigJson.ParseDType(Meta(reader, "dtype"));
         var model = new VisionTransformer(config, device ?? torch.CPU, dtype ?? storedDType);
         try
         {
-            SafetensorsCheckpoint.Load(model, path, strict: true, prefix: "model/");
+            SafetensorsCheckpoint.Load(model, reader, strict: true, prefix: "model/");
             return model;
         }
         catch
@@ -94,37 +90,31 @@ public static class TrainingCheckpoint
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(optimizer);
         ArgumentNullException.ThrowIfNull(schedule);
-        TrainingPosition position;
-        string dataOrder;
-        using (var reader = Open(path))
+        using var reader = Open(path);
+        CheckConfig(path, Meta(reader, "config"), model.Config);
+        Expect(path, "dtype", Meta(reader, "dtype"), ViTConfigJson.DTypeName(model.DType));
+        Expect(path, "optimizer", Meta(reader, "optimizer"), optimizer.Describe());
+        Expect(path, "schedule", Meta(reader, "schedule"), schedule.Describe());
+        var position = new TrainingPosition(long.Parse(Meta(reader, "step"), CultureInfo.InvariantCulture),
+            int.Parse(Meta(reader, "epoch"), CultureInfo.InvariantCulture), int.Parse(Meta(reader, "batch_in_epoch"), CultureInfo.InvariantCulture));
+        string dataOrder = reader.Metadata.TryGetValue("data_order", out var d) ? d : "";
+        if (!reader.Contains("rng/torch_cpu")) throw new InvalidDataException($"Training checkpoint '{path}' lacks the tensor 'rng/torch_cpu'.");
+        var missing = optimizer.State.Keys.Where(k => !reader.Contains("optimizer/" + k)).Take(5).ToList();
+        if (missing.Count > 0) throw new InvalidDataException($"Training checkpoint '{path}' lacks optimizer state {string.Join(", ", missing)}.");
+
+        SafetensorsCheckpoint.Load(model, reader, strict: true, prefix: "model/");   // checks every key and shape before copying
+        var state = new Dictionary<string, Tensor>();
+        try
         {
-            CheckConfig(path, Meta(reader, "config"), model.Config);
-            Expect(path, "dtype", Meta(reader, "dtype"), ViTConfigJson.DTypeName(model.DType));
-            Expect(path, "optimizer", Meta(reader, "optimizer"), optimizer.Describe());
-            Expect(path, "schedule", Meta(reader, "schedule"), schedule.Describe());
-            position = new TrainingPosition(long.Parse(Meta(reader, "step"), CultureInfo.InvariantCulture),
-                int.Parse(Meta(reader, "epoch"), CultureInfo.InvariantCulture), int.Parse(Meta(reader, "batch_in_epoch"), CultureInfo.InvariantCulture));
-            dataOrder = reader.Metadata.TryGetValue("data_order", out var d) ? d : "";
-            if (!reader.Contains("rng/torch_cpu")) throw new InvalidDataException($"Training checkpoint '{path}' lacks the tensor 'rng/torch_cpu'.");
-            var missing = optimizer.State.Keys.Where(k => !reader.Contains("optimizer/" + k)).Take(5).ToList();
-            if (missing.Count > 0) throw new InvalidDataException($"Training checkpoint '{path}' lacks optimizer state {string.Join(", ", missing)}.");
+            foreach (var k in optimizer.State.Keys) state[k] = reader.Read("optimizer/" + k);
+            optimizer.LoadState(state, position.Step, path);
         }
-        SafetensorsCheckpoint.Load(model, path, strict: true, prefix: "model/");   // checks every key and shape before copying
-        using (var reader = Open(path))
+        finally
         {
-            var state = new Dictionary<string, Tensor>();
-            try
-            {
-                foreach (var k in optimizer.State.Keys) state[k] = reader.Read("optimizer/" + k);
-                optimizer.LoadState(state, position.Step, path);
-            }
-            finally
-            {
-                foreach (var t in state.Values) t.Dispose();
-            }
-            using var rng = reader.Read("rng/torch_cpu");
-            torch.random.set_rng_state(rng);
+            foreach (var t in state.Values) t.Dispose();
         }
+        using var rng = reader.Read("rng/torch_cpu");
+        torch.random.set_rng_state(rng);
         return (position, dataOrder);
     }
 
