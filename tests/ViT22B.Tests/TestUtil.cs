@@ -41,6 +41,12 @@ internal static class TestUtil
         (actual.detach().to(ScalarType.Float64).cpu() - expected.detach().to(ScalarType.Float64).cpu()).abs().max().item<double>();
 
     /// <summary>A tiny config for fast numerics tests: 2 blocks, width 16, 2 heads, 16×16 images of 4×4 patches.</summary>
+    /// <summary>Whether a library whose file name starts with <paramref name="fileNamePrefix"/> is mapped into this
+    /// process (Linux <c>/proc/self/maps</c>).</summary>
+    public static bool IsMappedInProcess(string fileNamePrefix) =>
+        File.ReadLines("/proc/self/maps").Any(l => Path.GetFileName(l.Split(' ', StringSplitOptions.RemoveEmptyEntries).LastOrDefault() ?? "")
+            .StartsWith(fileNamePrefix, StringComparison.Ordinal));
+
     public static ViTConfig Tiny(BlockKind block) => new()
     {
         ImgSize = 16, PatchSize = 4, InChans = 3, EmbedDim = 16, Depth = 2, NumHeads = 2, MlpDim = 24, Block = block,

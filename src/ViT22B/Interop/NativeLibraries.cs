@@ -54,14 +54,4 @@ public sealed class LazyNativeLibrary
         if (NativeLibrary.TryGetExport(Handle, symbol, out var address)) return address;
         throw new NativeLibraryException($"Native library {Name} has no symbol '{symbol}'; the installed version is probably too old.");
     }
-
-    /// <summary>Whether a library whose file name starts with <paramref name="fileNamePrefix"/> is mapped into this process (Linux:
-    /// <c>/proc/self/maps</c>; elsewhere false).</summary>
-    public static bool IsMappedInProcess(string fileNamePrefix)
-    {
-        const string maps = "/proc/self/maps";
-        if (!File.Exists(maps)) return false;
-        return File.ReadLines(maps).Any(l => Path.GetFileName(l.Split(' ', StringSplitOptions.RemoveEmptyEntries).LastOrDefault() ?? "")
-            .StartsWith(fileNamePrefix, StringComparison.Ordinal));
-    }
 }

@@ -80,7 +80,8 @@ public static class LocalLauncher
         }
     }
 
-    private static int FreePort()
+    /// <summary>A TCP port that was free on loopback a moment ago.</summary>
+    internal static int FreePort()
     {
         using var l = new TcpListener(IPAddress.Loopback, 0);
         l.Start();

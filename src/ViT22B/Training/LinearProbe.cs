@@ -79,7 +79,7 @@ public static class LinearProbe
             {
                 using var scope = NewDisposeScope();
                 var idx = perm.narrow(0, (long)s * batchSize, Math.Min(batchSize, n - (long)s * batchSize));
-                var loss = nn.functional.cross_entropy(linear.forward(x.index_select(0, idx)), y.index_select(0, idx));
+                var loss = Losses.Compute(linear.forward(x.index_select(0, idx)), y.index_select(0, idx), LossKind.Softmax);
                 optimizer.ZeroGrad();
                 loss.backward();
                 optimizer.Step(schedule.At(optimizer.StepCount));

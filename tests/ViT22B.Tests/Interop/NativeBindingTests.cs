@@ -71,8 +71,8 @@ public sealed class NativeBindingTests
         _ = Assert.Throws<NcclException>(() => Nccl.Check(NcclResult.InvalidUsage, "ncclCommInitRank"));
         if (!File.Exists("/proc/self/maps")) return;   // the check below reads Linux's memory map
         Assert.False(Nccl.Library.IsLoaded);
-        Assert.False(LazyNativeLibrary.IsMappedInProcess("libnccl"), "libnccl is mapped into a CPU-only run");
-        Assert.False(LazyNativeLibrary.IsMappedInProcess("libcuda.so"), "libcuda is mapped into a CPU-only run");
-        Assert.True(LazyNativeLibrary.IsMappedInProcess("libtorch_cpu"), "the check itself must see libtorch_cpu");
+        Assert.False(TestUtil.IsMappedInProcess("libnccl"), "libnccl is mapped into a CPU-only run");
+        Assert.False(TestUtil.IsMappedInProcess("libcuda.so"), "libcuda is mapped into a CPU-only run");
+        Assert.True(TestUtil.IsMappedInProcess("libtorch_cpu"), "the check itself must see libtorch_cpu");
     }
 }

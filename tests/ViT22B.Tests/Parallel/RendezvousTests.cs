@@ -1,24 +1,15 @@
-using System.Net;
-using System.Net.Sockets;
 using ViT22B.Parallel;
 
 namespace ViT22B.Tests.Parallel;
 
 public sealed class RendezvousTests
 {
-    private static int FreePort()
-    {
-        using var l = new TcpListener(IPAddress.Loopback, 0);
-        l.Start();
-        return ((IPEndPoint)l.LocalEndpoint).Port;
-    }
-
     private static LaunchEnvironment Env(int port, int rank, int world) => new("127.0.0.1", port, rank, world, rank);
 
     [Fact]
     public async Task Rank_zero_hands_its_payload_to_every_rank()
     {
-        int port = FreePort();
+        int port = LocalLauncher.FreePort();
         var payload = Enumerable.Range(0, 128).Select(i => (byte)(255 - i)).ToArray();
         // Other ranks start first and retry until rank 0 listens.
         var others = Enumerable.Range(1, 3).Select(r => Task.Run(() => Rendezvous.Broadcast(Env(port, r, 4), null, TimeSpan.FromSeconds(20)))).ToArray();
@@ -31,7 +22,7 @@ public sealed class RendezvousTests
     [Fact]
     public async Task A_missing_rank_times_out_naming_it()
     {
-        int port = FreePort();
+        int port = LocalLauncher.FreePort();
         var one = Task.Run(() => Rendezvous.Broadcast(Env(port, 1, 3), null, TimeSpan.FromSeconds(3)));
         var e = Assert.Throws<RendezvousException>(() => Rendezvous.Broadcast(Env(port, 0, 3), new byte[] { 1 }, TimeSpan.FromSeconds(1.5)));
         Assert.Contains("ranks 2 of 3 did not arrive", e.Message);
@@ -41,7 +32,7 @@ public sealed class RendezvousTests
     [Fact]
     public void Rank_zero_absent_is_a_timeout_not_a_hang()
     {
-        int port = FreePort();
+        int port = LocalLauncher.FreePort();
         var e = Assert.Throws<RendezvousException>(() => Rendezvous.Broadcast(Env(port, 2, 4), null, TimeSpan.FromSeconds(1)));
         Assert.Contains($"127.0.0.1:{port} did not answer", e.Message);
     }
@@ -49,7 +40,7 @@ public sealed class RendezvousTests
     [Fact]
     public async Task A_peer_with_another_world_size_is_refused_on_both_sides()
     {
-        int port = FreePort();
+        int port = LocalLauncher.FreePort();
         var wrong = Task.Run(() => Rendezvous.Broadcast(Env(port, 1, 3), null, TimeSpan.FromSeconds(10)));
         var e = Assert.Throws<RendezvousException>(() => Rendezvous.Broadcast(Env(port, 0, 2), new byte[] { 7 }, TimeSpan.FromSeconds(10)));
         Assert.Contains("WORLD_SIZE = 3, rank 0 has 2", e.Message);
