@@ -25,9 +25,9 @@ internal static class Plots
         entropy.YLabel("lowest head entropy (nats)");
         entropy.XLabel("step");
         foreach (var p in new[] { loss, logit, entropy }) p.ShowLegend(ScottPlot.Alignment.UpperRight);
-        string tmp = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(path))!, $".{Path.GetFileName(path)}.{Guid.NewGuid():N}.png");
-        multiplot.SavePng(tmp, 1000, 1100);
-        File.Move(tmp, path, overwrite: true);
+        using var image = multiplot.Render(1000, 1100);
+        var png = image.GetImageBytes(ImageFormat.Png, 100);
+        ViT22B.Interop.AtomicFile.Write(path, s => s.Write(png));
     }
 
     private static void Add(ScottPlot.Plot plot, double[] xs, double[] ys, string label, ScottPlot.Color color)
