@@ -205,9 +205,11 @@ public sealed class Trainer
                     windowImages = 0;
                 }
                 bool stop = maxSteps is { } m && Step >= m;
-                if (Position.BatchInEpoch == train.BatchesPerEpoch) Position = new TrainingPosition(Step, epoch + 1, 0);
-                if (Options.CheckpointPath is { } path && (stop || (Options.CheckpointEverySteps > 0 && Step % Options.CheckpointEverySteps == 0)))
-                    SaveCheckpoint(path, order);
+                bool epochDone = Position.BatchInEpoch == train.BatchesPerEpoch;
+                if (epochDone) Position = new TrainingPosition(Step, epoch + 1, 0);
+                // A periodic checkpoint that falls on an epoch's last step is left to the end-of-epoch one (same state).
+                bool periodic = Options.CheckpointEverySteps > 0 && Step % Options.CheckpointEverySteps == 0 && !epochDone;
+                if (Options.CheckpointPath is { } path && (stop || periodic)) SaveCheckpoint(path, order);
                 if (stop) return results;
             }
             sw.Stop();
