@@ -103,7 +103,7 @@ static int Run(int data, int model, CommMode mode, bool fsdp, int batch)
         using var scope = torch.NewDisposeScope();
         long per = batch / data;
         var logits = shard.call(images.narrow(0, s.DataIndex * per, per));
-        nn.functional.cross_entropy(logits, labels.narrow(0, s.DataIndex * per, per)).backward();
+        ShardedModel.Backward(nn.functional.cross_entropy(logits, labels.narrow(0, s.DataIndex * per, per)), s);
         ShardedModel.SynchronizeGradients(shard, s);
         double gradErr = 0;
         foreach (var (name, p) in shard.named_parameters())

@@ -116,15 +116,20 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
     }
 
     /// <inheritdoc />
-    public ICommWork PermuteAsync(Tensor send, int shift)
+    public ICommWork PermuteAsync(Tensor send, int shift, long receiveRows = -1)
     {
+        if (receiveRows < -1) throw new ArgumentOutOfRangeException(nameof(receiveRows), $"{Name}: receiveRows must be −1 (unknown) or a row count, found {receiveRows}.");
         int next = ((Rank + shift) % Size + Size) % Size, previous = ((Rank - shift) % Size + Size) % Size;
-        // The receiver learns the row count first (the sender's dimension 0 may differ from its own).
-        var mineRows = torch.tensor(new[] { send.shape[0] }, device: Dev);
-        var theirRows = torch.empty(1, dtype: ScalarType.Int64, device: Dev);
-        long rows;
-        using (var r = Enqueue("Permute(rows)", mineRows, theirRows, () => _comm.SendRecv(mineRows, next, theirRows, previous, _stream), t => t.alias()).Wait())
+        long rows = receiveRows;
+        if (rows < 0)
+        {
+            // The receiver learns the row count first (the sender's dimension 0 may differ from its own): a small
+            // send/receive and a host synchronization, which the ring loops avoid by passing the count.
+            var mineRows = torch.tensor(new[] { send.shape[0] }, device: Dev);
+            var theirRows = torch.empty(1, dtype: ScalarType.Int64, device: Dev);
+            using var r = Enqueue("Permute(rows)", mineRows, theirRows, () => _comm.SendRecv(mineRows, next, theirRows, previous, _stream), t => t.alias()).Wait();
             rows = r.cpu().item<long>();
+        }
         var input = Own(send, send.shape[0]);
         var output = Empty(rows, send);
         return Enqueue("Permute", input, output, () => _comm.SendRecv(input, next, output, previous, _stream), o => o.alias());

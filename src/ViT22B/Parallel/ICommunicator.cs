@@ -48,7 +48,13 @@ public interface ICommunicator
 
     /// <summary>Starts a ring permute: every rank sends <paramref name="send"/> to rank (Rank + shift) mod Size and
     /// receives the tensor of rank (Rank − shift) mod Size (whose dimension 0 may differ from its own).</summary>
-    ICommWork PermuteAsync(Tensor send, int shift);
+    /// <param name="send">This rank's tensor.</param>
+    /// <param name="shift">Ring offset of the destination.</param>
+    /// <param name="receiveRows">Dimension 0 of the tensor this rank receives when the caller knows it (the ring
+    /// loops do: the token partition is the same on every rank), or −1 to have it exchanged first. NCCL's
+    /// exchange costs a collective and a host synchronization, which stalls the overlap; a wrong value is a
+    /// <see cref="CommunicatorException"/> on the in-process backend and undefined on NCCL.</param>
+    ICommWork PermuteAsync(Tensor send, int shift, long receiveRows = -1);
 
     /// <summary>Blocks until every rank of the group has called it.</summary>
     void Barrier();
@@ -69,8 +75,8 @@ public static class CommunicatorExtensions
     /// <summary>Broadcast from <paramref name="root"/>.</summary>
     public static Tensor Broadcast(this ICommunicator c, Tensor tensor, int root) => c.BroadcastAsync(tensor, root).Wait();
 
-    /// <summary>Ring permute by <paramref name="shift"/>.</summary>
-    public static Tensor Permute(this ICommunicator c, Tensor send, int shift) => c.PermuteAsync(send, shift).Wait();
+    /// <summary>Ring permute by <paramref name="shift"/> (see <see cref="ICommunicator.PermuteAsync"/>).</summary>
+    public static Tensor Permute(this ICommunicator c, Tensor send, int shift, long receiveRows = -1) => c.PermuteAsync(send, shift, receiveRows).Wait();
 }
 
 /// <summary>A collective failed: a peer raised, the ranks' calls did not match, or a peer did not arrive in time.

@@ -120,6 +120,14 @@ public static class Rings
 /// <summary>Arguments of the ring autograd functions (kept in the autograd context).</summary>
 internal sealed record RingArgs(ICommunicator Comm, long[] Counts, CommMode Mode);
 
+internal static class RingGradients
+{
+    /// <summary>Zeros shaped like <paramref name="like"/> with <paramref name="rows"/> rows (the fallback gradient of a
+    /// failed backward collective; see <see cref="BackwardFailures"/>).</summary>
+    public static Tensor Zeros(long rows, Tensor like) =>
+        torch.zeros(new[] { rows }.Concat(like.shape.Skip(1)).ToArray(), dtype: like.dtype, device: like.device);
+}
+
 /// <summary>
 /// Autograd: forward all-gather + matmul; backward the conjugate ring, matmul + reduce-scatter, for the input
 /// gradient, and a local matmul for the weight gradient (PARALLEL.md §7).
@@ -142,9 +150,12 @@ internal sealed class AllGatherMatmulFunction : torch.autograd.SingleTensorFunct
         var saved = ctx.get_saved_variables();
         var (xg, w) = (saved[0], saved[1]);
         var args = (RingArgs)ctx.get_data("args");
-        var dx = Rings.MatmulReduceScatter(dy, w.t(), args.Comm, args.Counts, args.Mode);
-        var dw = dy.reshape(-1, dy.shape[^1]).t().matmul(xg.reshape(-1, xg.shape[^1]));
-        return new List<Tensor> { dx, dw, null! };
+        return BackwardFailures.Guard(args.Comm, () =>
+        {
+            var dx = Rings.MatmulReduceScatter(dy, w.t(), args.Comm, args.Counts, args.Mode);
+            var dw = dy.reshape(-1, dy.shape[^1]).t().matmul(xg.reshape(-1, xg.shape[^1]));
+            return new List<Tensor> { dx, dw, null! };
+        }, () => new List<Tensor> { RingGradients.Zeros(args.Counts[args.Comm.Rank], xg), torch.zeros_like(w), null! });
     }
 }
 
@@ -169,9 +180,12 @@ internal sealed class MatmulReduceScatterFunction : torch.autograd.SingleTensorF
         var saved = ctx.get_saved_variables();
         var (h, w) = (saved[0], saved[1]);
         var args = (RingArgs)ctx.get_data("args");
-        var (dh, dOutAll) = Rings.AllGatherMatmul(dOut, w.t(), args.Comm, args.Counts, args.Mode);
-        var dw = dOutAll.reshape(-1, dOutAll.shape[^1]).t().matmul(h.reshape(-1, h.shape[^1]));
-        return new List<Tensor> { dh, dw, null! };
+        return BackwardFailures.Guard(args.Comm, () =>
+        {
+            var (dh, dOutAll) = Rings.AllGatherMatmul(dOut, w.t(), args.Comm, args.Counts, args.Mode);
+            var dw = dOutAll.reshape(-1, dOutAll.shape[^1]).t().matmul(h.reshape(-1, h.shape[^1]));
+            return new List<Tensor> { dh, dw, null! };
+        }, () => new List<Tensor> { torch.zeros_like(h), torch.zeros_like(w), null! });
     }
 }
 
@@ -191,7 +205,8 @@ internal sealed class ScatterTokensFunction : torch.autograd.SingleTensorFunctio
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
     {
         var args = (RingArgs)ctx.get_data("args");
-        return new List<Tensor> { args.Comm.AllGather(grad), null! };
+        return BackwardFailures.Guard(args.Comm, () => new List<Tensor> { args.Comm.AllGather(grad), null! },
+            () => new List<Tensor> { RingGradients.Zeros(args.Counts.Sum(), grad), null! });
     }
 }
 
@@ -228,6 +243,7 @@ internal sealed class FsdpGatherFunction : torch.autograd.SingleTensorFunction<F
         ctx.save_data("comm", comm);
         ctx.save_data("counts", counts);
         ctx.save_data("dim", dim);
+        ctx.save_data("shape", shard.shape);
         using var scope = torch.NewDisposeScope();
         var moved = dim == 0 ? shard : shard.transpose(0, dim).contiguous();
         var full = comm.AllGather(moved);
@@ -237,9 +253,13 @@ internal sealed class FsdpGatherFunction : torch.autograd.SingleTensorFunction<F
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
     {
         var (comm, counts, dim) = ((ICommunicator)ctx.get_data("comm"), (long[])ctx.get_data("counts"), (int)ctx.get_data("dim"));
-        var moved = dim == 0 ? grad : grad.transpose(0, dim).contiguous();
-        var mine = comm.ReduceScatter(moved, counts).div_(comm.Size);
-        return new List<Tensor> { dim == 0 ? mine : mine.transpose(0, dim).contiguous(), null!, null!, null! };
+        var shardShape = (long[])ctx.get_data("shape");
+        return BackwardFailures.Guard(comm, () =>
+        {
+            var moved = dim == 0 ? grad : grad.transpose(0, dim).contiguous();
+            var mine = comm.ReduceScatter(moved, counts).div_(comm.Size);
+            return new List<Tensor> { dim == 0 ? mine : mine.transpose(0, dim).contiguous(), null!, null!, null! };
+        }, () => new List<Tensor> { torch.zeros(shardShape, dtype: grad.dtype, device: grad.device), null!, null!, null! });
     }
 }
 

@@ -46,6 +46,20 @@ public static class ShardedModel
     }
 
     /// <summary>
+    /// <c>loss.backward()</c> for a shard, then throws any failure of a collective inside it (a peer that failed or
+    /// timed out; see <see cref="BackwardFailures"/>). A plain <c>loss.backward()</c> works too, but leaves such a
+    /// failure to be thrown by <see cref="SynchronizeGradients"/> or the next collective.
+    /// </summary>
+    /// <exception cref="CommunicatorException">A collective of the backward pass failed on this rank.</exception>
+    public static void Backward(Tensor loss, ShardContext s)
+    {
+        ArgumentNullException.ThrowIfNull(loss);
+        ArgumentNullException.ThrowIfNull(s);
+        loss.backward();
+        BackwardFailures.ThrowIfAny(s.Rank.Model, s.Rank.Data);
+    }
+
+    /// <summary>
     /// After <c>backward()</c>: sums over the model axis the gradients of replicated block parameters that saw only
     /// this rank's tokens or heads (norm scales, QK-norm scales, output biases), then averages over the data axis the
     /// gradients that are not already data-sharded (FSDP gradients were reduce-scattered and averaged in backward).
@@ -54,6 +68,8 @@ public static class ShardedModel
     public static void SynchronizeGradients(VisionTransformer shard, ShardContext s)
     {
         ArgumentNullException.ThrowIfNull(shard);
+        ArgumentNullException.ThrowIfNull(s);
+        BackwardFailures.ThrowIfAny(s.Rank.Model, s.Rank.Data);
         var shapes = s.Plan.FullShapes();
         using var noGrad = torch.no_grad();
         foreach (var (key, p) in shard.named_parameters())

@@ -368,14 +368,17 @@ public sealed class ThreadedCommunicator : ICommunicator
     }
 
     /// <inheritdoc />
-    public ICommWork PermuteAsync(Tensor send, int shift)
+    public ICommWork PermuteAsync(Tensor send, int shift, long receiveRows = -1)
     {
         ArgumentNullException.ThrowIfNull(send);
+        if (receiveRows < -1) throw new ArgumentOutOfRangeException(nameof(receiveRows), $"Permute on group '{Name}': receiveRows must be −1 (unknown) or a row count, found {receiveRows}.");
         return Start("Permute", send, shift, (inputs, args) =>
         {
             if (args.Any(a => (int)a! != shift)) throw new CommunicatorException($"Group '{Name}' Permute: ranks disagree on the shift.");
             CheckSameTrailing($"Group '{Name}' Permute", inputs);
             int src = (((Rank - shift) % Size) + Size) % Size;
+            if (receiveRows >= 0 && inputs[src]!.shape[0] != receiveRows)
+                throw new CommunicatorException($"Group '{Name}' Permute: rank {Rank} expected {receiveRows} rows from rank {src}, which sent {inputs[src]!.shape[0]}.");
             using (torch.no_grad()) return inputs[src]!.to(MyDevice(inputs)).clone();
         });
     }

@@ -97,6 +97,19 @@ public class CommunicatorTests
     }
 
     [Fact]
+    public void Permute_with_known_receive_rows_checks_them()
+    {
+        // Rank r sends r + 2 rows and receives from rank r − 1, which sends r + 1 rows.
+        var right = RunAll(3, c => c.Permute(Input(c.Rank, ScalarType.Float32), 1, receiveRows: (c.Rank + 2) % 3 + 2));
+        for (int r = 0; r < 3; r++) Assert.True(right[r].equal(Input((r + 2) % 3, ScalarType.Float32)).all().item<bool>());
+
+        var e = Assert.Throws<AggregateException>(() => RunAll(3, c => c.Permute(Input(c.Rank, ScalarType.Float32), 1, receiveRows: c.Rank + 2)));
+        Assert.Contains("expected", e.InnerExceptions[0].Message);
+        Assert.Contains("which sent", e.InnerExceptions[0].Message);
+        Assert.Throws<AggregateException>(() => RunAll(2, c => c.Permute(Input(c.Rank, ScalarType.Float32), 1, receiveRows: -2)));
+    }
+
+    [Fact]
     public void Async_operations_overlap_and_complete_in_any_wait_order()
     {
         var results = RunAll(3, c =>

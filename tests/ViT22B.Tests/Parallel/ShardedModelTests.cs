@@ -170,6 +170,34 @@ public class ShardedModelTests
         long replicated = (p.Total - p.BlockMatmulWeights - c.Depth * c.MlpDim) * 4;   // everything but the sharded weights and MLP biases
         foreach (long b in bytes) Assert.Equal(replicated + (fullBytes - replicated) / 4, b);
     }
+
+    [Fact]
+    public void A_peer_failing_during_backward_is_an_exception_on_the_other_ranks_not_a_crash()
+    {
+        // libtorch calls the ring functions' backward from native code, where an escaping .NET exception would end
+        // the test host; the failure must come back from ShardedModel.Backward instead.
+        var c = Config(BlockKind.Parallel);
+        var mesh = new DeviceMesh(1, 2);
+        var world = new ThreadedWorld(mesh.WorldSize, TimeSpan.FromSeconds(30));
+        var contexts = RankContext.CreateThreaded(world, mesh);
+        var plan = new ShardingPlan(c, 2, 1);
+        using var images = TestUtil.RandomImages(c, 2, seed: 43, ScalarType.Float32);
+        var e = Assert.Throws<AggregateException>(() => Spmd.Run(world, r =>
+        {
+            var s = new ShardContext(plan, contexts[r], CommMode.Overlapped);
+            using var shard = ShardedModel.Create(s, ScalarType.Float32);
+            using var scope = torch.NewDisposeScope();
+            var loss = shard.call(images).square().sum();
+            if (r == 1) throw new InvalidOperationException("rank 1 gives up before backward");
+            ShardedModel.Backward(loss, s);
+            return 0;
+        }));
+        var failures = e.InnerExceptions.Cast<RankFailedException>().ToDictionary(f => f.Rank, f => f.InnerException!);
+        Assert.IsType<InvalidOperationException>(failures[1]);
+        var rank0 = Assert.IsType<CommunicatorException>(failures[0]);
+        Assert.Contains("rank 1 gives up before backward", rank0.Message);
+        Assert.False(BackwardFailures.HasFailed(contexts[0].Model));    // thrown once, then forgotten
+    }
 }
 
 public sealed class ShardedCheckpointTests : IDisposable
