@@ -71,6 +71,37 @@ public sealed record RankContext(DeviceMesh Mesh, int Rank, ICommunicator Model,
     /// <summary>The rank's device.</summary>
     public Device Device => Mesh.DeviceOf(Rank);
 
+    /// <summary>
+    /// Binds the calling thread to the rank's device until disposed: on a CUDA device, makes a stream from
+    /// libtorch's pool the current stream for TorchSharp ops on this thread, so ranks that share a GPU compute on
+    /// separate streams (and the in-process communicator's copies overlap them); on the CPU, does nothing. Call it
+    /// first in the rank's body and dispose it on the same thread.
+    /// </summary>
+    public IDisposable UseDevice()
+    {
+        if (Device.type != DeviceType.CUDA) return NoScope.Instance;
+        int index = Device.index < 0 ? 0 : Device.index;
+        ViT22B.Cuda.CudaDriver.MakeCurrent(index);
+        return new ViT22B.Cuda.StreamScope(ViT22B.Cuda.CudaStreams.FromPool(index), index);
+    }
+
+    /// <summary>
+    /// True when this rank shares its CUDA device with another rank of an in-process world. Such ranks can run
+    /// forward passes (under <c>torch.no_grad()</c>) but not backward: libtorch's autograd engine runs every backward
+    /// step of one GPU on one worker thread, so one rank's backward collective would wait forever for a peer whose
+    /// backward is queued behind it on that thread.
+    /// </summary>
+    public bool SharesGpuInProcess =>
+        Device.type == DeviceType.CUDA && (Model is ThreadedCommunicator || Data is ThreadedCommunicator)
+        && Enumerable.Range(0, Mesh.WorldSize).Any(r => r != Rank && Mesh.DeviceOf(r).type == DeviceType.CUDA
+                                                        && Math.Max(Mesh.DeviceOf(r).index, 0) == Math.Max(Device.index, 0));
+
+    private sealed class NoScope : IDisposable
+    {
+        public static readonly NoScope Instance = new();
+        public void Dispose() { }
+    }
+
     /// <summary>Creates the contexts of every rank of <paramref name="mesh"/> on an in-process world.</summary>
     /// <exception cref="ArgumentException">The mesh has more ranks than the world (or fewer).</exception>
     public static RankContext[] CreateThreaded(ThreadedWorld world, DeviceMesh mesh)

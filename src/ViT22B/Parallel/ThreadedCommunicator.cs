@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using TorchSharp;
+using ViT22B.Cuda;
 using static TorchSharp.torch;
 
 namespace ViT22B.Parallel;
@@ -96,8 +97,9 @@ internal sealed class ThreadedGroup
         public readonly Tensor?[] Inputs;
         public readonly object?[] Args;
         public readonly bool[] Arrived;
+        public readonly CudaEvent?[] Ready, Done;   // GPU inputs only: copy queued (sender) / reads queued (receiver)
         public int ArrivedCount, Consumed;
-        public Slot(int n) => (Inputs, Args, Arrived) = (new Tensor?[n], new object?[n], new bool[n]);
+        public Slot(int n) => (Inputs, Args, Arrived, Ready, Done) = (new Tensor?[n], new object?[n], new bool[n], new CudaEvent?[n], new CudaEvent?[n]);
     }
 
     public void WakeAll()
@@ -106,13 +108,15 @@ internal sealed class ThreadedGroup
     }
 
     /// <summary>Deposits rank <paramref name="rank"/>'s contribution to collective number <paramref name="seq"/>.</summary>
-    public void Post(long seq, int rank, string op, Tensor? input, object? arg)
+    public void Post(long seq, int rank, string op, Tensor? input, CudaEvent? ready, object? arg)
     {
         lock (_lock)
         {
             if (!_slots.TryGetValue(seq, out var slot)) _slots[seq] = slot = new Slot(Size) { Op = op };
             if (slot.Op != op)
             {
+                ready?.Synchronize();
+                ready?.Dispose();
                 input?.Dispose();
                 int other = Array.FindIndex(slot.Arrived, a => a);
                 var e = new CommunicatorException(
@@ -121,6 +125,7 @@ internal sealed class ThreadedGroup
                 throw e;
             }
             slot.Inputs[rank] = input;
+            slot.Ready[rank] = ready;
             slot.Args[rank] = arg;
             slot.Arrived[rank] = true;
             slot.ArrivedCount++;
@@ -129,8 +134,9 @@ internal sealed class ThreadedGroup
     }
 
     /// <summary>Waits until every rank has posted collective <paramref name="seq"/>, then runs <paramref name="compute"/>
-    /// on the inputs (read-only) and releases them once every rank has computed its result.</summary>
-    public Tensor Complete(long seq, int rank, string op, Func<Tensor?[], object?[], Tensor> compute)
+    /// on the inputs (read-only) and releases them once every rank has computed its result. With GPU inputs the
+    /// result is built on <paramref name="commStream"/> (see <see cref="InProcessTransfer"/>).</summary>
+    public Tensor Complete(long seq, int rank, string op, Func<Tensor?[], object?[], Tensor> compute, Func<int, nint> commStream)
     {
         Slot slot;
         var watch = Stopwatch.StartNew();
@@ -155,7 +161,11 @@ internal sealed class ThreadedGroup
         }
         try
         {
-            return compute(slot.Inputs, slot.Args);
+            if (slot.Inputs[rank] is not { } mine || mine.device.type != DeviceType.CUDA) return compute(slot.Inputs, slot.Args);
+            int device = InProcessTransfer.DeviceIndex(mine);
+            var (result, done) = InProcessTransfer.Receive(device, commStream(device), slot.Ready, () => compute(slot.Inputs, slot.Args));
+            slot.Done[rank] = done;
+            return result;
         }
         catch (Exception e)
         {
@@ -170,7 +180,10 @@ internal sealed class ThreadedGroup
             {
                 if (++slot.Consumed == Size)
                 {
-                    foreach (var t in slot.Inputs) t?.Dispose();
+                    if (slot.Ready.Any(e => e is not null) || slot.Done.Any(e => e is not null))
+                        InProcessTransfer.ReleaseAfter(slot.Done, slot.Ready, slot.Inputs);
+                    else
+                        foreach (var t in slot.Inputs) t?.Dispose();
                     _slots.Remove(seq);
                 }
             }
@@ -183,12 +196,16 @@ internal sealed class ThreadedGroup
 /// devices). Each call takes the rank's next sequence number; the rendezvous is keyed by it, so calls cannot be
 /// mixed up, and a rank that issues a different operation fails every rank at once. Data moves when the waiting
 /// rank calls <see cref="ICommWork.Wait"/>: it reads its peers' copies (made at call time, detached from their
-/// dispose scopes) and builds its own result on its own device. Use each instance from its rank's thread only.
+/// dispose scopes) and builds its own result on its own device. GPU tensors move on a communication stream of the
+/// receiver's device, ordered by events against the ranks' current streams, so the copies overlap compute and the
+/// host does not wait for them (<see cref="InProcessTransfer"/>; give each rank its own compute stream with
+/// <see cref="RankContext.UseDevice"/>). Use each instance from its rank's thread only.
 /// </summary>
 public sealed class ThreadedCommunicator : ICommunicator
 {
     private readonly ThreadedGroup _group;
     private long _seq;
+    private readonly Dictionary<int, nint> _commStreams = new();   // per CUDA device, from libtorch's pool on first use
 
     internal ThreadedCommunicator(ThreadedGroup group, int rank) => (_group, Rank) = (group, rank);
 
@@ -249,9 +266,11 @@ public sealed class ThreadedCommunicator : ICommunicator
         _group.World.ThrowIfPoisoned($"Group '{Name}', rank {Rank}, {op} #{seq}");
         Count(op, input, arg is int root && op == "Broadcast" ? root : -1);
         Tensor? copy = null;
+        CudaEvent? ready = null;
         if (input is not null)
         {
             using (torch.no_grad()) copy = input.detach().clone().DetachFromDisposeScope();
+            if (copy.device.type == DeviceType.CUDA) ready = InProcessTransfer.MarkReady(copy);
         }
         var delay = _group.World.DelayFor(WorldRank);
         if (delay > TimeSpan.Zero)
@@ -259,16 +278,22 @@ public sealed class ThreadedCommunicator : ICommunicator
             var posted = Task.Run(async () =>
             {
                 await Task.Delay(delay).ConfigureAwait(false);
-                _group.Post(seq, Rank, op, copy, arg);
+                _group.Post(seq, Rank, op, copy, ready, arg);
             });
             return new Work(() =>
             {
                 posted.GetAwaiter().GetResult();   // a mismatch found while posting surfaces here
-                return _group.Complete(seq, Rank, op, compute);
+                return _group.Complete(seq, Rank, op, compute, CommStream);
             });
         }
-        _group.Post(seq, Rank, op, copy, arg);
-        return new Work(() => _group.Complete(seq, Rank, op, compute));
+        _group.Post(seq, Rank, op, copy, ready, arg);
+        return new Work(() => _group.Complete(seq, Rank, op, compute, CommStream));
+    }
+
+    private nint CommStream(int device)
+    {
+        if (!_commStreams.TryGetValue(device, out var stream)) _commStreams[device] = stream = CudaStreams.FromPool(device);
+        return stream;
     }
 
     private Device MyDevice(Tensor?[] inputs) => inputs[Rank]!.device;

@@ -25,6 +25,7 @@ public sealed class SimulatedRanksTests
         var plan = new ShardingPlan(c, 2, 1);
         var outputs = Spmd.Run(world, r =>
         {
+            using var device = contexts[r].UseDevice();          // each rank computes on its own pool stream
             var s = new ShardContext(plan, contexts[r], CommMode.Overlapped);
             using var shard = ShardedModel.Create(s, ScalarType.Float32);
             ShardedModel.LoadFull(shard, s, state);
@@ -33,5 +34,45 @@ public sealed class SimulatedRanksTests
         });
         // The sharded blocks sum their partial products in another order than one GEMM: float32 rounding only.
         foreach (var o in outputs) Assert.True(TestUtil.RelErr(o, expected) < 1e-4, $"relative error {TestUtil.RelErr(o, expected):E2}");
+    }
+
+    [CudaFact]
+    public void Collectives_between_ranks_sharing_one_gpu_match_their_definitions()
+    {
+        // Copies run on each receiver's communication stream, ordered by events against the ranks' own compute
+        // streams; a missing wait shows up as stale or partial values, so the inputs are written just before.
+        const int k = 3;
+        var gpu = torch.device("cuda:0");
+        var mesh = new DeviceMesh(1, k, new[] { gpu });
+        var world = new ThreadedWorld(k, TimeSpan.FromSeconds(60));
+        var contexts = RankContext.CreateThreaded(world, mesh);
+        static Tensor Input(int rank) => torch.arange(rank * 1000.0, rank * 1000.0 + (rank + 2) * 4, dtype: ScalarType.Float64).reshape(rank + 2, 4);
+        var results = Spmd.Run(world, r =>
+        {
+            using var device = contexts[r].UseDevice();
+            var comm = contexts[r].Model;
+            using var scope = torch.NewDisposeScope();
+            var x = Input(r).to(gpu).mul(1.0);                    // produced on this rank's stream just before use
+            var big = torch.randn(new long[] { 1024, 1024 }, dtype: ScalarType.Float64, device: gpu);
+            var busy = big.matmul(big);                           // keeps the compute stream busy while copies are queued
+            var gathered = comm.AllGather(x);
+            var permuted = comm.Permute(x, 1, receiveRows: (r + k - 1) % k + 2);
+            var summed = comm.AllReduce(x.narrow(0, 0, 2));
+            var scattered = comm.ReduceScatter(torch.cat(new[] { x.narrow(0, 0, 2), x.narrow(0, 0, 2) }, 0), new long[] { 1, 1, 2 });
+            busy.sum().item<double>();
+            return (gathered.cpu().DetachFromDisposeScope(), permuted.cpu().DetachFromDisposeScope(), summed.cpu().DetachFromDisposeScope(), scattered.cpu().DetachFromDisposeScope());
+        });
+        var all = torch.cat(Enumerable.Range(0, k).Select(Input).ToArray(), 0);
+        var sum2 = Enumerable.Range(0, k).Select(j => Input(j).narrow(0, 0, 2)).Aggregate((a, b) => a + b);
+        var doubled = torch.cat(new[] { sum2, sum2 }, 0);
+        long[] starts = { 0, 1, 2 }, counts = { 1, 1, 2 };
+        for (int r = 0; r < k; r++)
+        {
+            var (g, p, s, rs) = results[r];
+            Assert.True(g.equal(all).all().item<bool>(), $"rank {r} all-gather");
+            Assert.True(p.equal(Input((r + k - 1) % k)).all().item<bool>(), $"rank {r} permute");
+            Assert.True(s.equal(sum2).all().item<bool>(), $"rank {r} all-reduce");
+            Assert.True(rs.equal(doubled.narrow(0, starts[r], counts[r])).all().item<bool>(), $"rank {r} reduce-scatter");
+        }
     }
 }

@@ -67,6 +67,16 @@ public sealed class NativeBindingTests
         using (var model = new VisionTransformer(cfg, torch.CPU, ScalarType.Float32))
         using (var x = torch.rand(1, 3, 16, 16))
             model.forward(x).Dispose();
+        var mesh = new ViT22B.Parallel.DeviceMesh(1, 2);
+        var world = new ViT22B.Parallel.ThreadedWorld(2);
+        var contexts = ViT22B.Parallel.RankContext.CreateThreaded(world, mesh);
+        ViT22B.Parallel.Spmd.Run(world, r =>
+        {
+            using var device = contexts[r].UseDevice();
+            using var x = torch.ones(2);
+            using var sum = ViT22B.Parallel.CommunicatorExtensions.AllReduce(contexts[r].Model, x);
+            return sum.sum().item<float>();
+        });
         _ = Nccl.DataType(ScalarType.Float32);
         _ = Assert.Throws<NcclException>(() => Nccl.Check(NcclResult.InvalidUsage, "ncclCommInitRank"));
         if (!File.Exists("/proc/self/maps")) return;   // the check below reads Linux's memory map
