@@ -55,6 +55,55 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         return new NcclCommunicator(comm, env.LocalRank, $"{name}[{env.Rank}]", timeout);
     }
 
+    /// <summary>
+    /// This process's <see cref="RankContext"/> on a <paramref name="data"/> × <paramref name="model"/> mesh of
+    /// processes (one per GPU; <c>WORLD_SIZE</c> = data · model, rank numbering as <see cref="DeviceMesh"/>): rank 0
+    /// creates one NCCL id per group (the model groups, then the data groups) and hands them all over in one
+    /// <see cref="Rendezvous"/>; every rank then initializes its model group and then its data group, in that order on
+    /// every rank, so the blocking initializations cannot wait on each other. The mesh's device is this process's
+    /// GPU (<c>cuda:LOCAL_RANK</c>); other ranks' devices are not known here.
+    /// </summary>
+    public static RankContext CreateRankContext(LaunchEnvironment env, int data, int model, TimeSpan timeout)
+    {
+        ArgumentNullException.ThrowIfNull(env);
+        var mesh = new DeviceMesh(data, model, new[] { new Device(DeviceType.CUDA, env.LocalRank) });
+        if (env.WorldSize != mesh.WorldSize)
+            throw new ArgumentException($"A {data}×{model} mesh needs {mesh.WorldSize} processes but WORLD_SIZE is {env.WorldSize}.");
+        CudaDriver.MakeCurrent(env.LocalRank);
+        byte[]? ids = null;
+        if (env.Rank == 0)
+            ids = Enumerable.Range(0, data + model).SelectMany(_ => Nccl.GetUniqueId().ToArray()).ToArray();
+        var received = Rendezvous.Broadcast(env, ids, timeout);
+        var (modelId, dataId) = GroupIds(received, mesh, env.Rank);
+        var (d, m) = mesh.Coordinates(env.Rank);
+        CudaDriver.MakeCurrent(env.LocalRank);
+        var modelComm = NcclComm.InitRank(NcclUniqueId.FromBytes(modelId), m, model);
+        NcclComm dataComm;
+        try
+        {
+            dataComm = NcclComm.InitRank(NcclUniqueId.FromBytes(dataId), d, data);
+        }
+        catch
+        {
+            modelComm.Dispose();
+            throw;
+        }
+        return new RankContext(mesh, env.Rank,
+            new NcclCommunicator(modelComm, env.LocalRank, $"model[data={d}]", timeout),
+            new NcclCommunicator(dataComm, env.LocalRank, $"data[model={m}]", timeout));
+    }
+
+    /// <summary>The ids of <paramref name="rank"/>'s model and data groups in the payload rank 0 sends: one id per
+    /// model group (indexed by the data coordinate), then one per data group (indexed by the model coordinate).</summary>
+    internal static (byte[] Model, byte[] Data) GroupIds(byte[] payload, DeviceMesh mesh, int rank)
+    {
+        int size = NcclUniqueId.Bytes, groups = mesh.DataSize + mesh.ModelSize;
+        if (payload.Length != groups * size)
+            throw new RendezvousException($"Rank 0 sent {payload.Length} bytes of NCCL ids; a {mesh.DataSize}×{mesh.ModelSize} mesh needs {groups} × {size} = {groups * size} (do all ranks pass the same --data and --model?).");
+        var (d, m) = mesh.Coordinates(rank);
+        return (payload.AsSpan(d * size, size).ToArray(), payload.AsSpan((mesh.DataSize + m) * size, size).ToArray());
+    }
+
     /// <summary>The CUDA device of this rank.</summary>
     public int Device { get; }
     /// <summary>How long <see cref="ICommWork.Wait"/> waits before aborting.</summary>
