@@ -176,16 +176,19 @@ internal sealed class ThreadedGroup
         }
         finally
         {
+            bool last;
             lock (_lock)
             {
-                if (++slot.Consumed == Size)
-                {
-                    if (slot.Ready.Any(e => e is not null) || slot.Done.Any(e => e is not null))
-                        InProcessTransfer.ReleaseAfter(slot.Done, slot.Ready, slot.Inputs);
-                    else
-                        foreach (var t in slot.Inputs) t?.Dispose();
-                    _slots.Remove(seq);
-                }
+                last = ++slot.Consumed == Size;
+                if (last) _slots.Remove(seq);
+            }
+            // The last reader frees the inputs, outside the lock (on GPUs it first waits for every reader's copies).
+            if (last)
+            {
+                if (slot.Ready.Any(e => e is not null) || slot.Done.Any(e => e is not null))
+                    InProcessTransfer.ReleaseAfter(slot.Done, slot.Ready, slot.Inputs);
+                else
+                    foreach (var t in slot.Inputs) t?.Dispose();
             }
         }
     }
