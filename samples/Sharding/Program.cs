@@ -114,7 +114,7 @@ static int Run(int data, int model, CommMode mode, bool fsdp, int batch, Backend
                           $"max rel. err logits {x.OutErr:E1}, grads {x.GradErr:E1}");
         ((IDisposable)ctx.Model).Dispose();
         ((IDisposable)ctx.Data).Dispose();
-        return x.OutErr < 1e-4 && x.GradErr < 1e-3 ? 0 : 2;
+        return x.OutErr < GpuTolerance && x.GradErr < GpuTolerance ? 0 : 2;
     }
 
     if (device == "cuda" && !torch.cuda.is_available())
@@ -143,8 +143,8 @@ static int Run(int data, int model, CommMode mode, bool fsdp, int batch, Backend
     AnsiConsole.Write(table);
     long fullBytes = ModelAccounting.ParameterBytes(config, ScalarType.Float32);
     AnsiConsole.MarkupLine($"Unsharded parameters: {fullBytes / 1e6:F2} MB. Sharded step took {watch.Elapsed.TotalSeconds:F2} s (model build, load and check included).");
-    // CPU: the same float32 arithmetic in another summation order (1e-5); GPU: TF32/fused kernels may differ more.
-    double outTol = device == "cpu" ? 1e-5 : 1e-4, gradTol = device == "cpu" ? 1e-4 : 1e-3;
+    // CPU: the same float32 arithmetic in another summation order. GPU: see GpuTolerance.
+    double outTol = device == "cpu" ? 1e-5 : GpuTolerance, gradTol = device == "cpu" ? 1e-4 : GpuTolerance;
     bool ok = results.All(x => x.OutErr < outTol && x.GradErr < gradTol);
     AnsiConsole.MarkupLine(ok
         ? "[green]Equality check passed[/]: every rank's logits" + (forwardOnly ? "" : " and gradient shards") + " match the unsharded model."
@@ -189,6 +189,13 @@ static RankResult RankStep(ShardContext s, Reference reference, int batch, bool 
 }
 
 enum Backend { Threads, Nccl }
+
+static partial class Program
+{
+    // Against the CPU reference, GPU ranks see libtorch's default TF32 convolutions (cuDNN; the patch embedding),
+    // about 1e-3 relative each; a sharding mistake gives errors of order 1. Chosen before any GPU run.
+    const double GpuTolerance = 1e-2;
+}
 
 sealed record RankResult(int Rank, int DataIndex, int ModelIndex, long Bytes, long ModelSent, long ModelOps, long DataSent, long DataOps, double OutErr, double GradErr);
 
