@@ -199,11 +199,6 @@ public sealed class ShardedSequentialBlock : nn.Module<Tensor, Tensor>
     /// <summary>[T_r, B, D] → [T_r, B, D].</summary>
     public override Tensor forward(Tensor x)
     {
-        if (_s.Rank.SharesGpuInProcess && torch.is_grad_enabled())
-            throw new NotSupportedException(
-                $"Rank {_s.Rank.Rank} shares {_s.Rank.Device} with another in-process rank: run its forward under torch.no_grad() or " +
-                "torch.inference_mode(). Backward cannot run there (libtorch's autograd engine runs all backward work of one GPU on one " +
-                "thread, where the ranks' collectives would wait for each other forever); train with one GPU per rank.");
         using var scope = torch.NewDisposeScope();
         var comm = _s.Rank.Model;
         var counts = _s.CountsFor(x);
