@@ -85,6 +85,9 @@ public static unsafe class CudaDriver
         throw new CudaException(operation, result, detail);
     }
 
+    /// <summary>The CUDA ordinal of a device (TorchSharp's "cuda" without an index is device 0).</summary>
+    internal static int Ordinal(TorchSharp.torch.Device device) => Math.Max(device.index, 0);
+
     /// <summary>Makes device <paramref name="device"/>'s primary context (the one libtorch uses) current on the calling
     /// thread; driver calls for that device must follow it on every worker thread.</summary>
     public static void MakeCurrent(int device)

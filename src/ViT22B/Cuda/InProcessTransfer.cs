@@ -25,7 +25,7 @@ internal static class InProcessTransfer
     /// <summary>An event recorded on the current stream of <paramref name="copy"/>'s device after its copy was queued.</summary>
     public static CudaEvent MarkReady(Tensor copy)
     {
-        int device = DeviceIndex(copy);
+        int device = CudaDriver.Ordinal(copy.device);
         var ready = new CudaEvent(device);
         ready.Record(CudaStreams.Current(device));
         return ready;
@@ -67,7 +67,4 @@ internal static class InProcessTransfer
         foreach (var t in inputs) t?.Dispose();
         foreach (var e in done.Concat(ready)) e?.Dispose();
     }
-
-    /// <summary>The CUDA device index of a tensor.</summary>
-    public static int DeviceIndex(Tensor t) => t.device.index < 0 ? 0 : t.device.index;
 }

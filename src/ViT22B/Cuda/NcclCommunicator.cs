@@ -121,7 +121,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         var rows = ExchangeRows(local.shape[0]);
         long max = rows.Max();
         var input = Own(local, max);
-        var gathered = Empty(Size * max, local);
+        var gathered = Rows.Empty(Size * max, local);
         return Enqueue("AllGather", input, gathered, () => _comm.AllGather(input, gathered, _stream),
             g => rows.All(r => r == max) ? g.alias() : torch.cat(rows.Select((r, i) => g.narrow(0, i * max, r)).ToArray(), 0));
     }
@@ -143,7 +143,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
             input = counts.All(c => c == max) ? full.detach().clone() : torch.cat(parts.Select(p => Padded(p, max)).ToArray(), 0);
             input = input.MoveToOuterDisposeScope();
         }
-        var output = Empty(max, full);
+        var output = Rows.Empty(max, full);
         return Enqueue("ReduceScatter", input, output, () => _comm.ReduceScatter(input, output, NcclRedOp.Sum, _stream),
             o => mine == max ? o.alias() : o.narrow(0, 0, mine));
     }
@@ -180,7 +180,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
             rows = r.cpu().item<long>();
         }
         var input = Own(send, send.shape[0]);
-        var output = Empty(rows, send);
+        var output = Rows.Empty(rows, send);
         return Enqueue("Permute", input, output, () => _comm.SendRecv(input, next, output, previous, _stream), o => o.alias());
     }
 
@@ -214,13 +214,11 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
 
     private static Tensor Padded(Tensor x, long rows)
     {
-        var padded = torch.zeros(new[] { rows }.Concat(x.shape.Skip(1)).ToArray(), dtype: x.dtype, device: x.device);
+        var padded = Rows.Zeros(rows, x);
         padded.narrow(0, 0, x.shape[0]).copy_(x);
         return padded;
     }
 
-    private static Tensor Empty(long rows, Tensor like) =>
-        torch.empty(new[] { rows }.Concat(like.shape.Skip(1)).ToArray(), dtype: like.dtype, device: like.device);
 
     // Orders the collective between the compute stream and the communication stream with events. The work item owns
     // the input and output buffers (detached from the caller's dispose scope) until the collective's event has

@@ -80,7 +80,7 @@ public sealed record RankContext(DeviceMesh Mesh, int Rank, ICommunicator Model,
     public IDisposable UseDevice()
     {
         if (Device.type != DeviceType.CUDA) return NoScope.Instance;
-        int index = Device.index < 0 ? 0 : Device.index;
+        int index = ViT22B.Cuda.CudaDriver.Ordinal(Device);
         ViT22B.Cuda.CudaDriver.MakeCurrent(index);
         return new ViT22B.Cuda.StreamScope(ViT22B.Cuda.CudaStreams.FromPool(index), index);
     }
@@ -94,7 +94,7 @@ public sealed record RankContext(DeviceMesh Mesh, int Rank, ICommunicator Model,
     public bool SharesGpuInProcess =>
         Device.type == DeviceType.CUDA && (Model is ThreadedCommunicator || Data is ThreadedCommunicator)
         && Enumerable.Range(0, Mesh.WorldSize).Any(r => r != Rank && Mesh.DeviceOf(r).type == DeviceType.CUDA
-                                                        && Math.Max(Mesh.DeviceOf(r).index, 0) == Math.Max(Device.index, 0));
+                                                        && ViT22B.Cuda.CudaDriver.Ordinal(Mesh.DeviceOf(r)) == ViT22B.Cuda.CudaDriver.Ordinal(Device));
 
     private sealed class NoScope : IDisposable
     {

@@ -120,12 +120,16 @@ public static class Rings
 /// <summary>Arguments of the ring autograd functions (kept in the autograd context).</summary>
 internal sealed record RingArgs(ICommunicator Comm, long[] Counts, CommMode Mode);
 
-internal static class RingGradients
+/// <summary>New tensors shaped like another but for dimension 0 (token chunks; padded collective buffers).</summary>
+internal static class Rows
 {
-    /// <summary>Zeros shaped like <paramref name="like"/> with <paramref name="rows"/> rows (the fallback gradient of a
-    /// failed backward collective; see <see cref="BackwardFailures"/>).</summary>
-    public static Tensor Zeros(long rows, Tensor like) =>
-        torch.zeros(new[] { rows }.Concat(like.shape.Skip(1)).ToArray(), dtype: like.dtype, device: like.device);
+    /// <summary>Zeros with <paramref name="rows"/> rows and <paramref name="like"/>'s other dimensions, dtype and device.</summary>
+    public static Tensor Zeros(long rows, Tensor like) => torch.zeros(Shape(rows, like), dtype: like.dtype, device: like.device);
+
+    /// <summary>Uninitialized, otherwise as <see cref="Zeros"/>.</summary>
+    public static Tensor Empty(long rows, Tensor like) => torch.empty(Shape(rows, like), dtype: like.dtype, device: like.device);
+
+    private static long[] Shape(long rows, Tensor like) => new[] { rows }.Concat(like.shape.Skip(1)).ToArray();
 }
 
 /// <summary>
@@ -155,7 +159,7 @@ internal sealed class AllGatherMatmulFunction : torch.autograd.SingleTensorFunct
             var dx = Rings.MatmulReduceScatter(dy, w.t(), args.Comm, args.Counts, args.Mode);
             var dw = dy.reshape(-1, dy.shape[^1]).t().matmul(xg.reshape(-1, xg.shape[^1]));
             return new List<Tensor> { dx, dw, null! };
-        }, () => new List<Tensor> { RingGradients.Zeros(args.Counts[args.Comm.Rank], xg), torch.zeros_like(w), null! });
+        }, () => new List<Tensor> { Rows.Zeros(args.Counts[args.Comm.Rank], xg), torch.zeros_like(w), null! });
     }
 }
 
@@ -206,7 +210,7 @@ internal sealed class ScatterTokensFunction : torch.autograd.SingleTensorFunctio
     {
         var args = (RingArgs)ctx.get_data("args");
         return BackwardFailures.Guard(args.Comm, () => new List<Tensor> { args.Comm.AllGather(grad), null! },
-            () => new List<Tensor> { RingGradients.Zeros(args.Counts.Sum(), grad), null! });
+            () => new List<Tensor> { Rows.Zeros(args.Counts.Sum(), grad), null! });
     }
 }
 

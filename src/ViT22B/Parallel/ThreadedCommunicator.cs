@@ -162,7 +162,7 @@ internal sealed class ThreadedGroup
         try
         {
             if (slot.Inputs[rank] is not { } mine || mine.device.type != DeviceType.CUDA) return compute(slot.Inputs, slot.Args);
-            int device = InProcessTransfer.DeviceIndex(mine);
+            int device = CudaDriver.Ordinal(mine.device);
             var (result, done) = InProcessTransfer.Receive(device, commStream(device), slot.Ready, () => compute(slot.Inputs, slot.Args));
             slot.Done[rank] = done;
             return result;
@@ -183,13 +183,7 @@ internal sealed class ThreadedGroup
                 if (last) _slots.Remove(seq);
             }
             // The last reader frees the inputs, outside the lock (on GPUs it first waits for every reader's copies).
-            if (last)
-            {
-                if (slot.Ready.Any(e => e is not null) || slot.Done.Any(e => e is not null))
-                    InProcessTransfer.ReleaseAfter(slot.Done, slot.Ready, slot.Inputs);
-                else
-                    foreach (var t in slot.Inputs) t?.Dispose();
-            }
+            if (last) InProcessTransfer.ReleaseAfter(slot.Done, slot.Ready, slot.Inputs);   // CPU inputs: no events, just disposal
         }
     }
 }
