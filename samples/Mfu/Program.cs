@@ -11,6 +11,7 @@ using TorchSharp;
 using ViT22B.Accounting;
 using ViT22B.Interop;
 using ViT22B.Models;
+using ViT22B.Training;
 using static TorchSharp.torch;
 
 var presetOption = new Option<string>("--preset") { Description = "Preset, e.g. B/16, S/16, So400m/14, 22B/14.", DefaultValueFactory = _ => "B/16" };
@@ -70,15 +71,16 @@ static MfuResult Measure(ViTConfig config, string preset, int batch, ScalarType 
     if (training)
     {
         model.train();
-        using var optimizer = torch.optim.AdamW(model.parameters(), lr: 1e-4);
+        // The library's AdamW, as Trainer runs it: float32 master weights and state for 16-bit parameters.
+        using var optimizer = new AdamW(Optimizer.WithWeightDecay(model, weightDecay: 1e-4, headWeightDecay: 1e-4));
         m = meter.Measure(() =>
         {
             using var scope = torch.NewDisposeScope();
-            optimizer.zero_grad();
+            optimizer.ZeroGrad();
             var output = model.call(images);
             var loss = config.NumClasses > 0 ? nn.functional.cross_entropy(output.to(ScalarType.Float32), labels) : output.to(ScalarType.Float32).square().mean();
             loss.backward();
-            optimizer.step();
+            optimizer.Step(1e-4);
         }, stepFlops, samples, warmup);
     }
     else
