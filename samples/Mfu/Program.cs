@@ -15,7 +15,7 @@ using ViT22B.Training;
 using static TorchSharp.torch;
 
 var presetOption = new Option<string>("--preset") { Description = "Preset, e.g. B/16, S/16, So400m/14, 22B/14.", DefaultValueFactory = _ => "B/16" };
-var blockOption = new Option<string?>("--block") { Description = "Override the block kind: parallel or sequential." };
+var blockOption = new Option<string?>("--block") { Description = "Override the block kind: parallel or sequential, or both (the two models measured interleaved in one run, with their speed ratio)." };
 var batchOption = new Option<int>("--batch-size") { Description = "Images per step.", DefaultValueFactory = _ => 8 };
 var dtypeOption = new Option<string>("--dtype") { Description = "float32 or bfloat16 (float16, float64 also accepted).", DefaultValueFactory = _ => "float32" };
 var deviceOption = new Option<string>("--device") { Description = "cpu or cuda[:N].", DefaultValueFactory = _ => "cpu" };
@@ -36,17 +36,22 @@ root.SetAction(parse =>
     {
         if (parse.GetValue(threadsOption) is > 0 and var t) torch.set_num_threads(t);
         var config = ViTConfig.Parse(parse.GetValue(presetOption)!);
-        if (parse.GetValue(blockOption) is { } block)
-            config = (config with { Block = ViTConfigJson.ParseBlock(block) }).Validate();
+        var configs = parse.GetValue(blockOption) switch
+        {
+            null => new[] { config },
+            "both" => new[] { (config with { Block = BlockKind.Sequential }).Validate(), (config with { Block = BlockKind.Parallel }).Validate() },
+            var block when block is "parallel" or "sequential" => new[] { (config with { Block = ViTConfigJson.ParseBlock(block) }).Validate() },
+            var block => throw new ArgumentException($"--block must be parallel, sequential or both, found '{block}'."),
+        };
         var dtype = ViTConfigJson.ParseDType(parse.GetValue(dtypeOption)!);
         string mode = parse.GetValue(modeOption)!;
         if (mode is not ("inference" or "training")) throw new ArgumentException($"--mode must be inference or training, found '{mode}'.");
-        var result = Measure(config, parse.GetValue(presetOption)!, Math.Max(1, parse.GetValue(batchOption)), dtype, new Device(parse.GetValue(deviceOption)!),
+        var results = Measure(configs, parse.GetValue(presetOption)!, Math.Max(1, parse.GetValue(batchOption)), dtype, new Device(parse.GetValue(deviceOption)!),
             mode == "training", Math.Max(1, parse.GetValue(samplesOption)), Math.Max(0, parse.GetValue(warmupOption)), parse.GetValue(peakOption));
-        Print(result);
-        if (parse.GetValue(jsonOption) is { } json) AtomicFile.Write(json.FullName, s => JsonSerializer.Serialize(s, result, new JsonSerializerOptions { WriteIndented = true }));
+        Print(results);
+        if (parse.GetValue(jsonOption) is { } json) AtomicFile.Write(json.FullName, s => JsonSerializer.Serialize(s, results, new JsonSerializerOptions { WriteIndented = true }));
         if (parse.GetValue(csvOption) is { } csv)
-            AtomicFile.Write(csv.FullName, s => { var b = Encoding.UTF8.GetBytes(result.ToCsv()); s.Write(b, 0, b.Length); });
+            AtomicFile.Write(csv.FullName, s => { var b = Encoding.UTF8.GetBytes(MfuResult.CsvHeader + string.Concat(results.Select(r => r.ToCsvRow()))); s.Write(b, 0, b.Length); });
         return 0;
     }
     catch (Exception e) when (e is ArgumentException or FormatException or InsufficientMemoryException)
@@ -57,69 +62,96 @@ root.SetAction(parse =>
 });
 return root.Parse(args).Invoke();
 
-static MfuResult Measure(ViTConfig config, string preset, int batch, ScalarType dtype, Device device, bool training, int samples, int warmup, double? datasheetTflops)
+// Builds one model per config and measures them interleaved with the same-dtype GEMM (MfuMeter.MeasureInterleaved).
+static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int batch, ScalarType dtype, Device device, bool training, int samples, int warmup, double? datasheetTflops)
 {
-    if (device.type == DeviceType.CPU) ModelAccounting.EnsureFitsInHostMemory(config, dtype);
-    torch.manual_seed(0);
-    using var model = new VisionTransformer(config, device, dtype);
+    if (device.type == DeviceType.CPU)
+        foreach (var c in configs) ModelAccounting.EnsureFitsInHostMemory(c, dtype);
+    var config = configs[0];
     using var images = torch.randn(new long[] { batch, config.InChans, config.ImgSize, config.ImgSize }, generator: new torch.Generator(1)).to(dtype).to(device);
     using var labels = (torch.arange(batch, dtype: ScalarType.Int64) % Math.Max(1, config.NumClasses)).to(device);
-    var flops = ModelAccounting.Flops(config);
-    double stepFlops = batch * (training ? flops.Training : flops.Forward);
-    using var meter = new MfuMeter(device, dtype);
-    MfuMeasurement m;
-    if (training)
+    var models = new List<VisionTransformer>();
+    var optimizers = new List<AdamW>();
+    try
     {
-        model.train();
-        // The library's AdamW, as Trainer runs it: float32 master weights and state for 16-bit parameters.
-        using var optimizer = new AdamW(Optimizer.WithWeightDecay(model, weightDecay: 1e-4, headWeightDecay: 1e-4));
-        m = meter.Measure(() =>
+        var steps = new List<(Action, double)>();
+        foreach (var c in configs)
         {
-            using var scope = torch.NewDisposeScope();
-            optimizer.ZeroGrad();
-            var output = model.call(images);
-            var loss = config.NumClasses > 0 ? nn.functional.cross_entropy(output.to(ScalarType.Float32), labels) : output.to(ScalarType.Float32).square().mean();
-            loss.backward();
-            optimizer.Step(1e-4);
-        }, stepFlops, samples, warmup);
+            torch.manual_seed(0);
+            var model = new VisionTransformer(c, device, dtype);
+            models.Add(model);
+            var flops = ModelAccounting.Flops(c);
+            if (!training)
+            {
+                model.eval();
+                steps.Add((() =>
+                {
+                    using var inference = torch.inference_mode();
+                    using var scope = torch.NewDisposeScope();
+                    model.call(images);
+                }, batch * flops.Forward));
+                continue;
+            }
+            model.train();
+            // The library's AdamW, as Trainer runs it: float32 master weights and state for 16-bit parameters.
+            var optimizer = new AdamW(Optimizer.WithWeightDecay(model, weightDecay: 1e-4, headWeightDecay: 1e-4));
+            optimizers.Add(optimizer);
+            steps.Add((() =>
+            {
+                using var scope = torch.NewDisposeScope();
+                optimizer.ZeroGrad();
+                var output = model.call(images);
+                var loss = c.NumClasses > 0 ? nn.functional.cross_entropy(output.to(ScalarType.Float32), labels) : output.to(ScalarType.Float32).square().mean();
+                loss.backward();
+                optimizer.Step(1e-4);
+            }, batch * flops.Training));
+        }
+        using var meter = new MfuMeter(device, dtype);
+        var measured = meter.MeasureInterleaved(steps, samples, warmup);
+        return measured.Select((m, i) => new MfuResult(preset, configs[i].Block.ToString().ToLowerInvariant(), training ? "training" : "inference",
+            ViTConfigJson.DTypeName(dtype), device.ToString(), batch, torch.get_num_threads(), batch * configs[i].NumTokens / m.StepSeconds,
+            batch / m.StepSeconds, m.AchievedFlopsPerSecond / 1e12, m.PeakFlopsPerSecond / 1e12, m.Mfu, datasheetTflops,
+            datasheetTflops is { } p ? m.AchievedFlopsPerSecond / (p * 1e12) : null, m.StepSeconds, samples,
+            i == 0 ? null : MfuMeter.MedianRatio(measured[0].StepSamples, m.StepSamples))).ToArray();
     }
-    else
+    finally
     {
-        model.eval();
-        m = meter.Measure(() =>
-        {
-            using var inference = torch.inference_mode();
-            using var scope = torch.NewDisposeScope();
-            model.call(images);
-        }, stepFlops, samples, warmup);
+        foreach (var o in optimizers) o.Dispose();
+        foreach (var m in models) m.Dispose();
     }
-    return new MfuResult(preset, config.Block.ToString().ToLowerInvariant(), training ? "training" : "inference", ViTConfigJson.DTypeName(dtype), device.ToString(),
-        batch, torch.get_num_threads(), batch * config.NumTokens / m.StepSeconds, batch / m.StepSeconds, m.AchievedFlopsPerSecond / 1e12,
-        m.PeakFlopsPerSecond / 1e12, m.Mfu, datasheetTflops, datasheetTflops is { } p ? m.AchievedFlopsPerSecond / (p * 1e12) : null, m.StepSeconds, samples);
 }
 
-static void Print(MfuResult r)
+static void Print(IReadOnlyList<MfuResult> results)
 {
     if (Console.IsOutputRedirected) AnsiConsole.Profile.Width = 140;
     var t = new Table().AddColumns("preset", "block", "mode", "dtype", "device", "batch", "tokens/s", "images/s", "achieved TFLOP/s", "peak TFLOP/s (same-run GEMM)", "MFU");
-    t.AddRow(r.Preset, r.Block, r.Mode, r.DType, r.Device, $"{r.Batch}", $"{r.TokensPerSecond:N0}", $"{r.ImagesPerSecond:F2}",
-        $"{r.AchievedTflops:F4}", $"{r.PeakTflops:F4}", $"{r.Mfu:P1}");
+    foreach (var r in results)
+        t.AddRow(r.Preset, r.Block, r.Mode, r.DType, r.Device, $"{r.Batch}", $"{r.TokensPerSecond:N0}", $"{r.ImagesPerSecond:F2}",
+            $"{r.AchievedTflops:F4}", $"{r.PeakTflops:F4}", $"{r.Mfu:P1}");
     AnsiConsole.Write(t);
-    if (r.DatasheetMfu is { } dm) AnsiConsole.MarkupLine($"Against the datasheet peak of {r.DatasheetPeakTflops} TFLOP/s: MFU {dm:P1}.");
-    AnsiConsole.MarkupLine($"Median of {r.Samples} interleaved samples; step {r.StepSeconds * 1000:F1} ms; {r.Threads} torch threads. Model FLOPs per SPEC.md §9 (2 per MAC, matmuls only, training = 3 × forward).");
+    foreach (var r in results)
+        if (r.DatasheetMfu is { } dm) AnsiConsole.MarkupLine($"{r.Block}: against the datasheet peak of {r.DatasheetPeakTflops} TFLOP/s, MFU {dm:P1}.");
+    var first = results[0];
+    foreach (var r in results.Skip(1))
+        AnsiConsole.MarkupLine($"{r.Block} vs {first.Block}: {r.SpeedupOverFirst:F3}× as fast (median over rounds of the {first.Block} step's time over the {r.Block} step's).");
+    AnsiConsole.MarkupLine($"Median of {first.Samples} interleaved samples; step {string.Join(" / ", results.Select(r => $"{r.StepSeconds * 1000:F1} ms"))}; " +
+        $"{first.Threads} torch threads. Model FLOPs per SPEC.md §9 (2 per MAC, matmuls only, training = 3 × forward).");
 }
 
 /// <summary>One MFU measurement, as printed and as written to JSON/CSV.</summary>
+/// <param name="SpeedupOverFirst">With several blocks measured in one run: how many times as fast as the first
+/// (median over rounds of the first step's time over this step's); null for the first.</param>
 internal sealed record MfuResult(string Preset, string Block, string Mode, string DType, string Device, int Batch, int Threads,
     double TokensPerSecond, double ImagesPerSecond, double AchievedTflops, double PeakTflops, double Mfu,
-    double? DatasheetPeakTflops, double? DatasheetMfu, double StepSeconds, int Samples)
+    double? DatasheetPeakTflops, double? DatasheetMfu, double StepSeconds, int Samples, double? SpeedupOverFirst)
 {
-    public string ToCsv()
+    public const string CsvHeader = "preset,block,mode,dtype,device,batch,threads,tokens_per_s,images_per_s,achieved_tflops,peak_tflops,mfu,datasheet_peak_tflops,datasheet_mfu,step_s,samples,speedup_over_first\n";
+
+    public string ToCsvRow()
     {
         var c = CultureInfo.InvariantCulture;
-        return "preset,block,mode,dtype,device,batch,threads,tokens_per_s,images_per_s,achieved_tflops,peak_tflops,mfu,datasheet_peak_tflops,datasheet_mfu,step_s,samples\n" +
-            string.Join(",", Preset, Block, Mode, DType, Device, Batch.ToString(c), Threads.ToString(c), TokensPerSecond.ToString("R", c), ImagesPerSecond.ToString("R", c),
-                AchievedTflops.ToString("R", c), PeakTflops.ToString("R", c), Mfu.ToString("R", c), DatasheetPeakTflops?.ToString("R", c) ?? "",
-                DatasheetMfu?.ToString("R", c) ?? "", StepSeconds.ToString("R", c), Samples.ToString(c)) + "\n";
+        return string.Join(",", Preset, Block, Mode, DType, Device, Batch.ToString(c), Threads.ToString(c), TokensPerSecond.ToString("R", c), ImagesPerSecond.ToString("R", c),
+            AchievedTflops.ToString("R", c), PeakTflops.ToString("R", c), Mfu.ToString("R", c), DatasheetPeakTflops?.ToString("R", c) ?? "",
+            DatasheetMfu?.ToString("R", c) ?? "", StepSeconds.ToString("R", c), Samples.ToString(c), SpeedupOverFirst?.ToString("R", c) ?? "") + "\n";
     }
 }

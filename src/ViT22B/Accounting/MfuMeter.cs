@@ -12,6 +12,9 @@ namespace ViT22B.Accounting;
 /// <param name="Samples">Number of interleaved (step, GEMM) pairs.</param>
 public sealed record MfuMeasurement(double StepSeconds, double PeakSeconds, double StepFlops, double PeakGemmFlops, int Samples)
 {
+    /// <summary>The step's time in each measured round, in order (empty when not recorded).</summary>
+    public IReadOnlyList<double> StepSamples { get; init; } = Array.Empty<double>();
+
     /// <summary>Achieved model FLOP/s.</summary>
     public double AchievedFlopsPerSecond => StepFlops / StepSeconds;
     /// <summary>Peak FLOP/s of the same machine, same dtype, same run.</summary>
@@ -77,20 +80,49 @@ public sealed class MfuMeter : IDisposable
     public MfuMeasurement Measure(Action step, double stepFlops, int samples = 10, int warmup = 2)
     {
         ArgumentNullException.ThrowIfNull(step);
-        if (samples < 1) throw new ArgumentOutOfRangeException(nameof(samples));
+        return MeasureInterleaved(new[] { (step, stepFlops) }, samples, warmup)[0];
+    }
+
+    /// <summary>
+    /// Compares several steps in one run: <paramref name="warmup"/> untimed rounds, then <paramref name="samples"/>
+    /// rounds of (GEMM, step 1, GEMM, step 2, …), so every step meets the same drift of a shared machine. Each result
+    /// holds its step's median and its per-round times (<see cref="MfuMeasurement.StepSamples"/>, for
+    /// <see cref="MedianRatio"/>); the peak of every result is the median of all the round's GEMMs.
+    /// </summary>
+    public MfuMeasurement[] MeasureInterleaved(IReadOnlyList<(Action Step, double Flops)> steps, int samples = 10, int warmup = 2)
+    {
+        ArgumentNullException.ThrowIfNull(steps);
+        if (steps.Count == 0) throw new ArgumentException("No step to measure.", nameof(steps));
+        if (steps.Any(s => s.Step is null)) throw new ArgumentException("A step is null.", nameof(steps));
+        if (samples < 1) throw new ArgumentOutOfRangeException(nameof(samples), $"samples must be at least 1, found {samples}.");
+        if (warmup < 0) throw new ArgumentOutOfRangeException(nameof(warmup), $"warmup must not be negative, found {warmup}.");
         for (int i = 0; i < warmup; i++)
-        {
-            TimeGemm();
-            TimeStep(step);
-        }
-        var steps = new double[samples];
-        var gemms = new double[samples];
+            foreach (var (step, _) in steps)
+            {
+                TimeGemm();
+                TimeStep(step);
+            }
+        var times = steps.Select(_ => new double[samples]).ToArray();
+        var gemms = new List<double>(samples * steps.Count);
         for (int i = 0; i < samples; i++)
-        {
-            gemms[i] = TimeGemm();
-            steps[i] = TimeStep(step);
-        }
-        return new MfuMeasurement(Median(steps), Median(gemms), stepFlops, GemmFlops, samples);
+            for (int j = 0; j < steps.Count; j++)
+            {
+                gemms.Add(TimeGemm());
+                times[j][i] = TimeStep(steps[j].Step);
+            }
+        double peak = Median(gemms);
+        return steps.Select((s, j) => new MfuMeasurement(Median(times[j]), peak, s.Flops, GemmFlops, samples) { StepSamples = times[j] }).ToArray();
+    }
+
+    /// <summary>The median over rounds of <c>numerator[i] / denominator[i]</c>: how many times longer the first step
+    /// took than the second, round by round (robust to drift that a ratio of medians from different moments is not).</summary>
+    public static double MedianRatio(IReadOnlyList<double> numerator, IReadOnlyList<double> denominator)
+    {
+        ArgumentNullException.ThrowIfNull(numerator);
+        ArgumentNullException.ThrowIfNull(denominator);
+        if (numerator.Count != denominator.Count || numerator.Count == 0)
+            throw new ArgumentException($"Expected two equally long, non-empty series of round times, found {numerator.Count} and {denominator.Count}.");
+        return Median(numerator.Select((n, i) => n / denominator[i]).ToArray());
     }
 
     /// <summary>The median of a sample.</summary>
