@@ -19,7 +19,7 @@ var blockOption = new Option<string?>("--block") { Description = "Override the b
 var batchOption = new Option<int>("--batch-size") { Description = "Images per step.", DefaultValueFactory = _ => 8 };
 var dtypeOption = new Option<string>("--dtype") { Description = "float32 or bfloat16 (float16, float64 also accepted).", DefaultValueFactory = _ => "float32" };
 var deviceOption = new Option<string>("--device") { Description = "cpu or cuda[:N].", DefaultValueFactory = _ => "cpu" };
-var modeOption = new Option<string>("--mode") { Description = "inference or training (forward, backward, AdamW step).", DefaultValueFactory = _ => "inference" };
+var modeOption = new Option<string>("--mode") { Description = "inference, forward-backward (no optimizer), or training (forward, backward, AdamW step).", DefaultValueFactory = _ => "inference" };
 var samplesOption = new Option<int>("--samples") { Description = "Timed (GEMM, step) pairs; medians are reported.", DefaultValueFactory = _ => 10 };
 var warmupOption = new Option<int>("--warmup") { Description = "Untimed warm-up steps.", DefaultValueFactory = _ => 2 };
 var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 };
@@ -45,9 +45,9 @@ root.SetAction(parse =>
         };
         var dtype = ViTConfigJson.ParseDType(parse.GetValue(dtypeOption)!);
         string mode = parse.GetValue(modeOption)!;
-        if (mode is not ("inference" or "training")) throw new ArgumentException($"--mode must be inference or training, found '{mode}'.");
+        if (mode is not ("inference" or "forward-backward" or "training")) throw new ArgumentException($"--mode must be inference, forward-backward or training, found '{mode}'.");
         var results = Measure(configs, parse.GetValue(presetOption)!, Math.Max(1, parse.GetValue(batchOption)), dtype, new Device(parse.GetValue(deviceOption)!),
-            mode == "training", Math.Max(1, parse.GetValue(samplesOption)), Math.Max(0, parse.GetValue(warmupOption)), parse.GetValue(peakOption));
+            mode, Math.Max(1, parse.GetValue(samplesOption)), Math.Max(0, parse.GetValue(warmupOption)), parse.GetValue(peakOption));
         Print(results);
         if (parse.GetValue(jsonOption) is { } json) AtomicFile.Write(json.FullName, s => JsonSerializer.Serialize(s, results, new JsonSerializerOptions { WriteIndented = true }));
         if (parse.GetValue(csvOption) is { } csv)
@@ -63,7 +63,7 @@ root.SetAction(parse =>
 return root.Parse(args).Invoke();
 
 // Builds one model per config and measures them interleaved with the same-dtype GEMM (MfuMeter.MeasureInterleaved).
-static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int batch, ScalarType dtype, Device device, bool training, int samples, int warmup, double? datasheetTflops)
+static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int batch, ScalarType dtype, Device device, string mode, int samples, int warmup, double? datasheetTflops)
 {
     if (device.type == DeviceType.CPU)
         foreach (var c in configs) ModelAccounting.EnsureFitsInHostMemory(c, dtype);
@@ -81,7 +81,7 @@ static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int 
             var model = new VisionTransformer(c, device, dtype);
             models.Add(model);
             var flops = ModelAccounting.Flops(c);
-            if (!training)
+            if (mode == "inference")
             {
                 model.eval();
                 steps.Add((() =>
@@ -96,6 +96,7 @@ static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int 
             // The library's AdamW, as Trainer runs it: float32 master weights and state for 16-bit parameters.
             var optimizer = new AdamW(Optimizer.WithWeightDecay(model, weightDecay: 1e-4, headWeightDecay: 1e-4));
             optimizers.Add(optimizer);
+            bool update = mode == "training";
             steps.Add((() =>
             {
                 using var scope = torch.NewDisposeScope();
@@ -103,12 +104,12 @@ static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int 
                 var output = model.call(images);
                 var loss = c.NumClasses > 0 ? nn.functional.cross_entropy(output.to(ScalarType.Float32), labels) : output.to(ScalarType.Float32).square().mean();
                 loss.backward();
-                optimizer.Step(1e-4);
+                if (update) optimizer.Step(1e-4);
             }, batch * flops.Training));
         }
         using var meter = new MfuMeter(device, dtype);
         var measured = meter.MeasureInterleaved(steps, samples, warmup);
-        return measured.Select((m, i) => new MfuResult(preset, configs[i].Block.ToString().ToLowerInvariant(), training ? "training" : "inference",
+        return measured.Select((m, i) => new MfuResult(preset, configs[i].Block.ToString().ToLowerInvariant(), mode,
             ViTConfigJson.DTypeName(dtype), device.ToString(), batch, torch.get_num_threads(), batch * configs[i].NumTokens / m.StepSeconds,
             batch / m.StepSeconds, m.AchievedFlopsPerSecond / 1e12, m.PeakFlopsPerSecond / 1e12, m.Mfu, datasheetTflops,
             datasheetTflops is { } p ? m.AchievedFlopsPerSecond / (p * 1e12) : null, m.StepSeconds, samples,
@@ -135,7 +136,7 @@ static void Print(IReadOnlyList<MfuResult> results)
     foreach (var r in results.Skip(1))
         AnsiConsole.MarkupLine($"{r.Block} vs {first.Block}: {r.SpeedupOverFirst:F3}× as fast (median over rounds of the {first.Block} step's time over the {r.Block} step's).");
     AnsiConsole.MarkupLine($"Median of {first.Samples} interleaved samples; step {string.Join(" / ", results.Select(r => $"{r.StepSeconds * 1000:F1} ms"))}; " +
-        $"{first.Threads} torch threads. Model FLOPs per SPEC.md §9 (2 per MAC, matmuls only, training = 3 × forward).");
+        $"{first.Threads} torch threads. Model FLOPs per SPEC.md §9 (2 per MAC, matmuls only, forward-backward and training = 3 × forward).");
 }
 
 /// <summary>One MFU measurement, as printed and as written to JSON/CSV.</summary>
