@@ -20,7 +20,7 @@ var batchOption = new Option<int>("--batch-size") { Description = "Images per st
 var dtypeOption = new Option<string>("--dtype") { Description = "float32 or bfloat16 (float16, float64 also accepted).", DefaultValueFactory = _ => "float32" };
 var deviceOption = new Option<string>("--device") { Description = "cpu or cuda[:N].", DefaultValueFactory = _ => "cpu" };
 var modeOption = new Option<string>("--mode") { Description = "inference, forward-backward (no optimizer), or training (forward, backward, AdamW step).", DefaultValueFactory = _ => "inference" };
-var samplesOption = new Option<int>("--samples") { Description = "Timed (GEMM, step) pairs; medians are reported.", DefaultValueFactory = _ => 10 };
+var samplesOption = new Option<int>("--samples") { Description = "Timed rounds (a GEMM before each measured step); medians are reported.", DefaultValueFactory = _ => 10 };
 var warmupOption = new Option<int>("--warmup") { Description = "Untimed warm-up steps.", DefaultValueFactory = _ => 2 };
 var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 };
 var peakOption = new Option<double?>("--datasheet-peak-tflops") { Description = "Also report MFU against this datasheet peak (TFLOP/s), e.g. 989 for an H100 SXM in bf16 dense." };

@@ -87,7 +87,7 @@ public sealed class MfuMeter : IDisposable
     /// Compares several steps in one run: <paramref name="warmup"/> untimed rounds, then <paramref name="samples"/>
     /// rounds of (GEMM, step 1, GEMM, step 2, …), so every step meets the same drift of a shared machine. Each result
     /// holds its step's median and its per-round times (<see cref="MfuMeasurement.StepSamples"/>, for
-    /// <see cref="MedianRatio"/>); the peak of every result is the median of all the round's GEMMs.
+    /// <see cref="MedianRatio"/>); the peak of every result is the median of all the run's GEMMs.
     /// </summary>
     public MfuMeasurement[] MeasureInterleaved(IReadOnlyList<(Action Step, double Flops)> steps, int samples = 10, int warmup = 2)
     {
