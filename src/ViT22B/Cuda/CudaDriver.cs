@@ -85,15 +85,43 @@ public static unsafe class CudaDriver
         throw new CudaException(operation, result, detail);
     }
 
-    /// <summary>The CUDA ordinal of a device (TorchSharp's "cuda" without an index is device 0).</summary>
-    internal static int Ordinal(TorchSharp.torch.Device device) => Math.Max(device.index, 0);
+    /// <summary>The CUDA ordinal of a device. A device without an index (<c>"cuda"</c>) means libtorch's current
+    /// device, which libtorch resolves when it allocates there; that is asked here, not assumed to be 0.</summary>
+    internal static int Ordinal(TorchSharp.torch.Device device)
+    {
+        if (device.type != TorchSharp.DeviceType.CUDA) throw new ArgumentException($"{device} is not a CUDA device.", nameof(device));
+        if (device.index >= 0) return device.index;
+        using var probe = TorchSharp.torch.empty(0, device: device);
+        return probe.device.index;
+    }
 
     /// <summary>Makes device <paramref name="device"/>'s primary context (the one libtorch uses) current on the calling
-    /// thread; driver calls for that device must follow it on every worker thread.</summary>
-    public static void MakeCurrent(int device)
+    /// thread and leaves it there: a rank's thread binds itself to its GPU this way before NCCL's initialization, which
+    /// reads the current device. Code that only needs the context for one call uses <see cref="Use"/> instead.</summary>
+    public static void MakeCurrent(int device) => Check(F.CtxSetCurrent(PrimaryContext(device)), "cuCtxSetCurrent");
+
+    /// <summary>Pushes device <paramref name="device"/>'s primary context onto the calling thread's context stack until
+    /// the returned scope is disposed, which pops it and so restores whatever context the thread had.</summary>
+    internal static ContextScope Use(int device)
+    {
+        Check(F.CtxPushCurrent(PrimaryContext(device)), "cuCtxPushCurrent");
+        return new ContextScope();
+    }
+
+    /// <summary>Pops the context <see cref="Use"/> pushed.</summary>
+    internal readonly struct ContextScope : IDisposable
+    {
+        public void Dispose()
+        {
+            nint popped;
+            Check(F.CtxPopCurrent(&popped), "cuCtxPopCurrent");
+        }
+    }
+
+    private static nint PrimaryContext(int device)
     {
         if (device < 0) throw new ArgumentOutOfRangeException(nameof(device), $"device must be ≥ 0, found {device}.");
-        var ctx = PrimaryContexts.GetOrAdd(device, d =>
+        return PrimaryContexts.GetOrAdd(device, d =>
         {
             int handle;
             Check(F.DeviceGet(&handle, d), "cuDeviceGet");
@@ -101,8 +129,22 @@ public static unsafe class CudaDriver
             Check(F.DevicePrimaryCtxRetain(&c, handle), "cuDevicePrimaryCtxRetain");
             return c;
         });
-        Check(F.CtxSetCurrent(ctx), "cuCtxSetCurrent");
     }
+
+    /// <summary>A stream created by the driver with <c>CU_STREAM_NON_BLOCKING</c> (it does not synchronize with the
+    /// legacy default stream), at the device's highest or default priority. Used where libtorch's stream pool is not
+    /// exported. The stream lives as long as the process.</summary>
+    internal static nint CreateNonBlockingStream(int device, bool highPriority)
+    {
+        using var _ = Use(device);
+        int least, greatest;
+        Check(F.CtxGetStreamPriorityRange(&least, &greatest), "cuCtxGetStreamPriorityRange");
+        nint stream;
+        Check(F.StreamCreateWithPriority(&stream, NonBlockingStream, highPriority ? greatest : least), "cuStreamCreateWithPriority");
+        return stream;
+    }
+
+    private const uint NonBlockingStream = 1;   // CU_STREAM_NON_BLOCKING
 
     internal sealed class Functions
     {
@@ -110,6 +152,10 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<int*, int, CudaResult> DeviceGet;
         public readonly delegate* unmanaged<nint*, int, CudaResult> DevicePrimaryCtxRetain;
         public readonly delegate* unmanaged<nint, CudaResult> CtxSetCurrent;
+        public readonly delegate* unmanaged<nint, CudaResult> CtxPushCurrent;
+        public readonly delegate* unmanaged<nint*, CudaResult> CtxPopCurrent;
+        public readonly delegate* unmanaged<int*, int*, CudaResult> CtxGetStreamPriorityRange;
+        public readonly delegate* unmanaged<nint*, uint, int, CudaResult> StreamCreateWithPriority;
         public readonly delegate* unmanaged<nint*, uint, CudaResult> EventCreate;
         public readonly delegate* unmanaged<nint, nint, CudaResult> EventRecord;
         public readonly delegate* unmanaged<nint, CudaResult> EventQuery;
@@ -124,6 +170,10 @@ public static unsafe class CudaDriver
             DeviceGet = (delegate* unmanaged<int*, int, CudaResult>)lib.GetExport("cuDeviceGet");
             DevicePrimaryCtxRetain = (delegate* unmanaged<nint*, int, CudaResult>)lib.GetExport("cuDevicePrimaryCtxRetain");
             CtxSetCurrent = (delegate* unmanaged<nint, CudaResult>)lib.GetExport("cuCtxSetCurrent");
+            CtxPushCurrent = (delegate* unmanaged<nint, CudaResult>)lib.GetExport("cuCtxPushCurrent_v2");
+            CtxPopCurrent = (delegate* unmanaged<nint*, CudaResult>)lib.GetExport("cuCtxPopCurrent_v2");
+            CtxGetStreamPriorityRange = (delegate* unmanaged<int*, int*, CudaResult>)lib.GetExport("cuCtxGetStreamPriorityRange");
+            StreamCreateWithPriority = (delegate* unmanaged<nint*, uint, int, CudaResult>)lib.GetExport("cuStreamCreateWithPriority");
             EventCreate = (delegate* unmanaged<nint*, uint, CudaResult>)lib.GetExport("cuEventCreate");
             EventRecord = (delegate* unmanaged<nint, nint, CudaResult>)lib.GetExport("cuEventRecord");
             EventQuery = (delegate* unmanaged<nint, CudaResult>)lib.GetExport("cuEventQuery");
@@ -137,10 +187,10 @@ public static unsafe class CudaDriver
 
 /// <summary>
 /// A CUDA event (timing disabled): record it on a stream after some work, make another stream wait for it, or ask
-/// whether the work has finished. Created for one device; the device's primary context is made current on the
-/// calling thread by every method.
+/// whether the work has finished. Created for one device; every method pushes that device's primary context for the
+/// duration of its driver call and pops it again, so the calling thread's own context is left as it was.
 /// </summary>
-public sealed unsafe class CudaEvent : IDisposable
+public sealed unsafe class CudaEvent : IDeviceEvent
 {
     private const uint DisableTiming = 2;   // CU_EVENT_DISABLE_TIMING
     private nint _event;
@@ -149,7 +199,7 @@ public sealed unsafe class CudaEvent : IDisposable
     public CudaEvent(int device)
     {
         Device = device;
-        CudaDriver.MakeCurrent(device);
+        using var _ = CudaDriver.Use(device);
         nint e;
         CudaDriver.Check(CudaDriver.F.EventCreate(&e, DisableTiming), "cuEventCreate");
         _event = e;
@@ -181,7 +231,7 @@ public sealed unsafe class CudaEvent : IDisposable
     private void Call(Func<nint, CudaResult> f, string op)
     {
         ObjectDisposedException.ThrowIf(_event == 0, this);
-        CudaDriver.MakeCurrent(Device);
+        using var _ = CudaDriver.Use(Device);
         CudaDriver.Check(f(_event), op);
     }
 
@@ -189,8 +239,7 @@ public sealed unsafe class CudaEvent : IDisposable
     public void Dispose()
     {
         if (_event == 0) return;
-        CudaDriver.MakeCurrent(Device);
-        CudaDriver.F.EventDestroy(_event);
+        using (CudaDriver.Use(Device)) CudaDriver.F.EventDestroy(_event);
         _event = 0;
     }
 }

@@ -13,8 +13,8 @@ namespace ViT22B.Cuda;
 /// device-to-device copies, concatenation or sum), copies it into a tensor allocated on the receiver's compute
 /// stream, and records a done event that the compute stream waits on (<see cref="Receive"/>); the host never
 /// blocks;</item>
-/// <item>the senders' copies are freed only after every receiver's done event has passed
-/// (<see cref="ReleaseAfter"/>), because the caching allocator would otherwise hand their memory to the senders'
+/// <item>the senders' copies are freed only after every receiver's done event has passed (checked without blocking
+/// by later collectives, then <see cref="Release"/>), because the caching allocator would otherwise hand their memory to the senders'
 /// compute streams while a communication stream still reads it (libtorch has no <c>record_stream</c> here).</item>
 /// </list>
 /// Every result is allocated on the stream that will use and free it; every cross-stream use is ordered by an event.
@@ -60,10 +60,10 @@ internal static class InProcessTransfer
         return (result, done);
     }
 
-    /// <summary>Blocks until every <paramref name="done"/> event has passed, then frees <paramref name="inputs"/> and all events.</summary>
-    public static void ReleaseAfter(IEnumerable<CudaEvent?> done, IEnumerable<CudaEvent?> ready, IEnumerable<Tensor?> inputs)
+    /// <summary>Frees <paramref name="inputs"/> and all events; call it once every <paramref name="done"/> event has passed
+    /// (the caller checks, without blocking, and keeps the inputs until then).</summary>
+    public static void Release(IEnumerable<CudaEvent?> done, IEnumerable<CudaEvent?> ready, IEnumerable<Tensor?> inputs)
     {
-        foreach (var e in done) e?.Synchronize();
         foreach (var t in inputs) t?.Dispose();
         foreach (var e in done.Concat(ready)) e?.Dispose();
     }

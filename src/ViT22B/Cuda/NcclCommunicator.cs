@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using TorchSharp;
 using ViT22B.Interop;
 using ViT22B.Parallel;
@@ -6,91 +7,138 @@ using static TorchSharp.torch;
 namespace ViT22B.Cuda;
 
 /// <summary>
-/// <see cref="ICommunicator"/> on NCCL, one rank per GPU. Every operation runs on a non-blocking communication
-/// stream from libtorch's pool: the stream first waits on an event recorded on the rank's current (compute) stream,
-/// so the inputs are ready; the collective is enqueued; an event recorded after it orders the result back onto the
-/// compute stream in <see cref="ICommWork.Wait"/>, which also polls <c>ncclCommGetAsyncError</c> until the
-/// collective has finished or the timeout passes, and aborts the communicator on either failure, so a dead peer
-/// surfaces as <see cref="CommunicatorException"/> rather than a hang. Input, output and staging tensors stay
-/// referenced by the operation until its event has passed (libtorch has no <c>record_stream</c> here).
-/// Uneven dimension-0 chunks are padded to the largest (their sizes are exchanged first, a small extra collective
-/// and a host synchronization). Unlike <see cref="ThreadedCommunicator"/>, shapes and dtypes are not compared across
-/// ranks: a mismatch is undefined behaviour in NCCL and shows up as a timeout or wrong values.
-/// Use each instance from one thread only. Written from nccl.h, the NCCL user guide and TORCHSHARP.md §10; not yet
-/// run on a GPU.
+/// <see cref="ICommunicator"/> on NCCL, one rank per GPU (or, with NCCL ≥ 2.30 and
+/// <c>NCCL_MULTI_RANK_GPU_ENABLE=1</c>, up to two processes sharing one). How one collective runs:
+/// <list type="number">
+/// <item>The caller's tensor is used in place when it is contiguous (a new handle on its storage: disposing the
+/// caller's handle frees nothing the collective still reads); only non-contiguous inputs and uneven chunks, which
+/// NCCL's all-gather and reduce-scatter pad to the largest, are copied. So the caller must not modify an input in
+/// place before <see cref="ICommWork.Wait"/> returns.</item>
+/// <item>A ready event recorded on the calling thread's current (compute) stream is waited on by a non-blocking
+/// communication stream; the collective is issued there (polling until NCCL has put it on the stream, for a
+/// non-blocking communicator); a done event is recorded after it. Sizes the caller passes (the token partition) are
+/// used as they are; only a size nobody passed is exchanged first, which costs a collective and a host
+/// synchronization.</item>
+/// <item><see cref="ICommWork.Wait"/> polls the done event together with <c>ncclCommGetAsyncError</c> until the
+/// collective has finished, a failure is reported, or the timeout passes; then makes the compute stream wait on the
+/// done event and returns the result. The wait comes after the caller has queued its own work (in the ring loops, the
+/// step's matmul), which runs on the GPU meanwhile.</item>
+/// <item>The buffers are dropped only once the done event has passed. Work that is disposed without being waited for
+/// is waited for then (and on failure the communicator is aborted); after a failure whose event has not passed, the
+/// buffers are kept rather than freed while NCCL might still use them.</item>
+/// </list>
+/// Any failure once a collective has been issued — an error code (even "invalid argument"), an asynchronous error, a
+/// timeout, any exception — aborts the communicator and surfaces as <see cref="CommunicatorException"/>: the ranks
+/// issue collectives in lockstep, and a rank that missed one would pair its later calls with the wrong ones of its
+/// peers. Unlike <see cref="ThreadedCommunicator"/>, shapes are not compared across ranks; a mismatch shows up as a
+/// timeout (or, in the NCCL stand-in of the tests, an error naming both sides). Use each instance from one thread.
 /// </summary>
 public sealed class NcclCommunicator : ICommunicator, IDisposable
 {
+    private static readonly List<Work> KeptForever = new();   // buffers a failed collective might still use
     private readonly NcclComm _comm;
+    private readonly ICommDevice _dev;
     private readonly nint _stream;
+    private readonly List<Work> _outstanding = new();
+    private readonly List<Work> _quarantined = new();
+    private CommunicatorException? _failure;
 
-    private NcclCommunicator(NcclComm comm, int device, string name, TimeSpan timeout)
+    internal NcclCommunicator(NcclComm comm, ICommDevice dev, int device, string name, TimeSpan timeout, bool highPriorityStream)
     {
-        (_comm, Device, Name, Timeout) = (comm, device, name, timeout);
-        _stream = CudaStreams.FromPool(device);
+        if (timeout <= TimeSpan.Zero) throw new ArgumentOutOfRangeException(nameof(timeout), "The timeout must be positive.");
+        (_comm, _dev, Device, Name, Timeout) = (comm, dev, device, name, timeout);
+        _stream = dev.CreateCommStream(device, highPriorityStream);
     }
 
-    /// <summary>One communicator per listed local device, in one process (<c>ncclCommInitAll</c>); drive each from its
-    /// own thread.</summary>
-    public static NcclCommunicator[] CreateLocal(IReadOnlyList<int> devices, TimeSpan timeout, string name = "nccl")
+    /// <summary>The variable NCCL 2.30 reads to allow two ranks on one GPU.</summary>
+    public const string MultiRankGpuVariable = "NCCL_MULTI_RANK_GPU_ENABLE";
+
+    /// <summary>One communicator per listed local device, in one process (one NCCL group of non-blocking
+    /// initializations); drive each from its own thread.</summary>
+    /// <param name="devices">CUDA ordinals, one per rank (distinct: NCCL refuses two ranks of one process on a GPU).</param>
+    /// <param name="timeout">How long initialization and each <see cref="ICommWork.Wait"/> may take.</param>
+    /// <param name="name">Prefix of the communicators' names.</param>
+    /// <param name="highPriorityStream">Put the communication on a high-priority stream (as TransformerEngine does;
+    /// not yet measured here).</param>
+    public static NcclCommunicator[] CreateLocal(IReadOnlyList<int> devices, TimeSpan timeout, string name = "nccl", bool highPriorityStream = false) =>
+        CreateLocal(Nccl.Native, CudaCommDevice.Instance, devices, timeout, name, highPriorityStream);
+
+    internal static NcclCommunicator[] CreateLocal(INcclApi api, ICommDevice dev, IReadOnlyList<int> devices, TimeSpan timeout, string name, bool highPriorityStream)
     {
         ArgumentNullException.ThrowIfNull(devices);
-        var comms = NcclComm.InitAll(devices);
-        return comms.Select((c, i) => new NcclCommunicator(c, devices[i], $"{name}[{i}]", timeout)).ToArray();
+        if (devices.Distinct().Count() != devices.Count)
+            throw new ArgumentException($"Devices [{string.Join(", ", devices)}] repeat a GPU: one process runs one rank per GPU (several ranks on one GPU need one process each).", nameof(devices));
+        var comms = NcclComm.InitLocal(api, devices, dev.MakeCurrent, DateTime.UtcNow + timeout);
+        return comms.Select((c, i) => new NcclCommunicator(c, dev, devices[i], $"{name}[{i}]", timeout, highPriorityStream)).ToArray();
     }
 
     /// <summary>
-    /// This process's communicator in a multi-process run (one process per GPU, on one or several machines): the
-    /// device is <c>LOCAL_RANK</c>; rank 0 creates the NCCL id and hands it over with <see cref="Rendezvous"/> at
-    /// <c>MASTER_ADDR:MASTER_PORT</c>; then <c>ncclCommInitRank</c>.
+    /// This process's communicator in a multi-process run (one process per GPU, on one or several machines): the GPU is
+    /// <c>LOCAL_RANK</c> modulo the GPUs visible; rank 0 creates the NCCL id and hands it over with
+    /// <see cref="Rendezvous"/> at <c>MASTER_ADDR:MASTER_PORT</c>; then every rank initializes, each within
+    /// <paramref name="timeout"/>.
     /// </summary>
-    public static NcclCommunicator FromEnvironment(LaunchEnvironment env, TimeSpan timeout, string name = "nccl")
+    public static NcclCommunicator FromEnvironment(LaunchEnvironment env, TimeSpan timeout, string name = "nccl", bool highPriorityStream = false)
     {
         ArgumentNullException.ThrowIfNull(env);
-        CudaDriver.MakeCurrent(env.LocalRank);
-        byte[]? id = env.Rank == 0 ? Nccl.GetUniqueId().ToArray() : null;
+        var (api, dev) = (Nccl.Native, CudaCommDevice.Instance);
+        int gpu = GpuOf(env, dev.DeviceCount, Nccl.Version(api), Environment.GetEnvironmentVariable);
+        dev.MakeCurrent(gpu);
+        byte[]? id = env.Rank == 0 ? Nccl.GetUniqueId(api).ToArray() : null;
         var received = Rendezvous.Broadcast(env, id, timeout);
-        CudaDriver.MakeCurrent(env.LocalRank);
-        var comm = NcclComm.InitRank(NcclUniqueId.FromBytes(received), env.Rank, env.WorldSize);
-        return new NcclCommunicator(comm, env.LocalRank, $"{name}[{env.Rank}]", timeout);
+        dev.MakeCurrent(gpu);
+        var comm = NcclComm.InitRank(api, NcclUniqueId.FromBytes(received), env.Rank, env.WorldSize, DateTime.UtcNow + timeout);
+        return new NcclCommunicator(comm, dev, gpu, $"{name}[{env.Rank}]", timeout, highPriorityStream);
     }
 
     /// <summary>
     /// This process's <see cref="RankContext"/> on a <paramref name="data"/> × <paramref name="model"/> mesh of
     /// processes (one per GPU; <c>WORLD_SIZE</c> = data · model, rank numbering as <see cref="DeviceMesh"/>): rank 0
     /// creates one NCCL id per group (the model groups, then the data groups) and hands them all over in one
-    /// <see cref="Rendezvous"/>; every rank then initializes its model group and then its data group, in that order on
-    /// every rank, so the blocking initializations cannot wait on each other. The mesh's device is this process's
-    /// GPU (<c>cuda:LOCAL_RANK</c>); other ranks' devices are not known here.
+    /// <see cref="Rendezvous"/>; every rank then initializes its model group and then its data group, each within
+    /// <paramref name="timeout"/>. The mesh's device is this process's GPU (<c>LOCAL_RANK</c> modulo the GPUs
+    /// visible); other ranks' devices are not known here.
     /// </summary>
-    public static RankContext CreateRankContext(LaunchEnvironment env, int data, int model, TimeSpan timeout)
+    public static RankContext CreateRankContext(LaunchEnvironment env, int data, int model, TimeSpan timeout, bool highPriorityStream = false)
     {
         ArgumentNullException.ThrowIfNull(env);
-        var mesh = new DeviceMesh(data, model, new[] { new Device(DeviceType.CUDA, env.LocalRank) });
+        var (api, dev) = (Nccl.Native, CudaCommDevice.Instance);
+        int gpu = GpuOf(env, dev.DeviceCount, Nccl.Version(api), Environment.GetEnvironmentVariable);
+        var mesh = new DeviceMesh(data, model, new[] { dev.TorchDevice(gpu) });
         if (env.WorldSize != mesh.WorldSize)
             throw new ArgumentException($"A {data}×{model} mesh needs {mesh.WorldSize} processes but WORLD_SIZE is {env.WorldSize}.");
-        CudaDriver.MakeCurrent(env.LocalRank);
-        byte[]? ids = null;
-        if (env.Rank == 0)
-            ids = Enumerable.Range(0, data + model).SelectMany(_ => Nccl.GetUniqueId().ToArray()).ToArray();
+        dev.MakeCurrent(gpu);
+        byte[]? ids = env.Rank == 0 ? NewGroupIds(api, mesh) : null;
         var received = Rendezvous.Broadcast(env, ids, timeout);
-        var (modelId, dataId) = GroupIds(received, mesh, env.Rank);
-        var (d, m) = mesh.Coordinates(env.Rank);
-        CudaDriver.MakeCurrent(env.LocalRank);
-        var modelComm = NcclComm.InitRank(NcclUniqueId.FromBytes(modelId), m, model);
-        NcclComm dataComm;
+        return InitRankContext(api, dev, mesh, env.Rank, gpu, received, timeout, highPriorityStream);
+    }
+
+    /// <summary>One NCCL id per group of <paramref name="mesh"/>: the model groups (by data index), then the data
+    /// groups (by model index), concatenated (what rank 0 hands to every rank).</summary>
+    internal static byte[] NewGroupIds(INcclApi api, DeviceMesh mesh) =>
+        Enumerable.Range(0, mesh.DataSize + mesh.ModelSize).SelectMany(_ => Nccl.GetUniqueId(api).ToArray()).ToArray();
+
+    /// <summary>Rank <paramref name="rank"/>'s context from the ids rank 0 handed out: its model communicator, then its
+    /// data communicator (the same order on every rank, so no initialization waits on one that comes later).</summary>
+    internal static RankContext InitRankContext(INcclApi api, ICommDevice dev, DeviceMesh mesh, int rank, int device, byte[] payload, TimeSpan timeout, bool highPriorityStream = false)
+    {
+        var (modelId, dataId) = GroupIds(payload, mesh, rank);
+        var (d, m) = mesh.Coordinates(rank);
+        dev.MakeCurrent(device);
+        var modelComm = NcclComm.InitRank(api, NcclUniqueId.FromBytes(modelId), m, mesh.ModelSize, DateTime.UtcNow + timeout);
+        NcclCommunicator? model = null;
         try
         {
-            dataComm = NcclComm.InitRank(NcclUniqueId.FromBytes(dataId), d, data);
+            model = new NcclCommunicator(modelComm, dev, device, $"model[data={d}]", timeout, highPriorityStream);
+            var dataComm = NcclComm.InitRank(api, NcclUniqueId.FromBytes(dataId), d, mesh.DataSize, DateTime.UtcNow + timeout);
+            return new RankContext(mesh, rank, model, new NcclCommunicator(dataComm, dev, device, $"data[model={m}]", timeout, highPriorityStream));
         }
         catch
         {
-            modelComm.Dispose();
+            if (model is not null) model.Dispose();
+            else modelComm.Dispose();
             throw;
         }
-        return new RankContext(mesh, env.Rank,
-            new NcclCommunicator(modelComm, env.LocalRank, $"model[data={d}]", timeout),
-            new NcclCommunicator(dataComm, env.LocalRank, $"data[model={m}]", timeout));
     }
 
     /// <summary>The ids of <paramref name="rank"/>'s model and data groups in the payload rank 0 sends: one id per
@@ -104,6 +152,32 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         return (payload.AsSpan(d * size, size).ToArray(), payload.AsSpan((mesh.DataSize + m) * size, size).ToArray());
     }
 
+    /// <summary>
+    /// The GPU of a process: <c>LOCAL_RANK</c> modulo the GPUs it sees. When the machine's processes
+    /// (<c>LOCAL_WORLD_SIZE</c>) outnumber its GPUs, several share one, which NCCL allows only from 2.30 on, with
+    /// <c>NCCL_MULTI_RANK_GPU_ENABLE=1</c>, and for at most two ranks per GPU; anything else is refused here with the
+    /// reason instead of failing inside NCCL's initialization.
+    /// </summary>
+    internal static int GpuOf(LaunchEnvironment env, int gpus, int ncclVersion, Func<string, string?> variable)
+    {
+        if (gpus < 1) throw new ArgumentException("This process sees no CUDA device.");
+        int gpu = env.LocalRank % gpus;
+        int local = env.LocalWorldSize ?? 1;
+        if (local > gpus)
+        {
+            int perGpu = (local + gpus - 1) / gpus;
+            string why = ncclVersion < 23000 ? $"NCCL {FormatVersion(ncclVersion)} refuses that (from 2.30 on, {MultiRankGpuVariable}=1 allows up to 2 ranks per GPU)"
+                : variable(MultiRankGpuVariable) != "1" ? $"NCCL {FormatVersion(ncclVersion)} allows it only with {MultiRankGpuVariable}=1, which is not set"
+                : perGpu > 2 ? $"NCCL allows at most 2 ranks per GPU, this would put {perGpu} on one"
+                : null!;
+            if (why is not null)
+                throw new ArgumentException($"{local} processes on this machine share {gpus} GPU(s): {why}. Start at most {gpus} process(es) per machine, or run the ranks as threads (--device cuda).");
+        }
+        return gpu;
+    }
+
+    private static string FormatVersion(int v) => v >= 10000 ? $"{v / 10000}.{v / 100 % 100}.{v % 100}" : $"{v / 1000}.{v / 100 % 10}.{v % 100}";
+
     /// <summary>The CUDA device of this rank.</summary>
     public int Device { get; }
     /// <summary>How long <see cref="ICommWork.Wait"/> waits before aborting.</summary>
@@ -114,181 +188,320 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
     public int Size => _comm.Size;
     /// <inheritdoc />
     public string Name { get; }
+    /// <summary>Whether the communicator was aborted after a failure (every later call fails).</summary>
+    public bool IsAborted => _comm.IsAborted;
+
+    /// <summary>Collectives issued and not yet waited for or disposed.</summary>
+    internal int Outstanding => _outstanding.Count;
 
     /// <inheritdoc />
-    public ICommWork AllGatherAsync(Tensor local)
+    public ICommWork AllGatherAsync(Tensor local, IReadOnlyList<long>? counts = null)
     {
-        var rows = ExchangeRows(local.shape[0]);
+        ArgumentNullException.ThrowIfNull(local);
+        var type = Nccl.DataType(local.dtype);
+        long[] rows;
+        if (counts is null) rows = ExchangeRows(local.shape[0]);
+        else
+        {
+            if (counts.Count != Size || counts.Any(c => c < 0) || counts[Rank] != local.shape[0])
+                throw new ArgumentException($"{Name}: AllGather counts [{string.Join(", ", counts)}] must have {Size} non-negative entries, this rank's being its {local.shape[0]} rows.", nameof(counts));
+            rows = counts.ToArray();
+        }
         long max = rows.Max();
-        var input = Own(local, max);
+        bool even = rows.All(r => r == max);
+        var input = even ? Share(local) : Padded(local, max);
         var gathered = Rows.Empty(Size * max, local);
-        return Enqueue("AllGather", input, gathered, () => _comm.AllGather(input, gathered, _stream),
-            g => rows.All(r => r == max) ? g.alias() : torch.cat(rows.Select((r, i) => g.narrow(0, i * max, r)).ToArray(), 0));
+        return Enqueue("AllGather", input, gathered,
+            (s, deadline) => _comm.AllGather(Buf(input, type), Buf(gathered, type), s, deadline),
+            g => even ? g.alias() : torch.cat(rows.Select((r, i) => g.narrow(0, i * max, r)).ToArray(), 0));
     }
 
     /// <inheritdoc />
     public ICommWork ReduceScatterAsync(Tensor full, IReadOnlyList<long> counts)
     {
+        ArgumentNullException.ThrowIfNull(full);
         ArgumentNullException.ThrowIfNull(counts);
-        if (counts.Count != Size || counts.Sum() != full.shape[0])
-            throw new ArgumentException($"{Name}: ReduceScatter counts [{string.Join(", ", counts)}] must have {Size} entries summing to dimension 0 = {full.shape[0]}.");
+        var type = Nccl.DataType(full.dtype);
+        if (counts.Count != Size || counts.Any(c => c < 0) || counts.Sum() != full.shape[0])
+            throw new ArgumentException($"{Name}: ReduceScatter counts [{string.Join(", ", counts)}] must have {Size} non-negative entries summing to dimension 0 = {full.shape[0]}.");
         long max = counts.Max(), mine = counts[Rank];
         Tensor input;
-        using (var scope = NewDisposeScope())
+        if (counts.All(c => c == max)) input = Share(full);
+        else
         {
+            // Each rank's chunk padded to the largest, so NCCL sees equal blocks.
+            using var scope = NewDisposeScope();
             long offset = 0;
-            var parts = counts.Select(c => { var p = full.narrow(0, offset, c); offset += c; return p; }).ToArray();
-            // Each rank's chunk padded to the largest, so NCCL sees equal blocks (a copy even when already equal:
-            // the caller may reuse its tensor as soon as this returns).
-            input = counts.All(c => c == max) ? full.detach().clone() : torch.cat(parts.Select(p => Padded(p, max)).ToArray(), 0);
-            input = input.MoveToOuterDisposeScope();
+            var parts = counts.Select(c => { var p = full.detach().narrow(0, offset, c); offset += c; return Padded(p, max); }).ToArray();
+            input = torch.cat(parts, 0).MoveToOuterDisposeScope();
         }
         var output = Rows.Empty(max, full);
-        return Enqueue("ReduceScatter", input, output, () => _comm.ReduceScatter(input, output, NcclRedOp.Sum, _stream),
+        return Enqueue("ReduceScatter", input, output,
+            (s, deadline) => _comm.ReduceScatter(Buf(input, type), Buf(output, type), NcclRedOp.Sum, s, deadline),
             o => mine == max ? o.alias() : o.narrow(0, 0, mine));
     }
 
     /// <inheritdoc />
     public ICommWork AllReduceAsync(Tensor tensor)
     {
-        var input = Own(tensor, tensor.shape.Length == 0 ? 0 : tensor.shape[0]);
-        var output = torch.empty_like(input);
-        return Enqueue("AllReduce", input, output, () => _comm.AllReduce(input, output, NcclRedOp.Sum, _stream), o => o.alias());
+        ArgumentNullException.ThrowIfNull(tensor);
+        var type = Nccl.DataType(tensor.dtype);
+        var input = Share(tensor);
+        var output = torch.empty(input.shape, dtype: input.dtype, device: input.device);
+        return Enqueue("AllReduce", input, output,
+            (s, deadline) => _comm.AllReduce(Buf(input, type), Buf(output, type), NcclRedOp.Sum, s, deadline), o => o.alias());
     }
 
     /// <inheritdoc />
     public ICommWork BroadcastAsync(Tensor tensor, int root)
     {
-        var input = Own(tensor, tensor.shape.Length == 0 ? 0 : tensor.shape[0]);
-        var output = torch.empty_like(input);
-        return Enqueue("Broadcast", input, output, () => _comm.Broadcast(input, output, root, _stream), o => o.alias());
+        ArgumentNullException.ThrowIfNull(tensor);
+        if ((uint)root >= (uint)Size) throw new ArgumentOutOfRangeException(nameof(root), $"{Name}: root {root} is outside [0, {Size}).");
+        var type = Nccl.DataType(tensor.dtype);
+        var input = Share(tensor);
+        var output = torch.empty(input.shape, dtype: input.dtype, device: input.device);
+        return Enqueue("Broadcast", input, output,
+            (s, deadline) => _comm.Broadcast(Buf(input, type), Buf(output, type), root, s, deadline), o => o.alias());
     }
 
     /// <inheritdoc />
     public ICommWork PermuteAsync(Tensor send, int shift, long receiveRows = -1)
     {
+        ArgumentNullException.ThrowIfNull(send);
         if (receiveRows < -1) throw new ArgumentOutOfRangeException(nameof(receiveRows), $"{Name}: receiveRows must be −1 (unknown) or a row count, found {receiveRows}.");
+        var type = Nccl.DataType(send.dtype);
         int next = ((Rank + shift) % Size + Size) % Size, previous = ((Rank - shift) % Size + Size) % Size;
-        long rows = receiveRows;
-        if (rows < 0)
-        {
-            // The receiver learns the row count first (the sender's dimension 0 may differ from its own): a small
-            // send/receive and a host synchronization, which the ring loops avoid by passing the count.
-            var mineRows = torch.tensor(new[] { send.shape[0] }, device: Dev);
-            var theirRows = torch.empty(1, dtype: ScalarType.Int64, device: Dev);
-            using var r = Enqueue("Permute(rows)", mineRows, theirRows, () => _comm.SendRecv(mineRows, next, theirRows, previous, _stream), t => t.alias()).Wait();
-            rows = r.cpu().item<long>();
-        }
-        var input = Own(send, send.shape[0]);
+        long rows = receiveRows >= 0 ? receiveRows : ExchangePermutedRows(send.shape[0], next, previous);
+        var input = Share(send);
         var output = Rows.Empty(rows, send);
-        return Enqueue("Permute", input, output, () => _comm.SendRecv(input, next, output, previous, _stream), o => o.alias());
+        return Enqueue("Permute", input, output,
+            (s, deadline) => _comm.SendRecv(Buf(input, type), next, Buf(output, type), previous, s, deadline), o => o.alias());
     }
 
     /// <inheritdoc />
     public void Barrier()
     {
-        using var one = torch.ones(1, device: Dev);
+        using var one = torch.ones(1, device: _dev.TorchDevice(Device));
         AllReduceAsync(one).Wait().Dispose();
     }
 
-    /// <summary>Aborts (if a collective failed) or destroys the NCCL communicator.</summary>
-    public void Dispose() => _comm.Dispose();
-
-    private Device Dev => torch.device($"cuda:{Device}");
-
-    private long[] ExchangeRows(long rows)
+    /// <summary>Waits for (or, after a failure, abandons) what is still outstanding, then destroys the NCCL
+    /// communicator (an aborted one is already released).</summary>
+    public void Dispose()
     {
-        var mine = torch.tensor(new[] { rows }, device: Dev);
-        var all = torch.empty(Size, dtype: ScalarType.Int64, device: Dev);
-        using var gathered = Enqueue("AllGather(rows)", mine, all, () => _comm.AllGather(mine, all, _stream), a => a.alias()).Wait();
-        return gathered.cpu().data<long>().ToArray();
+        foreach (var w in _outstanding.ToArray()) w.Dispose();
+        // After an abort NCCL stops the collectives; give their events a moment to pass before the buffers go.
+        var watch = Stopwatch.StartNew();
+        var spin = new SpinWait();
+        while (_quarantined.Count > 0 && watch.Elapsed < TimeSpan.FromSeconds(5))
+        {
+            ReleaseQuarantined();
+            if (_quarantined.Count > 0) NcclComm.Pause(ref spin, watch.Elapsed);
+        }
+        lock (KeptForever) KeptForever.AddRange(_quarantined);
+        _quarantined.Clear();
+        _comm.Dispose();
     }
 
-    // A private copy of the caller's tensor (the contract lets the caller reuse it at once), padded along dimension 0.
-    private static Tensor Own(Tensor x, long rows)
+    // The size exchanges: only for sizes the caller did not pass (each is an extra collective and a host read).
+    private long[] ExchangeRows(long rows)
     {
-        using var scope = NewDisposeScope();
-        var own = x.shape.Length > 0 && x.shape[0] != rows ? Padded(x, rows) : x.detach().clone();
-        return own.MoveToOuterDisposeScope();
+        var dev = _dev.TorchDevice(Device);
+        var mine = torch.tensor(new[] { rows }, device: dev);
+        var all = torch.empty(Size, dtype: ScalarType.Int64, device: dev);
+        using var gathered = Enqueue("AllGather(sizes)", mine, all,
+            (s, deadline) => _comm.AllGather(Buf(mine, NcclDataType.Int64), Buf(all, NcclDataType.Int64), s, deadline), a => a.alias()).Wait();
+        return _dev.ReadToHost(gathered);
+    }
+
+    private long ExchangePermutedRows(long rows, int next, int previous)
+    {
+        var dev = _dev.TorchDevice(Device);
+        var mine = torch.tensor(new[] { rows }, device: dev);
+        var theirs = torch.empty(1, dtype: ScalarType.Int64, device: dev);
+        using var received = Enqueue("Permute(sizes)", mine, theirs,
+            (s, deadline) => _comm.SendRecv(Buf(mine, NcclDataType.Int64), next, Buf(theirs, NcclDataType.Int64), previous, s, deadline), t => t.alias()).Wait();
+        return _dev.ReadToHost(received)[0];
+    }
+
+    private NcclBuffer Buf(Tensor t, NcclDataType type) => new(_dev.DataPointer(t), (nuint)t.numel(), type);
+
+    // The caller's tensor itself when contiguous (a new handle on its storage), else a contiguous copy.
+    private static Tensor Share(Tensor x)
+    {
+        using var noGrad = torch.no_grad();
+        var d = x.detach();
+        if (d.is_contiguous()) return d;
+        var c = d.contiguous();
+        d.Dispose();
+        return c;
     }
 
     private static Tensor Padded(Tensor x, long rows)
     {
+        using var noGrad = torch.no_grad();
         var padded = Rows.Zeros(rows, x);
         padded.narrow(0, 0, x.shape[0]).copy_(x);
         return padded;
     }
 
+    private void ThrowIfFailed(string op)
+    {
+        if (_comm.IsAborted)
+            throw new CommunicatorException($"{Name}, rank {Rank}: {op}: the NCCL communicator was aborted after an earlier failure{(_failure is null ? "" : $" ({_failure.Message})")}.", _failure);
+    }
 
     // Orders the collective between the compute stream and the communication stream with events. The work item owns
-    // the input and output buffers (detached from the caller's dispose scope) until the collective's event has
-    // passed; Wait() returns a new tensor, in the caller's current dispose scope, made by finish from the output.
-    private ICommWork Enqueue(string op, Tensor input, Tensor output, Action collective, Func<Tensor, Tensor> finish)
+    // the buffers (detached from the caller's dispose scope) until the collective's done event has passed.
+    private Work Enqueue(string op, Tensor input, Tensor output, Action<nint, DateTime> issue, Func<Tensor, Tensor> finish)
     {
         input.DetachFromDisposeScope();
         output.DetachFromDisposeScope();
-        CudaEvent? ready = null, done = null;
+        var w = new Work(this, op, input, output, finish);
         try
         {
-            CudaDriver.MakeCurrent(Device);
-            nint compute = CudaStreams.Current(Device);
-            ready = new CudaEvent(Device);
-            done = new CudaEvent(Device);
-            ready.Record(compute);
-            ready.Wait(_stream);
-            collective();
-            done.Record(_stream);
+            ThrowIfFailed(op);
+            nint compute = _dev.CurrentStream(Device);
+            w.Ready = _dev.CreateEvent(Device);
+            w.Done = _dev.CreateEvent(Device);
+            w.Ready.Record(compute);
+            w.Ready.Wait(_stream);
+            w.Issued = true;
+            issue(_stream, DateTime.UtcNow + Timeout);
+            w.Done.Record(_stream);
+            w.DoneRecorded = true;
         }
         catch (Exception e)
         {
-            ready?.Dispose();
-            done?.Dispose();
-            input.Dispose();
-            output.Dispose();
-            throw new CommunicatorException($"{Name}, rank {Rank}: {op} could not be enqueued: {e.Message}", e);
+            var failure = e as CommunicatorException ?? Fail($"{op} could not be issued: {e.Message}", e);
+            if (w.Issued && !w.DoneRecorded && w.Done is not null)
+            {
+                // Mark the end of whatever reached the stream, so the buffers go only after it.
+                try { w.Done.Record(_stream); w.DoneRecorded = true; }
+                catch (Exception) { /* the buffers are then kept for good */ }
+            }
+            Retire(w);
+            throw failure;
         }
-        return new Work(() =>
-        {
-            try
-            {
-                var deadline = DateTime.UtcNow + Timeout;
-                while (!done.IsComplete)
-                {
-                    var error = _comm.AsyncError();
-                    if (error is not (NcclResult.Success or NcclResult.InProgress))
-                    {
-                        _comm.Abort();
-                        throw new CommunicatorException($"{Name}, rank {Rank}: {op} failed: NCCL reported {error}; the communicator was aborted.");
-                    }
-                    if (DateTime.UtcNow > deadline)
-                    {
-                        _comm.Abort();
-                        throw new CommunicatorException($"{Name}, rank {Rank}: {op} did not finish within {Timeout.TotalSeconds:F0} s (a peer is missing or its call does not match); the communicator was aborted.");
-                    }
-                    Thread.Yield();
-                }
-                done.Wait(CudaStreams.Current(Device));
-                return finish(output);
-            }
-            finally
-            {
-                ready.Dispose();
-                done.Dispose();
-                input.Dispose();
-                output.Dispose();
-            }
-        });
+        _outstanding.Add(w);
+        ReleaseQuarantined();
+        return w;
     }
 
-    private sealed class Work(Func<Tensor> wait) : ICommWork
+    private Tensor Complete(Work w)
     {
-        private bool _done;
+        try
+        {
+            WaitForDone(w);
+            w.Done!.Wait(_dev.CurrentStream(Device));
+            return w.Finish(w.Output);
+        }
+        catch (CommunicatorException)
+        {
+            throw;
+        }
+        catch (Exception e)
+        {
+            throw Fail($"{w.Op} failed: {e.Message}", e);
+        }
+        finally
+        {
+            Retire(w);
+        }
+    }
+
+    // Work disposed without Wait(): wait for it all the same (the buffers must outlive it); never throws, since the
+    // caller is usually unwinding another exception. A failure aborts the communicator, so later calls report it.
+    private void Abandon(Work w)
+    {
+        try
+        {
+            WaitForDone(w);
+        }
+        catch (Exception e)
+        {
+            if (e is not CommunicatorException) Fail($"{w.Op} failed while it was being abandoned: {e.Message}", e);
+        }
+        finally
+        {
+            Retire(w);
+        }
+    }
+
+    private void WaitForDone(Work w)
+    {
+        ThrowIfFailed(w.Op);
+        var watch = Stopwatch.StartNew();
+        var spin = new SpinWait();
+        while (!w.Done!.IsComplete)
+        {
+            var state = _comm.AsyncError();
+            if (state is not (NcclResult.Success or NcclResult.InProgress))
+            {
+                string last = _comm.LastError();
+                throw Fail($"{w.Op} failed: NCCL reported {state}{(last.Length > 0 ? $" ({last})" : "")}");
+            }
+            if (watch.Elapsed > Timeout)
+                throw Fail($"{w.Op} did not finish within {Timeout.TotalSeconds:0.###} s (a peer is missing, failed, or issued a different collective)");
+            NcclComm.Pause(ref spin, watch.Elapsed);
+        }
+    }
+
+    private CommunicatorException Fail(string what, Exception? inner = null)
+    {
+        _comm.Abort();
+        var e = new CommunicatorException($"{Name}, rank {Rank}: {what}; the NCCL communicator was aborted.", inner);
+        _failure ??= e;
+        return e;
+    }
+
+    // A finished (or failed) work item gives its buffers back once the device no longer uses them; until then they
+    // stay referenced, so neither the caller's dispose scope nor a finalizer can free them.
+    private void Retire(Work w)
+    {
+        _outstanding.Remove(w);
+        if (!w.Release(_dev)) _quarantined.Add(w);
+    }
+
+    private void ReleaseQuarantined() => _quarantined.RemoveAll(w => w.Release(_dev));
+
+    private sealed class Work(NcclCommunicator owner, string op, Tensor input, Tensor output, Func<Tensor, Tensor> finish) : ICommWork
+    {
+        private bool _finished, _released;
+
+        public string Op { get; } = op;
+        public Tensor Output { get; } = output;
+        public Func<Tensor, Tensor> Finish { get; } = finish;
+        public IDeviceEvent? Ready { get; set; }
+        public IDeviceEvent? Done { get; set; }
+        public bool Issued { get; set; }
+        public bool DoneRecorded { get; set; }
 
         public Tensor Wait()
         {
-            if (_done) throw new InvalidOperationException("Wait() was already called on this operation.");
-            _done = true;
-            return wait();
+            if (_finished) throw new InvalidOperationException("Wait() was already called on this operation, or it was disposed.");
+            _finished = true;
+            return owner.Complete(this);
+        }
+
+        public void Dispose()
+        {
+            if (_finished) return;
+            _finished = true;
+            owner.Abandon(this);
+        }
+
+        // Drops the buffers if nothing on the device can still use them: not issued, or its done event has passed.
+        public bool Release(ICommDevice dev)
+        {
+            if (_released) return true;
+            if (Issued && !(DoneRecorded && Done!.IsComplete)) return false;
+            _released = true;
+            dev.Release(input);
+            dev.Release(Output);
+            Ready?.Dispose();
+            Done?.Dispose();
+            return true;
         }
     }
 }

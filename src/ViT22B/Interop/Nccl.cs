@@ -117,24 +117,103 @@ public sealed class NcclException : InvalidOperationException
 }
 
 /// <summary>
-/// NCCL (<c>libnccl.so.2</c>, version ≥ 2.10) through function pointers resolved on first use: nothing loads until a
-/// member that calls NCCL runs, so a CPU-only machine never opens the library. The path can be set with the
-/// environment variable <c>VIT22B_NCCL_PATH</c> (a file); otherwise the loader's search path is used.
+/// <c>ncclConfig_t</c> as NCCL 2.14 introduced it (<c>size</c>, <c>magic</c>, <c>version</c>, <c>blocking</c>). The
+/// structure grows with every release; NCCL copies the first <c>size</c> bytes a caller passes and gives every field
+/// that the caller's <c>version</c> did not have its default (<c>parseCommConfig</c> in NCCL's <c>init.cc</c>), so this
+/// prefix stays valid for every NCCL ≥ 2.14 and managed code never has to follow the newest layout.
+/// </summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct NcclConfig
+{
+    /// <summary><c>NCCL_API_MAGIC</c>.</summary>
+    public const uint ApiMagic = 0xcafebeef;
+
+    /// <summary><c>NCCL_VERSION(2, 14, 0)</c>: the version whose layout this is.</summary>
+    public const uint LayoutVersion = 21400;
+
+    public nuint Size;
+    public uint Magic;
+    public uint Version;
+    public int Blocking;
+
+    /// <summary>A configuration for a non-blocking communicator (<c>blocking = 0</c>): no NCCL call waits for peers,
+    /// so initialization and every collective can be abandoned with <c>ncclCommAbort</c> at a deadline.</summary>
+    public static NcclConfig NonBlocking() => new()
+    {
+        Size = (nuint)System.Runtime.CompilerServices.Unsafe.SizeOf<NcclConfig>(), Magic = ApiMagic, Version = LayoutVersion, Blocking = 0,
+    };
+}
+
+/// <summary>
+/// The NCCL C functions the library calls, with nccl.h's signatures (<c>size_t</c> → <c>nuint</c>; communicators,
+/// streams and buffers → <c>nint</c>). <see cref="Nccl.Native"/> calls libnccl; the tests substitute an in-process
+/// implementation that enforces NCCL's rules on CPU tensors, so the code above this seam (<see cref="NcclComm"/>,
+/// <see cref="Cuda.NcclCommunicator"/>) runs unchanged on a machine without a GPU.
+/// </summary>
+internal unsafe interface INcclApi
+{
+    /// <summary><c>ncclGetVersion</c>.</summary>
+    NcclResult GetVersion(int* version);
+    /// <summary><c>ncclGetUniqueId</c>.</summary>
+    NcclResult GetUniqueId(NcclUniqueId* id);
+    /// <summary><c>ncclCommInitRankConfig</c> (the id by value).</summary>
+    NcclResult CommInitRankConfig(nint* comm, int nranks, NcclUniqueId id, int rank, NcclConfig* config);
+    /// <summary><c>ncclCommGetAsyncError</c>: the communicator's state (<c>ncclInProgress</c> while a non-blocking
+    /// call is still being carried out) or its asynchronous error.</summary>
+    NcclResult CommGetAsyncError(nint comm, NcclResult* state);
+    /// <summary><c>ncclCommAbort</c>.</summary>
+    NcclResult CommAbort(nint comm);
+    /// <summary><c>ncclCommDestroy</c>.</summary>
+    NcclResult CommDestroy(nint comm);
+    /// <summary><c>ncclAllReduce</c>.</summary>
+    NcclResult AllReduce(nint send, nint recv, nuint count, NcclDataType type, NcclRedOp op, nint comm, nint stream);
+    /// <summary><c>ncclReduceScatter</c> (<paramref name="recvCount"/> elements per rank).</summary>
+    NcclResult ReduceScatter(nint send, nint recv, nuint recvCount, NcclDataType type, NcclRedOp op, nint comm, nint stream);
+    /// <summary><c>ncclAllGather</c> (<paramref name="sendCount"/> elements per rank).</summary>
+    NcclResult AllGather(nint send, nint recv, nuint sendCount, NcclDataType type, nint comm, nint stream);
+    /// <summary><c>ncclBroadcast</c>.</summary>
+    NcclResult Broadcast(nint send, nint recv, nuint count, NcclDataType type, int root, nint comm, nint stream);
+    /// <summary><c>ncclSend</c>.</summary>
+    NcclResult Send(nint send, nuint count, NcclDataType type, int peer, nint comm, nint stream);
+    /// <summary><c>ncclRecv</c>.</summary>
+    NcclResult Recv(nint recv, nuint count, NcclDataType type, int peer, nint comm, nint stream);
+    /// <summary><c>ncclGroupStart</c> (the group depth is per thread).</summary>
+    NcclResult GroupStart();
+    /// <summary><c>ncclGroupEnd</c>: launches the thread's grouped calls when the outermost group ends.</summary>
+    NcclResult GroupEnd();
+    /// <summary><c>ncclGetErrorString</c>.</summary>
+    string ErrorString(NcclResult result);
+    /// <summary><c>ncclGetLastError</c>: NCCL's text for the last failure on a communicator (may be empty).</summary>
+    string LastError(nint comm);
+}
+
+/// <summary>
+/// NCCL (<c>libnccl.so.2</c>, version ≥ 2.14: non-blocking communicators and <c>ncclGetLastError</c>) through function
+/// pointers resolved on first use: nothing loads until a member that calls NCCL runs, so a CPU-only machine never
+/// opens the library. The path can be set with the environment variable <c>VIT22B_NCCL_PATH</c> (a file); otherwise
+/// the loader's search path is used.
 /// </summary>
 public static unsafe class Nccl
 {
     /// <summary>Environment variable naming the NCCL library file to load instead of the search path's.</summary>
     public const string PathVariable = "VIT22B_NCCL_PATH";
 
+    /// <summary>The oldest NCCL the library works with, as NCCL encodes versions (2.14.0).</summary>
+    public const int MinimumVersion = 21400;
+
     /// <summary>The library (loaded on first use).</summary>
     public static readonly LazyNativeLibrary Library = new("libnccl.so.2",
         (Environment.GetEnvironmentVariable(PathVariable) is { Length: > 0 } p ? new[] { p } : Array.Empty<string>()).Concat(new[] { "libnccl.so.2", "libnccl.so" }).ToArray(),
-        $"Install NCCL ≥ 2.10 (NVIDIA's libnccl2 package or the nvidia-nccl-cu12 wheel) and put it on the library path, or set {PathVariable} to the file.");
+        $"Install NCCL ≥ 2.14 (NVIDIA's libnccl2 package or the nvidia-nccl-cu12/cu13 wheel) and put it on the library path, or set {PathVariable} to the file.");
 
-    private static readonly Lazy<Functions> Api = new(() => new Functions(Library), LazyThreadSafetyMode.ExecutionAndPublication);
+    private static readonly Lazy<NativeApi> Api = new(() => new NativeApi(Library), LazyThreadSafetyMode.ExecutionAndPublication);
 
-    /// <summary>Whether a code requires aborting the communicator (everything but success, invalid argument,
-    /// in-progress).</summary>
+    /// <summary>The real library behind the <see cref="INcclApi"/> seam.</summary>
+    internal static INcclApi Native => Api.Value;
+
+    /// <summary>Whether NCCL's user guide asks for the communicator to be aborted after this code (everything but
+    /// success, invalid argument, in-progress). The library aborts after every failed call regardless: ranks issue
+    /// collectives in lockstep, and a rank whose call failed can no longer match its peers' sequence.</summary>
     public static bool IsFatal(NcclResult result) => result is not (NcclResult.Success or NcclResult.InvalidArgument or NcclResult.InProgress);
 
     /// <summary>The NCCL type of a tensor dtype.</summary>
@@ -152,75 +231,112 @@ public static unsafe class Nccl
         _ => throw new NotSupportedException($"NCCL has no data type for {dtype}."),
     };
 
+    /// <summary>Bytes per element of an NCCL type.</summary>
+    internal static int ElementSize(NcclDataType type) => type switch
+    {
+        NcclDataType.Int8 or NcclDataType.Uint8 => 1,
+        NcclDataType.Float16 or NcclDataType.BFloat16 => 2,
+        NcclDataType.Int32 or NcclDataType.Uint32 or NcclDataType.Float32 => 4,
+        NcclDataType.Int64 or NcclDataType.Uint64 or NcclDataType.Float64 => 8,
+        _ => throw new ArgumentOutOfRangeException(nameof(type), $"Not an NCCL data type: {(int)type}."),
+    };
+
     /// <summary>Throws <see cref="NcclException"/> (with NCCL's own error string) unless <paramref name="result"/> is success.</summary>
     public static void Check(NcclResult result, string operation)
     {
         if (result == NcclResult.Success) return;
-        string detail = Library.IsLoaded ? ErrorString(result) : "";
+        string detail = Library.IsLoaded ? Native.ErrorString(result) : "";
         throw new NcclException(operation, result, detail);
     }
 
     /// <summary>NCCL's text for a result code.</summary>
-    public static string ErrorString(NcclResult result) => Marshal.PtrToStringUTF8(Api.Value.GetErrorString(result)) ?? "";
+    public static string ErrorString(NcclResult result) => Native.ErrorString(result);
 
     /// <summary>The library version as NCCL encodes it (e.g. 23007 for 2.30.7).</summary>
-    public static int Version()
+    public static int Version() => Version(Native);
+
+    internal static int Version(INcclApi api)
     {
         int v;
-        Check(Api.Value.GetVersion(&v), "ncclGetVersion");
+        Check(api, api.GetVersion(&v), "ncclGetVersion");
         return v;
     }
 
     /// <summary>A new unique id (on rank 0; hand it to the others, e.g. with <see cref="ViT22B.Parallel.Rendezvous"/>).</summary>
-    public static NcclUniqueId GetUniqueId()
+    public static NcclUniqueId GetUniqueId() => GetUniqueId(Native);
+
+    internal static NcclUniqueId GetUniqueId(INcclApi api)
     {
         NcclUniqueId id;
-        Check(Api.Value.GetUniqueId(&id), "ncclGetUniqueId");
+        Check(api, api.GetUniqueId(&id), "ncclGetUniqueId");
         return id;
     }
 
-    internal static Functions F => Api.Value;
-
-    // The function table; each pointer is resolved when the table is first built, so a missing symbol is reported by
-    // name before any collective runs. Signatures follow nccl.h (PARALLEL.md §2): size_t → nuint, handles → nint,
-    // the unique id by value.
-    internal sealed class Functions
+    internal static void Check(INcclApi api, NcclResult result, string operation, string lastError = "")
     {
-        public readonly delegate* unmanaged<int*, NcclResult> GetVersion;
-        public readonly delegate* unmanaged<NcclUniqueId*, NcclResult> GetUniqueId;
-        public readonly delegate* unmanaged<NcclResult, nint> GetErrorString;
-        public readonly delegate* unmanaged<nint*, int, NcclUniqueId, int, NcclResult> CommInitRank;
-        public readonly delegate* unmanaged<nint*, int, int*, NcclResult> CommInitAll;
-        public readonly delegate* unmanaged<nint, NcclResult> CommDestroy;
-        public readonly delegate* unmanaged<nint, NcclResult> CommAbort;
-        public readonly delegate* unmanaged<nint, NcclResult*, NcclResult> CommGetAsyncError;
-        public readonly delegate* unmanaged<nint, nint, nuint, NcclDataType, NcclRedOp, nint, nint, NcclResult> AllReduce;
-        public readonly delegate* unmanaged<nint, nint, nuint, NcclDataType, NcclRedOp, nint, nint, NcclResult> ReduceScatter;
-        public readonly delegate* unmanaged<nint, nint, nuint, NcclDataType, nint, nint, NcclResult> AllGather;
-        public readonly delegate* unmanaged<nint, nint, nuint, NcclDataType, int, nint, nint, NcclResult> Broadcast;
-        public readonly delegate* unmanaged<nint, nuint, NcclDataType, int, nint, nint, NcclResult> Send;
-        public readonly delegate* unmanaged<nint, nuint, NcclDataType, int, nint, nint, NcclResult> Recv;
-        public readonly delegate* unmanaged<NcclResult> GroupStart;
-        public readonly delegate* unmanaged<NcclResult> GroupEnd;
+        if (result == NcclResult.Success) return;
+        string detail = api.ErrorString(result);
+        if (lastError.Length > 0) detail = detail.Length > 0 ? $"{detail}; {lastError}" : lastError;
+        throw new NcclException(operation, result, detail);
+    }
 
-        public Functions(LazyNativeLibrary lib)
+    // The function table; each pointer is resolved when the table is first built, so a missing symbol (an NCCL older
+    // than 2.14) is reported by name before any collective runs. Signatures follow nccl.h: size_t → nuint, handles →
+    // nint, the unique id by value.
+    private sealed class NativeApi : INcclApi
+    {
+        private readonly delegate* unmanaged<int*, NcclResult> _getVersion;
+        private readonly delegate* unmanaged<NcclUniqueId*, NcclResult> _getUniqueId;
+        private readonly delegate* unmanaged<NcclResult, nint> _getErrorString;
+        private readonly delegate* unmanaged<nint, nint> _getLastError;
+        private readonly delegate* unmanaged<nint*, int, NcclUniqueId, int, NcclConfig*, NcclResult> _commInitRankConfig;
+        private readonly delegate* unmanaged<nint, NcclResult> _commDestroy;
+        private readonly delegate* unmanaged<nint, NcclResult> _commAbort;
+        private readonly delegate* unmanaged<nint, NcclResult*, NcclResult> _commGetAsyncError;
+        private readonly delegate* unmanaged<nint, nint, nuint, NcclDataType, NcclRedOp, nint, nint, NcclResult> _allReduce;
+        private readonly delegate* unmanaged<nint, nint, nuint, NcclDataType, NcclRedOp, nint, nint, NcclResult> _reduceScatter;
+        private readonly delegate* unmanaged<nint, nint, nuint, NcclDataType, nint, nint, NcclResult> _allGather;
+        private readonly delegate* unmanaged<nint, nint, nuint, NcclDataType, int, nint, nint, NcclResult> _broadcast;
+        private readonly delegate* unmanaged<nint, nuint, NcclDataType, int, nint, nint, NcclResult> _send;
+        private readonly delegate* unmanaged<nint, nuint, NcclDataType, int, nint, nint, NcclResult> _recv;
+        private readonly delegate* unmanaged<NcclResult> _groupStart;
+        private readonly delegate* unmanaged<NcclResult> _groupEnd;
+
+        public NativeApi(LazyNativeLibrary lib)
         {
-            GetVersion = (delegate* unmanaged<int*, NcclResult>)lib.GetExport("ncclGetVersion");
-            GetUniqueId = (delegate* unmanaged<NcclUniqueId*, NcclResult>)lib.GetExport("ncclGetUniqueId");
-            GetErrorString = (delegate* unmanaged<NcclResult, nint>)lib.GetExport("ncclGetErrorString");
-            CommInitRank = (delegate* unmanaged<nint*, int, NcclUniqueId, int, NcclResult>)lib.GetExport("ncclCommInitRank");
-            CommInitAll = (delegate* unmanaged<nint*, int, int*, NcclResult>)lib.GetExport("ncclCommInitAll");
-            CommDestroy = (delegate* unmanaged<nint, NcclResult>)lib.GetExport("ncclCommDestroy");
-            CommAbort = (delegate* unmanaged<nint, NcclResult>)lib.GetExport("ncclCommAbort");
-            CommGetAsyncError = (delegate* unmanaged<nint, NcclResult*, NcclResult>)lib.GetExport("ncclCommGetAsyncError");
-            AllReduce = (delegate* unmanaged<nint, nint, nuint, NcclDataType, NcclRedOp, nint, nint, NcclResult>)lib.GetExport("ncclAllReduce");
-            ReduceScatter = (delegate* unmanaged<nint, nint, nuint, NcclDataType, NcclRedOp, nint, nint, NcclResult>)lib.GetExport("ncclReduceScatter");
-            AllGather = (delegate* unmanaged<nint, nint, nuint, NcclDataType, nint, nint, NcclResult>)lib.GetExport("ncclAllGather");
-            Broadcast = (delegate* unmanaged<nint, nint, nuint, NcclDataType, int, nint, nint, NcclResult>)lib.GetExport("ncclBroadcast");
-            Send = (delegate* unmanaged<nint, nuint, NcclDataType, int, nint, nint, NcclResult>)lib.GetExport("ncclSend");
-            Recv = (delegate* unmanaged<nint, nuint, NcclDataType, int, nint, nint, NcclResult>)lib.GetExport("ncclRecv");
-            GroupStart = (delegate* unmanaged<NcclResult>)lib.GetExport("ncclGroupStart");
-            GroupEnd = (delegate* unmanaged<NcclResult>)lib.GetExport("ncclGroupEnd");
+            _getVersion = (delegate* unmanaged<int*, NcclResult>)lib.GetExport("ncclGetVersion");
+            _getUniqueId = (delegate* unmanaged<NcclUniqueId*, NcclResult>)lib.GetExport("ncclGetUniqueId");
+            _getErrorString = (delegate* unmanaged<NcclResult, nint>)lib.GetExport("ncclGetErrorString");
+            _getLastError = (delegate* unmanaged<nint, nint>)lib.GetExport("ncclGetLastError");
+            _commInitRankConfig = (delegate* unmanaged<nint*, int, NcclUniqueId, int, NcclConfig*, NcclResult>)lib.GetExport("ncclCommInitRankConfig");
+            _commDestroy = (delegate* unmanaged<nint, NcclResult>)lib.GetExport("ncclCommDestroy");
+            _commAbort = (delegate* unmanaged<nint, NcclResult>)lib.GetExport("ncclCommAbort");
+            _commGetAsyncError = (delegate* unmanaged<nint, NcclResult*, NcclResult>)lib.GetExport("ncclCommGetAsyncError");
+            _allReduce = (delegate* unmanaged<nint, nint, nuint, NcclDataType, NcclRedOp, nint, nint, NcclResult>)lib.GetExport("ncclAllReduce");
+            _reduceScatter = (delegate* unmanaged<nint, nint, nuint, NcclDataType, NcclRedOp, nint, nint, NcclResult>)lib.GetExport("ncclReduceScatter");
+            _allGather = (delegate* unmanaged<nint, nint, nuint, NcclDataType, nint, nint, NcclResult>)lib.GetExport("ncclAllGather");
+            _broadcast = (delegate* unmanaged<nint, nint, nuint, NcclDataType, int, nint, nint, NcclResult>)lib.GetExport("ncclBroadcast");
+            _send = (delegate* unmanaged<nint, nuint, NcclDataType, int, nint, nint, NcclResult>)lib.GetExport("ncclSend");
+            _recv = (delegate* unmanaged<nint, nuint, NcclDataType, int, nint, nint, NcclResult>)lib.GetExport("ncclRecv");
+            _groupStart = (delegate* unmanaged<NcclResult>)lib.GetExport("ncclGroupStart");
+            _groupEnd = (delegate* unmanaged<NcclResult>)lib.GetExport("ncclGroupEnd");
         }
+
+        public NcclResult GetVersion(int* version) => _getVersion(version);
+        public NcclResult GetUniqueId(NcclUniqueId* id) => _getUniqueId(id);
+        public NcclResult CommInitRankConfig(nint* comm, int nranks, NcclUniqueId id, int rank, NcclConfig* config) => _commInitRankConfig(comm, nranks, id, rank, config);
+        public NcclResult CommGetAsyncError(nint comm, NcclResult* state) => _commGetAsyncError(comm, state);
+        public NcclResult CommAbort(nint comm) => _commAbort(comm);
+        public NcclResult CommDestroy(nint comm) => _commDestroy(comm);
+        public NcclResult AllReduce(nint send, nint recv, nuint count, NcclDataType type, NcclRedOp op, nint comm, nint stream) => _allReduce(send, recv, count, type, op, comm, stream);
+        public NcclResult ReduceScatter(nint send, nint recv, nuint recvCount, NcclDataType type, NcclRedOp op, nint comm, nint stream) => _reduceScatter(send, recv, recvCount, type, op, comm, stream);
+        public NcclResult AllGather(nint send, nint recv, nuint sendCount, NcclDataType type, nint comm, nint stream) => _allGather(send, recv, sendCount, type, comm, stream);
+        public NcclResult Broadcast(nint send, nint recv, nuint count, NcclDataType type, int root, nint comm, nint stream) => _broadcast(send, recv, count, type, root, comm, stream);
+        public NcclResult Send(nint send, nuint count, NcclDataType type, int peer, nint comm, nint stream) => _send(send, count, type, peer, comm, stream);
+        public NcclResult Recv(nint recv, nuint count, NcclDataType type, int peer, nint comm, nint stream) => _recv(recv, count, type, peer, comm, stream);
+        public NcclResult GroupStart() => _groupStart();
+        public NcclResult GroupEnd() => _groupEnd();
+        public string ErrorString(NcclResult result) => Marshal.PtrToStringUTF8(_getErrorString(result)) ?? "";
+        public string LastError(nint comm) => Marshal.PtrToStringUTF8(_getLastError(comm)) ?? "";
     }
 }

@@ -1,117 +1,182 @@
-using TorchSharp;
-using static TorchSharp.torch;
+using System.Diagnostics;
 
 namespace ViT22B.Interop;
 
+/// <summary>A device buffer as NCCL sees it: address, element count, element type.</summary>
+internal readonly record struct NcclBuffer(nint Pointer, nuint Count, NcclDataType Type);
+
 /// <summary>
-/// One NCCL communicator (<c>ncclComm_t</c>) and the raw collectives on it, on contiguous CUDA tensors and a raw
-/// stream. This is the thin layer under the CUDA backend of <see cref="Parallel.ICommunicator"/>: it checks
-/// arguments and result codes, aborts the communicator on fatal codes, and leaves stream ordering, buffer lifetime
-/// and uneven chunk sizes to its caller. Use one communicator from one thread only (NCCL's rule).
-/// Written from nccl.h and the NCCL user guide; not yet run on a GPU (docs/gpu.md lists what was verified where).
+/// One NCCL communicator (<c>ncclComm_t</c>), created non-blocking (<c>blocking = 0</c>), and the raw calls on it, on
+/// buffers the caller has already resolved to addresses. The thin layer under <see cref="Cuda.NcclCommunicator"/>:
+/// <list type="bullet">
+/// <item>Initialization and every call may return <c>ncclInProgress</c>; the state is then polled with
+/// <c>ncclCommGetAsyncError</c> until it is <c>ncclSuccess</c> (the work is on the stream) or the deadline passes,
+/// so a peer that never arrives becomes an exception instead of a thread blocked inside NCCL.</item>
+/// <item>Every failed call aborts the communicator: ranks issue collectives in lockstep, and a rank whose call failed
+/// (even with <c>ncclInvalidArgument</c>, which NCCL treats as "no effect") can no longer match its peers'
+/// sequence, so continuing would pair the wrong calls.</item>
+/// <item>A group is always closed: <c>ncclGroupEnd</c> runs in a <c>finally</c>, and nothing that can throw happens
+/// between <c>ncclGroupStart</c> and it. NCCL's group depth is per thread; a group left open would make every later
+/// NCCL call on the thread queue without launching.</item>
+/// </list>
+/// Use one communicator from one thread (NCCL's rule). Calls go through <see cref="INcclApi"/>: libnccl, or the
+/// tests' stand-in.
 /// </summary>
-public sealed unsafe class NcclComm : IDisposable
+internal sealed unsafe class NcclComm : IDisposable
 {
+    private readonly INcclApi _api;
     private nint _comm;
 
-    private NcclComm(nint comm, int rank, int size) => (_comm, Rank, Size) = (comm, rank, size);
+    private NcclComm(INcclApi api, nint comm, int rank, int size) => (_api, _comm, Rank, Size) = (api, comm, rank, size);
 
     /// <summary>This rank.</summary>
     public int Rank { get; }
     /// <summary>Ranks in the communicator.</summary>
     public int Size { get; }
-    /// <summary>Whether the communicator was aborted after a fatal error.</summary>
+    /// <summary>Whether the communicator was aborted after a failure.</summary>
     public bool IsAborted { get; private set; }
 
-    /// <summary><c>ncclCommInitRank</c>: one rank of a communicator of <paramref name="size"/> ranks (one process or
-    /// thread per GPU); every rank passes the same <paramref name="id"/> (made by rank 0 with
-    /// <see cref="Nccl.GetUniqueId"/> and handed over with <see cref="Parallel.Rendezvous"/>). The caller's thread
-    /// must have the rank's device current.</summary>
-    public static NcclComm InitRank(NcclUniqueId id, int rank, int size)
+    /// <summary>
+    /// <c>ncclCommInitRankConfig</c> (non-blocking): one rank of a communicator of <paramref name="size"/> ranks; every
+    /// rank passes the same <paramref name="id"/>. The calling thread must have the rank's device current. Returns once
+    /// every rank has joined; a rank missing at <paramref name="deadline"/> aborts this rank's communicator and throws.
+    /// </summary>
+    public static NcclComm InitRank(INcclApi api, NcclUniqueId id, int rank, int size, DateTime deadline)
     {
+        ArgumentNullException.ThrowIfNull(api);
         if (size < 1 || rank < 0 || rank >= size) throw new ArgumentOutOfRangeException(nameof(rank), $"rank {rank} is outside [0, {size}).");
-        nint comm;
-        Nccl.Check(Nccl.F.CommInitRank(&comm, size, id, rank), "ncclCommInitRank");
-        return new NcclComm(comm, rank, size);
+        var config = NcclConfig.NonBlocking();
+        nint handle = 0;
+        var result = api.CommInitRankConfig(&handle, size, id, rank, &config);
+        if (result is not (NcclResult.Success or NcclResult.InProgress))
+        {
+            string last = handle != 0 ? api.LastError(handle) : "";
+            if (handle != 0) api.CommAbort(handle);
+            Nccl.Check(api, result, "ncclCommInitRankConfig", last);
+        }
+        var comm = new NcclComm(api, handle, rank, size);
+        comm.WaitUntilIssued("ncclCommInitRankConfig (waiting for every rank to join)", deadline);
+        return comm;
     }
 
-    /// <summary><c>ncclCommInitAll</c>: one communicator per listed device, all in this process (then drive each from
-    /// its own thread).</summary>
-    public static NcclComm[] InitAll(IReadOnlyList<int> devices)
+    /// <summary>One communicator per listed device, all in this process: <c>ncclGetUniqueId</c>, then one
+    /// <c>ncclCommInitRankConfig</c> per device inside one group (a single thread initializing several devices must
+    /// group them), with <paramref name="makeCurrent"/> selecting each device first. Drive each from its own thread.</summary>
+    public static NcclComm[] InitLocal(INcclApi api, IReadOnlyList<int> devices, Action<int> makeCurrent, DateTime deadline)
     {
+        ArgumentNullException.ThrowIfNull(api);
         ArgumentNullException.ThrowIfNull(devices);
+        ArgumentNullException.ThrowIfNull(makeCurrent);
         if (devices.Count == 0) throw new ArgumentException("At least one device is needed.", nameof(devices));
-        var comms = new nint[devices.Count];
-        var list = devices.ToArray();
-        fixed (nint* c = comms)
-        fixed (int* d = list)
-            Nccl.Check(Nccl.F.CommInitAll(c, list.Length, d), "ncclCommInitAll");
-        return comms.Select((c, i) => new NcclComm(c, i, comms.Length)).ToArray();
+        var id = Nccl.GetUniqueId(api);
+        int n = devices.Count;
+        var handles = new nint[n];
+        var results = Enumerable.Repeat(NcclResult.InvalidUsage, n).ToArray();
+        var config = NcclConfig.NonBlocking();
+        Nccl.Check(api, api.GroupStart(), "ncclGroupStart");
+        NcclResult end;
+        try
+        {
+            for (int i = 0; i < n; i++)
+            {
+                makeCurrent(devices[i]);
+                nint h = 0;
+                results[i] = api.CommInitRankConfig(&h, n, id, i, &config);
+                handles[i] = h;
+                if (results[i] is not (NcclResult.Success or NcclResult.InProgress)) break;
+            }
+        }
+        finally
+        {
+            end = api.GroupEnd();
+        }
+        var comms = handles.Select((h, i) => new NcclComm(api, h, i, n)).ToArray();
+        try
+        {
+            for (int i = 0; i < n; i++)
+                if (results[i] is not (NcclResult.Success or NcclResult.InProgress)) comms[i].Fail("ncclCommInitRankConfig", results[i]);
+            if (end is not (NcclResult.Success or NcclResult.InProgress)) comms[0].Fail("ncclGroupEnd", end);
+            foreach (var c in comms) c.WaitUntilIssued("ncclCommInitRankConfig (local group)", deadline);
+            return comms;
+        }
+        catch
+        {
+            foreach (var c in comms) c.Abort();
+            throw;
+        }
     }
 
-    /// <summary>The communicator's asynchronous error (network failures, a dead peer), polled while waiting.</summary>
+    /// <summary>The communicator's state: <c>ncclSuccess</c>, <c>ncclInProgress</c> while a non-blocking call is still
+    /// being carried out, or the asynchronous error (network failures, a dead peer).</summary>
     public NcclResult AsyncError()
     {
-        NcclResult r;
-        Nccl.Check(Nccl.F.CommGetAsyncError(Handle, &r), "ncclCommGetAsyncError");
-        return r;
+        NcclResult state;
+        var r = _api.CommGetAsyncError(Handle, &state);
+        if (r != NcclResult.Success) Fail("ncclCommGetAsyncError", r);
+        return state;
     }
+
+    /// <summary>NCCL's text for this communicator's last failure (may be empty).</summary>
+    public string LastError() => _comm == 0 || IsAborted ? "" : _api.LastError(_comm);
 
     /// <summary>All-reduce (in place allowed).</summary>
-    public void AllReduce(Tensor send, Tensor recv, NcclRedOp op, nint stream)
-    {
-        Same(send, recv, send.numel(), "ncclAllReduce");
-        Call(Nccl.F.AllReduce(Ptr(send), Ptr(recv), (nuint)send.numel(), Nccl.DataType(send.dtype), op, Handle, stream), "ncclAllReduce");
-    }
+    public void AllReduce(NcclBuffer send, NcclBuffer recv, NcclRedOp op, nint stream, DateTime deadline) =>
+        Issue("ncclAllReduce", _api.AllReduce(send.Pointer, recv.Pointer, send.Count, send.Type, op, Handle, stream), deadline);
 
-    /// <summary>Reduce-scatter: <paramref name="send"/> holds Size equal blocks; <paramref name="recv"/> one block.</summary>
-    public void ReduceScatter(Tensor send, Tensor recv, NcclRedOp op, nint stream)
-    {
-        Same(recv, send, recv.numel() * Size, "ncclReduceScatter");
-        Call(Nccl.F.ReduceScatter(Ptr(send), Ptr(recv), (nuint)recv.numel(), Nccl.DataType(send.dtype), op, Handle, stream), "ncclReduceScatter");
-    }
+    /// <summary>Reduce-scatter: <paramref name="send"/> holds Size equal blocks of <paramref name="recv"/>'s count.</summary>
+    public void ReduceScatter(NcclBuffer send, NcclBuffer recv, NcclRedOp op, nint stream, DateTime deadline) =>
+        Issue("ncclReduceScatter", _api.ReduceScatter(send.Pointer, recv.Pointer, recv.Count, send.Type, op, Handle, stream), deadline);
 
-    /// <summary>All-gather: <paramref name="recv"/> holds Size blocks of <paramref name="send"/>'s size, in rank order.</summary>
-    public void AllGather(Tensor send, Tensor recv, nint stream)
-    {
-        Same(send, recv, send.numel() * Size, "ncclAllGather");
-        Call(Nccl.F.AllGather(Ptr(send), Ptr(recv), (nuint)send.numel(), Nccl.DataType(send.dtype), Handle, stream), "ncclAllGather");
-    }
+    /// <summary>All-gather: <paramref name="recv"/> holds Size blocks of <paramref name="send"/>'s count, in rank order.</summary>
+    public void AllGather(NcclBuffer send, NcclBuffer recv, nint stream, DateTime deadline) =>
+        Issue("ncclAllGather", _api.AllGather(send.Pointer, recv.Pointer, send.Count, send.Type, Handle, stream), deadline);
 
     /// <summary>Broadcast from <paramref name="root"/>.</summary>
-    public void Broadcast(Tensor send, Tensor recv, int root, nint stream)
+    public void Broadcast(NcclBuffer send, NcclBuffer recv, int root, nint stream, DateTime deadline)
     {
         if ((uint)root >= (uint)Size) throw new ArgumentOutOfRangeException(nameof(root), $"root {root} is outside [0, {Size}).");
-        Same(send, recv, send.numel(), "ncclBroadcast");
-        Call(Nccl.F.Broadcast(Ptr(send), Ptr(recv), (nuint)send.numel(), Nccl.DataType(send.dtype), root, Handle, stream), "ncclBroadcast");
+        Issue("ncclBroadcast", _api.Broadcast(send.Pointer, recv.Pointer, send.Count, send.Type, root, Handle, stream), deadline);
     }
 
     /// <summary>One ring step: send to <paramref name="next"/> and receive from <paramref name="previous"/> in one NCCL
-    /// group (separately they would deadlock).</summary>
-    public void SendRecv(Tensor send, int next, Tensor recv, int previous, nint stream)
+    /// group (separately they would deadlock). Both counts are known here; NCCL needs the receive count to equal the
+    /// peer's send count.</summary>
+    public void SendRecv(NcclBuffer send, int next, NcclBuffer recv, int previous, nint stream, DateTime deadline)
     {
-        if (send.dtype != recv.dtype) throw new ArgumentException($"SendRecv: send is {send.dtype}, receive is {recv.dtype}.");
-        Call(Nccl.F.GroupStart(), "ncclGroupStart");
-        var sendResult = Nccl.F.Send(Ptr(send), (nuint)send.numel(), Nccl.DataType(send.dtype), next, Handle, stream);
-        var recvResult = Nccl.F.Recv(Ptr(recv), (nuint)recv.numel(), Nccl.DataType(recv.dtype), previous, Handle, stream);
-        Call(Nccl.F.GroupEnd(), "ncclGroupEnd");   // a group's errors surface here
-        Call(sendResult, "ncclSend");
-        Call(recvResult, "ncclRecv");
+        if ((uint)next >= (uint)Size || (uint)previous >= (uint)Size)
+            throw new ArgumentOutOfRangeException(nameof(next), $"peers {next} and {previous} must be in [0, {Size}).");
+        nint h = Handle;
+        var start = _api.GroupStart();
+        if (start != NcclResult.Success) Fail("ncclGroupStart", start);
+        NcclResult sent = NcclResult.InvalidUsage, received = NcclResult.Success, end;
+        try
+        {
+            sent = _api.Send(send.Pointer, send.Count, send.Type, next, h, stream);
+            if (sent == NcclResult.Success) received = _api.Recv(recv.Pointer, recv.Count, recv.Type, previous, h, stream);
+        }
+        finally
+        {
+            end = _api.GroupEnd();   // a group's errors surface here
+        }
+        if (sent != NcclResult.Success) Fail("ncclSend", sent);
+        if (received != NcclResult.Success) Fail("ncclRecv", received);
+        Issue("ncclGroupEnd", end, deadline);
     }
 
-    /// <summary><c>ncclCommAbort</c>: stops pending operations, so peers fail instead of hanging.</summary>
+    /// <summary><c>ncclCommAbort</c>: stops this rank's pending operations and frees the communicator. Peers are not
+    /// told; their pending calls with this rank fail at their own deadline.</summary>
     public void Abort()
     {
         if (_comm == 0 || IsAborted) return;
-        Nccl.F.CommAbort(_comm);
         IsAborted = true;
+        _api.CommAbort(_comm);
     }
 
-    /// <summary>Destroys the communicator (aborted ones are already released).</summary>
+    /// <summary>Destroys the communicator (an aborted one is already released).</summary>
     public void Dispose()
     {
         if (_comm == 0) return;
-        if (!IsAborted) Nccl.F.CommDestroy(_comm);
+        if (!IsAborted) _api.CommDestroy(_comm);
         _comm = 0;
     }
 
@@ -125,21 +190,48 @@ public sealed unsafe class NcclComm : IDisposable
         }
     }
 
-    private void Call(NcclResult result, string operation)
+    // A call's result: issued (success), being issued in the background (in progress: poll until it is on the stream),
+    // or failed (abort, throw).
+    private void Issue(string operation, NcclResult result, DateTime deadline)
     {
-        if (result != NcclResult.Success && Nccl.IsFatal(result)) Abort();
-        Nccl.Check(result, operation);
+        if (result == NcclResult.Success) return;
+        if (result == NcclResult.InProgress) WaitUntilIssued(operation, deadline);
+        else Fail(operation, result);
     }
 
-    private static nint Ptr(Tensor t)
+    private void WaitUntilIssued(string operation, DateTime deadline)
     {
-        if (t.device.type != DeviceType.CUDA) throw new ArgumentException($"NCCL buffers must be CUDA tensors; found one on {t.device}.");
-        return TensorPointers.DataPointer(t);
+        var watch = Stopwatch.StartNew();
+        var spin = new SpinWait();
+        while (true)
+        {
+            var state = AsyncError();
+            if (state == NcclResult.Success) return;
+            if (state != NcclResult.InProgress) Fail(operation, state);
+            if (DateTime.UtcNow > deadline)
+            {
+                Abort();
+                throw new NcclException(operation, NcclResult.InProgress,
+                    $"still in progress after {watch.Elapsed.TotalSeconds:F1} s (a peer did not arrive); the communicator was aborted");
+            }
+            Pause(ref spin, watch.Elapsed);
+        }
     }
 
-    private static void Same(Tensor a, Tensor b, long expectedOther, string op)
+    /// <summary>Spins briefly, then yields, then sleeps a millisecond at a time: a short wait costs no latency, a long
+    /// one no CPU.</summary>
+    internal static void Pause(ref SpinWait spin, TimeSpan waited)
     {
-        if (a.dtype != b.dtype) throw new ArgumentException($"{op}: the buffers' dtypes differ ({a.dtype} vs {b.dtype}).");
-        if (b.numel() != expectedOther) throw new ArgumentException($"{op}: buffer sizes do not fit ({a.numel()} and {b.numel()} elements; expected {expectedOther}).");
+        if (waited < TimeSpan.FromMilliseconds(20)) spin.SpinOnce(sleep1Threshold: -1);
+        else Thread.Sleep(1);
+    }
+
+    [System.Diagnostics.CodeAnalysis.DoesNotReturn]
+    private void Fail(string operation, NcclResult result)
+    {
+        string last = _comm != 0 && !IsAborted ? _api.LastError(_comm) : "";
+        Abort();
+        Nccl.Check(_api, result, operation, last.Length > 0 ? $"{last} (the communicator was aborted)" : "the communicator was aborted");
+        throw new UnreachableException();
     }
 }

@@ -93,8 +93,12 @@ public sealed record RankContext(DeviceMesh Mesh, int Rank, ICommunicator Model,
     /// </summary>
     public bool SharesGpuInProcess =>
         Device.type == DeviceType.CUDA && (Model is ThreadedCommunicator || Data is ThreadedCommunicator)
-        && Enumerable.Range(0, Mesh.WorldSize).Any(r => r != Rank && Mesh.DeviceOf(r).type == DeviceType.CUDA
-                                                        && ViT22B.Cuda.CudaDriver.Ordinal(Mesh.DeviceOf(r)) == ViT22B.Cuda.CudaDriver.Ordinal(Device));
+        && Enumerable.Range(0, Mesh.WorldSize).Any(r => r != Rank && Mesh.DeviceOf(r).type == DeviceType.CUDA && SameGpu(Mesh.DeviceOf(r), Device));
+
+    // Equal indices (two unindexed "cuda" devices are both libtorch's current device); only a mix of an unindexed and an
+    // indexed device needs libtorch to say which GPU "cuda" is.
+    private static bool SameGpu(Device a, Device b) =>
+        a.index == b.index || (a.index < 0 || b.index < 0) && ViT22B.Cuda.CudaDriver.Ordinal(a) == ViT22B.Cuda.CudaDriver.Ordinal(b);
 
     private sealed class NoScope : IDisposable
     {

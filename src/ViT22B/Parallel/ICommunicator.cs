@@ -2,11 +2,14 @@ using static TorchSharp.torch;
 
 namespace ViT22B.Parallel;
 
-/// <summary>An operation in flight; <see cref="Wait"/> blocks until its result is available on the calling rank.</summary>
-public interface ICommWork
+/// <summary>An operation in flight; <see cref="Wait"/> blocks until its result is available on the calling rank.
+/// Disposing it without waiting (a rank leaving a ring loop on an exception, say) waits for the operation all the
+/// same, so that no buffer it uses is freed early, and never throws; a failure found then makes the communicator fail
+/// every later call.</summary>
+public interface ICommWork : IDisposable
 {
     /// <summary>Waits for the operation and returns its result, registered in the caller's current dispose scope.
-    /// Call exactly once, on the rank's own thread.</summary>
+    /// Call at most once, on the rank's own thread.</summary>
     /// <exception cref="CommunicatorException">A peer failed, the call did not match the peers' calls, or the
     /// peers did not arrive within the timeout.</exception>
     Tensor Wait();
@@ -14,12 +17,13 @@ public interface ICommWork
 
 /// <summary>
 /// Collectives over one group of ranks (a mesh axis). Every rank of the group calls the same operations in the same
-/// order; each call copies its input at call time (the caller may reuse or dispose it afterwards) and returns new
-/// tensors on the rank's device. Reductions are sums computed in rank order, so every rank gets bit-identical
-/// results. Chunks along dimension 0 may differ in size between ranks (uneven token counts); all other dimensions
+/// order. A call may read its input until <see cref="ICommWork.Wait"/> returns (the NCCL backend sends the caller's
+/// tensor without copying it): the caller may dispose its handle at once but must not modify the tensor in place
+/// before then. Results are new tensors on the rank's device. Reductions are sums computed in rank order, so every
+/// rank gets bit-identical results. Chunks along dimension 0 may differ in size between ranks (uneven token counts); all other dimensions
 /// and the dtype must agree, and a mismatch fails every rank with a message naming the operation and the ranks.
-/// Implementations: <see cref="ThreadedCommunicator"/> (ranks are threads of one process); the CUDA/NCCL backend
-/// plugs in here.
+/// Implementations: <see cref="ThreadedCommunicator"/> (ranks are threads of one process) and
+/// <see cref="Cuda.NcclCommunicator"/> (NCCL, one rank per GPU).
 /// </summary>
 public interface ICommunicator
 {
@@ -33,7 +37,11 @@ public interface ICommunicator
     string Name { get; }
 
     /// <summary>Starts an all-gather: the result is the ranks' tensors concatenated along dimension 0 in rank order.</summary>
-    ICommWork AllGatherAsync(Tensor local);
+    /// <param name="local">This rank's tensor.</param>
+    /// <param name="counts">Every rank's dimension 0, when the caller knows them (the token partition, FSDP shard
+    /// rows), or null to have them exchanged first: on NCCL an extra collective and a host synchronization. Wrong
+    /// counts are a <see cref="CommunicatorException"/> on the in-process backend and undefined on NCCL.</param>
+    ICommWork AllGatherAsync(Tensor local, IReadOnlyList<long>? counts = null);
 
     /// <summary>Starts a reduce-scatter: <paramref name="full"/> is split along dimension 0 into
     /// <paramref name="counts"/> (one per rank, identical on every rank); rank i receives the sum over ranks of chunk i.</summary>
@@ -63,8 +71,8 @@ public interface ICommunicator
 /// <summary>Blocking forms of the <see cref="ICommunicator"/> operations.</summary>
 public static class CommunicatorExtensions
 {
-    /// <summary>All-gather along dimension 0.</summary>
-    public static Tensor AllGather(this ICommunicator c, Tensor local) => c.AllGatherAsync(local).Wait();
+    /// <summary>All-gather along dimension 0 (<paramref name="counts"/>: every rank's dimension 0, if known).</summary>
+    public static Tensor AllGather(this ICommunicator c, Tensor local, IReadOnlyList<long>? counts = null) => c.AllGatherAsync(local, counts).Wait();
 
     /// <summary>Reduce-scatter (sum) along dimension 0.</summary>
     public static Tensor ReduceScatter(this ICommunicator c, Tensor full, IReadOnlyList<long> counts) => c.ReduceScatterAsync(full, counts).Wait();

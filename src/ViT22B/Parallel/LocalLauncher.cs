@@ -11,9 +11,10 @@ namespace ViT22B.Parallel;
 public sealed record WorkerResult(int Rank, int ExitCode, string Output);
 
 /// <summary>
-/// Starts N copies of a program on this machine, one per GPU, with the torchrun variables set (<c>MASTER_ADDR</c> =
-/// 127.0.0.1, a free <c>MASTER_PORT</c>, <c>RANK</c> = <c>LOCAL_RANK</c> = i, <c>WORLD_SIZE</c> = N), and waits for all
-/// of them. When one fails or the deadline passes, the others are killed, so a crashed rank never leaves the rest
+/// Starts N copies of a program on this machine with the torchrun variables set (<c>MASTER_ADDR</c> = 127.0.0.1, a
+/// free <c>MASTER_PORT</c>, <c>RANK</c> = <c>LOCAL_RANK</c> = i, <c>WORLD_SIZE</c> = <c>LOCAL_WORLD_SIZE</c> = N), and
+/// waits for all of them. Each rank's GPU is its local rank modulo the GPUs it sees, so N may exceed the GPUs where
+/// NCCL allows ranks to share one. When one fails or the deadline passes, the others are killed, so a crashed rank never leaves the rest
 /// hanging in a collective. For several machines, start one launcher per machine by hand with the variables of
 /// <see cref="LaunchEnvironment"/> instead (see docs/gpu.md).
 /// </summary>
@@ -38,7 +39,7 @@ public static class LocalLauncher
                 psi.Environment["MASTER_ADDR"] = "127.0.0.1";
                 psi.Environment["MASTER_PORT"] = port.ToString(System.Globalization.CultureInfo.InvariantCulture);
                 psi.Environment["RANK"] = psi.Environment["LOCAL_RANK"] = rank.ToString(System.Globalization.CultureInfo.InvariantCulture);
-                psi.Environment["WORLD_SIZE"] = worldSize.ToString(System.Globalization.CultureInfo.InvariantCulture);
+                psi.Environment["WORLD_SIZE"] = psi.Environment["LOCAL_WORLD_SIZE"] = worldSize.ToString(System.Globalization.CultureInfo.InvariantCulture);
                 var output = new System.Text.StringBuilder();
                 var p = new Process { StartInfo = psi };
                 p.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (output) output.AppendLine(e.Data); };

@@ -43,10 +43,13 @@ public static class Rings
     /// <code>
     /// cur = x_r; c = r
     /// for s in 0 .. k−1:
-    ///     if s &lt; k−1: post permute(cur → r+1, next ← r−1)     # in flight …
+    ///     if s &lt; k−1: post permute(cur → r+1, next ← r−1)     # in flight (receiving chunk c−1, whose size is known) …
     ///     Y[chunk c] = cur · Wᵀ                                  # … while this matmul runs
     ///     if s &lt; k−1: cur = wait(); c = c − 1 mod k
     /// </code>
+    /// The size of every chunk a rank receives comes from <paramref name="counts"/>, so no step exchanges sizes or
+    /// waits on the host before its matmul is queued. A permute still in flight when the loop is left by an exception
+    /// is disposed (waited for) before its buffers can go.
     /// </summary>
     public static (Tensor Y, Tensor X) AllGatherMatmul(Tensor xLocal, Tensor w, ICommunicator comm, long[] counts, CommMode mode)
     {
@@ -55,7 +58,7 @@ public static class Rings
         using var scope = torch.NewDisposeScope();
         if (mode == CommMode.Plain || k == 1)
         {
-            var xg = k == 1 ? xLocal.alias() : comm.AllGather(xLocal);
+            var xg = k == 1 ? xLocal.alias() : comm.AllGather(xLocal, counts);
             return (nn.functional.linear(xg, w).MoveToOuterDisposeScope(), xg.MoveToOuterDisposeScope());
         }
         var ys = new Tensor[k];
@@ -64,7 +67,7 @@ public static class Rings
         int c = r;
         for (int s = 0; s < k; s++)
         {
-            var inFlight = s < k - 1 ? comm.PermuteAsync(cur, +1) : null;
+            using var inFlight = s < k - 1 ? comm.PermuteAsync(cur, +1, receiveRows: counts[(c - 1 + k) % k]) : null;
             ys[c] = nn.functional.linear(cur, w);
             xs[c] = cur;
             if (inFlight is not null)
@@ -82,11 +85,13 @@ public static class Rings
     /// <code>
     /// partial = h[chunk r+1] · Wᵀ; acc = none
     /// for s in 1 .. k−1:
-    ///     post permute(acc + partial → r−1, acc ← r+1)            # running sum travels backwards …
+    ///     post permute(acc + partial → r−1, acc ← r+1)            # running sum travels backwards (chunk r+1+s) …
     ///     partial = h[chunk r+1+s] · Wᵀ                           # … while the next partial is computed
     ///     acc = wait()
     /// out_r = acc + partial                                       # chunk r, reduced over all ranks after k−1 hops
     /// </code>
+    /// As in <see cref="AllGatherMatmul"/>, received sizes come from <paramref name="counts"/> and a permute in flight
+    /// is disposed (waited for) if an exception leaves the loop.
     /// </summary>
     public static Tensor MatmulReduceScatter(Tensor h, Tensor w, ICommunicator comm, long[] counts, CommMode mode)
     {
@@ -101,7 +106,7 @@ public static class Rings
         Tensor? acc = null;
         for (int s = 1; s < k; s++)
         {
-            var inFlight = comm.PermuteAsync(acc is null ? partial : acc + partial, -1);
+            using var inFlight = comm.PermuteAsync(acc is null ? partial : acc + partial, -1, receiveRows: counts[(r + 1 + s) % k]);
             partial = nn.functional.linear(Chunk(h, counts, (r + 1 + s) % k), w);
             acc = inFlight.Wait();
         }
@@ -209,7 +214,7 @@ internal sealed class ScatterTokensFunction : torch.autograd.SingleTensorFunctio
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
     {
         var args = (RingArgs)ctx.get_data("args");
-        return BackwardFailures.Guard(args.Comm, () => new List<Tensor> { args.Comm.AllGather(grad), null! },
+        return BackwardFailures.Guard(args.Comm, () => new List<Tensor> { args.Comm.AllGather(grad, args.Counts), null! },
             () => new List<Tensor> { Rows.Zeros(args.Counts.Sum(), grad), null! });
     }
 }
@@ -225,7 +230,7 @@ internal sealed class GatherTokensFunction : torch.autograd.SingleTensorFunction
     {
         var (x, args) = ((Tensor)vars[0], (RingArgs)vars[1]);
         ctx.save_data("args", args);
-        return args.Comm.AllGather(x);
+        return args.Comm.AllGather(x, args.Counts);
     }
 
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
@@ -250,7 +255,7 @@ internal sealed class FsdpGatherFunction : torch.autograd.SingleTensorFunction<F
         ctx.save_data("shape", shard.shape);
         using var scope = torch.NewDisposeScope();
         var moved = dim == 0 ? shard : shard.transpose(0, dim).contiguous();
-        var full = comm.AllGather(moved);
+        var full = comm.AllGather(moved, counts);
         return (dim == 0 ? full : full.transpose(0, dim).contiguous()).MoveToOuterDisposeScope();
     }
 

@@ -6,15 +6,18 @@ namespace ViT22B.Parallel;
 
 /// <summary>
 /// Where this process sits in a multi-process run, in the <c>torchrun</c> convention: <c>MASTER_ADDR</c>,
-/// <c>MASTER_PORT</c>, <c>RANK</c>, <c>WORLD_SIZE</c>, <c>LOCAL_RANK</c>.
+/// <c>MASTER_PORT</c>, <c>RANK</c>, <c>WORLD_SIZE</c>, <c>LOCAL_RANK</c> and, optionally, <c>LOCAL_WORLD_SIZE</c>.
 /// </summary>
 /// <param name="MasterAddress">Host of rank 0 (name or address).</param>
 /// <param name="MasterPort">TCP port rank 0 listens on.</param>
 /// <param name="Rank">This process's global rank.</param>
 /// <param name="WorldSize">Number of processes.</param>
-/// <param name="LocalRank">This process's rank on its machine (its GPU index).</param>
+/// <param name="LocalRank">This process's rank on its machine (its GPU is this index modulo the GPUs it sees).</param>
 public sealed record LaunchEnvironment(string MasterAddress, int MasterPort, int Rank, int WorldSize, int LocalRank)
 {
+    /// <summary>Processes on this machine (<c>LOCAL_WORLD_SIZE</c>, optional): tells whether several share a GPU.</summary>
+    public int? LocalWorldSize { get; init; }
+
     /// <summary>Reads the five variables (from <paramref name="get"/>, default the process environment).</summary>
     /// <exception cref="InvalidOperationException">A variable is missing or out of range (named, with its value).</exception>
     public static LaunchEnvironment FromEnvironment(Func<string, string?>? get = null)
@@ -30,7 +33,10 @@ public sealed record LaunchEnvironment(string MasterAddress, int MasterPort, int
             return x;
         }
         int world = Int("WORLD_SIZE", 1, 1 << 20);
-        return new LaunchEnvironment(Need("MASTER_ADDR"), Int("MASTER_PORT", 1, 65535), Int("RANK", 0, world - 1), world, Int("LOCAL_RANK", 0, world - 1));
+        return new LaunchEnvironment(Need("MASTER_ADDR"), Int("MASTER_PORT", 1, 65535), Int("RANK", 0, world - 1), world, Int("LOCAL_RANK", 0, world - 1))
+        {
+            LocalWorldSize = get("LOCAL_WORLD_SIZE") is { Length: > 0 } ? Int("LOCAL_WORLD_SIZE", 1, world) : null,
+        };
     }
 }
 

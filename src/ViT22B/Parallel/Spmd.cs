@@ -1,6 +1,6 @@
 namespace ViT22B.Parallel;
 
-/// <summary>One rank's failure, as collected by <see cref="Spmd.Run{T}"/>.</summary>
+/// <summary>One rank's failure, as collected by <see cref="Spmd"/>.</summary>
 public sealed class RankFailedException : Exception
 {
     /// <summary>Creates the exception.</summary>
@@ -26,7 +26,24 @@ public static class Spmd
     public static T[] Run<T>(ThreadedWorld world, Func<int, T> body, int stackBytes = 16 << 20)
     {
         ArgumentNullException.ThrowIfNull(world);
+        return Run(world.Size, body, world.Poison, stackBytes);
+    }
+
+    /// <summary>
+    /// Runs <paramref name="body"/>(rank) on <paramref name="ranks"/> threads (ranks whose communicators are not an
+    /// in-process world, e.g. one NCCL communicator per local GPU) and returns the results by rank. A failing rank does
+    /// not stop its peers: their collectives fail at their communicators' timeouts. After every thread has finished, all
+    /// failures are thrown together, the first one first.
+    /// </summary>
+    /// <exception cref="AggregateException">One or more ranks failed; inner exceptions are
+    /// <see cref="RankFailedException"/>s.</exception>
+    public static T[] Run<T>(int ranks, Func<int, T> body, int stackBytes = 16 << 20) => Run(ranks, body, null, stackBytes);
+
+    private static T[] Run<T>(int size, Func<int, T> body, Action<Exception>? onFailure, int stackBytes)
+    {
         ArgumentNullException.ThrowIfNull(body);
+        if (size < 1) throw new ArgumentOutOfRangeException(nameof(size), $"At least one rank is needed, found {size}.");
+        var world = (Size: size, Poison: onFailure);
         var results = new T[world.Size];
         var failures = new RankFailedException?[world.Size];
         var order = new long[world.Size];
@@ -41,7 +58,7 @@ public static class Spmd
             {
                 order[rank] = Interlocked.Increment(ref clock);
                 failures[rank] = new RankFailedException(rank, e);
-                world.Poison(failures[rank]!);
+                world.Poison?.Invoke(failures[rank]!);
             }
         }, stackBytes) { Name = $"vit22b-rank-{rank}", IsBackground = true }).ToList();
         foreach (var t in threads) t.Start();

@@ -176,15 +176,45 @@ internal sealed class ThreadedGroup
         }
         finally
         {
-            bool last;
-            lock (_lock)
-            {
-                last = ++slot.Consumed == Size;
-                if (last) _slots.Remove(seq);
-            }
-            // The last reader frees the inputs, outside the lock (on GPUs it first waits for every reader's copies).
-            if (last) InProcessTransfer.ReleaseAfter(slot.Done, slot.Ready, slot.Inputs);   // CPU inputs: no events, just disposal
+            Consume(seq, slot);
         }
+    }
+
+    /// <summary>Rank <paramref name="rank"/> disposed collective <paramref name="seq"/> without waiting for it: it reads
+    /// nothing, but counts as a reader, so the inputs are still freed once the others have read them.</summary>
+    public void Abandon(long seq, int rank)
+    {
+        Slot? slot;
+        lock (_lock) _slots.TryGetValue(seq, out slot);
+        if (slot is not null) Consume(seq, slot);
+    }
+
+    // The last reader frees the inputs, outside the lock. On GPUs the readers' copies may still be queued: the inputs
+    // then wait in a list, checked (never waited on) by later collectives, until every reader's done event has passed.
+    private void Consume(long seq, Slot slot)
+    {
+        bool last;
+        lock (_lock)
+        {
+            last = ++slot.Consumed == Size;
+            if (last) _slots.Remove(seq);
+        }
+        if (last)
+            lock (_retired) _retired.Add(slot);
+        ReleaseRetired();
+    }
+
+    private readonly List<Slot> _retired = new();
+
+    private void ReleaseRetired()
+    {
+        Slot[] ready;
+        lock (_retired)
+        {
+            ready = _retired.Where(s => s.Done.All(e => e is null || e.IsComplete)).ToArray();
+            foreach (var s in ready) _retired.Remove(s);
+        }
+        foreach (var s in ready) InProcessTransfer.Release(s.Done, s.Ready, s.Inputs);   // CPU inputs: no events, just disposal
     }
 }
 
@@ -242,17 +272,22 @@ public sealed class ThreadedCommunicator : ICommunicator
         };
     }
 
-    private sealed class Work : ICommWork
+    private sealed class Work(Func<Tensor> wait, Action abandon) : ICommWork
     {
-        private readonly Func<Tensor> _wait;
         private bool _done;
-        public Work(Func<Tensor> wait) => _wait = wait;
 
         public Tensor Wait()
         {
-            if (_done) throw new InvalidOperationException("Wait() was already called on this operation.");
+            if (_done) throw new InvalidOperationException("Wait() was already called on this operation, or it was disposed.");
             _done = true;
-            return _wait();
+            return wait();
+        }
+
+        public void Dispose()
+        {
+            if (_done) return;
+            _done = true;
+            abandon();
         }
     }
 
@@ -281,10 +316,14 @@ public sealed class ThreadedCommunicator : ICommunicator
             {
                 posted.GetAwaiter().GetResult();   // a mismatch found while posting surfaces here
                 return _group.Complete(seq, Rank, op, compute, CommStream);
+            }, () =>
+            {
+                try { posted.GetAwaiter().GetResult(); } catch (CommunicatorException) { return; }
+                _group.Abandon(seq, Rank);
             });
         }
         _group.Post(seq, Rank, op, copy, ready, arg);
-        return new Work(() => _group.Complete(seq, Rank, op, compute, CommStream));
+        return new Work(() => _group.Complete(seq, Rank, op, compute, CommStream), () => _group.Abandon(seq, Rank));
     }
 
     private nint CommStream(int device)
@@ -333,12 +372,19 @@ public sealed class ThreadedCommunicator : ICommunicator
     }
 
     /// <inheritdoc />
-    public ICommWork AllGatherAsync(Tensor local)
+    public ICommWork AllGatherAsync(Tensor local, IReadOnlyList<long>? counts = null)
     {
         ArgumentNullException.ThrowIfNull(local);
-        return Start("AllGather", local, null, (inputs, _) =>
+        if (counts is not null && (counts.Count != Size || counts[Rank] != local.shape[0] || counts.Any(c => c < 0)))
+            throw new ArgumentException($"AllGather on group '{Name}': counts [{string.Join(", ", counts)}] must have {Size} non-negative entries, rank {Rank}'s being its {local.shape[0]} rows.", nameof(counts));
+        return Start("AllGather", local, counts?.ToArray(), (inputs, args) =>
         {
             CheckSameTrailing($"Group '{Name}' AllGather", inputs);
+            var given = args.Select(a => (long[]?)a).ToArray();
+            if (given.Any(a => a is not null))
+                for (int i = 0; i < Size; i++)
+                    if (given[i] is null || !given[i]!.SequenceEqual(inputs.Select(t => t!.shape[0])))
+                        throw new CommunicatorException($"Group '{Name}' AllGather: rank {i} passed counts [{(given[i] is null ? "none" : string.Join(", ", given[i]!))}] but the ranks hold [{string.Join(", ", inputs.Select(t => t!.shape[0]))}] rows.");
             var dev = MyDevice(inputs);
             using (torch.no_grad()) return torch.cat(inputs.Select(t => t!.to(dev)).ToArray(), 0);
         });

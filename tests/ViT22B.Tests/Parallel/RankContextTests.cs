@@ -21,7 +21,7 @@ public sealed class RankContextTests
     public void Ranks_sharing_a_gpu_in_process_are_recognized()
     {
         Assert.All(Contexts(1, 2, "cuda:0"), c => Assert.True(c.SharesGpuInProcess));
-        Assert.All(Contexts(1, 2, "cuda"), c => Assert.True(c.SharesGpuInProcess));            // "cuda" is device 0
+        Assert.All(Contexts(1, 2, "cuda"), c => Assert.True(c.SharesGpuInProcess));            // both on libtorch's current GPU
         Assert.All(Contexts(1, 2, "cuda:0", "cuda:1"), c => Assert.False(c.SharesGpuInProcess));
         Assert.All(Contexts(2, 2, "cpu"), c => Assert.False(c.SharesGpuInProcess));
         var mixed = Contexts(1, 3, "cuda:0", "cuda:1", "cuda:1");

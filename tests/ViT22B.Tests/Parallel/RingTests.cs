@@ -4,15 +4,17 @@ using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Parallel;
 
-/// <summary>The decomposed rings (and the plain variants) equal the matmul on the full tensors, forward and backward.</summary>
+/// <summary>The decomposed rings (and the plain variants) equal the matmul on the full tensors, forward and backward,
+/// on both backends.</summary>
 public class RingTests
 {
-    public static TheoryData<int, CommMode> Cases()
+    public static TheoryData<Backend, int, CommMode> Cases()
     {
-        var d = new TheoryData<int, CommMode>();
-        foreach (int k in new[] { 1, 2, 3, 4 })
-            foreach (var m in new[] { CommMode.Overlapped, CommMode.Plain })
-                d.Add(k, m);
+        var d = new TheoryData<Backend, int, CommMode>();
+        foreach (var b in Backends.All)
+            foreach (int k in new[] { 1, 2, 3, 4 })
+                foreach (var m in new[] { CommMode.Overlapped, CommMode.Plain })
+                    d.Add(b, k, m);
         return d;
     }
 
@@ -21,7 +23,7 @@ public class RingTests
 
     [Theory]
     [MemberData(nameof(Cases))]
-    public void AllGather_matmul_equals_full_matmul_with_gradients(int k, CommMode mode)
+    public void AllGather_matmul_equals_full_matmul_with_gradients(Backend backend, int k, CommMode mode)
     {
         const long tokens = 11, batch = 2, din = 6, doutPerRank = 5;     // 11 tokens: uneven chunks for k = 2, 3, 4
         var counts = TokenPartition.Counts(tokens, k);
@@ -30,14 +32,13 @@ public class RingTests
         var dy = Rand(3, tokens, batch, k * doutPerRank);
         // Reference: y = x·Wᵀ, dX = dY·W, dW = dYᵀ·X.
         var y = x.matmul(w.t());
-        var world = new ThreadedWorld(k, TimeSpan.FromSeconds(30));
-        var comms = world.CreateGroup("tp", Enumerable.Range(0, k).ToArray());
-        var results = Spmd.Run(world, r =>
+        var results = Backends.RunGroup(backend, k, comm =>
         {
+            int r = comm.Rank;
             using var scope = torch.NewDisposeScope();
             var xr = x.narrow(0, TokenPartition.Start(counts, r), counts[r]).clone().requires_grad_();
             var wr = w.narrow(0, r * doutPerRank, doutPerRank).clone().requires_grad_();
-            var yr = Regions.AllGatherMatmul(xr, wr, comms[r], counts, mode);
+            var yr = Regions.AllGatherMatmul(xr, wr, comm, counts, mode);
             (yr * dy.narrow(2, r * doutPerRank, doutPerRank)).sum().backward();
             return (yr.detach().DetachFromDisposeScope(), xr.grad!.DetachFromDisposeScope(), wr.grad!.DetachFromDisposeScope());
         });
@@ -53,7 +54,7 @@ public class RingTests
 
     [Theory]
     [MemberData(nameof(Cases))]
-    public void Matmul_reduce_scatter_equals_full_matmul_with_gradients(int k, CommMode mode)
+    public void Matmul_reduce_scatter_equals_full_matmul_with_gradients(Backend backend, int k, CommMode mode)
     {
         const long tokens = 11, batch = 2, dinPerRank = 4, dout = 7;
         var counts = TokenPartition.Counts(tokens, k);
@@ -61,14 +62,13 @@ public class RingTests
         var w = Rand(5, dout, k * dinPerRank);                             // rank r owns columns r
         var dOut = Rand(6, tokens, batch, dout);
         var y = h.matmul(w.t());
-        var world = new ThreadedWorld(k, TimeSpan.FromSeconds(30));
-        var comms = world.CreateGroup("tp", Enumerable.Range(0, k).ToArray());
-        var results = Spmd.Run(world, r =>
+        var results = Backends.RunGroup(backend, k, comm =>
         {
+            int r = comm.Rank;
             using var scope = torch.NewDisposeScope();
             var hr = h.narrow(2, r * dinPerRank, dinPerRank).clone().requires_grad_();
             var wr = w.narrow(1, r * dinPerRank, dinPerRank).clone().requires_grad_();
-            var outR = Regions.MatmulReduceScatter(hr, wr, comms[r], counts, mode);
+            var outR = Regions.MatmulReduceScatter(hr, wr, comm, counts, mode);
             (outR * dOut.narrow(0, TokenPartition.Start(counts, r), counts[r])).sum().backward();
             return (outR.detach().DetachFromDisposeScope(), hr.grad!.DetachFromDisposeScope(), wr.grad!.DetachFromDisposeScope());
         });
@@ -82,23 +82,22 @@ public class RingTests
         }
     }
 
-    [Fact]
-    public void Overlapped_ring_is_deterministic_under_random_delays()
+    [Theory]
+    [InlineData(Backend.Threaded)]
+    [InlineData(Backend.NcclStandIn)]
+    public void Overlapped_ring_is_deterministic_under_random_delays(Backend backend)
     {
         const int k = 4;
         var counts = TokenPartition.Counts(9, k);
         var h = Rand(7, 9, 3, k * 4);
         var w = Rand(8, 5, k * 4);
-        Tensor[] Run(Func<int, TimeSpan>? delay)
-        {
-            var world = new ThreadedWorld(k, TimeSpan.FromSeconds(30), delay);
-            var comms = world.CreateGroup("tp", Enumerable.Range(0, k).ToArray());
-            return Spmd.Run(world, r =>
+        Tensor[] Run(Func<int, TimeSpan>? delay) =>
+            Backends.RunGroup(backend, k, comm =>
             {
+                int r = comm.Rank;
                 using var scope = torch.NewDisposeScope();
-                return Rings.MatmulReduceScatter(h.narrow(2, r * 4, 4), w.narrow(1, r * 4, 4), comms[r], counts, CommMode.Overlapped).DetachFromDisposeScope();
-            });
-        }
+                return Rings.MatmulReduceScatter(h.narrow(2, r * 4, 4), w.narrow(1, r * 4, 4), comm, counts, CommMode.Overlapped).DetachFromDisposeScope();
+            }, delay: delay);
         var rng = new Random(3);
         var delayed = Run(_ => { lock (rng) return TimeSpan.FromMilliseconds(rng.Next(0, 10)); });
         var plain = Run(null);

@@ -6,7 +6,8 @@ using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Parallel;
 
-/// <summary>Sharded models give the single-rank model's outputs and gradients (1e-5 relative in float32).</summary>
+/// <summary>Sharded models give the single-rank model's outputs and gradients (1e-5 relative in float32), on the
+/// in-process backend and on the NCCL communicator over the NCCL stand-in.</summary>
 public class ShardedModelTests
 {
     /// <summary>2 blocks, D = 32, 4 heads (so model axes 1, 2, 4 divide), F = 48, 17 tokens with the class token
@@ -35,17 +36,15 @@ public class ShardedModelTests
             model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone()), images, probe);
     }
 
-    private static void AssertShardedMatches(ViTConfig c, int data, int model, CommMode mode, bool fsdp = false, Func<int, TimeSpan>? delay = null)
+    private static void AssertShardedMatches(Backend backend, ViTConfig c, int data, int model, CommMode mode, bool fsdp = false, Func<int, TimeSpan>? delay = null)
     {
         const long batch = 4;
         var reference = Full(c, batch);
         var mesh = new DeviceMesh(data, model);
-        var world = new ThreadedWorld(mesh.WorldSize, TimeSpan.FromSeconds(60), delay);
-        var contexts = RankContext.CreateThreaded(world, mesh);
         var plan = new ShardingPlan(c, model, data, fsdp);
-        var results = Spmd.Run(world, r =>
+        var results = Backends.Run(backend, mesh, ctx =>
         {
-            var s = new ShardContext(plan, contexts[r], mode);
+            var s = new ShardContext(plan, ctx, mode);
             using var shard = ShardedModel.Create(s, ScalarType.Float32);
             ShardedModel.LoadFull(shard, s, reference.State);
             using var scope = torch.NewDisposeScope();
@@ -56,7 +55,7 @@ public class ShardedModelTests
             ShardedModel.SynchronizeGradients(shard, s);
             var grads = shard.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.detach().clone().DetachFromDisposeScope());
             return (Output: output.detach().DetachFromDisposeScope(), Grads: grads, s.ModelIndex, s.DataIndex);
-        });
+        }, delay: delay);
         // The gradient of the k-norm bias is exactly zero in exact arithmetic (softmax is invariant to adding q·b to
         // every logit of a row), so both sides hold rounding noise: errors are measured against the larger of the
         // tensor's own scale and 1% of the largest gradient of the model.
@@ -80,48 +79,66 @@ public class ShardedModelTests
     }
 
     [Theory]
-    [InlineData(1, CommMode.Overlapped)]
-    [InlineData(2, CommMode.Overlapped)]
-    [InlineData(4, CommMode.Overlapped)]
-    [InlineData(2, CommMode.Plain)]
-    [InlineData(4, CommMode.Plain)]
-    public void Parallel_block_model_matches_single_rank(int model, CommMode mode) =>
-        AssertShardedMatches(Config(BlockKind.Parallel), 1, model, mode);
+    [InlineData(Backend.Threaded, 1, CommMode.Overlapped)]
+    [InlineData(Backend.Threaded, 2, CommMode.Overlapped)]
+    [InlineData(Backend.Threaded, 4, CommMode.Overlapped)]
+    [InlineData(Backend.Threaded, 2, CommMode.Plain)]
+    [InlineData(Backend.Threaded, 4, CommMode.Plain)]
+    [InlineData(Backend.NcclStandIn, 1, CommMode.Overlapped)]
+    [InlineData(Backend.NcclStandIn, 2, CommMode.Overlapped)]
+    [InlineData(Backend.NcclStandIn, 4, CommMode.Overlapped)]
+    [InlineData(Backend.NcclStandIn, 2, CommMode.Plain)]
+    [InlineData(Backend.NcclStandIn, 4, CommMode.Plain)]
+    public void Parallel_block_model_matches_single_rank(Backend backend, int model, CommMode mode) =>
+        AssertShardedMatches(backend, Config(BlockKind.Parallel), 1, model, mode);
 
     [Theory]
-    [InlineData(BlockKind.Parallel, 2)]
-    [InlineData(BlockKind.Parallel, 4)]
-    [InlineData(BlockKind.Sequential, 4)]
-    public void Single_block_matches_single_rank(BlockKind block, int model) =>
-        AssertShardedMatches(Config(block) with { Depth = 1 }, 1, model, CommMode.Overlapped);
+    [InlineData(Backend.Threaded, BlockKind.Parallel, 2)]
+    [InlineData(Backend.Threaded, BlockKind.Parallel, 4)]
+    [InlineData(Backend.Threaded, BlockKind.Sequential, 4)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 2)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 4)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Sequential, 4)]
+    public void Single_block_matches_single_rank(Backend backend, BlockKind block, int model) =>
+        AssertShardedMatches(backend, Config(block) with { Depth = 1 }, 1, model, CommMode.Overlapped);
 
-    [Fact]
-    public void Random_communication_delays_change_no_result()
+    [Theory]
+    [InlineData(Backend.Threaded)]
+    [InlineData(Backend.NcclStandIn)]
+    public void Random_communication_delays_change_no_result(Backend backend)
     {
         var rng = new Random(17);
-        AssertShardedMatches(Config(BlockKind.Parallel), 2, 2, CommMode.Overlapped, fsdp: true,
+        AssertShardedMatches(backend, Config(BlockKind.Parallel), 2, 2, CommMode.Overlapped, fsdp: true,
             delay: _ => { lock (rng) return TimeSpan.FromMilliseconds(rng.Next(0, 4)); });
     }
 
     [Theory]
-    [InlineData(2)]
-    [InlineData(4)]
-    public void Unfused_parallel_block_model_matches_single_rank(int model) =>
-        AssertShardedMatches(Config(BlockKind.Parallel, fused: false), 1, model, CommMode.Overlapped);
+    [InlineData(Backend.Threaded, 2)]
+    [InlineData(Backend.Threaded, 4)]
+    [InlineData(Backend.NcclStandIn, 2)]
+    [InlineData(Backend.NcclStandIn, 4)]
+    public void Unfused_parallel_block_model_matches_single_rank(Backend backend, int model) =>
+        AssertShardedMatches(backend, Config(BlockKind.Parallel, fused: false), 1, model, CommMode.Overlapped);
 
     [Theory]
-    [InlineData(1)]
-    [InlineData(2)]
-    [InlineData(4)]
-    public void Sequential_block_model_matches_single_rank(int model) =>
-        AssertShardedMatches(Config(BlockKind.Sequential), 1, model, CommMode.Overlapped);
+    [InlineData(Backend.Threaded, 1)]
+    [InlineData(Backend.Threaded, 2)]
+    [InlineData(Backend.Threaded, 4)]
+    [InlineData(Backend.NcclStandIn, 1)]
+    [InlineData(Backend.NcclStandIn, 2)]
+    [InlineData(Backend.NcclStandIn, 4)]
+    public void Sequential_block_model_matches_single_rank(Backend backend, int model) =>
+        AssertShardedMatches(backend, Config(BlockKind.Sequential), 1, model, CommMode.Overlapped);
 
     [Theory]
-    [InlineData(BlockKind.Parallel, false)]
-    [InlineData(BlockKind.Parallel, true)]
-    [InlineData(BlockKind.Sequential, true)]
-    public void Two_by_two_data_model_mesh_matches_single_rank(BlockKind block, bool fsdp) =>
-        AssertShardedMatches(Config(block), 2, 2, CommMode.Overlapped, fsdp);
+    [InlineData(Backend.Threaded, BlockKind.Parallel, false)]
+    [InlineData(Backend.Threaded, BlockKind.Parallel, true)]
+    [InlineData(Backend.Threaded, BlockKind.Sequential, true)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, false)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, true)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Sequential, true)]
+    public void Two_by_two_data_model_mesh_matches_single_rank(Backend backend, BlockKind block, bool fsdp) =>
+        AssertShardedMatches(backend, Config(block), 2, 2, CommMode.Overlapped, fsdp);
 
     [Fact]
     public void Plans_that_cannot_work_are_rejected()
@@ -157,13 +174,10 @@ public class ShardedModelTests
     {
         var c = Config(BlockKind.Parallel) with { Depth = 4 };
         long fullBytes = ModelAccounting.ParameterBytes(c, ScalarType.Float32);
-        var mesh = new DeviceMesh(1, 4);
-        var world = new ThreadedWorld(4);
-        var ctx = RankContext.CreateThreaded(world, mesh);
         var plan = new ShardingPlan(c, 4);
-        var bytes = Spmd.Run(world, r =>
+        var bytes = Backends.Run(Backend.Threaded, new DeviceMesh(1, 4), ctx =>
         {
-            using var shard = ShardedModel.Create(new ShardContext(plan, ctx[r], CommMode.Overlapped));
+            using var shard = ShardedModel.Create(new ShardContext(plan, ctx, CommMode.Overlapped));
             return ShardedModel.ParameterBytes(shard);
         });
         var p = ModelAccounting.Parameters(c);
@@ -171,32 +185,34 @@ public class ShardedModelTests
         foreach (long b in bytes) Assert.Equal(replicated + (fullBytes - replicated) / 4, b);
     }
 
-    [Fact]
-    public void A_peer_failing_during_backward_is_an_exception_on_the_other_ranks_not_a_crash()
+    [Theory]
+    [InlineData(Backend.Threaded)]
+    [InlineData(Backend.NcclStandIn)]
+    public void A_peer_failing_during_backward_is_an_exception_on_the_other_ranks_not_a_crash(Backend backend)
     {
         // libtorch calls the ring functions' backward from native code, where an escaping .NET exception would end
-        // the test host; the failure must come back from ShardedModel.Backward instead.
+        // the test host; the failure must come back from ShardedModel.Backward instead. The in-process world tells the
+        // peers at once; NCCL does not, so there the peer's collective fails at its (short) timeout and aborts.
         var c = Config(BlockKind.Parallel);
-        var mesh = new DeviceMesh(1, 2);
-        var world = new ThreadedWorld(mesh.WorldSize, TimeSpan.FromSeconds(30));
-        var contexts = RankContext.CreateThreaded(world, mesh);
         var plan = new ShardingPlan(c, 2, 1);
         using var images = TestUtil.RandomImages(c, 2, seed: 43, ScalarType.Float32);
-        var e = Assert.Throws<AggregateException>(() => Spmd.Run(world, r =>
+        var models = new ICommunicator[2];
+        var e = Assert.Throws<AggregateException>(() => Backends.Run(backend, new DeviceMesh(1, 2), ctx =>
         {
-            var s = new ShardContext(plan, contexts[r], CommMode.Overlapped);
+            var s = new ShardContext(plan, ctx, CommMode.Overlapped);
+            models[ctx.Rank] = ctx.Model;
             using var shard = ShardedModel.Create(s, ScalarType.Float32);
             using var scope = torch.NewDisposeScope();
             var loss = shard.call(images).square().sum();
-            if (r == 1) throw new InvalidOperationException("rank 1 gives up before backward");
+            if (ctx.Rank == 1) throw new InvalidOperationException("rank 1 gives up before backward");
             ShardedModel.Backward(loss, s);
             return 0;
-        }));
+        }, timeout: TimeSpan.FromSeconds(backend == Backend.Threaded ? 30 : 3)));
         var failures = e.InnerExceptions.Cast<RankFailedException>().ToDictionary(f => f.Rank, f => f.InnerException!);
         Assert.IsType<InvalidOperationException>(failures[1]);
         var rank0 = Assert.IsType<CommunicatorException>(failures[0]);
-        Assert.Contains("rank 1 gives up before backward", rank0.Message);
-        Assert.False(BackwardFailures.HasFailed(contexts[0].Model));    // thrown once, then forgotten
+        Assert.Contains(backend == Backend.Threaded ? "rank 1 gives up before backward" : "did not finish within 3 s", rank0.Message);
+        Assert.False(BackwardFailures.HasFailed(models[0]));    // thrown once, then forgotten
     }
 }
 
@@ -206,16 +222,11 @@ public sealed class ShardedCheckpointTests : IDisposable
 
     public void Dispose() => Directory.Delete(_dir, recursive: true);
 
-    private static T[] OnMesh<T>(int data, int model, ShardingPlan plan, Func<ShardContext, T> body)
-    {
-        var mesh = new DeviceMesh(data, model);
-        var world = new ThreadedWorld(mesh.WorldSize, TimeSpan.FromSeconds(60));
-        var ctx = RankContext.CreateThreaded(world, mesh);
-        return Spmd.Run(world, r => body(new ShardContext(plan, ctx[r], CommMode.Overlapped)));
-    }
+    private static T[] OnMesh<T>(int data, int model, ShardingPlan plan, Func<ShardContext, T> body, Backend backend = Backend.Threaded) =>
+        Backends.Run(backend, new DeviceMesh(data, model), ctx => body(new ShardContext(plan, ctx, CommMode.Overlapped)));
 
     /// <summary>On every rank: build a shard, save it to (or load it from) the checkpoint folder, run a forward.</summary>
-    private Tensor[] SaveOrLoadThenForward(int data, int model, ShardingPlan plan, bool save, Tensor images) =>
+    private Tensor[] SaveOrLoadThenForward(int data, int model, ShardingPlan plan, bool save, Tensor images, Backend backend = Backend.Threaded) =>
         OnMesh(data, model, plan, s =>
         {
             using var shard = ShardedModel.Create(s);
@@ -224,19 +235,21 @@ public sealed class ShardedCheckpointTests : IDisposable
             using var scope = torch.NewDisposeScope();
             using var noGrad = torch.no_grad();
             return shard.call(images).DetachFromDisposeScope();
-        });
+        }, backend);
 
-    [Fact]
-    public void Save_at_model_axis_4_load_at_2_and_at_1_gives_equal_outputs()
+    [Theory]
+    [InlineData(Backend.Threaded)]
+    [InlineData(Backend.NcclStandIn)]
+    public void Save_at_model_axis_4_load_at_2_and_at_1_gives_equal_outputs(Backend backend)
     {
         var c = ShardedModelTests.Config(BlockKind.Parallel);
         var images = TestUtil.RandomImages(c, 2, seed: 9, ScalarType.Float32);
         torch.manual_seed(11);
-        var at4 = SaveOrLoadThenForward(1, 4, new ShardingPlan(c, 4), save: true, images);     // random init, sharded from the start
+        var at4 = SaveOrLoadThenForward(1, 4, new ShardingPlan(c, 4), save: true, images, backend);     // random init, sharded from the start
         Assert.True(File.Exists(Path.Combine(_dir, ShardedCheckpoint.IndexFileName)));
         Assert.Equal(4, Directory.GetFiles(_dir, "rank-*.safetensors").Length);
 
-        var at2 = SaveOrLoadThenForward(1, 2, new ShardingPlan(c, 2), save: false, images);
+        var at2 = SaveOrLoadThenForward(1, 2, new ShardingPlan(c, 2), save: false, images, backend);
         using var single = new VisionTransformer(c, torch.CPU, ScalarType.Float32);
         var report = single.load_state_dict(ShardedCheckpoint.LoadFull(_dir));
         using var noGrad = torch.no_grad();
@@ -246,13 +259,15 @@ public sealed class ShardedCheckpointTests : IDisposable
         Assert.True(at4[0].equal(at4[3]).all().item<bool>(), "replicated outputs are identical on every rank");
     }
 
-    [Fact]
-    public void Fsdp_checkpoint_reshards_to_a_plain_mesh()
+    [Theory]
+    [InlineData(Backend.Threaded)]
+    [InlineData(Backend.NcclStandIn)]
+    public void Fsdp_checkpoint_reshards_to_a_plain_mesh(Backend backend)
     {
         var c = ShardedModelTests.Config(BlockKind.Sequential);
         var images = TestUtil.RandomImages(c, 2, seed: 12, ScalarType.Float32);
-        var before = SaveOrLoadThenForward(2, 2, new ShardingPlan(c, 2, 2, fsdp: true), save: true, images);
-        var after = SaveOrLoadThenForward(1, 4, new ShardingPlan(c, 4), save: false, images);
+        var before = SaveOrLoadThenForward(2, 2, new ShardingPlan(c, 2, 2, fsdp: true), save: true, images, backend);
+        var after = SaveOrLoadThenForward(1, 4, new ShardingPlan(c, 4), save: false, images, backend);
         Assert.True(TestUtil.RelErr(after[0], before[0]) < 1e-5);
     }
 

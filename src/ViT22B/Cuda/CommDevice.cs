@@ -1,0 +1,91 @@
+using TorchSharp;
+using ViT22B.Interop;
+using static TorchSharp.torch;
+
+namespace ViT22B.Cuda;
+
+/// <summary>
+/// What <see cref="NcclCommunicator"/> needs from the device besides NCCL itself: the torch device of an ordinal, the
+/// calling thread's current stream, a communication stream, events, buffer addresses, the release of a buffer once its
+/// last device use has finished, and (for sizes nobody passed) a read of device values by the host.
+/// <see cref="CudaCommDevice"/> is the GPU; the tests substitute the CPU half of an NCCL stand-in, so the communicator's
+/// own logic (ordering, buffer lifetimes, failure handling) runs on a machine without a GPU.
+/// </summary>
+internal interface ICommDevice
+{
+    /// <summary>The torch device that holds the buffers of device <paramref name="ordinal"/>.</summary>
+    Device TorchDevice(int ordinal);
+
+    /// <summary>Number of devices this process sees.</summary>
+    int DeviceCount { get; }
+
+    /// <summary>Makes <paramref name="ordinal"/> the calling thread's current device (NCCL's init reads it).</summary>
+    void MakeCurrent(int ordinal);
+
+    /// <summary>The stream the calling thread's tensor operations on <paramref name="ordinal"/> go to.</summary>
+    nint CurrentStream(int ordinal);
+
+    /// <summary>A non-blocking stream for collectives (never the legacy default stream).</summary>
+    nint CreateCommStream(int ordinal, bool highPriority);
+
+    /// <summary>A new event (timing disabled).</summary>
+    IDeviceEvent CreateEvent(int ordinal);
+
+    /// <summary>The address of a contiguous buffer of this device (kept alive by the caller).</summary>
+    nint DataPointer(Tensor buffer);
+
+    /// <summary>The communicator's last use of <paramref name="buffer"/> has finished on the device: drop it.</summary>
+    void Release(Tensor buffer);
+
+    /// <summary>Reads a small int64 tensor on the host: a host synchronization (it waits for everything queued before
+    /// it). Only the exchange of sizes the caller did not pass uses it.</summary>
+    long[] ReadToHost(Tensor values);
+}
+
+/// <summary>A device event: record it after work on a stream, make another stream wait for it, ask whether it has
+/// passed (never blocks).</summary>
+internal interface IDeviceEvent : IDisposable
+{
+    /// <summary>Captures the work queued on <paramref name="stream"/> so far.</summary>
+    void Record(nint stream);
+
+    /// <summary>Makes <paramref name="stream"/> wait (on the device) for the captured work.</summary>
+    void Wait(nint stream);
+
+    /// <summary>Whether the captured work has finished.</summary>
+    bool IsComplete { get; }
+}
+
+/// <summary>The GPU behind <see cref="ICommDevice"/>: libtorch's streams, driver events and tensor pointers.</summary>
+internal sealed class CudaCommDevice : ICommDevice
+{
+    public static readonly CudaCommDevice Instance = new();
+
+    private CudaCommDevice() { }
+
+    public Device TorchDevice(int ordinal) => new(DeviceType.CUDA, ordinal);
+
+    public int DeviceCount => (int)torch.cuda.device_count();
+
+    public void MakeCurrent(int ordinal) => CudaDriver.MakeCurrent(ordinal);
+
+    public nint CurrentStream(int ordinal) => CudaStreams.Current(ordinal);
+
+    public nint CreateCommStream(int ordinal, bool highPriority) => CudaStreams.FromPool(ordinal, highPriority);
+
+    public IDeviceEvent CreateEvent(int ordinal) => new CudaEvent(ordinal);
+
+    public nint DataPointer(Tensor buffer)
+    {
+        if (buffer.device.type != DeviceType.CUDA) throw new ArgumentException($"NCCL buffers must be CUDA tensors; found one on {buffer.device}.");
+        return TensorPointers.DataPointer(buffer);
+    }
+
+    public void Release(Tensor buffer) => buffer.Dispose();
+
+    public long[] ReadToHost(Tensor values)
+    {
+        using var host = values.cpu();
+        return host.data<long>().ToArray();
+    }
+}

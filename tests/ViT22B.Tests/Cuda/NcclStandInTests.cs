@@ -1,0 +1,206 @@
+using TorchSharp;
+using ViT22B.Cuda;
+using ViT22B.Interop;
+using ViT22B.Tests.Fakes;
+using static TorchSharp.torch;
+
+namespace ViT22B.Tests.Cuda;
+
+/// <summary>The stand-in is at least as strict as NCCL: each test breaks one rule with raw calls and expects it caught.</summary>
+public sealed unsafe class NcclStandInTests
+{
+    // Two ranks of one communicator, both driven from the test thread (non-blocking init allows it).
+    private static (NcclStandIn Nccl, nint[] Comms, nint[] Streams) Pair(bool multiRankGpu = false, int device1 = 1)
+    {
+        var nccl = new NcclStandIn(deviceCount: 2, multiRankGpu: multiRankGpu);
+        var id = Nccl.GetUniqueId(nccl);
+        var config = NcclConfig.NonBlocking();
+        var comms = new nint[2];
+        var streams = new nint[2];
+        for (int r = 0; r < 2; r++)
+        {
+            int device = r == 0 ? 0 : device1;
+            nccl.MakeCurrent(device);
+            nint c;
+            Assert.Equal(NcclResult.InProgress, nccl.CommInitRankConfig(&c, 2, id, r, &config));
+            comms[r] = c;
+            streams[r] = nccl.CreateCommStream(device, false);
+        }
+        foreach (var c in comms) Poll(nccl, c);
+        return (nccl, comms, streams);
+    }
+
+    private static NcclResult Poll(NcclStandIn nccl, nint comm)
+    {
+        NcclResult state;
+        do Assert.Equal(NcclResult.Success, nccl.CommGetAsyncError(comm, &state));
+        while (state == NcclResult.InProgress);
+        return state;
+    }
+
+    // The ready-event discipline: the communication stream waits on an event of the compute stream first.
+    private static void Ready(NcclStandIn nccl, int device, nint stream)
+    {
+        var e = nccl.CreateEvent(device);
+        e.Record(nccl.CurrentStream(device));
+        e.Wait(stream);
+    }
+
+    private static NcclBuffer Buffer(NcclStandIn nccl, Tensor t) => new(nccl.DataPointer(t), (nuint)t.numel(), NcclDataType.Float32);
+
+    [Fact]
+    public void Initialization_is_in_progress_until_every_rank_has_joined()
+    {
+        using var nccl = new NcclStandIn(deviceCount: 2);
+        var id = Nccl.GetUniqueId(nccl);
+        var config = NcclConfig.NonBlocking();
+        nccl.MakeCurrent(0);
+        nint c;
+        Assert.Equal(NcclResult.InProgress, nccl.CommInitRankConfig(&c, 2, id, 0, &config));
+        NcclResult state;
+        nccl.CommGetAsyncError(c, &state);
+        Assert.Equal(NcclResult.InProgress, state);
+        var bad = config with { Magic = 0 };
+        nint c2;
+        Assert.Equal(NcclResult.InvalidArgument, nccl.CommInitRankConfig(&c2, 2, id, 1, &bad));   // not NCCL_CONFIG_INITIALIZER
+    }
+
+    [Fact]
+    public void Two_ranks_on_one_device_are_refused_unless_allowed()
+    {
+        using var nccl = new NcclStandIn(deviceCount: 1);
+        var id = Nccl.GetUniqueId(nccl);
+        var config = NcclConfig.NonBlocking();
+        nccl.MakeCurrent(0);
+        nint a, b;
+        Assert.Equal(NcclResult.InProgress, nccl.CommInitRankConfig(&a, 2, id, 0, &config));
+        Assert.Equal(NcclResult.InvalidUsage, nccl.CommInitRankConfig(&b, 2, id, 1, &config));
+        var (allowed, comms, _) = Pair(multiRankGpu: true, device1: 0);
+        using (allowed) Assert.All(comms, c => Assert.Equal(NcclResult.Success, Poll(allowed, c)));
+    }
+
+    [Fact]
+    public void Calls_in_an_open_group_launch_nothing_and_an_event_recorded_then_is_a_violation()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        using var x = torch.ones(4);
+        using var y = torch.empty(4);
+        nccl.MakeCurrent(0);
+        Ready(nccl, 0, streams[0]);
+        var bx = Buffer(nccl, x);
+        var by = Buffer(nccl, y);
+        Assert.Equal(NcclResult.Success, nccl.GroupStart());
+        Assert.Equal(NcclResult.Success, nccl.AllReduce(bx.Pointer, by.Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
+        Assert.Empty(nccl.LaunchesOf(0));
+        Assert.Equal(1, nccl.GroupDepth);
+        nccl.CreateEvent(0).Record(streams[0]);
+        Assert.Contains(nccl.Violations, v => v.Contains("ncclGroupEnd not called"));
+        Assert.Equal(NcclResult.InProgress, nccl.GroupEnd());
+        Assert.Single(nccl.LaunchesOf(0));
+    }
+
+    [Fact]
+    public void An_event_recorded_before_an_in_progress_call_was_polled_is_a_violation()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        using var x = torch.ones(4);
+        using var y = torch.empty(4);
+        Ready(nccl, 0, streams[0]);
+        Assert.Equal(NcclResult.InProgress, nccl.AllReduce(Buffer(nccl, x).Pointer, Buffer(nccl, y).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
+        nccl.CreateEvent(0).Record(streams[0]);
+        Assert.Contains(nccl.Violations, v => v.Contains("still being issued"));
+    }
+
+    [Fact]
+    public void A_launch_without_a_wait_on_the_compute_stream_is_a_violation()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        using var x = torch.ones(4);
+        using var y = torch.empty(4);
+        nccl.AllReduce(Buffer(nccl, x).Pointer, Buffer(nccl, y).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]);
+        Assert.Contains(nccl.Violations, v => v.Contains("had not waited for an event of the compute stream"));
+    }
+
+    [Fact]
+    public void Releasing_a_buffer_of_a_pending_launch_and_changing_a_send_buffer_are_violations()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        var x0 = torch.ones(4);
+        var y0 = torch.empty(4);
+        using var x1 = torch.ones(4);
+        using var y1 = torch.empty(4);
+        Ready(nccl, 0, streams[0]);
+        nccl.AllReduce(Buffer(nccl, x0).Pointer, Buffer(nccl, y0).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]);
+        Poll(nccl, comms[0]);
+        nccl.Release(y0);                                   // rank 1 has not called yet: the launch is pending
+        Assert.Contains(nccl.Violations, v => v.Contains("released while AllReduce"));
+        x0.fill_(5);                                        // the send buffer changes before the launch runs
+        Ready(nccl, 1, streams[1]);
+        nccl.AllReduce(Buffer(nccl, x1).Pointer, Buffer(nccl, y1).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[1], streams[1]);
+        Poll(nccl, comms[1]);
+        Assert.Contains(nccl.Violations, v => v.Contains("after one of its buffers was released"));
+    }
+
+    [Fact]
+    public void A_send_buffer_changed_before_the_launch_runs_is_a_violation()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        using var x0 = torch.ones(4);
+        using var y0 = torch.empty(4);
+        using var x1 = torch.ones(4);
+        using var y1 = torch.empty(4);
+        Ready(nccl, 0, streams[0]);
+        nccl.AllReduce(Buffer(nccl, x0).Pointer, Buffer(nccl, y0).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]);
+        Poll(nccl, comms[0]);
+        x0.fill_(5);
+        Ready(nccl, 1, streams[1]);
+        nccl.AllReduce(Buffer(nccl, x1).Pointer, Buffer(nccl, y1).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[1], streams[1]);
+        Poll(nccl, comms[1]);
+        Assert.Contains(nccl.Violations, v => v.Contains("send buffer changed"));
+    }
+
+    [Fact]
+    public void Launches_that_differ_fail_every_rank_with_every_rank_named()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        using var x = torch.ones(4);
+        using var y = torch.empty(8);
+        for (int r = 0; r < 2; r++)
+        {
+            Ready(nccl, r, streams[r]);
+            nccl.AllGather(Buffer(nccl, x).Pointer, Buffer(nccl, y).Pointer, r == 0 ? 4u : 3u, NcclDataType.Float32, comms[r], streams[r]);
+        }
+        foreach (var c in comms)
+        {
+            NcclResult state;
+            nccl.CommGetAsyncError(c, &state);
+            Assert.Equal(NcclResult.InvalidUsage, state);
+            Assert.Contains("rank 0 issued AllGather(4 × Float32); rank 1 issued AllGather(3 × Float32)", nccl.LastError(c));
+        }
+    }
+
+    [Fact]
+    public void An_aborted_rank_leaves_its_peer_waiting_and_its_handle_dead()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        using var x = torch.ones(4);
+        using var y = torch.empty(4);
+        Ready(nccl, 1, streams[1]);
+        nccl.AllReduce(Buffer(nccl, x).Pointer, Buffer(nccl, y).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[1], streams[1]);
+        Poll(nccl, comms[1]);
+        var done = nccl.CreateEvent(1);
+        done.Record(streams[1]);
+        Assert.Equal(NcclResult.Success, nccl.CommAbort(comms[0]));
+        Assert.False(done.IsComplete);                       // rank 1 waits for rank 0, which will never call
+        NcclResult state;
+        Assert.Equal(NcclResult.InvalidArgument, nccl.CommGetAsyncError(comms[0], &state));
+        Assert.Contains(nccl.Violations, v => v.Contains("already aborted or destroyed"));
+    }
+}
