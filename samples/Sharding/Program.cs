@@ -110,7 +110,7 @@ static int Run(int data, int model, CommMode mode, bool fsdp, int batch, Backend
         var ctx = NcclCommunicator.CreateRankContext(env, data, model, TimeSpan.FromMinutes(5));
         var s = new ShardContext(plan, ctx, mode);
         var x = RankStep(s, reference, batch, forwardOnly: false);
-        Console.WriteLine($"rank {x.Rank} (data {x.DataIndex}, model {x.ModelIndex}) on cuda:{env.LocalRank}: parameter MB {x.Bytes / 1e6:F2}, " +
+        Console.WriteLine($"rank {x.Rank} (data {x.DataIndex}, model {x.ModelIndex}) on {ctx.Device}: parameter MB {x.Bytes / 1e6:F2}, " +
                           $"max rel. err logits {x.OutErr:E1}, grads {x.GradErr:E1}");
         ((IDisposable)ctx.Model).Dispose();
         ((IDisposable)ctx.Data).Dispose();

@@ -71,15 +71,6 @@ internal static class TestUtil
     }
 }
 
-/// <summary>A fact that runs only where CUDA is available, and says so when skipped.</summary>
-public sealed class CudaFactAttribute : FactAttribute
-{
-    public CudaFactAttribute()
-    {
-        if (!torch.cuda.is_available()) Skip = "No CUDA device: this machine has no GPU (or no CUDA build of libtorch); the CPU tests cover the same numerics.";
-    }
-}
-
 internal static class TensorAssert
 {
     /// <summary>Same shape, dtype and bits (NaN-free tensors).</summary>
@@ -87,21 +78,20 @@ internal static class TensorAssert
         a.shape.SequenceEqual(b.shape) && a.dtype == b.dtype && a.eq(b).all().item<bool>();
 }
 
-/// <summary>A test of what happens on a machine without CUDA; skipped, with the reason, where CUDA is present.</summary>
-public sealed class CpuOnlyFactAttribute : FactAttribute
+/// <summary>Why a GPU test cannot run here (null when it can); shared by both test projects' fact attributes.</summary>
+internal static class GpuAvailability
 {
-    public CpuOnlyFactAttribute()
-    {
-        if (torch.cuda.is_available()) Skip = "CUDA is available here: this test checks the behaviour of a CPU-only machine.";
-    }
-}
+    public static string? NoCuda() => torch.cuda.is_available() ? null
+        : "No CUDA device: this machine has no GPU (or no CUDA build of libtorch); the CPU tests cover the same numerics.";
 
-/// <summary>A test that needs a CUDA device and libnccl.so.2; skipped with the reason otherwise.</summary>
-public sealed class NcclFactAttribute : FactAttribute
-{
-    public NcclFactAttribute()
+    public static string? NoNccl()
     {
-        if (!torch.cuda.is_available()) Skip = "No CUDA device: NCCL tests need a GPU.";
-        else if (!System.Runtime.InteropServices.NativeLibrary.TryLoad("libnccl.so.2", out _)) Skip = "libnccl.so.2 is not on the library path (set VIT22B_NCCL_PATH or install NCCL).";
+        if (!torch.cuda.is_available()) return "No CUDA device: NCCL tests need a GPU.";
+        var path = Environment.GetEnvironmentVariable(ViT22B.Interop.Nccl.PathVariable);
+        bool found = path is { Length: > 0 } && System.Runtime.InteropServices.NativeLibrary.TryLoad(path, out _)
+                     || System.Runtime.InteropServices.NativeLibrary.TryLoad("libnccl.so.2", out _);
+        return found ? null : "libnccl.so.2 is not on the library path (set VIT22B_NCCL_PATH or install NCCL).";
     }
+
+    public static string? HasCuda() => torch.cuda.is_available() ? "CUDA is available here: this test checks the behaviour of a CPU-only machine." : null;
 }

@@ -108,6 +108,14 @@ public static unsafe class CudaDriver
         return new ContextScope();
     }
 
+    /// <summary>The calling thread's current context (0 = none).</summary>
+    internal static nint CurrentContext()
+    {
+        nint c;
+        Check(F.CtxGetCurrent(&c), "cuCtxGetCurrent");
+        return c;
+    }
+
     /// <summary>Pops the context <see cref="Use"/> pushed.</summary>
     internal readonly struct ContextScope : IDisposable
     {
@@ -152,6 +160,7 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<int*, int, CudaResult> DeviceGet;
         public readonly delegate* unmanaged<nint*, int, CudaResult> DevicePrimaryCtxRetain;
         public readonly delegate* unmanaged<nint, CudaResult> CtxSetCurrent;
+        public readonly delegate* unmanaged<nint*, CudaResult> CtxGetCurrent;
         public readonly delegate* unmanaged<nint, CudaResult> CtxPushCurrent;
         public readonly delegate* unmanaged<nint*, CudaResult> CtxPopCurrent;
         public readonly delegate* unmanaged<int*, int*, CudaResult> CtxGetStreamPriorityRange;
@@ -170,6 +179,7 @@ public static unsafe class CudaDriver
             DeviceGet = (delegate* unmanaged<int*, int, CudaResult>)lib.GetExport("cuDeviceGet");
             DevicePrimaryCtxRetain = (delegate* unmanaged<nint*, int, CudaResult>)lib.GetExport("cuDevicePrimaryCtxRetain");
             CtxSetCurrent = (delegate* unmanaged<nint, CudaResult>)lib.GetExport("cuCtxSetCurrent");
+            CtxGetCurrent = (delegate* unmanaged<nint*, CudaResult>)lib.GetExport("cuCtxGetCurrent");
             CtxPushCurrent = (delegate* unmanaged<nint, CudaResult>)lib.GetExport("cuCtxPushCurrent_v2");
             CtxPopCurrent = (delegate* unmanaged<nint*, CudaResult>)lib.GetExport("cuCtxPopCurrent_v2");
             CtxGetStreamPriorityRange = (delegate* unmanaged<int*, int*, CudaResult>)lib.GetExport("cuCtxGetStreamPriorityRange");

@@ -1,23 +1,34 @@
 using TorchSharp;
 using ViT22B.Models;
 using ViT22B.Parallel;
-using ViT22B.Tests.Parallel;
+using ViT22B.Tests;
 using static TorchSharp.torch;
 
-namespace ViT22B.Tests.Cuda;
+namespace ViT22B.GpuTests;
 
+/// <summary>Ranks that are threads of this process, sharing one GPU through the in-process communicator.</summary>
 public sealed class SimulatedRanksTests
 {
+    // 2 blocks, D = 32, 4 heads, 17 tokens with the class token: uneven token chunks over 2 ranks.
+    private static ViTConfig Config() => new()
+    {
+        ImgSize = 16, PatchSize = 4, EmbedDim = 32, Depth = 2, NumHeads = 4, MlpDim = 48, Block = BlockKind.Parallel, ClassToken = true,
+        GlobalPool = GlobalPool.Map, NumClasses = 5, QkvBias = false, NormBias = true, QkNorm = true,
+    };
+
     [CudaFact]
     public void Two_ranks_sharing_one_gpu_match_the_single_device_model()
     {
-        var c = ShardedModelTests.Config(BlockKind.Parallel);
+        var c = Config();
         var gpu = torch.device("cuda:0");
         using var model = new VisionTransformer(c, gpu, ScalarType.Float32);
         TestUtil.Randomize(model, seed: 42, scale: 0.3);
         using var images = TestUtil.RandomImages(c, 2, seed: 43, ScalarType.Float32).to(gpu);
         using var expected = model.call(images).cpu();
         var state = model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
+        // The copies above were queued on this thread's stream; the ranks read them on their own pool streams
+        // (review defect 10: nothing ordered the two).
+        torch.cuda.synchronize();
 
         var mesh = new DeviceMesh(1, 2, new[] { gpu });        // both ranks on the same GPU, threads of this process
         var world = new ThreadedWorld(mesh.WorldSize, TimeSpan.FromSeconds(60));
