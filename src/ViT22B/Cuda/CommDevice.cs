@@ -25,8 +25,15 @@ internal interface ICommDevice
     /// <summary>The stream the calling thread's tensor operations on <paramref name="ordinal"/> go to.</summary>
     nint CurrentStream(int ordinal);
 
+    /// <summary>Restores the calling thread's current device as it is now when the result is disposed (around code
+    /// that selects devices in turn).</summary>
+    IDisposable KeepCurrentDevice();
+
     /// <summary>A non-blocking stream for collectives (never the legacy default stream).</summary>
     nint CreateCommStream(int ordinal, bool highPriority);
+
+    /// <summary>The communicator is done with a stream from <see cref="CreateCommStream"/>.</summary>
+    void ReleaseCommStream(int ordinal, nint stream);
 
     /// <summary>A new event (timing disabled).</summary>
     IDeviceEvent CreateEvent(int ordinal);
@@ -71,7 +78,11 @@ internal sealed class CudaCommDevice : ICommDevice
 
     public nint CurrentStream(int ordinal) => CudaStreams.Current(ordinal);
 
+    public IDisposable KeepCurrentDevice() => new KeptContext(CudaDriver.CurrentContext());
+
     public nint CreateCommStream(int ordinal, bool highPriority) => CudaStreams.FromPool(ordinal, highPriority);
+
+    public void ReleaseCommStream(int ordinal, nint stream) => CudaStreams.Release(ordinal, stream);
 
     public IDeviceEvent CreateEvent(int ordinal) => new CudaEvent(ordinal);
 
@@ -87,5 +98,10 @@ internal sealed class CudaCommDevice : ICommDevice
     {
         using var host = values.cpu();
         return host.data<long>().ToArray();
+    }
+
+    private sealed unsafe class KeptContext(nint context) : IDisposable
+    {
+        public void Dispose() => CudaDriver.Check(CudaDriver.F.CtxSetCurrent(context), "cuCtxSetCurrent");
     }
 }

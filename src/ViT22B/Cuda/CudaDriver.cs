@@ -154,6 +154,13 @@ public static unsafe class CudaDriver
 
     private const uint NonBlockingStream = 1;   // CU_STREAM_NON_BLOCKING
 
+    /// <summary>Destroys a stream <see cref="CreateNonBlockingStream"/> made (work already queued still completes).</summary>
+    internal static void DestroyStream(int device, nint stream)
+    {
+        using var _ = Use(device);
+        Check(F.StreamDestroy(stream), "cuStreamDestroy");
+    }
+
     internal sealed class Functions
     {
         public readonly delegate* unmanaged<uint, CudaResult> Init;
@@ -165,6 +172,7 @@ public static unsafe class CudaDriver
         public readonly delegate* unmanaged<nint*, CudaResult> CtxPopCurrent;
         public readonly delegate* unmanaged<int*, int*, CudaResult> CtxGetStreamPriorityRange;
         public readonly delegate* unmanaged<nint*, uint, int, CudaResult> StreamCreateWithPriority;
+        public readonly delegate* unmanaged<nint, CudaResult> StreamDestroy;
         public readonly delegate* unmanaged<nint*, uint, CudaResult> EventCreate;
         public readonly delegate* unmanaged<nint, nint, CudaResult> EventRecord;
         public readonly delegate* unmanaged<nint, CudaResult> EventQuery;
@@ -184,6 +192,7 @@ public static unsafe class CudaDriver
             CtxPopCurrent = (delegate* unmanaged<nint*, CudaResult>)lib.GetExport("cuCtxPopCurrent_v2");
             CtxGetStreamPriorityRange = (delegate* unmanaged<int*, int*, CudaResult>)lib.GetExport("cuCtxGetStreamPriorityRange");
             StreamCreateWithPriority = (delegate* unmanaged<nint*, uint, int, CudaResult>)lib.GetExport("cuStreamCreateWithPriority");
+            StreamDestroy = (delegate* unmanaged<nint, CudaResult>)lib.GetExport("cuStreamDestroy_v2");
             EventCreate = (delegate* unmanaged<nint*, uint, CudaResult>)lib.GetExport("cuEventCreate");
             EventRecord = (delegate* unmanaged<nint, nint, CudaResult>)lib.GetExport("cuEventRecord");
             EventQuery = (delegate* unmanaged<nint, CudaResult>)lib.GetExport("cuEventQuery");

@@ -36,10 +36,24 @@ public static unsafe class CudaStreams
     /// legacy default stream): from libtorch's pool where it is exported, else created by the driver.</summary>
     public static nint FromPool(int device, bool highPriority = false)
     {
-        if (!UsesLibtorchPool) return CudaDriver.CreateNonBlockingStream(device, highPriority);
+        if (!UsesLibtorchPool)
+        {
+            nint created = CudaDriver.CreateNonBlockingStream(device, highPriority);
+            DriverCreated.TryAdd(created, device);
+            return created;
+        }
         nint s;
         Check(F.GetStreamFromPool(highPriority ? (byte)1 : (byte)0, device, &s), "torch_get_cuda_stream_from_pool", device);
         return s;
+    }
+
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<nint, int> DriverCreated = new();
+
+    /// <summary>Gives back a stream from <see cref="FromPool"/>: a driver-created one is destroyed (the driver lets
+    /// queued work finish first); one of libtorch's pool stays with libtorch.</summary>
+    public static void Release(int device, nint stream)
+    {
+        if (DriverCreated.TryRemove(stream, out _)) CudaDriver.DestroyStream(device, stream);
     }
 
     /// <summary>The stream TorchSharp ops on <paramref name="device"/> currently go to on this thread.</summary>

@@ -68,8 +68,44 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         ArgumentNullException.ThrowIfNull(devices);
         if (devices.Distinct().Count() != devices.Count)
             throw new ArgumentException($"Devices [{string.Join(", ", devices)}] repeat a GPU: one process runs one rank per GPU (several ranks on one GPU need one process each).", nameof(devices));
-        var comms = NcclComm.InitLocal(api, devices, dev.MakeCurrent, DateTime.UtcNow + timeout);
-        return comms.Select((c, i) => new NcclCommunicator(c, dev, devices[i], $"{name}[{i}]", timeout, highPriorityStream)).ToArray();
+        NcclComm[] comms;
+        using (dev.KeepCurrentDevice()) comms = NcclComm.InitLocal(api, devices, dev.MakeCurrent, DateTime.UtcNow + timeout);
+        var result = new NcclCommunicator[comms.Length];
+        try
+        {
+            for (int i = 0; i < comms.Length; i++)
+                result[i] = new NcclCommunicator(comms[i], dev, devices[i], $"{name}[{i}]", timeout, highPriorityStream);
+            return result;
+        }
+        catch
+        {
+            for (int i = 0; i < comms.Length; i++)
+            {
+                if (result[i] is { } made) made.Dispose();
+                else DisposeAborted(comms[i]);
+            }
+            throw;
+        }
+    }
+
+    // A communicator that will not be used: aborted (its peers, if any, fail at their timeout) and released.
+    private static void DisposeAborted(NcclComm comm)
+    {
+        comm.Abort();
+        comm.Dispose();
+    }
+
+    private static NcclCommunicator Wrap(NcclComm comm, ICommDevice dev, int device, string name, TimeSpan timeout, bool highPriorityStream)
+    {
+        try
+        {
+            return new NcclCommunicator(comm, dev, device, name, timeout, highPriorityStream);
+        }
+        catch
+        {
+            DisposeAborted(comm);
+            throw;
+        }
     }
 
     /// <summary>
@@ -88,7 +124,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         var received = Rendezvous.Broadcast(env, id, timeout);
         dev.MakeCurrent(gpu);
         var comm = NcclComm.InitRank(api, NcclUniqueId.FromBytes(received), env.Rank, env.WorldSize, DateTime.UtcNow + timeout);
-        return new NcclCommunicator(comm, dev, gpu, $"{name}[{env.Rank}]", timeout, highPriorityStream);
+        return Wrap(comm, dev, gpu, $"{name}[{env.Rank}]", timeout, highPriorityStream);
     }
 
     /// <summary>
@@ -125,18 +161,16 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         var (modelId, dataId) = GroupIds(payload, mesh, rank);
         var (d, m) = mesh.Coordinates(rank);
         dev.MakeCurrent(device);
-        var modelComm = NcclComm.InitRank(api, NcclUniqueId.FromBytes(modelId), m, mesh.ModelSize, DateTime.UtcNow + timeout);
-        NcclCommunicator? model = null;
+        var model = Wrap(NcclComm.InitRank(api, NcclUniqueId.FromBytes(modelId), m, mesh.ModelSize, DateTime.UtcNow + timeout),
+            dev, device, $"model[data={d}]", timeout, highPriorityStream);
         try
         {
-            model = new NcclCommunicator(modelComm, dev, device, $"model[data={d}]", timeout, highPriorityStream);
             var dataComm = NcclComm.InitRank(api, NcclUniqueId.FromBytes(dataId), d, mesh.DataSize, DateTime.UtcNow + timeout);
-            return new RankContext(mesh, rank, model, new NcclCommunicator(dataComm, dev, device, $"data[model={m}]", timeout, highPriorityStream));
+            return new RankContext(mesh, rank, model, Wrap(dataComm, dev, device, $"data[model={m}]", timeout, highPriorityStream));
         }
         catch
         {
-            if (model is not null) model.Dispose();
-            else modelComm.Dispose();
+            model.Dispose();
             throw;
         }
     }
@@ -289,19 +323,30 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
     /// communicator (an aborted one is already released).</summary>
     public void Dispose()
     {
-        foreach (var w in _outstanding.ToArray()) w.Dispose();
-        // After an abort NCCL stops the collectives; give their events a moment to pass before the buffers go.
-        var watch = Stopwatch.StartNew();
-        var spin = new SpinWait();
-        while (_quarantined.Count > 0 && watch.Elapsed < TimeSpan.FromSeconds(5))
+        if (_disposed) return;
+        _disposed = true;
+        try
         {
-            ReleaseQuarantined();
-            if (_quarantined.Count > 0) NcclComm.Pause(ref spin, watch.Elapsed);
+            foreach (var w in _outstanding.ToArray()) w.Dispose();
+            // After an abort NCCL stops the collectives; give their events a moment to pass before the buffers go.
+            var watch = Stopwatch.StartNew();
+            var spin = new SpinWait();
+            while (_quarantined.Any(w => !w.KeptForever) && watch.Elapsed < TimeSpan.FromSeconds(5))
+            {
+                ReleaseQuarantined();
+                if (_quarantined.Count > 0) NcclComm.Pause(ref spin, watch.Elapsed);
+            }
+            lock (KeptForever) KeptForever.AddRange(_quarantined);
+            _quarantined.Clear();
         }
-        lock (KeptForever) KeptForever.AddRange(_quarantined);
-        _quarantined.Clear();
-        _comm.Dispose();
+        finally
+        {
+            _comm.Dispose();
+            _dev.ReleaseCommStream(Device, _stream);   // a driver-created stream is destroyed once its queued work is done
+        }
     }
+
+    private bool _disposed;
 
     // The size exchanges: only for sizes the caller did not pass (each is an extra collective and a host read).
     private long[] ExchangeRows(long rows)
@@ -467,7 +512,10 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
 
     private sealed class Work(NcclCommunicator owner, string op, Tensor input, Tensor output, Func<Tensor, Tensor> finish) : ICommWork
     {
-        private bool _finished, _released;
+        private bool _finished, _released, _keptForever;
+
+        /// <summary>The device could not say whether the buffers are still in use: they are never released.</summary>
+        public bool KeptForever => _keptForever;
 
         public string Op { get; } = op;
         public Tensor Output { get; } = output;
@@ -492,15 +540,32 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         }
 
         // Drops the buffers if nothing on the device can still use them: not issued, or its done event has passed.
+        // Never throws: when the device cannot say (a CUDA error), the buffers are kept for good instead.
         public bool Release(ICommDevice dev)
         {
             if (_released) return true;
-            if (Issued && !(DoneRecorded && Done!.IsComplete)) return false;
+            if (_keptForever) return false;
+            try
+            {
+                if (Issued && !(DoneRecorded && Done!.IsComplete)) return false;
+            }
+            catch (Exception)
+            {
+                _keptForever = true;
+                return false;
+            }
             _released = true;
-            dev.Release(input);
-            dev.Release(Output);
-            Ready?.Dispose();
-            Done?.Dispose();
+            try
+            {
+                dev.Release(input);
+                dev.Release(Output);
+                Ready?.Dispose();
+                Done?.Dispose();
+            }
+            catch (Exception)
+            {
+                // The buffers were no longer in use; a failure to free them leaves nothing to protect.
+            }
             return true;
         }
     }

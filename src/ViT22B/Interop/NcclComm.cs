@@ -41,10 +41,11 @@ internal sealed unsafe class NcclComm : IDisposable
     /// rank passes the same <paramref name="id"/>. The calling thread must have the rank's device current. Returns once
     /// every rank has joined; a rank missing at <paramref name="deadline"/> aborts this rank's communicator and throws.
     /// </summary>
-    public static NcclComm InitRank(INcclApi api, NcclUniqueId id, int rank, int size, DateTime deadline)
+    public static NcclComm InitRank(INcclApi api, NcclUniqueId id, int rank, int size, DateTime deadline, Func<string, string?>? variable = null)
     {
         ArgumentNullException.ThrowIfNull(api);
         if (size < 1 || rank < 0 || rank >= size) throw new ArgumentOutOfRangeException(nameof(rank), $"rank {rank} is outside [0, {size}).");
+        RefuseBlockingOverride(variable);
         var config = NcclConfig.NonBlocking();
         nint handle = 0;
         var result = api.CommInitRankConfig(&handle, size, id, rank, &config);
@@ -62,37 +63,37 @@ internal sealed unsafe class NcclComm : IDisposable
     /// <summary>One communicator per listed device, all in this process: <c>ncclGetUniqueId</c>, then one
     /// <c>ncclCommInitRankConfig</c> per device inside one group (a single thread initializing several devices must
     /// group them), with <paramref name="makeCurrent"/> selecting each device first. Drive each from its own thread.</summary>
-    public static NcclComm[] InitLocal(INcclApi api, IReadOnlyList<int> devices, Action<int> makeCurrent, DateTime deadline)
+    public static NcclComm[] InitLocal(INcclApi api, IReadOnlyList<int> devices, Action<int> makeCurrent, DateTime deadline, Func<string, string?>? variable = null)
     {
         ArgumentNullException.ThrowIfNull(api);
         ArgumentNullException.ThrowIfNull(devices);
         ArgumentNullException.ThrowIfNull(makeCurrent);
         if (devices.Count == 0) throw new ArgumentException("At least one device is needed.", nameof(devices));
+        RefuseBlockingOverride(variable);
         var id = Nccl.GetUniqueId(api);
         int n = devices.Count;
-        var handles = new nint[n];
-        var results = Enumerable.Repeat(NcclResult.InvalidUsage, n).ToArray();
-        var config = NcclConfig.NonBlocking();
-        Nccl.Check(api, api.GroupStart(), "ncclGroupStart");
-        NcclResult end;
+        var comms = new NcclComm[n];
         try
         {
-            for (int i = 0; i < n; i++)
+            var results = Enumerable.Repeat(NcclResult.InvalidUsage, n).ToArray();
+            var config = NcclConfig.NonBlocking();
+            Nccl.Check(api, api.GroupStart(), "ncclGroupStart");
+            NcclResult end;
+            try
             {
-                makeCurrent(devices[i]);
-                nint h = 0;
-                results[i] = api.CommInitRankConfig(&h, n, id, i, &config);
-                handles[i] = h;
-                if (results[i] is not (NcclResult.Success or NcclResult.InProgress)) break;
+                for (int i = 0; i < n; i++)
+                {
+                    makeCurrent(devices[i]);
+                    nint h = 0;
+                    results[i] = api.CommInitRankConfig(&h, n, id, i, &config);
+                    comms[i] = new NcclComm(api, h, i, n);
+                    if (results[i] is not (NcclResult.Success or NcclResult.InProgress)) break;
+                }
             }
-        }
-        finally
-        {
-            end = api.GroupEnd();
-        }
-        var comms = handles.Select((h, i) => new NcclComm(api, h, i, n)).ToArray();
-        try
-        {
+            finally
+            {
+                end = api.GroupEnd();
+            }
             for (int i = 0; i < n; i++)
                 if (results[i] is not (NcclResult.Success or NcclResult.InProgress)) comms[i].Fail("ncclCommInitRankConfig", results[i]);
             if (end is not (NcclResult.Success or NcclResult.InProgress)) comms[0].Fail("ncclGroupEnd", end);
@@ -101,9 +102,19 @@ internal sealed unsafe class NcclComm : IDisposable
         }
         catch
         {
-            foreach (var c in comms) c.Abort();
+            // Whatever was created (its initialization waits for ranks that will not come) is aborted.
+            foreach (var c in comms) c?.Abort();
             throw;
         }
+    }
+
+    /// <summary>NCCL lets <c>NCCL_COMM_BLOCKING=1</c> override the configuration, which would make every NCCL call
+    /// wait for its peers without a deadline: refused, with the reason.</summary>
+    private static void RefuseBlockingOverride(Func<string, string?>? variable)
+    {
+        if ((variable ?? Environment.GetEnvironmentVariable)("NCCL_COMM_BLOCKING") is { Length: > 0 } v && v.Trim() != "0")
+            throw new InvalidOperationException(
+                $"NCCL_COMM_BLOCKING={v} is set: it would make NCCL's calls block without a deadline, so a missing peer would hang the process instead of failing. Unset it (the library polls non-blocking communicators against its own timeouts).");
     }
 
     /// <summary>The communicator's state: <c>ncclSuccess</c>, <c>ncclInProgress</c> while a non-blocking call is still

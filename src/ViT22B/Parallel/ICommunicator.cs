@@ -19,8 +19,9 @@ public interface ICommWork : IDisposable
 /// Collectives over one group of ranks (a mesh axis). Every rank of the group calls the same operations in the same
 /// order. A call may read its input until <see cref="ICommWork.Wait"/> returns (the NCCL backend sends the caller's
 /// tensor without copying it): the caller may dispose its handle at once but must not modify the tensor in place
-/// before then. Results are new tensors on the rank's device. Reductions are sums computed in rank order, so every
-/// rank gets bit-identical results. Chunks along dimension 0 may differ in size between ranks (uneven token counts); all other dimensions
+/// before then. Results are new tensors on the rank's device. Reductions are sums: the in-process backend adds in rank
+/// order (bit-identical on every rank and every run); NCCL adds in the order of its own algorithms, so results can
+/// differ from the in-process backend's by rounding. Chunks along dimension 0 may differ in size between ranks (uneven token counts); all other dimensions
 /// and the dtype must agree, and a mismatch fails every rank with a message naming the operation and the ranks.
 /// Implementations: <see cref="ThreadedCommunicator"/> (ranks are threads of one process) and
 /// <see cref="Cuda.NcclCommunicator"/> (NCCL, one rank per GPU).

@@ -318,7 +318,7 @@ public sealed class ThreadedCommunicator : ICommunicator
                 return _group.Complete(seq, Rank, op, compute, CommStream);
             }, () =>
             {
-                try { posted.GetAwaiter().GetResult(); } catch (CommunicatorException) { return; }
+                try { posted.GetAwaiter().GetResult(); } catch (Exception) { return; }   // never posted: nothing to read
                 _group.Abandon(seq, Rank);
             });
         }

@@ -383,6 +383,54 @@ public sealed class NcclCommunicatorStandInTests
         shared.AssertClean();
     }
 
+    [Fact]
+    public void A_local_group_that_fails_half_way_aborts_what_it_created_and_keeps_the_callers_device()
+    {
+        // Review of this change, D1 and D3: an exception while selecting the second device left the first
+        // communicator initializing forever; and the calling thread kept the last device selected.
+        using var nccl = new NcclStandIn(deviceCount: 2);
+        nccl.MakeCurrent(1);
+        var e = Assert.Throws<InvalidOperationException>(() => NcclCommunicator.CreateLocal(nccl, nccl, new[] { 0, 5 }, TimeSpan.FromSeconds(5), "local", false));
+        Assert.Contains("device 5 does not exist", e.Message);
+        Assert.Equal(0, nccl.LiveCommunicators);                           // the first one was aborted
+        nccl.MakeCurrent(0);
+        var comms = NcclCommunicator.CreateLocal(nccl, nccl, new[] { 0, 1 }, TimeSpan.FromSeconds(5), "local", false);
+        Assert.Equal(0, nccl.CurrentDeviceOfThread);                       // device 1 was selected last, then restored
+        foreach (var c in comms) c.Dispose();
+        Assert.Equal(0, nccl.LiveCommunicators);
+        Assert.Equal(0, nccl.LiveCommStreams);                             // D5: every communication stream given back
+        nccl.AssertClean();
+    }
+
+    [Fact]
+    public void A_device_error_while_waiting_is_a_communicator_exception_and_the_buffers_are_kept()
+    {
+        // Review of this change, D2: a CUDA error from an event query escaped as a raw exception and dropped the work.
+        using var nccl = new NcclStandIn(deviceCount: 2);
+        var results = OnNccl(2, comm =>
+        {
+            if (comm.Rank == 1) return "";                                 // rank 0's collective stays pending
+            using var scope = torch.NewDisposeScope();
+            var work = comm.AllReduceAsync(torch.ones(4));
+            nccl.BreakDevice(0);
+            var e = Record.Exception(() => work.Wait());
+            return $"{e?.GetType().Name}: {e?.Message}";
+        }, nccl);
+        Assert.StartsWith("CommunicatorException", results[0]);
+        Assert.Contains("injected CUDA error", results[0]);
+        Assert.Equal(2, nccl.LiveBuffers);                                 // its two buffers were kept, not freed
+    }
+
+    [Fact]
+    public void Nccl_comm_blocking_is_refused_because_it_would_disable_every_deadline()
+    {
+        using var nccl = new NcclStandIn(deviceCount: 1);
+        var e = Assert.Throws<InvalidOperationException>(() => NcclComm.InitRank(nccl, Nccl.GetUniqueId(nccl), 0, 1, DateTime.UtcNow + TimeSpan.FromSeconds(5),
+            name => name == "NCCL_COMM_BLOCKING" ? "1" : null));
+        Assert.Contains("NCCL_COMM_BLOCKING=1 is set", e.Message);
+        Assert.Equal(0, nccl.LiveCommunicators);
+    }
+
     [Theory]
     [InlineData(1, 8, 8, 22805, null, 1, null)]                  // one process per GPU: its local rank
     [InlineData(5, 8, 8, 22805, null, 5, null)]

@@ -46,7 +46,12 @@ public sealed unsafe class NcclStandInTests
         e.Wait(stream);
     }
 
-    private static NcclBuffer Buffer(NcclStandIn nccl, Tensor t) => new(nccl.DataPointer(t), (nuint)t.numel(), NcclDataType.Float32);
+    // A buffer of rank r: registered from the thread with r's device current, as a rank's own thread would.
+    private static nint Buffer(NcclStandIn nccl, int device, Tensor t)
+    {
+        nccl.MakeCurrent(device);
+        return nccl.DataPointer(t);
+    }
 
     [Fact]
     public void Initialization_is_in_progress_until_every_rank_has_joined()
@@ -86,12 +91,10 @@ public sealed unsafe class NcclStandInTests
         using var _ = nccl;
         using var x = torch.ones(4);
         using var y = torch.empty(4);
-        nccl.MakeCurrent(0);
         Ready(nccl, 0, streams[0]);
-        var bx = Buffer(nccl, x);
-        var by = Buffer(nccl, y);
+        nint bx = Buffer(nccl, 0, x), by = Buffer(nccl, 0, y);
         Assert.Equal(NcclResult.Success, nccl.GroupStart());
-        Assert.Equal(NcclResult.Success, nccl.AllReduce(bx.Pointer, by.Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
+        Assert.Equal(NcclResult.Success, nccl.AllReduce(bx, by, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
         Assert.Empty(nccl.LaunchesOf(0));
         Assert.Equal(1, nccl.GroupDepth);
         nccl.CreateEvent(0).Record(streams[0]);
@@ -108,7 +111,7 @@ public sealed unsafe class NcclStandInTests
         using var x = torch.ones(4);
         using var y = torch.empty(4);
         Ready(nccl, 0, streams[0]);
-        Assert.Equal(NcclResult.InProgress, nccl.AllReduce(Buffer(nccl, x).Pointer, Buffer(nccl, y).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
+        Assert.Equal(NcclResult.InProgress, nccl.AllReduce(Buffer(nccl, 0, x), Buffer(nccl, 0, y), 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
         nccl.CreateEvent(0).Record(streams[0]);
         Assert.Contains(nccl.Violations, v => v.Contains("still being issued"));
     }
@@ -120,7 +123,7 @@ public sealed unsafe class NcclStandInTests
         using var _ = nccl;
         using var x = torch.ones(4);
         using var y = torch.empty(4);
-        nccl.AllReduce(Buffer(nccl, x).Pointer, Buffer(nccl, y).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]);
+        nccl.AllReduce(Buffer(nccl, 0, x), Buffer(nccl, 0, y), 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]);
         Assert.Contains(nccl.Violations, v => v.Contains("had not waited for an event of the compute stream"));
     }
 
@@ -134,13 +137,12 @@ public sealed unsafe class NcclStandInTests
         using var x1 = torch.ones(4);
         using var y1 = torch.empty(4);
         Ready(nccl, 0, streams[0]);
-        nccl.AllReduce(Buffer(nccl, x0).Pointer, Buffer(nccl, y0).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]);
+        nccl.AllReduce(Buffer(nccl, 0, x0), Buffer(nccl, 0, y0), 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]);
         Poll(nccl, comms[0]);
         nccl.Release(y0);                                   // rank 1 has not called yet: the launch is pending
         Assert.Contains(nccl.Violations, v => v.Contains("released while AllReduce"));
-        x0.fill_(5);                                        // the send buffer changes before the launch runs
         Ready(nccl, 1, streams[1]);
-        nccl.AllReduce(Buffer(nccl, x1).Pointer, Buffer(nccl, y1).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[1], streams[1]);
+        nccl.AllReduce(Buffer(nccl, 1, x1), Buffer(nccl, 1, y1), 4, NcclDataType.Float32, NcclRedOp.Sum, comms[1], streams[1]);
         Poll(nccl, comms[1]);
         Assert.Contains(nccl.Violations, v => v.Contains("after one of its buffers was released"));
     }
@@ -155,13 +157,96 @@ public sealed unsafe class NcclStandInTests
         using var x1 = torch.ones(4);
         using var y1 = torch.empty(4);
         Ready(nccl, 0, streams[0]);
-        nccl.AllReduce(Buffer(nccl, x0).Pointer, Buffer(nccl, y0).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]);
+        nccl.AllReduce(Buffer(nccl, 0, x0), Buffer(nccl, 0, y0), 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]);
         Poll(nccl, comms[0]);
         x0.fill_(5);
         Ready(nccl, 1, streams[1]);
-        nccl.AllReduce(Buffer(nccl, x1).Pointer, Buffer(nccl, y1).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[1], streams[1]);
+        nccl.AllReduce(Buffer(nccl, 1, x1), Buffer(nccl, 1, y1), 4, NcclDataType.Float32, NcclRedOp.Sum, comms[1], streams[1]);
         Poll(nccl, comms[1]);
         Assert.Contains(nccl.Violations, v => v.Contains("send buffer changed"));
+    }
+
+    [Fact]
+    public void A_send_buffer_changed_after_the_launch_ran_but_before_it_was_given_back_is_a_violation()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        var x0 = torch.ones(4);
+        using var y0 = torch.empty(4);
+        using var x1 = torch.ones(4);
+        using var y1 = torch.empty(4);
+        for (int r = 0; r < 2; r++)
+        {
+            Ready(nccl, r, streams[r]);
+            var (x, y) = r == 0 ? (x0, y0) : (x1, y1);
+            nccl.AllReduce(Buffer(nccl, r, x), Buffer(nccl, r, y), 4, NcclDataType.Float32, NcclRedOp.Sum, comms[r], streams[r]);
+            Poll(nccl, comms[r]);
+        }
+        x0.fill_(5);                                        // the collective has run; the caller has not waited yet
+        nccl.Release(x0);
+        Assert.Contains(nccl.Violations, v => v.Contains("modified before the communicator gave it back"));
+    }
+
+    [Fact]
+    public void Buffers_of_another_device_and_overlaps_outside_the_in_place_layouts_are_refused()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        using var x = torch.ones(8);
+        nint onDevice1 = Buffer(nccl, 1, x);
+        Ready(nccl, 0, streams[0]);
+        Assert.Equal(NcclResult.InvalidArgument, nccl.AllReduce(onDevice1, onDevice1, 8, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
+        Assert.Contains(nccl.Violations, v => v.Contains("belongs to device 1"));
+        using var big = torch.ones(8);
+        nint p = Buffer(nccl, 1, big);
+        // An all-gather of 4 elements in place must send from rank 1's block (offset 4), not from offset 2.
+        Assert.Equal(NcclResult.InvalidArgument, nccl.AllGather(p + 8, p, 4, NcclDataType.Float32, comms[1], streams[1]));
+        Assert.Contains(nccl.Violations, v => v.Contains("overlap outside NCCL's in-place layout"));
+        Ready(nccl, 1, streams[1]);
+        Assert.Equal(NcclResult.InProgress, nccl.AllGather(p + 16, p, 4, NcclDataType.Float32, comms[1], streams[1]));
+    }
+
+    [Fact]
+    public void Communicators_issued_in_different_orders_by_two_ranks_deadlock()
+    {
+        // NCCL needs the collectives of one device's communicators in one order on every rank; the stand-in runs each
+        // host thread's launches on a device in issue order, so crossed orders never complete.
+        var (nccl, first, streamsA) = Pair();
+        using var _ = nccl;
+        var id = Nccl.GetUniqueId(nccl);
+        var config = NcclConfig.NonBlocking();
+        var second = new nint[2];
+        var streamsB = new nint[2];
+        for (int r = 0; r < 2; r++)
+        {
+            nccl.MakeCurrent(r);
+            nint c;
+            nccl.CommInitRankConfig(&c, 2, id, r, &config);
+            second[r] = c;
+            streamsB[r] = nccl.CreateCommStream(r, false);
+        }
+        foreach (var c in second) Poll(nccl, c);
+        var done = new IDeviceEvent[2];
+        // Rank 0 issues on the first communicator, then the second; rank 1 the other way round. Each rank is a thread.
+        var threads = Enumerable.Range(0, 2).Select(r => new Thread(() =>
+        {
+            using var x = torch.ones(4);
+            using var y = torch.empty(4);
+            using var z = torch.empty(4);
+            var order = r == 0 ? new[] { (first[r], streamsA[r], y), (second[r], streamsB[r], z) } : new[] { (second[r], streamsB[r], z), (first[r], streamsA[r], y) };
+            foreach (var (comm, stream, output) in order)
+            {
+                Ready(nccl, r, stream);
+                nccl.AllReduce(Buffer(nccl, r, x), Buffer(nccl, r, output), 4, NcclDataType.Float32, NcclRedOp.Sum, comm, stream);
+                Poll(nccl, comm);
+                (done[r] = nccl.CreateEvent(r)).Record(stream);
+            }
+            Thread.Sleep(200);
+            Assert.False(done[r].IsComplete);
+            foreach (var c in new[] { first[r], second[r] }) nccl.CommAbort(c);
+        })).ToList();
+        threads.ForEach(t => t.Start());
+        threads.ForEach(t => t.Join());
     }
 
     [Fact]
@@ -169,12 +254,12 @@ public sealed unsafe class NcclStandInTests
     {
         var (nccl, comms, streams) = Pair();
         using var _ = nccl;
-        using var x = torch.ones(4);
-        using var y = torch.empty(8);
         for (int r = 0; r < 2; r++)
         {
+            var x = torch.ones(4);
+            var y = torch.empty(8);
             Ready(nccl, r, streams[r]);
-            nccl.AllGather(Buffer(nccl, x).Pointer, Buffer(nccl, y).Pointer, r == 0 ? 4u : 3u, NcclDataType.Float32, comms[r], streams[r]);
+            nccl.AllGather(Buffer(nccl, r, x), Buffer(nccl, r, y), r == 0 ? 4u : 3u, NcclDataType.Float32, comms[r], streams[r]);
         }
         foreach (var c in comms)
         {
@@ -193,7 +278,7 @@ public sealed unsafe class NcclStandInTests
         using var x = torch.ones(4);
         using var y = torch.empty(4);
         Ready(nccl, 1, streams[1]);
-        nccl.AllReduce(Buffer(nccl, x).Pointer, Buffer(nccl, y).Pointer, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[1], streams[1]);
+        nccl.AllReduce(Buffer(nccl, 1, x), Buffer(nccl, 1, y), 4, NcclDataType.Float32, NcclRedOp.Sum, comms[1], streams[1]);
         Poll(nccl, comms[1]);
         var done = nccl.CreateEvent(1);
         done.Record(streams[1]);

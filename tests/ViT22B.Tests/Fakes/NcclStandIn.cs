@@ -30,6 +30,16 @@ namespace ViT22B.Tests.Fakes;
 /// <c>multiRankGpu</c>; a communicator used for calls from two threads, a freed or aborted communicator used again,
 /// or one destroyed with launches pending, are violations. Aborting stops the rank's pending launches (they complete
 /// without moving data); its peers are not told and wait until their own timeout, as with NCCL.</item>
+/// <item>The launches a host thread issues on one device, over all its communicators, run in the order they were
+/// issued (NCCL before 2.26 needs one consistent order across the communicators of a device, and its implicit launch
+/// order since then follows the host's issue order): ranks that issue two communicators' collectives in different
+/// orders deadlock here instead of passing.</item>
+/// <item>Sums are taken in reverse rank order and 16-bit types are rounded after every addition (NCCL's own order and
+/// per-hop rounding differ from the in-process backend's rank order), so no test can depend on rank-order sums.</item>
+/// <item>Send and receive buffers may overlap only in NCCL's in-place layouts; a buffer and an event must belong to the
+/// device of their communicator and stream; a send buffer modified after the launch ran but before the communicator
+/// gave it back is a violation too; a group mixing initialization with collectives, or blocking with non-blocking
+/// communicators, is refused, and an error other than "invalid argument" inside a group fails the whole group.</item>
 /// </list>
 /// Violations are collected in <see cref="Violations"/> (a test asserts there are none with <see cref="AssertClean"/>).
 /// It counts, per device, the launches issued (<see cref="LaunchesOf"/>) and the host reads of device values
@@ -53,6 +63,8 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
     private readonly Dictionary<int, int> _hostReads = new();
     private readonly List<(int Device, string Function, NcclResult Result)> _failNext = new();
     private readonly List<(int Device, string Function)> _throwNext = new();
+    private readonly Dictionary<(int Device, int Thread), List<Launch>> _issueOrder = new();
+    private readonly HashSet<int> _broken = new();
     private readonly ThreadLocal<GroupState> _group = new(() => new GroupState(), trackAllValues: false);
     private readonly ThreadLocal<int> _currentDevice = new(() => -1);
     private readonly ThreadLocal<Dictionary<int, nint>> _computeStreams = new(() => new Dictionary<int, nint>());
@@ -85,6 +97,21 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
 
     /// <summary>Buffers registered and not released.</summary>
     public int LiveBuffers { get { lock (_lock) return _buffers.Count; } }
+
+    /// <summary>Communicators created and neither destroyed nor aborted.</summary>
+    public int LiveCommunicators { get { lock (_lock) return _comms.Count; } }
+
+    /// <summary>Communication streams created and not given back.</summary>
+    public int LiveCommStreams { get { lock (_lock) return _streams.Values.Count(s => !s.IsCompute && !s.Released); } }
+
+    /// <summary>The calling thread's current device (−1: none).</summary>
+    public int CurrentDeviceOfThread => _currentDevice.Value;
+
+    /// <summary>From now on every event operation on <paramref name="device"/> fails, as after a sticky CUDA error.</summary>
+    public void BreakDevice(int device)
+    {
+        lock (_lock) _broken.Add(device);
+    }
 
     /// <summary>The calling thread's NCCL group depth.</summary>
     public int GroupDepth => _group.Value!.Depth;
@@ -186,6 +213,7 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         public List<Op> Ops { get; } = ops;
         public ulong[] SendHashes { get; } = sendHashes;
         public LaunchState State { get; set; } = LaunchState.Issuing;
+        public (int Device, int Thread) OrderKey { get; set; }
         public string Describe() => Ops.Count == 1 ? Ops[0].Describe() : $"[{string.Join(", ", Ops.Select(o => o.Describe()))}]";
         public bool Pending => State is LaunchState.Issuing or LaunchState.Queued;
     }
@@ -198,6 +226,7 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         public List<object> Items { get; } = new();
         public int Head { get; set; }
         public bool WaitedOnCompute { get; set; }
+        public bool Released { get; set; }
         public bool Idle => Head >= Items.Count;
     }
 
@@ -205,10 +234,12 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
     private sealed record RecordItem(Event Event, long Generation);
     private sealed record LaunchItem(Launch Launch);
 
-    private sealed class Registered(nint pointer, long bytes, Tensor tensor)
+    private sealed class Registered(nint pointer, long bytes, Tensor tensor, int device)
     {
         public nint Pointer { get; } = pointer;
         public long Bytes { get; } = bytes;
+        public int Device { get; } = device;      // −1: registered on a thread with no current device
+        public List<(nint Pointer, long Bytes, ulong Hash, string Launch)> Sends { get; } = new();
         public WeakReference<Tensor> Tensor { get; } = new(tensor);
         public bool Contains(nint p, long bytes) => p >= Pointer && p + bytes <= Pointer + Bytes;
         public bool Alive => Tensor.TryGetTarget(out var t) && !t.IsInvalid;
@@ -217,12 +248,15 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
     private sealed class GroupState
     {
         public int Depth;
+        public NcclResult Error = NcclResult.Success;
+        public bool HasInit;
         public readonly List<(Comm Comm, Op Op)> Calls = new();
     }
 
     private sealed class Event(NcclStandIn owner, int device) : IDeviceEvent
     {
         public int Device { get; } = device;
+        public NcclStandIn Owner => owner;
         public long Recorded { get; set; }
         public long Completed { get; set; }
         public nint RecordedOn { get; set; }
@@ -264,6 +298,7 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         {
             if (config->Magic != NcclConfig.ApiMagic || config->Size < 24 || config->Version < 21400)
                 return NcclResult.InvalidArgument;   // "ncclConfig_t argument not initialized via NCCL_CONFIG_INITIALIZER"
+            if (config->Blocking is not (0 or 1)) return NcclResult.InvalidArgument;
             blocking = config->Blocking != 0;
         }
         if (nranks < 1 || rank < 0 || rank >= nranks) return NcclResult.InvalidArgument;
@@ -283,6 +318,7 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
             int sharing = clique.Members.Count(m => m is not null && m.Device == device);
             if (sharing > 0 && (!_multiRankGpu || sharing >= 2)) return NcclResult.InvalidUsage;   // "Duplicate GPU detected"
             c = new Comm(NewHandle(), clique, rank, device, blocking);
+            if (_group.Value!.Depth > 0) _group.Value.HasInit = true;
             clique.Members[rank] = c;
             _comms[c.Handle] = c;
             *comm = c.Handle;
@@ -386,6 +422,15 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         if (--g.Depth > 0) return NcclResult.Success;
         var calls = g.Calls.ToList();
         g.Calls.Clear();
+        var (error, hasInit) = (g.Error, g.HasInit);
+        (g.Error, g.HasInit) = (NcclResult.Success, false);
+        if (error != NcclResult.Success) return error;                       // the whole group is cancelled
+        if (hasInit && calls.Count > 0)
+        {
+            lock (_lock) Violation("One NCCL group held both communicator initialization and collectives; NCCL forbids mixing them.");
+            return NcclResult.InvalidUsage;
+        }
+        if (calls.Select(x => x.Comm.Blocking).Distinct().Count() > 1) return NcclResult.InvalidArgument;
         var result = NcclResult.Success;
         foreach (var comm in calls.Select(x => x.Comm).Distinct())
         {
@@ -431,6 +476,8 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
                 var injected = _failNext[i].Result;
                 _failNext.RemoveAt(i);
                 c.LastError = $"{function} failed (injected {injected})";
+                // "Invalid argument": the call had no effect. Any other error inside a group fails the whole group.
+                if (injected != NcclResult.InvalidArgument && _group.Value!.Depth > 0) _group.Value.Error = injected;
                 return injected;
             }
             if (!c.Clique.Complete)
@@ -487,10 +534,33 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         foreach (var (p, bytes, what) in new[] { (op.Send, sendBytes, "send"), (op.Recv, recvBytes, "receive") })
         {
             if (bytes == 0) continue;
-            if (Find(p, bytes) is null)
+            var b = Find(p, bytes);
+            if (b is null)
             {
                 Violation($"{function} on {c.Name}: the {what} buffer (0x{p:x}, {bytes} bytes) is not a live buffer of that size on the device.");
                 problem = $"{function}: invalid {what} buffer";
+                return false;
+            }
+            if (b.Device >= 0 && b.Device != c.Device)
+            {
+                Violation($"{function} on {c.Name}: the {what} buffer belongs to device {b.Device}.");
+                problem = $"{function}: {what} buffer of another device";
+                return false;
+            }
+        }
+        if (sendBytes > 0 && recvBytes > 0 && op.Send < op.Recv + recvBytes && op.Recv < op.Send + sendBytes)
+        {
+            // In place only in NCCL's layouts: the same buffer, or the rank's block of the larger one.
+            bool ok = op.Kind switch
+            {
+                Kind.AllGather => op.Send == op.Recv + (nint)(c.Rank * sendBytes),
+                Kind.ReduceScatter => op.Recv == op.Send + (nint)(c.Rank * recvBytes),
+                _ => op.Send == op.Recv,
+            };
+            if (!ok)
+            {
+                Violation($"{function} on {c.Name}: send and receive buffers overlap outside NCCL's in-place layout (the same buffer, or this rank's block of the larger one); NCCL would corrupt the data.");
+                problem = $"{function}: overlapping buffers";
                 return false;
             }
         }
@@ -507,6 +577,15 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
             .Where(x => x.Item2 > 0).Select(x => Find(x.Item1, x.Item2)!).Distinct().ToArray();
         var launch = new Launch(c, index, ops[0].Stream, ops, hashes, uses);
         clique.Issued[c.Rank].Add(launch);
+        var key = (c.Device, Environment.CurrentManagedThreadId);
+        if (!_issueOrder.TryGetValue(key, out var order)) _issueOrder[key] = order = new List<Launch>();
+        order.Add(launch);
+        launch.OrderKey = key;
+        for (int i = 0; i < ops.Count; i++)
+        {
+            long bytes = SendBytes(ops[i], clique.Size);
+            if (bytes > 0) Find(ops[i].Send, bytes)!.Sends.Add((ops[i].Send, bytes, hashes[i], $"{launch.Describe()} on {c.Name}"));
+        }
         if (!_launchLog.TryGetValue(c.Device, out var log)) _launchLog[c.Device] = log = new List<string>();
         log.Add(launch.Describe());
         var stream = _streams[launch.Stream];
@@ -599,6 +678,14 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         }
     }
 
+    // The launches one host thread issued on a device run in issue order, over all its communicators.
+    private bool FirstPendingOfDevice(Launch l)
+    {
+        var order = _issueOrder[l.OrderKey];
+        order.RemoveAll(x => !x.Pending);
+        return order.Count > 0 && ReferenceEquals(order[0], l);
+    }
+
     private bool AtHead(Launch l)
     {
         var s = _streams[l.Stream];
@@ -614,7 +701,7 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         {
             if (clique.Issued[r].Count <= launch.Index) return false;
             var l = clique.Issued[r][launch.Index];
-            if (l.State != LaunchState.Queued || !AtHead(l)) return false;
+            if (l.State != LaunchState.Queued || !AtHead(l) || !FirstPendingOfDevice(l)) return false;
             launches[r] = l;
         }
         Execute(launches, clique.Size);
@@ -694,10 +781,12 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         }
     }
 
-    // Sum (the only reduction the library uses) in rank order; 16-bit types accumulate in float32.
+    // Sum (the only reduction the library uses) in reverse rank order, 16-bit types rounded after every addition:
+    // not the in-process backend's order, so that nothing can depend on it.
     private static byte[] Reduce(byte[][] parts, NcclDataType type, NcclRedOp op)
     {
         if (op != NcclRedOp.Sum) throw new NotSupportedException($"The stand-in implements ncclSum only, not {op}.");
+        parts = parts.Reverse().ToArray();
         var result = new byte[parts[0].Length];
         switch (type)
         {
@@ -717,16 +806,16 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
             }
             case NcclDataType.BFloat16 or NcclDataType.Float16:
             {
-                var acc = new float[result.Length / 2];
-                foreach (var p in parts)
+                bool bf16 = type == NcclDataType.BFloat16;
+                float Value(ushort bits) => bf16 ? BitConverter.UInt32BitsToSingle((uint)bits << 16) : (float)BitConverter.UInt16BitsToHalf(bits);
+                ushort Round(float f) => bf16 ? ToBFloat16(f) : BitConverter.HalfToUInt16Bits((Half)f);
+                var outv = MemoryMarshal.Cast<byte, ushort>(result.AsSpan());
+                MemoryMarshal.Cast<byte, ushort>(parts[0]).CopyTo(outv);
+                foreach (var p in parts.Skip(1))
                 {
                     var v = MemoryMarshal.Cast<byte, ushort>(p);
-                    for (int i = 0; i < acc.Length; i++)
-                        acc[i] += type == NcclDataType.BFloat16 ? BitConverter.UInt32BitsToSingle((uint)v[i] << 16) : (float)BitConverter.UInt16BitsToHalf(v[i]);
+                    for (int i = 0; i < outv.Length; i++) outv[i] = Round(Value(outv[i]) + Value(v[i]));
                 }
-                var outv = MemoryMarshal.Cast<byte, ushort>(result.AsSpan());
-                for (int i = 0; i < acc.Length; i++)
-                    outv[i] = type == NcclDataType.BFloat16 ? ToBFloat16(acc[i]) : BitConverter.HalfToUInt16Bits((Half)acc[i]);
                 break;
             }
             case NcclDataType.Int64:
@@ -806,6 +895,23 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         }
     }
 
+    public void ReleaseCommStream(int ordinal, nint stream)
+    {
+        lock (_lock)
+        {
+            if (!_streams.TryGetValue(stream, out var s) || s.IsCompute || s.Released || s.Device != ordinal)
+                Violation($"A communication stream (0x{stream:x}) was given back that is not a live one of device {ordinal}.");
+            else s.Released = true;
+        }
+    }
+
+    public IDisposable KeepCurrentDevice() => new KeptDevice(this, _currentDevice.Value);
+
+    private sealed class KeptDevice(NcclStandIn owner, int device) : IDisposable
+    {
+        public void Dispose() => owner._currentDevice.Value = device;
+    }
+
     public IDeviceEvent CreateEvent(int ordinal) => new Event(this, ordinal);
 
     public nint DataPointer(Tensor buffer)
@@ -815,7 +921,7 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         lock (_lock)
         {
             if (!_buffers.Any(b => b.Tensor.TryGetTarget(out var t) && ReferenceEquals(t, buffer)))
-                _buffers.Add(new Registered(p, buffer.numel() * buffer.element_size(), buffer));
+                _buffers.Add(new Registered(p, buffer.numel() * buffer.element_size(), buffer, DeviceOfThread()));
         }
         return p;
     }
@@ -838,6 +944,8 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
                 var users = _cliques.Values.SelectMany(c => c.Issued.SelectMany(x => x)).Where(l => l.Pending && l.Uses.Contains(b)).ToList();
                 if (users.Count > 0)
                     Violation($"A buffer was released while {string.Join(", ", users.Select(l => $"{l.Describe()} on {l.Comm.Name}"))} still used it.");
+                foreach (var send in b.Sends.Where(x => Hash(x.Pointer, x.Bytes) != x.Hash))
+                    Violation($"The send buffer of {send.Launch} was modified before the communicator gave it back (on a GPU, a race with the collective reading it).");
                 _buffers.RemoveAt(i);
             }
         }
@@ -857,11 +965,19 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         return values.data<long>().ToArray();
     }
 
+    private void CheckEvent(Event e, Stream s, string what)
+    {
+        if (_broken.Contains(e.Device)) throw new InvalidOperationException($"Stand-in: {what} on device {e.Device} failed (injected CUDA error).");
+        if (s.Device != e.Device) Violation($"{what}: an event of device {e.Device} used with a stream of device {s.Device}.");
+        if (s.Released) Violation($"{what} on a communication stream that was already given back.");
+    }
+
     private void RecordEvent(Event e, nint stream)
     {
         lock (_lock)
         {
             if (!_streams.TryGetValue(stream, out var s)) throw new InvalidOperationException($"Stand-in: unknown stream 0x{stream:x}.");
+            CheckEvent(e, s, "cuEventRecord");
             if (_group.Value!.Calls.Any(c => c.Op.Stream == stream))
                 Violation("An event was recorded on a stream while the thread's NCCL group still held calls for it (ncclGroupEnd not called): the event does not cover them.");
             var issuing = _comms.Values.SelectMany(c => c.Issuing).Where(l => l.Stream == stream).ToList();
@@ -880,6 +996,7 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         lock (_lock)
         {
             if (!_streams.TryGetValue(stream, out var s)) throw new InvalidOperationException($"Stand-in: unknown stream 0x{stream:x}.");
+            CheckEvent(e, s, "cuStreamWaitEvent");
             if (_streams.TryGetValue(e.RecordedOn, out var from) && from.IsCompute && !s.IsCompute) s.WaitedOnCompute = true;
             Progress();
             if (e.Completed >= e.Recorded) return;
@@ -896,6 +1013,7 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
     {
         lock (_lock)
         {
+            if (_broken.Contains(e.Device)) throw new InvalidOperationException($"Stand-in: cuEventQuery on device {e.Device} failed (injected CUDA error).");
             Progress();
             return e.Completed >= e.Recorded;
         }
