@@ -200,10 +200,10 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         if (local > gpus)
         {
             int perGpu = (local + gpus - 1) / gpus;
-            string why = ncclVersion < 23000 ? $"NCCL {FormatVersion(ncclVersion)} refuses that (from 2.30 on, {MultiRankGpuVariable}=1 allows up to 2 ranks per GPU)"
+            string? why = ncclVersion < 23000 ? $"NCCL {FormatVersion(ncclVersion)} refuses that (from 2.30 on, {MultiRankGpuVariable}=1 allows up to 2 ranks per GPU)"
                 : variable(MultiRankGpuVariable) != "1" ? $"NCCL {FormatVersion(ncclVersion)} allows it only with {MultiRankGpuVariable}=1, which is not set"
                 : perGpu > 2 ? $"NCCL allows at most 2 ranks per GPU, this would put {perGpu} on one"
-                : null!;
+                : null;
             if (why is not null)
                 throw new ArgumentException($"{local} processes on this machine share {gpus} GPU(s): {why}. Start at most {gpus} process(es) per machine, or run the ranks as threads (--device cuda).");
         }

@@ -46,6 +46,14 @@ public sealed unsafe class NcclStandInTests
         e.Wait(stream);
     }
 
+    // Rank r's all-reduce of x into y, issued as the communicator does it (ready event first, polled until issued).
+    private static void AllReduce(NcclStandIn nccl, nint[] comms, nint[] streams, int r, Tensor x, Tensor y)
+    {
+        Ready(nccl, r, streams[r]);
+        nccl.AllReduce(Buffer(nccl, r, x), Buffer(nccl, r, y), (nuint)x.numel(), NcclDataType.Float32, NcclRedOp.Sum, comms[r], streams[r]);
+        Poll(nccl, comms[r]);
+    }
+
     // A buffer of rank r: registered from the thread with r's device current, as a rank's own thread would.
     private static nint Buffer(NcclStandIn nccl, int device, Tensor t)
     {
@@ -136,14 +144,10 @@ public sealed unsafe class NcclStandInTests
         var y0 = torch.empty(4);
         using var x1 = torch.ones(4);
         using var y1 = torch.empty(4);
-        Ready(nccl, 0, streams[0]);
-        nccl.AllReduce(Buffer(nccl, 0, x0), Buffer(nccl, 0, y0), 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]);
-        Poll(nccl, comms[0]);
+        AllReduce(nccl, comms, streams, 0, x0, y0);
         nccl.Release(y0);                                   // rank 1 has not called yet: the launch is pending
         Assert.Contains(nccl.Violations, v => v.Contains("released while AllReduce"));
-        Ready(nccl, 1, streams[1]);
-        nccl.AllReduce(Buffer(nccl, 1, x1), Buffer(nccl, 1, y1), 4, NcclDataType.Float32, NcclRedOp.Sum, comms[1], streams[1]);
-        Poll(nccl, comms[1]);
+        AllReduce(nccl, comms, streams, 1, x1, y1);
         Assert.Contains(nccl.Violations, v => v.Contains("after one of its buffers was released"));
     }
 
@@ -156,13 +160,9 @@ public sealed unsafe class NcclStandInTests
         using var y0 = torch.empty(4);
         using var x1 = torch.ones(4);
         using var y1 = torch.empty(4);
-        Ready(nccl, 0, streams[0]);
-        nccl.AllReduce(Buffer(nccl, 0, x0), Buffer(nccl, 0, y0), 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]);
-        Poll(nccl, comms[0]);
+        AllReduce(nccl, comms, streams, 0, x0, y0);
         x0.fill_(5);
-        Ready(nccl, 1, streams[1]);
-        nccl.AllReduce(Buffer(nccl, 1, x1), Buffer(nccl, 1, y1), 4, NcclDataType.Float32, NcclRedOp.Sum, comms[1], streams[1]);
-        Poll(nccl, comms[1]);
+        AllReduce(nccl, comms, streams, 1, x1, y1);
         Assert.Contains(nccl.Violations, v => v.Contains("send buffer changed"));
     }
 
@@ -175,13 +175,8 @@ public sealed unsafe class NcclStandInTests
         using var y0 = torch.empty(4);
         using var x1 = torch.ones(4);
         using var y1 = torch.empty(4);
-        for (int r = 0; r < 2; r++)
-        {
-            Ready(nccl, r, streams[r]);
-            var (x, y) = r == 0 ? (x0, y0) : (x1, y1);
-            nccl.AllReduce(Buffer(nccl, r, x), Buffer(nccl, r, y), 4, NcclDataType.Float32, NcclRedOp.Sum, comms[r], streams[r]);
-            Poll(nccl, comms[r]);
-        }
+        AllReduce(nccl, comms, streams, 0, x0, y0);
+        AllReduce(nccl, comms, streams, 1, x1, y1);
         x0.fill_(5);                                        // the collective has run; the caller has not waited yet
         nccl.Release(x0);
         Assert.Contains(nccl.Violations, v => v.Contains("modified before the communicator gave it back"));

@@ -354,16 +354,23 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         }
     }
 
+    // Frees a communicator's handle (abort and destroy); a handle already freed is a violation.
+    private Comm? Free(nint comm, string function)
+    {
+        if (!_comms.Remove(comm, out var c))
+        {
+            Violation($"{function} on a communicator that was already aborted or destroyed.");
+            return null;
+        }
+        _freed.Add(comm);
+        return c;
+    }
+
     public NcclResult CommAbort(nint comm)
     {
         lock (_lock)
         {
-            if (!_comms.Remove(comm, out var c))
-            {
-                Violation("ncclCommAbort on a communicator that was already aborted or destroyed.");
-                return NcclResult.InvalidArgument;
-            }
-            _freed.Add(comm);
+            if (Free(comm, "ncclCommAbort") is not { } c) return NcclResult.InvalidArgument;
             c.Aborted = true;
             foreach (var l in c.Clique.Issued[c.Rank].Where(l => l.Pending)) l.State = LaunchState.Aborted;
             c.Issuing.Clear();
@@ -376,12 +383,7 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
     {
         lock (_lock)
         {
-            if (!_comms.Remove(comm, out var c))
-            {
-                Violation("ncclCommDestroy on a communicator that was already aborted or destroyed.");
-                return NcclResult.InvalidArgument;
-            }
-            _freed.Add(comm);
+            if (Free(comm, "ncclCommDestroy") is not { } c) return NcclResult.InvalidArgument;
             Progress();
             var pending = c.Clique.Issued[c.Rank].Where(l => l.Pending).ToList();
             if (pending.Count > 0)
