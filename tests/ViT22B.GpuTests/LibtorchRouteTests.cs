@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Tests;
 
 namespace ViT22B.GpuTests;
 
@@ -17,9 +18,7 @@ public sealed class LibtorchRouteTests
         using var y = x.matmul(x.t());
         Assert.Equal(50f, y[1, 1].item<float>());                       // 3² + 4² + 5²
         string expected = Real(Path.Combine(dir, "libtorch_cpu.so"));
-        var mapped = File.ReadLines("/proc/self/maps")
-            .Select(l => l.Split(' ', StringSplitOptions.RemoveEmptyEntries).LastOrDefault() ?? "")
-            .Where(p => Path.GetFileName(p) == "libtorch_cpu.so").Select(Real).Distinct().ToList();
+        var mapped = TestUtil.MappedFiles().Where(p => Path.GetFileName(p) == "libtorch_cpu.so").Select(Real).Distinct().ToList();
         Assert.Equal(expected, Assert.Single(mapped));
     }
 

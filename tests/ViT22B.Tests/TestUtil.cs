@@ -40,13 +40,16 @@ internal static class TestUtil
     public static double MaxAbs(Tensor actual, Tensor expected) =>
         (actual.detach().to(ScalarType.Float64).cpu() - expected.detach().to(ScalarType.Float64).cpu()).abs().max().item<double>();
 
-    /// <summary>A tiny config for fast numerics tests: 2 blocks, width 16, 2 heads, 16×16 images of 4×4 patches.</summary>
     /// <summary>Whether a library whose file name starts with <paramref name="fileNamePrefix"/> is mapped into this
     /// process (Linux <c>/proc/self/maps</c>).</summary>
     public static bool IsMappedInProcess(string fileNamePrefix) =>
-        File.ReadLines("/proc/self/maps").Any(l => Path.GetFileName(l.Split(' ', StringSplitOptions.RemoveEmptyEntries).LastOrDefault() ?? "")
-            .StartsWith(fileNamePrefix, StringComparison.Ordinal));
+        MappedFiles().Any(p => Path.GetFileName(p).StartsWith(fileNamePrefix, StringComparison.Ordinal));
 
+    /// <summary>The paths of the files mapped into this process (Linux <c>/proc/self/maps</c>), one per mapping.</summary>
+    public static IEnumerable<string> MappedFiles() =>
+        File.ReadLines("/proc/self/maps").Select(l => l.Split(' ', StringSplitOptions.RemoveEmptyEntries).LastOrDefault() ?? "");
+
+    /// <summary>A tiny config for fast numerics tests: 2 blocks, width 16, 2 heads, 16×16 images of 4×4 patches.</summary>
     public static ViTConfig Tiny(BlockKind block) => new()
     {
         ImgSize = 16, PatchSize = 4, InChans = 3, EmbedDim = 16, Depth = 2, NumHeads = 2, MlpDim = 24, Block = block,

@@ -82,7 +82,7 @@ internal sealed class CudaCommDevice : ICommDevice
 
     public nint CreateCommStream(int ordinal, bool highPriority) => CudaStreams.FromPool(ordinal, highPriority);
 
-    public void ReleaseCommStream(int ordinal, nint stream) => CudaStreams.Release(ordinal, stream);
+    public void ReleaseCommStream(int ordinal, nint stream) => CudaStreams.Release(stream);
 
     public IDeviceEvent CreateEvent(int ordinal) => new CudaEvent(ordinal);
 

@@ -141,7 +141,7 @@ public static unsafe class CudaDriver
 
     /// <summary>A stream created by the driver with <c>CU_STREAM_NON_BLOCKING</c> (it does not synchronize with the
     /// legacy default stream), at the device's highest or default priority. Used where libtorch's stream pool is not
-    /// exported. The stream lives as long as the process.</summary>
+    /// exported; <see cref="DestroyStream"/> gives it back.</summary>
     internal static nint CreateNonBlockingStream(int device, bool highPriority)
     {
         using var _ = Use(device);

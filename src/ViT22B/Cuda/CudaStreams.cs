@@ -51,9 +51,9 @@ public static unsafe class CudaStreams
 
     /// <summary>Gives back a stream from <see cref="FromPool"/>: a driver-created one is destroyed (the driver lets
     /// queued work finish first); one of libtorch's pool stays with libtorch.</summary>
-    public static void Release(int device, nint stream)
+    public static void Release(nint stream)
     {
-        if (DriverCreated.TryRemove(stream, out _)) CudaDriver.DestroyStream(device, stream);
+        if (DriverCreated.TryRemove(stream, out int device)) CudaDriver.DestroyStream(device, stream);
     }
 
     /// <summary>The stream TorchSharp ops on <paramref name="device"/> currently go to on this thread.</summary>

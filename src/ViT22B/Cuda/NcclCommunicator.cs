@@ -512,10 +512,10 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
 
     private sealed class Work(NcclCommunicator owner, string op, Tensor input, Tensor output, Func<Tensor, Tensor> finish) : ICommWork
     {
-        private bool _finished, _released, _keptForever;
+        private bool _finished, _released;
 
         /// <summary>The device could not say whether the buffers are still in use: they are never released.</summary>
-        public bool KeptForever => _keptForever;
+        public bool KeptForever { get; private set; }
 
         public string Op { get; } = op;
         public Tensor Output { get; } = output;
@@ -544,14 +544,14 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         public bool Release(ICommDevice dev)
         {
             if (_released) return true;
-            if (_keptForever) return false;
+            if (KeptForever) return false;
             try
             {
                 if (Issued && !(DoneRecorded && Done!.IsComplete)) return false;
             }
             catch (Exception)
             {
-                _keptForever = true;
+                KeptForever = true;
                 return false;
             }
             _released = true;

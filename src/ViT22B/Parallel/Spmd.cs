@@ -43,12 +43,11 @@ public static class Spmd
     {
         ArgumentNullException.ThrowIfNull(body);
         if (size < 1) throw new ArgumentOutOfRangeException(nameof(size), $"At least one rank is needed, found {size}.");
-        var world = (Size: size, Poison: onFailure);
-        var results = new T[world.Size];
-        var failures = new RankFailedException?[world.Size];
-        var order = new long[world.Size];
+        var results = new T[size];
+        var failures = new RankFailedException?[size];
+        var order = new long[size];
         long clock = 0;
-        var threads = Enumerable.Range(0, world.Size).Select(rank => new Thread(() =>
+        var threads = Enumerable.Range(0, size).Select(rank => new Thread(() =>
         {
             try
             {
@@ -58,13 +57,13 @@ public static class Spmd
             {
                 order[rank] = Interlocked.Increment(ref clock);
                 failures[rank] = new RankFailedException(rank, e);
-                world.Poison?.Invoke(failures[rank]!);
+                onFailure?.Invoke(failures[rank]!);
             }
         }, stackBytes) { Name = $"vit22b-rank-{rank}", IsBackground = true }).ToList();
         foreach (var t in threads) t.Start();
         foreach (var t in threads) t.Join();
-        var failed = Enumerable.Range(0, world.Size).Where(r => failures[r] is not null).OrderBy(r => order[r]).Select(r => (Exception)failures[r]!).ToList();
-        if (failed.Count > 0) throw new AggregateException($"{failed.Count} of {world.Size} ranks failed; first: {failed[0].Message}", failed);
+        var failed = Enumerable.Range(0, size).Where(r => failures[r] is not null).OrderBy(r => order[r]).Select(r => (Exception)failures[r]!).ToList();
+        if (failed.Count > 0) throw new AggregateException($"{failed.Count} of {size} ranks failed; first: {failed[0].Message}", failed);
         return results;
     }
 }

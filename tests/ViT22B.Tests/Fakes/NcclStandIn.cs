@@ -256,7 +256,6 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
     private sealed class Event(NcclStandIn owner, int device) : IDeviceEvent
     {
         public int Device { get; } = device;
-        public NcclStandIn Owner => owner;
         public long Recorded { get; set; }
         public long Completed { get; set; }
         public nint RecordedOn { get; set; }
