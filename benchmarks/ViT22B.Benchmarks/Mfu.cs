@@ -73,7 +73,7 @@ public sealed class MfuColumn : ComputedColumn
 
     /// <summary>Model GFLOP/s achieved.</summary>
     public static readonly IColumn Achieved = new MfuColumn("GFLOP/s",
-        "Model FLOPs (SPEC.md §9: 2 per MAC, matmuls only, training = 3 × forward) per second", 0);
+        "Model FLOPs (docs/model.md: 2 per MAC, matmuls only, training = 3 × forward) per second", 0);
     /// <summary>Median same-run GEMM GFLOP/s.</summary>
     public static readonly IColumn Peak = new MfuColumn("Peak GFLOP/s",
         "Median of 2048³ GEMMs of the same dtype, timed after every iteration of the same case", 1);

@@ -46,7 +46,7 @@ public class BlockBenchmarks : MfuBenchmark
         {
             Block = parallel ? BlockKind.Parallel : BlockKind.Sequential, FuseOutProj = Block != "parallel-separate", QkNorm = false,
         }, Biases);
-        _block = parallel ? new ParallelBlock(c, Bench.Device, DType) : new SequentialBlock(c, Bench.Device, DType);
+        _block = parallel ? new ParallelBlock(c.BlockOptions, Bench.Device, DType) : new SequentialBlock(c.BlockOptions, Bench.Device, DType);
         const long batch = 8;
         _x = torch.randn(new long[] { batch, c.NumTokens, c.EmbedDim }, generator: new torch.Generator(1)).to(DType).to(Bench.Device);
         _probe = torch.randn(new long[] { batch, c.NumTokens, c.EmbedDim }, generator: new torch.Generator(2)).to(DType).to(Bench.Device);

@@ -82,7 +82,7 @@ static void Run(string configArg, FileInfo? weights, string input, FileInfo outp
         ["weights"] = weights?.FullName ?? $"random init, seed {seed}",
         ["inputs"] = JsonSerializer.Serialize(names),
     };
-    Safetensors.Save(output.FullName, result, metadata);
+    Safetensors.Save(result, output.FullName, metadata);
     Console.WriteLine($"Wrote {output.FullName}: " + string.Join(", ", result.Select(kv => $"{kv.Key} [{string.Join(", ", kv.Value.shape)}]")));
     foreach (var t in result.Values.Concat(features).Concat(tokens).Concat(logits)) t.Dispose();
 }

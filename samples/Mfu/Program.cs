@@ -10,6 +10,7 @@ using Spectre.Console;
 using TorchSharp;
 using ViT22B.Accounting;
 using ViT22B.Interop;
+using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Training;
 using static TorchSharp.torch;
@@ -136,7 +137,7 @@ static void Print(IReadOnlyList<MfuResult> results)
     foreach (var r in results.Skip(1))
         AnsiConsole.MarkupLine($"{r.Block} vs {first.Block}: {r.SpeedupOverFirst:F3}× as fast (median over rounds of the {first.Block} step's time over the {r.Block} step's).");
     AnsiConsole.MarkupLine($"Median of {first.Samples} interleaved samples; step {string.Join(" / ", results.Select(r => $"{r.StepSeconds * 1000:F1} ms"))}; " +
-        $"{first.Threads} torch threads. Model FLOPs per SPEC.md §9 (2 per MAC, matmuls only, forward-backward and training = 3 × forward).");
+        $"{first.Threads} torch threads. Model FLOPs per docs/model.md (2 per MAC, matmuls only, forward-backward and training = 3 × forward).");
 }
 
 /// <summary>One MFU measurement, as printed and as written to JSON/CSV.</summary>

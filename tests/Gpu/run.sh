@@ -91,7 +91,7 @@ if [ "$mode" = gpu ]; then
   step sharding-threads 60 "$app/Sharding" --device cuda --data 1 --model 2
   nccl_ok="$(python3 -c 'import torch; v = torch.cuda.nccl.version(); v = v if isinstance(v, tuple) else (v // 10000, v // 100 % 100); print(int(v >= (2, 30)))' 2>/dev/null || echo 0)"
   if [ "$nccl_ok" = 1 ]; then
-    step sharding-nccl 90 env NCCL_MULTI_RANK_GPU_ENABLE=1 "$app/Sharding" --launch 2 --backend nccl --data 1 --model 2
+    step sharding-nccl 90 env NCCL_MULTI_RANK_GPU_ENABLE=1 "$app/Sharding" launch 2 --nccl --data 1 --model 2
   else
     skip sharding-nccl "two NCCL ranks on one GPU need NCCL >= 2.30 with NCCL_MULTI_RANK_GPU_ENABLE=1; this PyTorch's NCCL is older"
   fi
@@ -102,7 +102,7 @@ if [ "$mode" = gpu ]; then
 else
   step gpu-tests 150 "$app/ViT22B.GpuTests" -parallel none -xml "$out/gpu-tests.xml"
   step sharding-threads 120 "$app/Sharding" --data 2 --model 2
-  step sharding-launch 90 "$app/Sharding" --launch 3
+  step sharding-launch 90 "$app/Sharding" launch 3
   step mfu 120 "$app/Mfu" --preset Ti/16 --block both --mode forward-backward --dtype float32 --batch-size 2 \
     --samples 2 --warmup 1 --json "$out/mfu.json"
   if python3 -c 'import torch, timm' 2>/dev/null; then

@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Parallel;
 using ViT22B.Tests;
@@ -37,11 +38,10 @@ public sealed class SimulatedRanksTests
         var outputs = Spmd.Run(world, r =>
         {
             using var device = contexts[r].UseDevice();          // each rank computes on its own pool stream
-            var s = new ShardContext(plan, contexts[r], CommMode.Overlapped);
-            using var shard = ShardedModel.Create(s, ScalarType.Float32);
-            ShardedModel.LoadFull(shard, s, state);
+            using var shard = new ShardedVisionTransformer(plan, contexts[r], CommMode.Overlapped, ScalarType.Float32);
+            shard.LoadFull(state);
             using var noGrad = torch.no_grad();
-            return shard.call(images).cpu().DetachFromDisposeScope();
+            return shard.Forward(images).cpu().DetachFromDisposeScope();
         });
         // The sharded blocks sum their partial products in another order than one GEMM: float32 rounding only.
         foreach (var o in outputs) Assert.True(TestUtil.RelErr(o, expected) < 1e-4, $"relative error {TestUtil.RelErr(o, expected):E2}");

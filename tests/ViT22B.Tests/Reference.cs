@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Layers;
 using ViT22B.Models;
 using static TorchSharp.torch;
 

@@ -1,3 +1,4 @@
+using ViT22B.Layers;
 using ViT22B.Models;
 using static TorchSharp.torch;
 
@@ -55,8 +56,9 @@ public static class MemoryPlanner
         var p = ModelAccounting.Parameters(c);
         long d = c.EmbedDim, f = c.MlpDim, l = c.Depth;
         // Block parameters split over the model axis: the matmul weights and the biases of split rows.
+        var layout = c.BlockOptions.Layout;
         long splitBiases = l * (c.Block == BlockKind.Parallel
-            ? (c.QkvBias ? f + 3 * d : c.MlpBias ? f : 0)
+            ? (layout.InProjBias ? layout.InFeatures : layout.SeparateMlpBias ? f : 0)
             : (c.QkvBias ? 3 * d : 0) + (c.MlpBias ? f : 0));
         double weightsPerDevice = p.Total - p.BlockMatmulWeights - splitBiases
             + (double)p.BlockMatmulWeights / model / (fsdp ? data : 1) + (double)splitBiases / model;

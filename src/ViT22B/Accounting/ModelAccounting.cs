@@ -1,3 +1,4 @@
+using ViT22B.Layers;
 using ViT22B.Models;
 
 namespace ViT22B.Accounting;
@@ -22,7 +23,7 @@ public sealed record ParameterCount(long PatchEmbed, long PosEmbed, long ClassTo
     public long Backbone => PatchEmbed + PosEmbed + ClassToken + NormPre + Blocks + FinalNorm;
 }
 
-/// <summary>Model FLOPs per image (2 FLOPs per multiply-accumulate, matmuls only; SPEC.md §9).</summary>
+/// <summary>Model FLOPs per image (2 FLOPs per multiply-accumulate, matmuls only; docs/model.md#parameters-and-flops).</summary>
 /// <param name="Stem">Patch embedding, 2·N_patches·C·P²·D.</param>
 /// <param name="BlockMatmuls">2·N·T with N = L·(4D² + 2DF) and T tokens including the class token.</param>
 /// <param name="Attention">Q·Kᵀ and A·V, 4·L·T²·D.</param>
@@ -37,7 +38,7 @@ public sealed record FlopsCount(double Stem, double BlockMatmuls, double Attenti
 }
 
 /// <summary>
-/// Exact parameter counts and model FLOPs from a <see cref="ViTConfig"/> (SPEC.md §8–9). Costs nothing for the 22B
+/// Exact parameter counts and model FLOPs from a <see cref="ViTConfig"/> (docs/model.md#parameters-and-flops). Costs nothing for the 22B
 /// preset: no tensor is allocated. Counts agree with <c>parameters()</c> of an instantiated
 /// <see cref="VisionTransformer"/> for every knob.
 /// </summary>
@@ -52,16 +53,17 @@ public static class ModelAccounting
         long Norm(long dim) => dim + (c.NormBias ? dim : 0);
         long qkNorms = c.QkNorm ? 2 * Norm(hd) : 0;
 
+        var fl = c.BlockOptions.Layout;
         long block = c.Block == BlockKind.Sequential
             ? 2 * Norm(d)
               + 3 * d * d + (c.QkvBias ? 3 * d : 0) + qkNorms
               + d * d + (c.ProjBias ? d : 0)
               + d * f + (c.MlpBias ? f : 0) + f * d + (c.MlpBias ? d : 0)
             : Norm(d)
-              + (f + 3 * d) * d + (c.QkvBias ? f + 3 * d : c.MlpBias ? f : 0) + qkNorms
-              + (c.FuseOutProj
-                  ? (d + f) * d + (c.ProjBias || c.MlpBias ? d : 0)
-                  : d * d + (c.ProjBias ? d : 0) + f * d + (c.MlpBias ? d : 0));
+              + fl.InFeatures * d + (fl.InProjBias ? fl.InFeatures : 0) + (fl.SeparateMlpBias ? f : 0) + qkNorms
+              + (fl.FuseOutProj
+                  ? fl.OutFeatures * d + (fl.OutProjBias ? d : 0)
+                  : d * d + (fl.AttnOutProjBias ? d : 0) + f * d + (fl.MlpOutProjBias ? d : 0));
 
         long map = c.GlobalPool == GlobalPool.Map
             ? d /* latent */ + (d * d + d) /* q */ + (2 * d * d + 2 * d) /* kv */ + (d * d + d) /* proj */ + Norm(d)

@@ -53,7 +53,7 @@ public sealed class CudaException : InvalidOperationException
 /// The CUDA driver API (<c>libcuda.so.1</c>, installed with the NVIDIA driver) for what TorchSharp lacks: events
 /// and the per-thread current context. Loaded on first use only; every symbol is resolved by name when the function
 /// table is built, so an old driver fails with the missing symbol's name. The driver API avoids loading a second
-/// CUDA runtime next to libtorch's hash-renamed one (TORCHSHARP.md §10).
+/// CUDA runtime next to libtorch's hash-renamed one (docs/torchsharp-notes.md#the-cuda-runtime-next-to-libtorch).
 /// </summary>
 public static unsafe class CudaDriver
 {

@@ -14,8 +14,8 @@ namespace ViT22B.Cuda;
 /// stream, and records a done event that the compute stream waits on (<see cref="Receive"/>); the host never
 /// blocks;</item>
 /// <item>the senders' copies are freed only after every receiver's done event has passed (checked without blocking
-/// by later collectives, then <see cref="Release"/>), because the caching allocator would otherwise hand their memory to the senders'
-/// compute streams while a communication stream still reads it (libtorch has no <c>record_stream</c> here).</item>
+/// by later collectives, then disposed by the communicator), because the caching allocator would otherwise hand
+/// their memory to the senders' compute streams while a communication stream still reads it (libtorch has no <c>record_stream</c> here).</item>
 /// </list>
 /// Every result is allocated on the stream that will use and free it; every cross-stream use is ordered by an event.
 /// Written from the CUDA stream semantics and libtorch's caching-allocator rules; not yet run on a GPU.
@@ -58,13 +58,5 @@ internal static class InProcessTransfer
         done.Record(commStream);
         done.Wait(compute);
         return (result, done);
-    }
-
-    /// <summary>Frees <paramref name="inputs"/> and all events; call it once every <paramref name="done"/> event has passed
-    /// (the caller checks, without blocking, and keeps the inputs until then).</summary>
-    public static void Release(IEnumerable<CudaEvent?> done, IEnumerable<CudaEvent?> ready, IEnumerable<Tensor?> inputs)
-    {
-        foreach (var t in inputs) t?.Dispose();
-        foreach (var e in done.Concat(ready)) e?.Dispose();
     }
 }

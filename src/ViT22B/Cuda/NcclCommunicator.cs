@@ -244,7 +244,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         long max = rows.Max();
         bool even = rows.All(r => r == max);
         var input = even ? Share(local) : Padded(local, max);
-        var gathered = Rows.Empty(Size * max, local);
+        var gathered = EmptyRows(Size * max, local);
         return Enqueue("AllGather", input, gathered,
             (s, deadline) => _comm.AllGather(Buf(input, type), Buf(gathered, type), s, deadline),
             g => even ? g.alias() : torch.cat(rows.Select((r, i) => g.narrow(0, i * max, r)).ToArray(), 0));
@@ -269,7 +269,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
             var parts = counts.Select(c => { var p = full.detach().narrow(0, offset, c); offset += c; return Padded(p, max); }).ToArray();
             input = torch.cat(parts, 0).MoveToOuterDisposeScope();
         }
-        var output = Rows.Empty(max, full);
+        var output = EmptyRows(max, full);
         return Enqueue("ReduceScatter", input, output,
             (s, deadline) => _comm.ReduceScatter(Buf(input, type), Buf(output, type), NcclRedOp.Sum, s, deadline),
             o => mine == max ? o.alias() : o.narrow(0, 0, mine));
@@ -307,7 +307,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         int next = ((Rank + shift) % Size + Size) % Size, previous = ((Rank - shift) % Size + Size) % Size;
         long rows = receiveRows >= 0 ? receiveRows : ExchangePermutedRows(send.shape[0], next, previous);
         var input = Share(send);
-        var output = Rows.Empty(rows, send);
+        var output = EmptyRows(rows, send);
         return Enqueue("Permute", input, output,
             (s, deadline) => _comm.SendRecv(Buf(input, type), next, Buf(output, type), previous, s, deadline), o => o.alias());
     }
@@ -385,7 +385,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
     private static Tensor Padded(Tensor x, long rows)
     {
         using var noGrad = torch.no_grad();
-        var padded = Rows.Zeros(rows, x);
+        var padded = ZeroRows(rows, x);
         padded.narrow(0, 0, x.shape[0]).copy_(x);
         return padded;
     }
@@ -569,4 +569,11 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
             return true;
         }
     }
+
+    // New tensors like `like` but with `rows` rows (padded collective buffers).
+    private static Tensor EmptyRows(long rows, Tensor like) => torch.empty(RowsShape(rows, like), dtype: like.dtype, device: like.device);
+
+    private static Tensor ZeroRows(long rows, Tensor like) => torch.zeros(RowsShape(rows, like), dtype: like.dtype, device: like.device);
+
+    private static long[] RowsShape(long rows, Tensor like) => new[] { rows }.Concat(like.shape.Skip(1)).ToArray();
 }

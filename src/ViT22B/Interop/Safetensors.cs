@@ -227,7 +227,7 @@ public static class Safetensors
     /// <summary>Writes <paramref name="tensors"/> (in the given order) atomically. Tensors may live on any device; each
     /// is copied to the CPU on its own while writing.</summary>
     /// <exception cref="ArgumentException">Duplicate or empty name, or an unsupported dtype.</exception>
-    public static void Save(string path, IEnumerable<KeyValuePair<string, Tensor>> tensors, IReadOnlyDictionary<string, string>? metadata = null)
+    public static void Save(IEnumerable<KeyValuePair<string, Tensor>> tensors, string path, IReadOnlyDictionary<string, string>? metadata = null)
     {
         ArgumentNullException.ThrowIfNull(tensors);
         if (!BitConverter.IsLittleEndian) throw new PlatformNotSupportedException("safetensors writing needs a little-endian machine.");

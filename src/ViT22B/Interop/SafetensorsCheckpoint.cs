@@ -105,6 +105,6 @@ public static class SafetensorsCheckpoint
     public static void Save(nn.Module module, string path, IReadOnlyDictionary<string, string>? metadata = null)
     {
         ArgumentNullException.ThrowIfNull(module);
-        Safetensors.Save(path, module.state_dict(), metadata);
+        Safetensors.Save(module.state_dict(), path, metadata);
     }
 }

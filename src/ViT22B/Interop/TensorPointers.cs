@@ -6,7 +6,7 @@ namespace ViT22B.Interop;
 /// <summary>
 /// Raw data pointers of tensors of any dtype and device, for native libraries (NCCL, CUDA). TorchSharp's
 /// <c>storage&lt;T&gt;().data_ptr()</c> ignores the storage offset and, for bfloat16, points at a converted copy
-/// (TORCHSHARP.md §4); this uses PyTorch 2.10's stable C ABI function <c>torch_get_mutable_data_ptr</c> from
+/// (docs/torchsharp-notes.md#tensor-data-pointers); this uses PyTorch 2.10's stable C ABI function <c>torch_get_mutable_data_ptr</c> from
 /// <c>libtorch_cpu</c>, which is device-agnostic and includes the offset. Keep the managed tensor alive until every
 /// native use of the pointer (including work queued on a stream) has finished.
 /// </summary>

@@ -1,6 +1,5 @@
 using TorchSharp;
 using TorchSharp.Modules;
-using ViT22B.Models;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -17,17 +16,20 @@ public sealed class Attention : nn.Module<Tensor, Tensor>
     private readonly Linear proj;
     private readonly int _heads;
 
-    /// <summary>Creates the attention layer for <paramref name="c"/>.</summary>
-    public Attention(ViTConfig c, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(Attention))
+    /// <summary>Creates the attention layer of a block with options <paramref name="o"/> (width, heads, biases,
+    /// QK-norm).</summary>
+    public Attention(BlockOptions o, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(Attention))
     {
-        _heads = c.NumHeads;
-        qkv = nn.Linear(c.EmbedDim, 3L * c.EmbedDim, hasBias: c.QkvBias, device: device, dtype: dtype);
-        if (c.QkNorm)
+        ArgumentNullException.ThrowIfNull(o);
+        o.Check();
+        _heads = o.NumHeads;
+        qkv = nn.Linear(o.Dim, 3L * o.Dim, hasBias: o.QkvBias, device: device, dtype: dtype);
+        if (o.QkNorm)
         {
-            q_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
-            k_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
+            q_norm = o.NewNorm(o.HeadDim, device, dtype);
+            k_norm = o.NewNorm(o.HeadDim, device, dtype);
         }
-        proj = nn.Linear(c.EmbedDim, c.EmbedDim, hasBias: c.ProjBias, device: device, dtype: dtype);
+        proj = nn.Linear(o.Dim, o.Dim, hasBias: o.ProjBias, device: device, dtype: dtype);
         RegisterComponents();
     }
 

@@ -1,5 +1,4 @@
 using TorchSharp;
-using ViT22B.Models;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -10,11 +9,11 @@ namespace ViT22B.Layers;
 /// </summary>
 public sealed class Encoder : BlockStack
 {
-    /// <summary>Creates <see cref="ViTConfig.Depth"/> blocks of kind <see cref="ViTConfig.Block"/>.</summary>
-    public Encoder(ViTConfig c, Device? device = null, ScalarType dtype = ScalarType.Float32)
-        : base(Enumerable.Range(0, c.Depth).Select(_ => c.Block == BlockKind.Parallel
-            ? (nn.Module<Tensor, Tensor>)new ParallelBlock(c, device, dtype)
-            : new SequentialBlock(c, device, dtype)).ToArray())
+    /// <summary>Creates <paramref name="depth"/> blocks of kind <paramref name="kind"/> with options <paramref name="o"/>.</summary>
+    public Encoder(BlockKind kind, int depth, BlockOptions o, Device? device = null, ScalarType dtype = ScalarType.Float32)
+        : base(Enumerable.Range(0, depth).Select(_ => kind == BlockKind.Parallel
+            ? (nn.Module)new ParallelBlock(o, device, dtype)
+            : new SequentialBlock(o, device, dtype)).ToArray())
     {
     }
 
@@ -23,7 +22,7 @@ public sealed class Encoder : BlockStack
     {
         using var scope = torch.NewDisposeScope();
         var h = x;
-        foreach (var block in this) h = block.call(h);
+        foreach (var block in this) h = ((nn.Module<Tensor, Tensor>)block).call(h);
         return (ReferenceEquals(h, x) ? x.alias() : h).MoveToOuterDisposeScope();
     }
 }

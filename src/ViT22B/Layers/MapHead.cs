@@ -1,6 +1,5 @@
 using TorchSharp;
 using TorchSharp.Modules;
-using ViT22B.Models;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -19,16 +18,19 @@ public sealed class MapHead : nn.Module<Tensor, Tensor>
     private readonly Mlp mlp;
     private readonly int _heads;
 
-    /// <summary>Creates the head for <paramref name="c"/> (heads = model heads, MLP size = model MLP size).</summary>
-    public MapHead(ViTConfig c, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(MapHead))
+    /// <summary>Creates the head with the blocks' options <paramref name="o"/>: their width, heads, MLP size, norm
+    /// and activation (the biases are always on; QK-norm is not used).</summary>
+    public MapHead(BlockOptions o, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(MapHead))
     {
-        _heads = c.NumHeads;
-        latent = Param.Of(torch.zeros(1, 1, c.EmbedDim, dtype: dtype, device: device));
-        q = nn.Linear(c.EmbedDim, c.EmbedDim, hasBias: true, device: device, dtype: dtype);
-        kv = nn.Linear(c.EmbedDim, 2L * c.EmbedDim, hasBias: true, device: device, dtype: dtype);
-        proj = nn.Linear(c.EmbedDim, c.EmbedDim, hasBias: true, device: device, dtype: dtype);
-        norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
-        mlp = new Mlp(c.EmbedDim, c.MlpDim, bias: true, c.Act, device, dtype);
+        ArgumentNullException.ThrowIfNull(o);
+        o.Check();
+        _heads = o.NumHeads;
+        latent = Param.Of(torch.zeros(1, 1, o.Dim, dtype: dtype, device: device));
+        q = nn.Linear(o.Dim, o.Dim, hasBias: true, device: device, dtype: dtype);
+        kv = nn.Linear(o.Dim, 2L * o.Dim, hasBias: true, device: device, dtype: dtype);
+        proj = nn.Linear(o.Dim, o.Dim, hasBias: true, device: device, dtype: dtype);
+        norm = o.NewNorm(o.Dim, device, dtype);
+        mlp = new Mlp(o.Dim, o.MlpDim, bias: true, o.Act, device, dtype);
         RegisterComponents();
     }
 

@@ -1,9 +1,17 @@
 using TorchSharp;
 using TorchSharp.Modules;
-using ViT22B.Models;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
+
+/// <summary>MLP activation.</summary>
+public enum Activation
+{
+    /// <summary>Exact GELU, <c>0.5·x·(1 + erf(x/√2))</c> (timm default).</summary>
+    Gelu,
+    /// <summary>tanh-approximated GELU (Flax default, so big_vision checkpoints).</summary>
+    GeluTanh,
+}
 
 /// <summary>Two-layer MLP, <c>fc2(act(fc1(x)))</c> (timm <c>Mlp</c>; keys <c>fc1.*</c>, <c>fc2.*</c>).</summary>
 public sealed class Mlp : nn.Module<Tensor, Tensor>

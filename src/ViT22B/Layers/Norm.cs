@@ -1,9 +1,17 @@
 using TorchSharp;
 using TorchSharp.Modules;
-using ViT22B.Models;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
+
+/// <summary>Normalization of a <see cref="Norm"/> (a model uses one kind for every norm).</summary>
+public enum NormKind
+{
+    /// <summary>LayerNorm: centering and scaling; optional bias.</summary>
+    LayerNorm,
+    /// <summary>RMSNorm: scaling only, no centering (Zhang &amp; Sennrich 2019); no bias.</summary>
+    RmsNorm,
+}
 
 /// <summary>
 /// LayerNorm or RMSNorm over the last dimension, with a scale (<c>weight</c>) and an optional bias (LayerNorm only).

@@ -1,6 +1,5 @@
 using TorchSharp;
 using TorchSharp.Modules;
-using ViT22B.Models;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -13,11 +12,10 @@ namespace ViT22B.Layers;
 /// Z         = Attn(Norm_q(Q), Norm_k(K), V)          per-head QK-norm over d
 /// x'        = x + [Z | GELU(U)]·W_outᵀ + b_out       fused out-projection W_out [D, D+F], columns attn | mlp
 /// </code>
-/// Keys: <c>in_norm</c>, <c>in_proj.weight</c> (+ <c>in_proj.bias</c> over all rows when <c>qkv_bias</c>, else
-/// <c>mlp_bias</c> [F] when <c>mlp_bias</c>), <c>q_norm</c>, <c>k_norm</c>, and either <c>out_proj</c> (fused; one
-/// bias, present when <c>proj_bias</c> or <c>mlp_bias</c>) or timm's unfused <c>attn_out_proj</c> (bias iff
-/// <c>proj_bias</c>) + <c>mlp_out_proj</c> (bias iff <c>mlp_bias</c>). <see cref="FuseOutProjection"/> converts
-/// unfused weights to the fused layout (the two biases add).
+/// Keys: <c>in_norm</c>, <c>in_proj</c>, <c>mlp_bias</c>, <c>q_norm</c>, <c>k_norm</c>, and either <c>out_proj</c>
+/// (fused) or timm's unfused <c>attn_out_proj</c> + <c>mlp_out_proj</c>; which rows and columns hold what and which
+/// biases exist is <see cref="FusedLayout"/>'s. <see cref="FuseOutProjection"/> converts unfused weights to the fused
+/// layout (the two biases add).
 /// </summary>
 public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
 {
@@ -27,96 +25,61 @@ public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
     private readonly Norm? q_norm, k_norm;
     private readonly Linear? out_proj, attn_out_proj, mlp_out_proj;
     private readonly int _heads;
-    private readonly long _dim, _mlpDim;
+    private readonly FusedLayout _layout;
     private readonly Activation _act;
 
-    /// <summary>Creates the block for <paramref name="c"/>.</summary>
-    public ParallelBlock(ViTConfig c, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(ParallelBlock))
+    /// <summary>Creates the block with options <paramref name="o"/>.</summary>
+    public ParallelBlock(BlockOptions o, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(ParallelBlock))
     {
-        (_heads, _dim, _mlpDim, _act) = (c.NumHeads, c.EmbedDim, c.MlpDim, c.Act);
-        in_norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
-        in_proj = nn.Linear(_dim, _mlpDim + 3 * _dim, hasBias: c.QkvBias, device: device, dtype: dtype);
-        if (!c.QkvBias && c.MlpBias)
-            mlp_bias = Param.Of(torch.zeros(_mlpDim, dtype: dtype, device: device));
-        if (c.QkNorm)
+        ArgumentNullException.ThrowIfNull(o);
+        o.Check();
+        (_heads, _layout, _act) = (o.NumHeads, o.Layout, o.Act);
+        var l = _layout;
+        in_norm = o.NewNorm(o.Dim, device, dtype);
+        in_proj = nn.Linear(o.Dim, l.InFeatures, hasBias: l.InProjBias, device: device, dtype: dtype);
+        if (l.SeparateMlpBias) mlp_bias = Param.Of(torch.zeros(o.MlpDim, dtype: dtype, device: device));
+        if (o.QkNorm)
         {
-            q_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
-            k_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
+            q_norm = o.NewNorm(o.HeadDim, device, dtype);
+            k_norm = o.NewNorm(o.HeadDim, device, dtype);
         }
-        if (c.FuseOutProj)
+        if (l.FuseOutProj)
         {
-            out_proj = nn.Linear(_dim + _mlpDim, _dim, hasBias: c.ProjBias || c.MlpBias, device: device, dtype: dtype);
+            out_proj = nn.Linear(l.OutFeatures, o.Dim, hasBias: l.OutProjBias, device: device, dtype: dtype);
         }
         else
         {
-            attn_out_proj = nn.Linear(_dim, _dim, hasBias: c.ProjBias, device: device, dtype: dtype);
-            mlp_out_proj = nn.Linear(_mlpDim, _dim, hasBias: c.MlpBias, device: device, dtype: dtype);
+            attn_out_proj = nn.Linear(o.Dim, o.Dim, hasBias: l.AttnOutProjBias, device: device, dtype: dtype);
+            mlp_out_proj = nn.Linear(o.MlpDim, o.Dim, hasBias: l.MlpOutProjBias, device: device, dtype: dtype);
         }
         RegisterComponents();
     }
 
     /// <summary>[B, N, D] → [B, N, D].</summary>
-    /// <remarks>When no gradient is recorded the fused weights are applied as two GEMMs over views (rows [mlp] and
-    /// [q|k|v] of W_in; columns [attn] and [mlp] of W_out, accumulated in place): on a 2-core CPU one [F+3D]-wide GEMM
-    /// ran about 20% slower than the two narrower ones. With autograd the single fused GEMMs are used, since the
-    /// backward of a view-sliced weight materializes full-size zero gradients (docs/performance.md, attempts 1 and 6).
-    /// </remarks>
+    /// <remarks>Without autograd the same arithmetic runs as <see cref="ParallelBlockInference"/>'s narrower GEMMs
+    /// (faster on small CPUs); with autograd, as written below.</remarks>
     public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
-        var y = in_norm.call(x);
+        var y = in_norm.call(x);                                                               // y = Norm(x)
         bool recording = torch.is_grad_enabled() && (y.requires_grad || parameters().Any(q => q.requires_grad));
-        var result = recording ? ForwardFused(x, y) : ForwardSplit(x, y);
-        return result.MoveToOuterDisposeScope();
-    }
-
-    // Training: one GEMM per projection, as the block is written.
-    private Tensor ForwardFused(Tensor x, Tensor y)
-    {
-        var p = in_proj.forward(y).split(new[] { _mlpDim, _dim, _dim, _dim }, -1);
+        if (!recording)
+            return ParallelBlockInference.Forward(x, y, in_proj, mlp_bias, out_proj, attn_out_proj, mlp_out_proj,
+                _layout, _heads, q_norm, k_norm, _act).MoveToOuterDisposeScope();
+        var p = in_proj.forward(y).split(_layout.InSplit, -1);                                 // [U|Q|K|V] = y·W_inᵀ
         var u = mlp_bias is null ? p[0] : p[0] + mlp_bias;
-        var z = AttentionOps.Attend(p[1], p[2], p[3], _heads, q_norm, k_norm);        // [B, N, D]
-        var g = Act.Apply(u, _act);                                                   // [B, N, F]
+        var z = AttentionOps.Attend(p[1], p[2], p[3], _heads, q_norm, k_norm);                 // Z = Attn(Norm_q Q, Norm_k K, V)
+        var g = Act.Apply(u, _act);                                                            // GELU(U)
         var outp = out_proj is not null
-            ? out_proj.forward(torch.cat(new[] { z, g }, -1))
+            ? out_proj.forward(torch.cat(new[] { z, g }, -1))                                  // [Z | GELU(U)]·W_outᵀ + b_out
             : attn_out_proj!.forward(z) + mlp_out_proj!.forward(g);
-        return x + outp;
+        return (x + outp).MoveToOuterDisposeScope();                                           // x' = x + …
     }
-
-    // Inference: two GEMMs over views of each fused weight, GELU and the out-projection accumulation in place.
-    private Tensor ForwardSplit(Tensor x, Tensor y)
-    {
-        var w = in_proj.weight!;
-        var b = in_proj.bias;
-        var u = nn.functional.linear(y, w.narrow(0, 0, _mlpDim), b?.narrow(0, 0, _mlpDim) ?? mlp_bias);      // [B, N, F]
-        var qkv = nn.functional.linear(y, w.narrow(0, _mlpDim, 3 * _dim), b?.narrow(0, _mlpDim, 3 * _dim));  // [B, N, 3D]
-        var p = qkv.chunk(3, -1);
-        var z = AttentionOps.Attend(p[0], p[1], p[2], _heads, q_norm, k_norm);                               // [B, N, D]
-        var g = Act.Apply(u, _act, inPlace: true);                                                           // [B, N, F]
-        Tensor outp;
-        if (out_proj is not null)
-        {
-            var wo = out_proj.weight!;
-            outp = nn.functional.linear(z, wo.narrow(1, 0, _dim), out_proj.bias);
-            AddLinear(outp, g, wo.narrow(1, _dim, _mlpDim));
-        }
-        else
-        {
-            outp = attn_out_proj!.forward(z);
-            AddLinear(outp, g, mlp_out_proj!.weight!);
-            if (mlp_out_proj.bias is not null) outp.add_(mlp_out_proj.bias);
-        }
-        return x + outp;
-    }
-
-    // acc += x·Wᵀ in place (no gradient is recorded on this path).
-    private static void AddLinear(Tensor acc, Tensor x, Tensor w) =>
-        acc.view(-1, acc.shape[^1]).addmm_(x.reshape(-1, x.shape[^1]), w.t());
 
     /// <summary>
     /// Rewrites a state dict of unfused parallel blocks (timm's default <c>attn_out_proj</c> + <c>mlp_out_proj</c>)
     /// into the fused layout: <c>out_proj.weight = [W_attn_out | W_mlp_out]</c> (attention columns first) and
-    /// <c>out_proj.bias = b_attn_out + b_mlp_out</c> (SPEC.md §2.3). Keys of other modules pass through. The result
+    /// <c>out_proj.bias = b_attn_out + b_mlp_out</c>. Keys of other modules pass through. The result
     /// holds new tensors for the fused keys and the caller's tensors otherwise.
     /// </summary>
     public static Dictionary<string, Tensor> FuseOutProjection(IReadOnlyDictionary<string, Tensor> stateDict)

@@ -1,5 +1,4 @@
 using TorchSharp;
-using ViT22B.Models;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -15,13 +14,14 @@ public sealed class SequentialBlock : nn.Module<Tensor, Tensor>
     private readonly Attention attn;
     private readonly Mlp mlp;
 
-    /// <summary>Creates the block for <paramref name="c"/>.</summary>
-    public SequentialBlock(ViTConfig c, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(SequentialBlock))
+    /// <summary>Creates the block with options <paramref name="o"/>.</summary>
+    public SequentialBlock(BlockOptions o, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(SequentialBlock))
     {
-        norm1 = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
-        attn = new Attention(c, device, dtype);
-        norm2 = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
-        mlp = new Mlp(c.EmbedDim, c.MlpDim, c.MlpBias, c.Act, device, dtype);
+        ArgumentNullException.ThrowIfNull(o);
+        norm1 = o.NewNorm(o.Dim, device, dtype);
+        attn = new Attention(o, device, dtype);
+        norm2 = o.NewNorm(o.Dim, device, dtype);
+        mlp = new Mlp(o.Dim, o.MlpDim, o.MlpBias, o.Act, device, dtype);
         RegisterComponents();
     }
 

@@ -1,34 +1,46 @@
 using TorchSharp;
+using ViT22B.Layers;
 using static TorchSharp.torch;
 
 namespace ViT22B.Models;
 
 /// <summary>
-/// big_vision's initialization (SPEC.md §6; timm <c>init_weights_vit_jax</c>), applied by key:
+/// big_vision's initialization (docs/model.md#initialization; timm <c>init_weights_vit_jax</c>), applied by key:
 /// dense kernels xavier-uniform, with each sub-matrix of a fused projection (q, k, v, MLP-in; attention-out,
 /// MLP-out; MAP k, v) using its own fan-in/fan-out as if unfused; MLP biases normal(1e-6), other biases zero;
 /// patch embedding lecun-normal (truncated); learned position embedding normal(1/√D); class token zero; MAP probe
 /// truncated normal(D^-1/2); classifier zero; norms scale one, bias zero. Uses TorchSharp's default generator.
-/// <para>Sharded modules pass a <c>layout</c> that says which part of each full parameter they hold; the bounds are
-/// then those of the full parameter, so a sharded model is initialized from the same distribution as the full one.</para>
+/// <para>A sharded model (<c>ViT22B.Parallel</c>) runs the same rules on its shards through
+/// <see cref="Initialize"/>, filling each sub-block of a fused weight with the full parameter's bounds, so it is
+/// initialized from the same distributions as the full model.</para>
 /// </summary>
 public static class Initialization
 {
+    /// <summary>Ranges <c>[Start, End)</c> along one axis of a full 2-D weight, each xavier-uniform with its bound.</summary>
+    internal delegate void XavierFill(string key, Tensor weight, int axis, IReadOnlyList<(long Start, long End, double Bound)> ranges);
+
     /// <summary>Re-initializes every parameter of <paramref name="model"/>.</summary>
-    /// <param name="model">The model (or a rank's shard of it).</param>
-    /// <param name="layout">For sharded parameters, the part of the full parameter each one holds (null = whole).</param>
-    public static void BigVision(VisionTransformer model, Func<string, ShardSpec?>? layout = null)
+    public static void BigVision(VisionTransformer model)
     {
         ArgumentNullException.ThrowIfNull(model);
+        var shapes = model.named_parameters().ToDictionary(p => p.name, p => p.parameter.shape);
+        Initialize(model, key => shapes[key], FillWhole);
+    }
+
+    /// <summary>
+    /// Runs the rules over <paramref name="model"/>'s parameters in state-dict order. Elementwise rules (normal,
+    /// truncated normal, zeros) act on the tensor as it is; the xavier-uniform rule of a 2-D weight is handed to
+    /// <paramref name="xavier"/> with its sub-blocks' ranges in the coordinates of the full weight, whose shape
+    /// <paramref name="fullShapeOf"/> gives.
+    /// </summary>
+    internal static void Initialize(VisionTransformer model, Func<string, long[]> fullShapeOf, XavierFill xavier)
+    {
         var c = model.Config;
-        long d = c.EmbedDim, f = c.MlpDim;
+        long d = c.EmbedDim;
+        var layout = c.BlockOptions.Layout;
         using var noGrad = torch.no_grad();
         foreach (var (key, p) in model.named_parameters())
         {
-            var spec = layout?.Invoke(key) ?? ShardSpec.Whole(p.shape);
-            if (!spec.LocalShape.SequenceEqual(p.shape))
-                throw new InvalidOperationException($"Parameter '{key}' has shape [{string.Join(", ", p.shape)}] but its layout describes [{string.Join(", ", spec.LocalShape)}].");
-            var full = spec.FullShape;
             string leaf = key[(key.LastIndexOf('.') + 1)..];
             if (key == "patch_embed.proj.weight")
             {
@@ -43,13 +55,22 @@ public static class Initialization
             else if (leaf == "weight" && p.dim() == 2)
             {
                 // Sub-blocks (out, in) along an axis of the FULL weight, each xavier-uniform with its own fans.
+                var full = fullShapeOf(key);
                 var (axis, blocks) =
-                    key.EndsWith("in_proj.weight", StringComparison.Ordinal) ? (0, new[] { (f, d), (d, d), (d, d), (d, d) })
-                    : key.EndsWith("out_proj.weight", StringComparison.Ordinal) && full[1] == d + f ? (1, new[] { (d, d), (d, f) })
-                    : key.EndsWith("qkv.weight", StringComparison.Ordinal) ? (0, new[] { (d, d), (d, d), (d, d) })
-                    : key.EndsWith("kv.weight", StringComparison.Ordinal) ? (0, new[] { (d, d), (d, d) })
+                    key.EndsWith("in_proj.weight", StringComparison.Ordinal) ? (0, layout.InBlocks)
+                    : key.EndsWith("out_proj.weight", StringComparison.Ordinal) && full[1] == layout.OutFeatures ? (1, layout.OutBlocks)
+                    : key.EndsWith("qkv.weight", StringComparison.Ordinal) ? (0, layout.QkvBlocks)
+                    : key.EndsWith("kv.weight", StringComparison.Ordinal) ? (0, new[] { (d, d), (d, d) })      // MAP head: k | v
                     : (0, new[] { (full[0], full[1]) });
-                Xavier(p, spec, axis, blocks);
+                var ranges = new List<(long Start, long End, double Bound)>();
+                long start = 0;
+                foreach (var (o, i) in blocks)
+                {
+                    long len = axis == 0 ? o : i;
+                    ranges.Add((start, start + len, Math.Sqrt(6.0 / (o + i))));
+                    start += len;
+                }
+                xavier(key, p, axis, ranges);
             }
             else if (leaf == "bias" || leaf == "mlp_bias")
             {
@@ -61,34 +82,10 @@ public static class Initialization
         }
     }
 
-    // Xavier-uniform on consecutive sub-blocks (out, in) of a full 2-D weight along `axis`. When the shard is cut
-    // along the same axis, each local range is mapped back to its full index to find its sub-block.
-    private static void Xavier(Tensor w, ShardSpec spec, int axis, (long Out, long In)[] blocks)
+    private static void FillWhole(string key, Tensor w, int axis, IReadOnlyList<(long Start, long End, double Bound)> ranges)
     {
-        var ranges = new List<(long Start, long End, double Bound)>();
-        long start = 0;
-        foreach (var (o, i) in blocks)
-        {
-            long len = axis == 0 ? o : i;
-            ranges.Add((start, start + len, Math.Sqrt(6.0 / (o + i))));
-            start += len;
-        }
-        if (spec.Dim != axis || spec.IsWhole)
-        {
-            if (spec.Dim == axis && start != w.shape[axis])
-                throw new InvalidOperationException($"Weight of shape [{string.Join(", ", w.shape)}] does not have the {start} rows/columns its sub-blocks need along axis {axis}.");
-            foreach (var (a, b, bound) in ranges) w.narrow(axis, a, b - a).uniform_(-bound, bound);
-            return;
-        }
-        long local = 0;
-        foreach (var (segStart, segLen) in spec.Segments)
-        {
-            foreach (var (a, b, bound) in ranges)
-            {
-                long lo = Math.Max(a, segStart), hi = Math.Min(b, segStart + segLen);
-                if (hi > lo) w.narrow(axis, local + lo - segStart, hi - lo).uniform_(-bound, bound);
-            }
-            local += segLen;
-        }
+        if (ranges[^1].End != w.shape[axis])
+            throw new InvalidOperationException($"Weight '{key}' of shape [{string.Join(", ", w.shape)}] does not have the {ranges[^1].End} rows/columns its sub-blocks need along axis {axis}.");
+        foreach (var (a, b, bound) in ranges) w.narrow(axis, a, b - a).uniform_(-bound, bound);
     }
 }

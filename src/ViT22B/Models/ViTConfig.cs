@@ -1,34 +1,7 @@
 using TorchSharp;
+using ViT22B.Layers;
 
 namespace ViT22B.Models;
-
-/// <summary>Which transformer block the encoder stacks.</summary>
-public enum BlockKind
-{
-    /// <summary>ViT-22B parallel block (arXiv:2302.05442 §2): one shared pre-norm, fused in/out projections,
-    /// attention and MLP computed side by side, one residual add. timm <c>ParallelScalingBlock</c>.</summary>
-    Parallel,
-    /// <summary>Classic pre-norm ViT block (ViT, SoViT): attention then MLP, two residual adds. timm <c>Block</c>.</summary>
-    Sequential,
-}
-
-/// <summary>Normalization used by every norm of the model (pre-norms, QK-norms, final norm, MAP head norm).</summary>
-public enum NormKind
-{
-    /// <summary>LayerNorm: centering and scaling; optional bias.</summary>
-    LayerNorm,
-    /// <summary>RMSNorm: scaling only, no centering (Zhang &amp; Sennrich 2019); no bias.</summary>
-    RmsNorm,
-}
-
-/// <summary>MLP activation.</summary>
-public enum Activation
-{
-    /// <summary>Exact GELU, <c>0.5·x·(1 + erf(x/√2))</c> (timm default).</summary>
-    Gelu,
-    /// <summary>tanh-approximated GELU (Flax default, so big_vision checkpoints).</summary>
-    GeluTanh,
-}
 
 /// <summary>How the token sequence becomes one embedding.</summary>
 public enum GlobalPool
@@ -53,7 +26,7 @@ public enum PosEmbedKind
 }
 
 /// <summary>
-/// Immutable architecture description of a <see cref="VisionTransformer"/>. Every knob of SPEC.md §16; the
+/// Immutable architecture description of a <see cref="VisionTransformer"/>. Every knob is listed in docs/model.md#configuration; the
 /// defaults describe a ViT-22B-style model (parallel block, QK-norm, no QKV or norm bias, MAP head) with ViT-B/16
 /// shapes. Use <see cref="Parse"/> for named presets and <c>with</c> to change knobs:
 /// <code>var cfg = ViTConfig.Parse("So400m/14") with { NumClasses = 1000 };</code>
@@ -134,6 +107,13 @@ public sealed record ViTConfig
     /// <summary>Sequence length the encoder sees at <see cref="ImgSize"/>.</summary>
     public int NumTokens => NumPatches + NumPrefixTokens;
 
+    /// <summary>What the blocks and the MAP head are built from: width, heads, MLP size, biases, norms, activation.</summary>
+    public BlockOptions BlockOptions => new(EmbedDim, NumHeads, MlpDim)
+    {
+        QkvBias = QkvBias, QkNorm = QkNorm, Norm = Norm, NormBias = NormBias, NormEps = NormEps, MlpBias = MlpBias,
+        ProjBias = ProjBias, FuseOutProj = FuseOutProj, Act = Act,
+    };
+
     /// <summary>Throws <see cref="ArgumentException"/> naming the first inconsistent knob.</summary>
     public ViTConfig Validate()
     {
@@ -159,7 +139,7 @@ public sealed record ViTConfig
     }
 
     // Shapes: big_vision decode_variant (arXiv:2106.04560 Table 2) for Ti..e; ViT-22B Table 1 (arXiv:2302.05442);
-    // SoViT §4.1 / App. B.2 (arXiv:2305.13035). See SPEC.md §8.
+    // SoViT §4.1 / App. B.2 (arXiv:2305.13035). See docs/model.md#presets.
     private static readonly (string Name, int D, int L, int F, int H, Family Family)[] Sizes =
     {
         ("Ti", 192, 12, 768, 3, Family.Timm),

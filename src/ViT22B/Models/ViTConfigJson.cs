@@ -2,6 +2,7 @@ using System.Globalization;
 using System.Text;
 using System.Text.Json;
 using TorchSharp;
+using ViT22B.Layers;
 using ViT22B.Interop;
 
 namespace ViT22B.Models;

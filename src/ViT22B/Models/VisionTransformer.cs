@@ -25,10 +25,10 @@ public sealed record ViTOutput(Tensor Pooled, Tensor PatchTokens, Tensor? Logits
 /// Vision transformer of the ViT-22B family (and classic ViT / SoViT) as described by a <see cref="ViTConfig"/>:
 /// patch embedding → position embedding (+ class token) → optional pre-norm → blocks → final norm → pooling
 /// (MAP, GAP or class token) → optional linear classifier. State-dict keys equal timm's
-/// <c>VisionTransformer</c> for the same options (SPEC.md §7), so timm and converted big_vision checkpoints load
+/// <c>VisionTransformer</c> for the same options (docs/model.md#state-dict-keys), so timm and converted big_vision checkpoints load
 /// without renaming (<see cref="Interop.SafetensorsCheckpoint"/>).
 /// <para>Built with explicit <c>device</c> and <c>dtype</c> (TorchSharp's defaults are process-global); the
-/// parameters are initialized as big_vision does (SPEC.md §6, <see cref="Initialization"/>) from TorchSharp's
+/// parameters are initialized as big_vision does (docs/model.md#initialization, <see cref="Initialization"/>) from TorchSharp's
 /// default generator, so seed it with <c>torch.manual_seed</c> for reproducible weights. Build models outside any
 /// dispose scope.</para>
 /// </summary>
@@ -50,20 +50,21 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
     /// <summary>Builds and initializes a model on <paramref name="device"/> (default CPU) in <paramref name="dtype"/>
     /// (default <see cref="ViTConfig.DType"/>).</summary>
     public VisionTransformer(ViTConfig config, Device? device = null, ScalarType? dtype = null)
-        : this(config, device, dtype, (c, dev, dt) => new Encoder(c, dev, dt), null)
+        : this(config, device, dtype, (c, dev, dt) => new Encoder(c.Block, c.Depth, c.BlockOptions, dev, dt), Initialization.BigVision)
     {
     }
 
     /// <summary>
-    /// Builds a model whose block stack comes from <paramref name="blockStack"/> (the sharded encoder of
-    /// <c>ViT22B.Parallel</c> uses this); <paramref name="layout"/> says which part of each full parameter this
-    /// instance holds, so that initialization uses the full parameters' bounds (null = everything whole).
+    /// Builds a model whose block stack comes from <paramref name="blockStack"/> and whose parameters are then
+    /// initialized by <paramref name="initialize"/> (the sharded model of <c>ViT22B.Parallel</c> builds its rank's
+    /// shard this way, with its sharded encoder and an initialization that uses the full parameters' bounds).
     /// </summary>
-    public VisionTransformer(ViTConfig config, Device? device, ScalarType? dtype,
-        Func<ViTConfig, Device, ScalarType, BlockStack> blockStack, Func<string, ShardSpec?>? layout)
+    internal VisionTransformer(ViTConfig config, Device? device, ScalarType? dtype,
+        Func<ViTConfig, Device, ScalarType, BlockStack> blockStack, Action<VisionTransformer> initialize)
         : base(nameof(VisionTransformer))
     {
         ArgumentNullException.ThrowIfNull(blockStack);
+        ArgumentNullException.ThrowIfNull(initialize);
         ArgumentNullException.ThrowIfNull(config);
         Config = config.Validate();
         var c = Config;
@@ -83,10 +84,10 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         blocks = blockStack(c, device, dt);
         if (c.GlobalPool == GlobalPool.Gap) fc_norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
         else norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
-        if (c.GlobalPool == GlobalPool.Map) attn_pool = new MapHead(c, device, dt);
+        if (c.GlobalPool == GlobalPool.Map) attn_pool = new MapHead(c.BlockOptions, device, dt);
         if (c.NumClasses > 0) head = nn.Linear(c.EmbedDim, c.NumClasses, hasBias: true, device: device, dtype: dt);
         RegisterComponents();
-        Initialization.BigVision(this, layout);
+        initialize(this);
     }
 
     /// <summary>The dtype of the parameters.</summary>

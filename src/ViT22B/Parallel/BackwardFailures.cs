@@ -9,7 +9,7 @@ namespace ViT22B.Parallel;
 /// communication regions' backward functions from native code, and the .NET runtime ends the process when an
 /// exception escapes such a callback. So those functions catch every exception, give zero gradients for that
 /// node, and record the failure against the communicator;
-/// <see cref="ShardedModel.Backward"/> and <see cref="ShardedModel.SynchronizeGradients"/> throw it. The
+/// <see cref="ShardedVisionTransformer.Backward"/> and <see cref="ShardedVisionTransformer.SynchronizeGradients"/> throw it. The
 /// communicator itself is unusable after a failure (the in-process world is poisoned, an NCCL communicator is
 /// aborted), so any later collective on it fails too: a failed backward cannot pass unnoticed.
 /// </summary>

@@ -24,7 +24,7 @@ public interface ICommWork : IDisposable
 /// differ from the in-process backend's by rounding. Chunks along dimension 0 may differ in size between ranks (uneven token counts); all other dimensions
 /// and the dtype must agree, and a mismatch fails every rank with a message naming the operation and the ranks.
 /// Implementations: <see cref="ThreadedCommunicator"/> (ranks are threads of one process) and
-/// <see cref="Cuda.NcclCommunicator"/> (NCCL, one rank per GPU).
+/// <c>ViT22B.Cuda.NcclCommunicator</c> (NCCL, one rank per GPU).
 /// </summary>
 public interface ICommunicator
 {

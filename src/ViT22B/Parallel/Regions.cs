@@ -33,7 +33,7 @@ internal sealed record RingArgs(ICommunicator Comm, long[] Counts, CommMode Mode
 
 /// <summary>
 /// Autograd: forward all-gather + matmul; backward the conjugate ring, matmul + reduce-scatter, for the input
-/// gradient, and a local matmul for the weight gradient (PARALLEL.md §7).
+/// gradient, and a local matmul for the weight gradient (docs/model.md#asynchronous-parallel-linear-operations).
 /// </summary>
 internal sealed class AllGatherMatmulFunction : torch.autograd.SingleTensorFunction<AllGatherMatmulFunction>
 {

@@ -4,7 +4,7 @@ using static TorchSharp.torch;
 namespace ViT22B.Parallel;
 
 /// <summary>
-/// The two communication-overlapped linear operations of the ViT-22B paper (SPEC.md §10, PARALLEL.md §7), on
+/// The two communication-overlapped linear operations of the ViT-22B paper (docs/model.md#asynchronous-parallel-linear-operations), on
 /// token-major activations <c>[T, …, D]</c> whose token chunk <c>r</c> (sizes from <see cref="TokenPartition"/>) lives
 /// on rank <c>r</c> of <c>comm</c>. Every loop is deterministic: the same rank order for every sum on every run.
 /// </summary>

@@ -8,7 +8,7 @@ namespace ViT22B.Parallel;
 /// <param name="Plan">The sharding plan.</param>
 /// <param name="Rank">The rank's context (mesh coordinates and communicators).</param>
 /// <param name="Mode">Overlapped (ring) or plain communication.</param>
-public sealed record ShardContext(ShardingPlan Plan, RankContext Rank, CommMode Mode)
+internal sealed record ShardContext(ShardingPlan Plan, RankContext Rank, CommMode Mode)
 {
     /// <summary>Model-axis index.</summary>
     public int ModelIndex => Rank.Mesh.Coordinates(Rank.Rank).Model;
@@ -26,17 +26,14 @@ public sealed record ShardContext(ShardingPlan Plan, RankContext Rank, CommMode 
             ? Regions.FsdpGather(stored, Rank.Data, Plan.FsdpCounts(key, fullShape, ModelIndex), Plan.FsdpDim(key, fullShape))
             : stored;
 
-    /// <summary>The token partition of the forward pass in progress on this rank (set by <see cref="ShardedEncoder"/>).</summary>
-    internal long[]? Counts { get; set; }
-
-    /// <summary>The current token partition, checked against this rank's chunk.</summary>
-    internal long[] CountsFor(Tensor x)
+    /// <summary>Checks that this rank's token chunk <paramref name="x"/> [T_r, …] is the one the token partition
+    /// <paramref name="counts"/> gives it.</summary>
+    public void CheckChunk(Tensor x, long[] counts)
     {
-        var counts = Counts ?? throw new InvalidOperationException("Sharded blocks run inside a ShardedEncoder, which sets the token partition.");
+        ArgumentNullException.ThrowIfNull(counts);
         int r = Rank.Model.Rank;
-        if (counts[r] != x.shape[0])
-            throw new ArgumentException($"Model rank {r} holds {x.shape[0]} tokens but the partition [{string.Join(", ", counts)}] gives it {counts[r]}.");
-        return counts;
+        if (counts.Length != Rank.Model.Size || counts[r] != x.shape[0])
+            throw new ArgumentException($"Model rank {r} of {Rank.Model.Size} holds {x.shape[0]} tokens but the partition [{string.Join(", ", counts)}] gives it {(counts.Length > r ? counts[r] : 0)}.");
     }
 
     /// <summary>Creates an uninitialized parameter of this rank's shape for a full parameter.</summary>

@@ -1,7 +1,6 @@
 using TorchSharp;
 using TorchSharp.Modules;
 using ViT22B.Layers;
-using ViT22B.Models;
 using static TorchSharp.torch;
 
 namespace ViT22B.Parallel;
@@ -37,9 +36,9 @@ internal sealed class LinearShard : nn.Module
 /// Z_r     = Attn(Norm_q Q_r, Norm_k K_r, V_r); G_r = GELU(U_r + b_U,r)
 /// x_r'    = x_r + MatmulReduceScatter([Z_r | G_r], W_out,r) + b_out
 /// </code>
-/// Keys and shapes follow <see cref="ShardingPlan"/>.
+/// Keys and shapes follow <see cref="ShardingPlan"/>; the second input is the token partition (every rank's T_r).
 /// </summary>
-public sealed class ShardedParallelBlock : nn.Module<Tensor, Tensor>
+internal sealed class ShardedParallelBlock : nn.Module<Tensor, long[], Tensor>
 {
     private readonly Norm in_norm;
     private readonly LinearShard in_proj;
@@ -50,35 +49,36 @@ public sealed class ShardedParallelBlock : nn.Module<Tensor, Tensor>
     private readonly Activation _act;
 
     /// <summary>Creates block <paramref name="index"/>'s shard (parameters uninitialized).</summary>
-    public ShardedParallelBlock(ViTConfig c, int index, ShardContext s, Device device, ScalarType dtype) : base(nameof(ShardedParallelBlock))
+    public ShardedParallelBlock(BlockOptions o, int index, ShardContext s, Device device, ScalarType dtype) : base(nameof(ShardedParallelBlock))
     {
-        (_s, _act) = (s, c.Act);
+        (_s, _act) = (s, o.Act);
+        var l = o.Layout;
         string prefix = $"blocks.{index}.";
-        long d = c.EmbedDim, f = c.MlpDim;
-        in_norm = new Norm(d, c.Norm, c.NormBias, c.NormEps, device, dtype);
-        in_proj = new LinearShard(s, prefix + "in_proj.", f + 3 * d, d, c.QkvBias, dtype, device);
-        if (!c.QkvBias && c.MlpBias) mlp_bias = s.NewParameter(prefix + "mlp_bias", new[] { f }, dtype, device);
-        if (c.QkNorm)
+        long d = o.Dim, f = o.MlpDim;
+        in_norm = o.NewNorm(d, device, dtype);
+        in_proj = new LinearShard(s, prefix + "in_proj.", l.InFeatures, d, l.InProjBias, dtype, device);
+        if (l.SeparateMlpBias) mlp_bias = s.NewParameter(prefix + "mlp_bias", new[] { f }, dtype, device);
+        if (o.QkNorm)
         {
-            q_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
-            k_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
+            q_norm = o.NewNorm(o.HeadDim, device, dtype);
+            k_norm = o.NewNorm(o.HeadDim, device, dtype);
         }
-        if (c.FuseOutProj) out_proj = new LinearShard(s, prefix + "out_proj.", d, d + f, c.ProjBias || c.MlpBias, dtype, device);
+        if (l.FuseOutProj) out_proj = new LinearShard(s, prefix + "out_proj.", d, l.OutFeatures, l.OutProjBias, dtype, device);
         else
         {
-            attn_out_proj = new LinearShard(s, prefix + "attn_out_proj.", d, d, c.ProjBias, dtype, device);
-            mlp_out_proj = new LinearShard(s, prefix + "mlp_out_proj.", d, f, c.MlpBias, dtype, device);
+            attn_out_proj = new LinearShard(s, prefix + "attn_out_proj.", d, d, l.AttnOutProjBias, dtype, device);
+            mlp_out_proj = new LinearShard(s, prefix + "mlp_out_proj.", d, f, l.MlpOutProjBias, dtype, device);
         }
         RegisterComponents();
     }
 
-    /// <summary>[T_r, B, D] → [T_r, B, D].</summary>
-    public override Tensor forward(Tensor x)
+    /// <summary>[T_r, B, D] → [T_r, B, D] for the token partition <paramref name="counts"/>.</summary>
+    public override Tensor forward(Tensor x, long[] counts)
     {
+        _s.CheckChunk(x, counts);
         using var scope = torch.NewDisposeScope();
         var plan = _s.Plan;
         var comm = _s.Rank.Model;
-        var counts = _s.CountsFor(x);
         long u = plan.MlpPerRank, a = plan.AttnPerRank;
         var p = Regions.AllGatherMatmul(in_norm.call(x), in_proj.Weight(_s), comm, counts, _s.Mode);   // [T, B, U+3A]
         if (in_proj.Bias is not null) p = p + in_proj.Bias;
@@ -103,9 +103,10 @@ public sealed class ShardedParallelBlock : nn.Module<Tensor, Tensor>
 
 /// <summary>
 /// One model-axis rank's shard of the classic block (<see cref="SequentialBlock"/>): two all-gather/reduce-scatter
-/// pairs, attention over the rank's heads and MLP over its slice, token-major [T_r, B, D] in and out.
+/// pairs, attention over the rank's heads and MLP over its slice, token-major [T_r, B, D] in and out; the second input
+/// is the token partition.
 /// </summary>
-public sealed class ShardedSequentialBlock : nn.Module<Tensor, Tensor>
+internal sealed class ShardedSequentialBlock : nn.Module<Tensor, long[], Tensor>
 {
     private readonly Norm norm1, norm2;
     private readonly AttnShard attn;
@@ -118,16 +119,16 @@ public sealed class ShardedSequentialBlock : nn.Module<Tensor, Tensor>
         public readonly LinearShard qkv, proj;
         public readonly Norm? q_norm, k_norm;
 
-        public AttnShard(ViTConfig c, ShardContext s, string prefix, Device device, ScalarType dtype) : base(nameof(AttnShard))
+        public AttnShard(BlockOptions o, ShardContext s, string prefix, Device device, ScalarType dtype) : base(nameof(AttnShard))
         {
-            long d = c.EmbedDim;
-            qkv = new LinearShard(s, prefix + "qkv.", 3 * d, d, c.QkvBias, dtype, device);
-            if (c.QkNorm)
+            long d = o.Dim;
+            qkv = new LinearShard(s, prefix + "qkv.", 3 * d, d, o.QkvBias, dtype, device);
+            if (o.QkNorm)
             {
-                q_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
-                k_norm = new Norm(c.HeadDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
+                q_norm = o.NewNorm(o.HeadDim, device, dtype);
+                k_norm = o.NewNorm(o.HeadDim, device, dtype);
             }
-            proj = new LinearShard(s, prefix + "proj.", d, d, c.ProjBias, dtype, device);
+            proj = new LinearShard(s, prefix + "proj.", d, d, o.ProjBias, dtype, device);
             RegisterComponents();
         }
     }
@@ -136,32 +137,32 @@ public sealed class ShardedSequentialBlock : nn.Module<Tensor, Tensor>
     {
         public readonly LinearShard fc1, fc2;
 
-        public MlpShard(ViTConfig c, ShardContext s, string prefix, Device device, ScalarType dtype) : base(nameof(MlpShard))
+        public MlpShard(BlockOptions o, ShardContext s, string prefix, Device device, ScalarType dtype) : base(nameof(MlpShard))
         {
-            fc1 = new LinearShard(s, prefix + "fc1.", c.MlpDim, c.EmbedDim, c.MlpBias, dtype, device);
-            fc2 = new LinearShard(s, prefix + "fc2.", c.EmbedDim, c.MlpDim, c.MlpBias, dtype, device);
+            fc1 = new LinearShard(s, prefix + "fc1.", o.MlpDim, o.Dim, o.MlpBias, dtype, device);
+            fc2 = new LinearShard(s, prefix + "fc2.", o.Dim, o.MlpDim, o.MlpBias, dtype, device);
             RegisterComponents();
         }
     }
 
     /// <summary>Creates block <paramref name="index"/>'s shard (parameters uninitialized).</summary>
-    public ShardedSequentialBlock(ViTConfig c, int index, ShardContext s, Device device, ScalarType dtype) : base(nameof(ShardedSequentialBlock))
+    public ShardedSequentialBlock(BlockOptions o, int index, ShardContext s, Device device, ScalarType dtype) : base(nameof(ShardedSequentialBlock))
     {
-        (_s, _act) = (s, c.Act);
+        (_s, _act) = (s, o.Act);
         string prefix = $"blocks.{index}.";
-        norm1 = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
-        attn = new AttnShard(c, s, prefix + "attn.", device, dtype);
-        norm2 = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dtype);
-        mlp = new MlpShard(c, s, prefix + "mlp.", device, dtype);
+        norm1 = o.NewNorm(o.Dim, device, dtype);
+        attn = new AttnShard(o, s, prefix + "attn.", device, dtype);
+        norm2 = o.NewNorm(o.Dim, device, dtype);
+        mlp = new MlpShard(o, s, prefix + "mlp.", device, dtype);
         RegisterComponents();
     }
 
-    /// <summary>[T_r, B, D] → [T_r, B, D].</summary>
-    public override Tensor forward(Tensor x)
+    /// <summary>[T_r, B, D] → [T_r, B, D] for the token partition <paramref name="counts"/>.</summary>
+    public override Tensor forward(Tensor x, long[] counts)
     {
+        _s.CheckChunk(x, counts);
         using var scope = torch.NewDisposeScope();
         var comm = _s.Rank.Model;
-        var counts = _s.CountsFor(x);
         long a = _s.Plan.AttnPerRank;
         var qkv = Regions.AllGatherMatmul(norm1.call(x), attn.qkv.Weight(_s), comm, counts, _s.Mode);    // [T, B, 3A]
         if (attn.qkv.Bias is not null) qkv = qkv + attn.qkv.Bias;
@@ -184,15 +185,15 @@ public sealed class ShardedSequentialBlock : nn.Module<Tensor, Tensor>
 /// (token-major [T_r, B, D]), runs the sharded blocks, and all-gathers the chunks back to [B, T, D] for the
 /// replicated final norm and head.
 /// </summary>
-public sealed class ShardedEncoder : BlockStack
+internal sealed class ShardedEncoder : BlockStack
 {
     private readonly ShardContext _s;
 
-    /// <summary>Creates the shards of every block.</summary>
-    public ShardedEncoder(ViTConfig c, ShardContext s, Device device, ScalarType dtype)
-        : base(Enumerable.Range(0, c.Depth).Select(i => c.Block == BlockKind.Parallel
-            ? (nn.Module<Tensor, Tensor>)new ShardedParallelBlock(c, i, s, device, dtype)
-            : new ShardedSequentialBlock(c, i, s, device, dtype)).ToArray())
+    /// <summary>Creates the shards of <paramref name="depth"/> blocks of kind <paramref name="kind"/>.</summary>
+    public ShardedEncoder(BlockKind kind, int depth, BlockOptions o, ShardContext s, Device device, ScalarType dtype)
+        : base(Enumerable.Range(0, depth).Select(i => kind == BlockKind.Parallel
+            ? (nn.Module)new ShardedParallelBlock(o, i, s, device, dtype)
+            : new ShardedSequentialBlock(o, i, s, device, dtype)).ToArray())
     {
         _s = s;
     }
@@ -209,9 +210,8 @@ public sealed class ShardedEncoder : BlockStack
         var comm = _s.Rank.Model;
         long total = x.shape[1];
         var counts = TokenPartition.Counts(total, comm.Size);
-        _s.Counts = counts;
         var h = Regions.ScatterTokens(x.transpose(0, 1), comm, counts);              // [T_r, B, D]
-        foreach (var block in this) h = block.call(h);
+        foreach (var block in this) h = ((nn.Module<Tensor, long[], Tensor>)block).call(h, counts);
         return Regions.GatherTokens(h, comm, counts).transpose(0, 1).MoveToOuterDisposeScope();
     }
 }

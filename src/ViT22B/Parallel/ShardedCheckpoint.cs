@@ -25,13 +25,14 @@ public static class ShardedCheckpoint
     private static string RankFile(int rank, int world) => $"rank-{rank:D5}-of-{world:D5}.safetensors";
 
     /// <summary>Saves this rank's shard; every rank of the mesh must call it (it synchronizes the mesh).</summary>
-    public static void Save(string folder, VisionTransformer shard, ShardContext s)
+    public static void Save(ShardedVisionTransformer model, string folder)
     {
+        ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(folder);
-        ArgumentNullException.ThrowIfNull(shard);
+        var s = model;
         var mesh = s.Rank.Mesh;
         Directory.CreateDirectory(folder);
-        Safetensors.Save(Path.Combine(folder, RankFile(s.Rank.Rank, mesh.WorldSize)), shard.state_dict());
+        Safetensors.Save(model.Module.state_dict(), Path.Combine(folder, RankFile(s.Rank.Rank, mesh.WorldSize)));
         s.Rank.Model.Barrier();
         s.Rank.Data.Barrier();
         if (s.Rank.Rank == 0)
@@ -91,8 +92,11 @@ public static class ShardedCheckpoint
     /// <summary>Loads a checkpoint written with any mesh into this rank's shard (a different mesh reshards). Every
     /// rank may call it independently; it reads only.</summary>
     /// <exception cref="ArgumentException">The checkpoint's config differs from the model's.</exception>
-    public static void Load(string folder, VisionTransformer shard, ShardContext s)
+    public static void Load(ShardedVisionTransformer model, string folder)
     {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(folder);
+        var s = model;
         var (source, files) = ReadIndex(folder);
         if (source.Config with { DType = s.Plan.Config.DType } != s.Plan.Config with { DType = s.Plan.Config.DType })
             throw new ArgumentException($"Sharded checkpoint '{folder}' holds a different model: {ViTConfigJson.ToJson(source.Config)}");
@@ -101,7 +105,7 @@ public static class ShardedCheckpoint
         {
             var shapes = s.Plan.FullShapes();
             using var noGrad = torch.no_grad();
-            foreach (var (key, p) in shard.state_dict())
+            foreach (var (key, p) in model.Module.state_dict())
             {
                 using var full = Reassemble(key, shapes[key], source, readers);
                 using var slice = ShardingPlan.Slice(full, s.Plan.Spec(key, shapes[key], s.ModelIndex, s.DataIndex));

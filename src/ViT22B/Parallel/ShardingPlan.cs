@@ -1,5 +1,6 @@
 using System.Text.RegularExpressions;
 using TorchSharp;
+using ViT22B.Layers;
 using ViT22B.Models;
 using static TorchSharp.torch;
 
@@ -8,7 +9,8 @@ namespace ViT22B.Parallel;
 /// <summary>
 /// How a <see cref="VisionTransformer"/>'s parameters are split over a <see cref="DeviceMesh"/>, as data keyed by
 /// state-dict patterns (big_vision's <c>sharding_strategy</c> style). Along the <c>model</c> axis (tensor
-/// parallelism, PARALLEL.md §7) each rank owns whole heads and a slice of the MLP:
+/// parallelism, docs/sharding.md) each rank owns whole heads and a slice of the MLP (the rows and columns are
+/// <see cref="FusedLayout"/>'s):
 /// <list type="table">
 /// <item><term><c>blocks.*.in_proj.{weight,bias}</c></term><description>rows [U_r | Q_r | K_r | V_r] (dim 0)</description></item>
 /// <item><term><c>blocks.*.mlp_bias</c></term><description>U_r (dim 0)</description></item>
@@ -91,18 +93,17 @@ public sealed class ShardingPlan
         if (model < 0 || model >= ModelSize) throw new ArgumentOutOfRangeException(nameof(model));
         var m = BlockKey.Match(key);
         if (!m.Success || ModelSize == 1) return ShardSpec.Whole(fullShape);
-        long d = Config.EmbedDim, f = Config.MlpDim, a = AttnPerRank, u = MlpPerRank;
-        (long, long) U = (model * u, u);
-        (long, long) Heads(long offset) => (offset + model * a, a);
+        var l = Config.BlockOptions.Layout;
+        int k = ModelSize;
         return m.Groups["leaf"].Value switch
         {
-            "in_proj.weight" or "in_proj.bias" => new ShardSpec(fullShape, 0, new[] { U, Heads(f), Heads(f + d), Heads(f + 2 * d) }),
-            "mlp_bias" => new ShardSpec(fullShape, 0, new[] { U }),
-            "out_proj.weight" => new ShardSpec(fullShape, 1, new[] { Heads(0), (d + model * u, u) }),
-            "attn_out_proj.weight" or "attn.proj.weight" => new ShardSpec(fullShape, 1, new[] { Heads(0) }),
-            "mlp_out_proj.weight" or "mlp.fc2.weight" => new ShardSpec(fullShape, 1, new[] { U }),
-            "attn.qkv.weight" or "attn.qkv.bias" => new ShardSpec(fullShape, 0, new[] { Heads(0), Heads(d), Heads(2 * d) }),
-            "mlp.fc1.weight" or "mlp.fc1.bias" => new ShardSpec(fullShape, 0, new[] { U }),
+            "in_proj.weight" or "in_proj.bias" => new ShardSpec(fullShape, 0, l.InRows(model, k)),
+            "mlp_bias" => new ShardSpec(fullShape, 0, l.MlpRange(model, k)),
+            "out_proj.weight" => new ShardSpec(fullShape, 1, l.OutColumns(model, k)),
+            "attn_out_proj.weight" or "attn.proj.weight" => new ShardSpec(fullShape, 1, l.HeadRange(model, k)),
+            "mlp_out_proj.weight" or "mlp.fc2.weight" => new ShardSpec(fullShape, 1, l.MlpRange(model, k)),
+            "attn.qkv.weight" or "attn.qkv.bias" => new ShardSpec(fullShape, 0, l.QkvRows(model, k)),
+            "mlp.fc1.weight" or "mlp.fc1.bias" => new ShardSpec(fullShape, 0, l.MlpRange(model, k)),
             _ => ShardSpec.Whole(fullShape),
         };
     }

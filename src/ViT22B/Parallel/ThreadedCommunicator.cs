@@ -1,6 +1,5 @@
 using System.Diagnostics;
 using TorchSharp;
-using ViT22B.Cuda;
 using static TorchSharp.torch;
 
 namespace ViT22B.Parallel;
@@ -97,9 +96,9 @@ internal sealed class ThreadedGroup
         public readonly Tensor?[] Inputs;
         public readonly object?[] Args;
         public readonly bool[] Arrived;
-        public readonly CudaEvent?[] Ready, Done;   // GPU inputs only: copy queued (sender) / reads queued (receiver)
+        public readonly ITransferEvent?[] Ready, Done;   // GPU inputs only: copy queued (sender) / reads queued (receiver)
         public int ArrivedCount, Consumed;
-        public Slot(int n) => (Inputs, Args, Arrived, Ready, Done) = (new Tensor?[n], new object?[n], new bool[n], new CudaEvent?[n], new CudaEvent?[n]);
+        public Slot(int n) => (Inputs, Args, Arrived, Ready, Done) = (new Tensor?[n], new object?[n], new bool[n], new ITransferEvent?[n], new ITransferEvent?[n]);
     }
 
     public void WakeAll()
@@ -108,7 +107,7 @@ internal sealed class ThreadedGroup
     }
 
     /// <summary>Deposits rank <paramref name="rank"/>'s contribution to collective number <paramref name="seq"/>.</summary>
-    public void Post(long seq, int rank, string op, Tensor? input, CudaEvent? ready, object? arg)
+    public void Post(long seq, int rank, string op, Tensor? input, ITransferEvent? ready, object? arg)
     {
         lock (_lock)
         {
@@ -135,7 +134,7 @@ internal sealed class ThreadedGroup
 
     /// <summary>Waits until every rank has posted collective <paramref name="seq"/>, then runs <paramref name="compute"/>
     /// on the inputs (read-only) and releases them once every rank has computed its result. With GPU inputs the
-    /// result is built on <paramref name="commStream"/> (see <see cref="InProcessTransfer"/>).</summary>
+    /// result is built on <paramref name="commStream"/> (see <see cref="IGpuTransport"/>).</summary>
     public Tensor Complete(long seq, int rank, string op, Func<Tensor?[], object?[], Tensor> compute, Func<int, nint> commStream)
     {
         Slot slot;
@@ -162,8 +161,9 @@ internal sealed class ThreadedGroup
         try
         {
             if (slot.Inputs[rank] is not { } mine || mine.device.type != DeviceType.CUDA) return compute(slot.Inputs, slot.Args);
-            int device = CudaDriver.Ordinal(mine.device);
-            var (result, done) = InProcessTransfer.Receive(device, commStream(device), slot.Ready, () => compute(slot.Inputs, slot.Args));
+            var gpu = GpuTransport.Current;
+            int device = gpu.Ordinal(mine.device);
+            var (result, done) = gpu.Receive(device, commStream(device), slot.Ready, () => compute(slot.Inputs, slot.Args));
             slot.Done[rank] = done;
             return result;
         }
@@ -214,7 +214,11 @@ internal sealed class ThreadedGroup
             ready = _retired.Where(s => s.Done.All(e => e is null || e.IsComplete)).ToArray();
             foreach (var s in ready) _retired.Remove(s);
         }
-        foreach (var s in ready) InProcessTransfer.Release(s.Done, s.Ready, s.Inputs);   // CPU inputs: no events, just disposal
+        foreach (var s in ready)                           // CPU inputs: no events, just disposal
+        {
+            foreach (var t in s.Inputs) t?.Dispose();
+            foreach (var e in s.Done.Concat(s.Ready)) e?.Dispose();
+        }
     }
 }
 
@@ -225,7 +229,7 @@ internal sealed class ThreadedGroup
 /// rank calls <see cref="ICommWork.Wait"/>: it reads its peers' copies (made at call time, detached from their
 /// dispose scopes) and builds its own result on its own device. GPU tensors move on a communication stream of the
 /// receiver's device, ordered by events against the ranks' current streams, so the copies overlap compute and the
-/// host does not wait for them (<see cref="InProcessTransfer"/>; give each rank its own compute stream with
+/// host does not wait for them (<see cref="IGpuTransport"/>, implemented in <c>ViT22B.Cuda</c>; give each rank its own compute stream with
 /// <see cref="RankContext.UseDevice"/>). Use each instance from its rank's thread only.
 /// </summary>
 public sealed class ThreadedCommunicator : ICommunicator
@@ -298,11 +302,11 @@ public sealed class ThreadedCommunicator : ICommunicator
         _group.World.ThrowIfPoisoned($"Group '{Name}', rank {Rank}, {op} #{seq}");
         Count(op, input, arg is int root && op == "Broadcast" ? root : -1);
         Tensor? copy = null;
-        CudaEvent? ready = null;
+        ITransferEvent? ready = null;
         if (input is not null)
         {
             using (torch.no_grad()) copy = input.detach().clone().DetachFromDisposeScope();
-            if (copy.device.type == DeviceType.CUDA) ready = InProcessTransfer.MarkReady(copy);
+            if (copy.device.type == DeviceType.CUDA) ready = GpuTransport.Current.MarkReady(copy);
         }
         var delay = _group.World.DelayFor(WorldRank);
         if (delay > TimeSpan.Zero)
@@ -328,7 +332,7 @@ public sealed class ThreadedCommunicator : ICommunicator
 
     private nint CommStream(int device)
     {
-        if (!_commStreams.TryGetValue(device, out var stream)) _commStreams[device] = stream = CudaStreams.FromPool(device);
+        if (!_commStreams.TryGetValue(device, out var stream)) _commStreams[device] = stream = GpuTransport.Current.NewCommStream(device);
         return stream;
     }
 

@@ -29,7 +29,7 @@ public enum DecayKind
 /// big_vision's <c>create_learning_rate_schedule</c>, which the ViT-22B family trains with: a decay of the peak
 /// <see cref="PeakLr"/>, multiplied by a linear warmup min(1, step / warmup) and a linear cooldown
 /// min(1, (total − step) / cooldown). For <see cref="DecayKind.Rsqrt"/>:
-/// lr = peak / √((step + timescale − warmup) / timescale) once step &gt; warmup (SPEC.md §13: ViT-g uses warmup
+/// lr = peak / √((step + timescale − warmup) / timescale) once step &gt; warmup (docs/model.md#learning-rate-schedule: ViT-g uses warmup
 /// 10k, timescale 10k, cooldown 50k). For cosine and linear the progress p = clip((step − warmup) / (total − warmup), 0, 1).
 /// </summary>
 public sealed record LearningRateSchedule : ILearningRateSchedule

@@ -232,7 +232,7 @@ public sealed class Trainer
     /// <summary>Writes a checkpoint of the current state (atomically).</summary>
     public void SaveCheckpoint(string path, string dataOrder = "")
     {
-        TrainingCheckpoint.Save(path, _model, _optimizer, _schedule, Position, dataOrder);
+        TrainingCheckpoint.Save(_model, path, _optimizer, _schedule, Position, dataOrder);
         LastCheckpoint = (path, Step);
         _logger.LogInformation("checkpoint {Path} written at step {Step}", path, Step);
     }

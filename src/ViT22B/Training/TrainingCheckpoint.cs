@@ -26,7 +26,7 @@ public static class TrainingCheckpoint
     public const string Format = "vit22b-training-checkpoint/1";
 
     /// <summary>Writes a checkpoint atomically.</summary>
-    public static void Save(string path, VisionTransformer model, Optimizer optimizer, ILearningRateSchedule schedule,
+    public static void Save(VisionTransformer model, string path, Optimizer optimizer, ILearningRateSchedule schedule,
         TrainingPosition position, string dataOrder)
     {
         ArgumentNullException.ThrowIfNull(model);
@@ -49,7 +49,7 @@ public static class TrainingCheckpoint
             ["schedule"] = schedule.Describe(),
             ["data_order"] = dataOrder ?? "",
         };
-        Safetensors.Save(path, tensors, metadata);
+        Safetensors.Save(tensors, path, metadata);
     }
 
     /// <summary>The model config stored in a checkpoint.</summary>

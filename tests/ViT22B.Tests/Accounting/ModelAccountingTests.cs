@@ -5,7 +5,7 @@ using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Accounting;
 
-/// <summary>Published parameter and FLOPs numbers (SPEC.md §8–9) and agreement with instantiated models.</summary>
+/// <summary>Published parameter and FLOPs numbers (docs/model.md#parameters-and-flops) and agreement with instantiated models.</summary>
 public class ModelAccountingTests
 {
     [Fact]
@@ -16,8 +16,8 @@ public class ModelAccountingTests
     public void Vit22B_with_map_head_counts_22_2_billion()
     {
         var p = ModelAccounting.Parameters(ViTConfig.Parse("22B/14"));
-        // SPEC.md §8: block matmuls + MLP biases + fused out biases + norm scales + QK-norm scales + patch embedding
-        // (with bias) + 256 pos-embs = 21,750,251,520; + MAP head (F = 24576) = 22,203,310,080, where SPEC's MAP
+        // docs/model.md#parameters-and-flops: block matmuls + MLP biases + fused out biases + norm scales + QK-norm scales + patch embedding
+        // (with bias) + 256 pos-embs = 21,750,251,520; + MAP head (F = 24576) = 22,203,310,080, where the usual MAP
         // formula 4D² + 2DF + 8D + F assumes a LayerNorm with bias in the head. The 22B preset's norms are
         // scale-only, so its MAP norm has D = 6144 parameters fewer.
         Assert.Equal(21_750_251_520L, p.Backbone);
@@ -48,7 +48,7 @@ public class ModelAccountingTests
     }
 
     [Theory]
-    // SPEC's table gives 11,251.14 as the sum of its rounded columns; the exact sum is 11,251.130 G (11.25 TFLOP).
+    // A table of rounded per-component GFLOPs sums to 11,251.14; the exact sum is 11,251.130 G (11.25 TFLOP).
     [InlineData("22B/14", 224, 11_251.13)]
     [InlineData("B/16", 224, 35.13)]
     [InlineData("So400m/14", 224, 220.35)]

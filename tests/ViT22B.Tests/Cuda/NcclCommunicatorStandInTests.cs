@@ -2,6 +2,7 @@ using System.Diagnostics;
 using TorchSharp;
 using ViT22B.Cuda;
 using ViT22B.Interop;
+using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Parallel;
 using ViT22B.Tests.Fakes;
@@ -111,12 +112,11 @@ public sealed class NcclCommunicatorStandInTests
         using var nccl = new NcclStandIn(deviceCount: 4);
         Backends.Run(Backend.NcclStandIn, new DeviceMesh(2, 2), ctx =>
         {
-            var s = new ShardContext(plan, ctx, mode);
-            using var shard = ShardedModel.Create(s, ScalarType.Float32);
+            using var shard = new ShardedVisionTransformer(plan, ctx, mode, ScalarType.Float32);
             using var scope = torch.NewDisposeScope();
-            var loss = shard.call(images.narrow(0, 2 * s.DataIndex, 2)).square().mean();
-            ShardedModel.Backward(loss, s);
-            ShardedModel.SynchronizeGradients(shard, s);
+            var loss = shard.Forward(images.narrow(0, 2 * shard.DataIndex, 2)).square().mean();
+            shard.Backward(loss);
+            shard.SynchronizeGradients();
             return 0;
         }, standIn: nccl);
         for (int d = 0; d < 4; d++)

@@ -11,7 +11,7 @@ public sealed class NativeBindingTests
     [Fact]
     public void Nccl_enums_and_id_match_nccl_h()
     {
-        // nccl.h 2.30 (SPEC: PARALLEL.md §2).
+        // nccl.h 2.30 (docs/gpu.md).
         Assert.Equal(new[] { 0, 1, 2, 3, 4, 5, 6, 7, 8 }, Enum.GetValues<NcclResult>().Select(v => (int)v));
         Assert.Equal(6, (int)NcclDataType.Float16);
         Assert.Equal(7, (int)NcclDataType.Float32);

@@ -2,6 +2,7 @@ using System.Buffers.Binary;
 using System.Text;
 using TorchSharp;
 using ViT22B.Interop;
+using ViT22B.Layers;
 using ViT22B.Models;
 using static TorchSharp.torch;
 
@@ -44,7 +45,7 @@ public sealed class SafetensorsTests : IDisposable
         var b = (torch.randn(new long[] { 7 }, generator: g) * 100).to(dtype);
         var empty = torch.zeros(new long[] { 0, 4 }, dtype: dtype);
         string path = PathOf("rt.safetensors");
-        Safetensors.Save(path, new Dictionary<string, Tensor> { ["a.weight"] = a, ["b"] = b, ["empty"] = empty },
+        Safetensors.Save(new Dictionary<string, Tensor> { ["a.weight"] = a, ["b"] = b, ["empty"] = empty }, path,
             new Dictionary<string, string> { ["format"] = "pt" });
 
         using var reader = SafetensorsReader.Open(path);
@@ -222,10 +223,10 @@ public sealed class SafetensorsTests : IDisposable
     {
         string path = PathOf("keep.safetensors");
         using var scope = torch.NewDisposeScope();
-        Safetensors.Save(path, new Dictionary<string, Tensor> { ["a"] = torch.ones(3) });
+        Safetensors.Save(new Dictionary<string, Tensor> { ["a"] = torch.ones(3) }, path);
         var before = File.ReadAllBytes(path);
         var bad = new Dictionary<string, Tensor> { ["a"] = torch.ones(3), ["c"] = torch.ones(2, dtype: ScalarType.ComplexFloat32) };
-        Assert.Throws<ArgumentException>(() => Safetensors.Save(path, bad));
+        Assert.Throws<ArgumentException>(() => Safetensors.Save(bad, path));
         Assert.Equal(before, File.ReadAllBytes(path));
         Assert.Single(Directory.GetFiles(_dir));
     }
@@ -242,7 +243,7 @@ public sealed class SafetensorsTests : IDisposable
             big[0] = 7;
             big[n - 1] = 9;
             big[1L << 31] = 5;
-            Safetensors.Save(path, new Dictionary<string, Tensor> { ["small"] = torch.arange(3, dtype: ScalarType.Float32), ["big"] = big });
+            Safetensors.Save(new Dictionary<string, Tensor> { ["small"] = torch.arange(3, dtype: ScalarType.Float32), ["big"] = big }, path);
         }
         using var reader = SafetensorsReader.Open(path);
         using var read = reader.Read("big");

@@ -60,8 +60,8 @@ public class ModelNumericsTests
     {
         var c = TestUtil.Tiny(kind) with { QkNorm = true, NormBias = true, QkvBias = kind == BlockKind.Sequential };
         using var block = kind == BlockKind.Parallel
-            ? (nn.Module<Tensor, Tensor>)new ParallelBlock(c, torch.CPU, ScalarType.Float64)
-            : new SequentialBlock(c, torch.CPU, ScalarType.Float64);
+            ? (nn.Module<Tensor, Tensor>)new ParallelBlock(c.BlockOptions, torch.CPU, ScalarType.Float64)
+            : new SequentialBlock(c.BlockOptions, torch.CPU, ScalarType.Float64);
         TestUtil.Randomize(block, seed: 5);
         using var scope = torch.NewDisposeScope();
         var x = torch.randn(new long[] { 2, 7, c.EmbedDim }, dtype: ScalarType.Float64, generator: new torch.Generator(6));
@@ -113,7 +113,7 @@ public class ModelNumericsTests
     public void Mlp_and_attention_match_reference()
     {
         var c = TestUtil.Tiny(BlockKind.Sequential) with { QkNorm = true, QkvBias = true, Act = Activation.Gelu };
-        using var block = new SequentialBlock(c, torch.CPU, ScalarType.Float64);
+        using var block = new SequentialBlock(c.BlockOptions, torch.CPU, ScalarType.Float64);
         TestUtil.Randomize(block, seed: 11);
         using var scope = torch.NewDisposeScope();
         var sd = block.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value);

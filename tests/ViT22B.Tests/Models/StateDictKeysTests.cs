@@ -1,11 +1,12 @@
 using TorchSharp;
+using ViT22B.Layers;
 using ViT22B.Models;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Models;
 
 /// <summary>State-dict keys and shapes equal timm's <c>VisionTransformer</c> for the same options (timm
-/// <c>vision_transformer.py</c>, <c>attention_pool.py</c>; SPEC.md §7). D = 16, H = 2 (d = 8), F = 24, P = 4,
+/// <c>vision_transformer.py</c>, <c>attention_pool.py</c>; docs/model.md#state-dict-keys). D = 16, H = 2 (d = 8), F = 24, P = 4,
 /// 16×16 images (16 patches), 2 blocks.</summary>
 public class StateDictKeysTests
 {

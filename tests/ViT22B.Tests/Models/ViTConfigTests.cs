@@ -1,3 +1,4 @@
+using ViT22B.Layers;
 using ViT22B.Models;
 using static TorchSharp.torch;
 

@@ -48,8 +48,7 @@ internal static class Backends
                 }
                 finally
                 {
-                    ((IDisposable)ctx.Model).Dispose();
-                    ((IDisposable)ctx.Data).Dispose();
+                    ctx.Dispose();
                 }
             });
         }

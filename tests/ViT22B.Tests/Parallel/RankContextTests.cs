@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Parallel;
 using static TorchSharp.torch;
@@ -35,7 +36,7 @@ public sealed class RankContextTests
         var c = ShardedModelTests.Config(BlockKind.Parallel);
         var contexts = Contexts(1, 2, "cuda:0");
         var s = new ShardContext(new ShardingPlan(c, 2, 1), contexts[0], CommMode.Overlapped);
-        using var encoder = new ShardedEncoder(c, s, torch.CPU, ScalarType.Float32);
+        using var encoder = new ShardedEncoder(c.Block, c.Depth, c.BlockOptions, s, torch.CPU, ScalarType.Float32);
         using var x = torch.randn(2, c.NumTokens, c.EmbedDim);
         var e = Assert.Throws<NotSupportedException>(() => encoder.forward(x));
         Assert.Contains("shares cuda:0", e.Message);

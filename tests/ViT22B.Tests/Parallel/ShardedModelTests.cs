@@ -1,5 +1,6 @@
 using TorchSharp;
 using ViT22B.Accounting;
+using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Parallel;
 using static TorchSharp.torch;
@@ -44,17 +45,16 @@ public class ShardedModelTests
         var plan = new ShardingPlan(c, model, data, fsdp);
         var results = Backends.Run(backend, mesh, ctx =>
         {
-            var s = new ShardContext(plan, ctx, mode);
-            using var shard = ShardedModel.Create(s, ScalarType.Float32);
-            ShardedModel.LoadFull(shard, s, reference.State);
+            using var shard = new ShardedVisionTransformer(plan, ctx, mode, ScalarType.Float32);
+            shard.LoadFull(reference.State);
             using var scope = torch.NewDisposeScope();
             long per = batch / data;
-            var images = reference.Images.narrow(0, s.DataIndex * per, per);
-            var output = shard.call(images);
-            Loss(output, reference.Probe.narrow(0, s.DataIndex * per, per)).backward();
-            ShardedModel.SynchronizeGradients(shard, s);
-            var grads = shard.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.detach().clone().DetachFromDisposeScope());
-            return (Output: output.detach().DetachFromDisposeScope(), Grads: grads, s.ModelIndex, s.DataIndex);
+            var images = reference.Images.narrow(0, shard.DataIndex * per, per);
+            var output = shard.Forward(images);
+            Loss(output, reference.Probe.narrow(0, shard.DataIndex * per, per)).backward();
+            shard.SynchronizeGradients();
+            var grads = shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.detach().clone().DetachFromDisposeScope());
+            return (Output: output.detach().DetachFromDisposeScope(), Grads: grads, shard.ModelIndex, shard.DataIndex);
         }, delay: delay);
         // The gradient of the k-norm bias is exactly zero in exact arithmetic (softmax is invariant to adding q·b to
         // every logit of a row), so both sides hold rounding noise: errors are measured against the larger of the
@@ -149,7 +149,7 @@ public class ShardedModelTests
         var mesh = new DeviceMesh(1, 2);
         var world = new ThreadedWorld(2);
         var ctx = RankContext.CreateThreaded(world, mesh);
-        var e = Assert.Throws<ArgumentException>(() => ShardedModel.Create(new ShardContext(new ShardingPlan(c, 4), ctx[0], CommMode.Overlapped)));
+        var e = Assert.Throws<ArgumentException>(() => new ShardedVisionTransformer(new ShardingPlan(c, 4), ctx[0]));
         Assert.Contains("plan is for a 1×4 mesh but the rank belongs to a 1×2 mesh", e.Message);
     }
 
@@ -169,6 +169,32 @@ public class ShardedModelTests
         foreach (var (k, v) in full) Assert.True(back[k].equal(v).all().item<bool>(), k);
     }
 
+    [Theory]
+    [InlineData(Backend.Threaded, BlockKind.Parallel, 2, 2, true)]
+    [InlineData(Backend.Threaded, BlockKind.Sequential, 1, 4, false)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 2, 2, true)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 1, 2, false)]
+    public void Unshard_over_the_mesh_gives_back_the_full_state_dict_on_every_rank(Backend backend, BlockKind block, int data, int model, bool fsdp)
+    {
+        var c = Config(block, fused: block == BlockKind.Parallel && model != 2);
+        using var full = new VisionTransformer(c, torch.CPU, ScalarType.Float32);
+        TestUtil.Randomize(full, seed: 21);
+        var expected = full.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
+        var plan = new ShardingPlan(c, model, data, fsdp);
+        var results = Backends.Run(backend, new DeviceMesh(data, model), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(plan, ctx);
+            shard.LoadFull(expected);
+            return shard.Unshard();
+        });
+        foreach (var got in results)
+        {
+            Assert.Equal(expected.Keys.OrderBy(k => k), got.Keys.OrderBy(k => k));
+            foreach (var (key, value) in expected)
+                Assert.True(got[key].equal(value).all().item<bool>(), $"{key}: [{string.Join(", ", got[key].shape)}] differs from the full parameter");
+        }
+    }
+
     [Fact]
     public void Ranks_allocate_only_their_shards()
     {
@@ -177,8 +203,8 @@ public class ShardedModelTests
         var plan = new ShardingPlan(c, 4);
         var bytes = Backends.Run(Backend.Threaded, new DeviceMesh(1, 4), ctx =>
         {
-            using var shard = ShardedModel.Create(new ShardContext(plan, ctx, CommMode.Overlapped));
-            return ShardedModel.ParameterBytes(shard);
+            using var shard = new ShardedVisionTransformer(plan, ctx);
+            return shard.ParameterBytes;
         });
         var p = ModelAccounting.Parameters(c);
         long replicated = (p.Total - p.BlockMatmulWeights - c.Depth * c.MlpDim) * 4;   // everything but the sharded weights and MLP biases
@@ -199,13 +225,12 @@ public class ShardedModelTests
         var models = new ICommunicator[2];
         var e = Assert.Throws<AggregateException>(() => Backends.Run(backend, new DeviceMesh(1, 2), ctx =>
         {
-            var s = new ShardContext(plan, ctx, CommMode.Overlapped);
             models[ctx.Rank] = ctx.Model;
-            using var shard = ShardedModel.Create(s, ScalarType.Float32);
+            using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.Float32);
             using var scope = torch.NewDisposeScope();
-            var loss = shard.call(images).square().sum();
+            var loss = shard.Forward(images).square().sum();
             if (ctx.Rank == 1) throw new InvalidOperationException("rank 1 gives up before backward");
-            ShardedModel.Backward(loss, s);
+            shard.Backward(loss);
             return 0;
         }, timeout: TimeSpan.FromSeconds(backend == Backend.Threaded ? 30 : 3)));
         var failures = e.InnerExceptions.Cast<RankFailedException>().ToDictionary(f => f.Rank, f => f.InnerException!);
@@ -222,19 +247,22 @@ public sealed class ShardedCheckpointTests : IDisposable
 
     public void Dispose() => Directory.Delete(_dir, recursive: true);
 
-    private static T[] OnMesh<T>(int data, int model, ShardingPlan plan, Func<ShardContext, T> body, Backend backend = Backend.Threaded) =>
-        Backends.Run(backend, new DeviceMesh(data, model), ctx => body(new ShardContext(plan, ctx, CommMode.Overlapped)));
+    private static T[] OnMesh<T>(int data, int model, ShardingPlan plan, Func<ShardedVisionTransformer, T> body, Backend backend = Backend.Threaded) =>
+        Backends.Run(backend, new DeviceMesh(data, model), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(plan, ctx);
+            return body(shard);
+        });
 
     /// <summary>On every rank: build a shard, save it to (or load it from) the checkpoint folder, run a forward.</summary>
     private Tensor[] SaveOrLoadThenForward(int data, int model, ShardingPlan plan, bool save, Tensor images, Backend backend = Backend.Threaded) =>
-        OnMesh(data, model, plan, s =>
+        OnMesh(data, model, plan, shard =>
         {
-            using var shard = ShardedModel.Create(s);
-            if (save) ShardedCheckpoint.Save(_dir, shard, s);
-            else ShardedCheckpoint.Load(_dir, shard, s);
+            if (save) shard.Save(_dir);
+            else shard.Load(_dir);
             using var scope = torch.NewDisposeScope();
             using var noGrad = torch.no_grad();
-            return shard.call(images).DetachFromDisposeScope();
+            return shard.Forward(images).DetachFromDisposeScope();
         }, backend);
 
     [Theory]
@@ -279,10 +307,9 @@ public sealed class ShardedCheckpointTests : IDisposable
         File.WriteAllText(Path.Combine(_dir, ShardedCheckpoint.IndexFileName), "{\"format\": \"other\"}");
         Assert.Contains("not a valid sharded-checkpoint index", Assert.Throws<FormatException>(() => ShardedCheckpoint.LoadFull(_dir)).Message);
         var c = ShardedModelTests.Config(BlockKind.Parallel);
-        OnMesh(1, 2, new ShardingPlan(c, 2), s =>
+        OnMesh(1, 2, new ShardingPlan(c, 2), shard =>
         {
-            using var shard = ShardedModel.Create(s);
-            ShardedCheckpoint.Save(_dir, shard, s);
+            ShardedCheckpoint.Save(shard, _dir);
             return 0;
         });
         File.Delete(Directory.GetFiles(_dir, "rank-00001-*").Single());

@@ -1,5 +1,6 @@
 using TorchSharp;
 using ViT22B.Accounting;
+using ViT22B.Layers;
 using ViT22B.Models;
 using static TorchSharp.torch;
 

@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using TorchSharp;
 using ViT22B.Accounting;
+using ViT22B.Layers;
 using ViT22B.Models;
 using static TorchSharp.torch;
 

@@ -1,4 +1,4 @@
-namespace ViT22B.Models;
+namespace ViT22B.Parallel;
 
 /// <summary>
 /// Which part of a full parameter a (sharded) module holds: the concatenation, along <see cref="Dim"/>, of the
