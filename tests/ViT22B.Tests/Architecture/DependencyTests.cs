@@ -1,0 +1,76 @@
+using ArchUnitNET.Domain;
+using ArchUnitNET.Fluent;
+using ArchUnitNET.Loader;
+using ViT22B.Models;
+using static ArchUnitNET.Fluent.ArchRuleDefinition;
+
+namespace ViT22B.Tests.Architecture;
+
+/// <summary>
+/// The dependency graph of docs/architecture.md, enforced: each namespace of the library may use only the namespaces
+/// listed for it (and TorchSharp, .NET and its packages). A new arrow against the graph, or a new namespace that is not
+/// placed in it, fails here.
+/// </summary>
+public class DependencyTests
+{
+    /// <summary>The intended graph: namespace (below the root) → the namespaces it may use.</summary>
+    internal static readonly IReadOnlyDictionary<string, string[]> Graph = new Dictionary<string, string[]>
+    {
+        ["Interop"] = Array.Empty<string>(),
+        ["Layers"] = Array.Empty<string>(),
+        ["Data"] = Array.Empty<string>(),
+        ["Models"] = new[] { "Layers", "Interop" },
+        ["Accounting"] = new[] { "Models", "Layers" },
+        ["Training"] = new[] { "Models", "Layers", "Data", "Interop", "Accounting" },
+        ["Parallel"] = new[] { "Models", "Layers", "Interop" },
+        ["Cuda"] = new[] { "Parallel", "Interop" },
+        ["Imaging"] = new[] { "Data", "Interop" },
+    };
+
+    private static readonly ArchUnitNET.Domain.Architecture Library = new ArchLoader()
+        .LoadAssemblies(typeof(VisionTransformer).Assembly, typeof(ViT22B.Imaging.ImageTensors).Assembly).Build();
+
+    /// <summary>One rule per forbidden arrow between the graph's namespaces below <paramref name="root"/>.</summary>
+    internal static IEnumerable<IArchRule> Rules(string root) =>
+        from source in Graph.Keys
+        from target in Graph.Keys
+        where target != source && !Graph[source].Contains(target)
+        select (IArchRule)Types().That().ResideInNamespaceOrBelow($"{root}.{source}")
+            .Should().NotDependOnAny(Types().That().ResideInNamespaceOrBelow($"{root}.{target}"))
+            .Because($"{source} may use only {(Graph[source].Length == 0 ? "TorchSharp and .NET" : string.Join(", ", Graph[source]))}")
+            .WithoutRequiringPositiveResults();
+
+    /// <summary>The failures of the rules on <paramref name="architecture"/>, one line each.</summary>
+    internal static List<string> Violations(ArchUnitNET.Domain.Architecture architecture, string root) =>
+        Rules(root).SelectMany(r => r.Evaluate(architecture)).Where(e => !e.Passed).Select(e => e.Description).ToList();
+
+    [Fact]
+    public void The_library_follows_the_graph()
+    {
+        var violations = Violations(Library, "ViT22B");
+        Assert.True(violations.Count == 0, string.Join("\n", violations));
+    }
+
+    [Fact]
+    public void Every_namespace_of_the_library_is_placed_in_the_graph()
+    {
+        var namespaces = typeof(VisionTransformer).Assembly.GetTypes().Concat(typeof(ViT22B.Imaging.ImageTensors).Assembly.GetTypes())
+            .Select(t => t.Namespace).Where(n => n is not null && n.StartsWith("ViT22B", StringComparison.Ordinal))
+            .Distinct().Order().ToList();
+        var unplaced = namespaces.Where(n => !Graph.ContainsKey(n!["ViT22B.".Length..].Split('.')[0])).ToList();
+        Assert.True(unplaced.Count == 0, $"Namespaces not in the dependency graph (add them to Graph and docs/architecture.md): {string.Join(", ", unplaced)}");
+    }
+
+    [Fact]
+    public void An_arrow_against_the_graph_fails_the_rules()
+    {
+        // The same rules on a miniature of the library in this test assembly, where Layers uses Models (the cycle
+        // this graph removed) and Parallel uses Cuda (a device-specific dependency the graph forbids).
+        const string root = "ViT22B.Tests.Architecture.Fixture";
+        var fixture = new ArchLoader().LoadNamespacesWithinAssembly(typeof(DependencyTests).Assembly, root).Build();
+        var violations = Violations(fixture, root);
+        Assert.Equal(2, violations.Count);
+        Assert.Contains(violations, v => v.Contains("BadLayer") && v.Contains("Fixture.Models.FixtureConfig"));
+        Assert.Contains(violations, v => v.Contains("BadRing") && v.Contains("Fixture.Cuda.FixtureStream"));
+    }
+}
