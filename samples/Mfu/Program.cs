@@ -50,9 +50,9 @@ root.SetAction(parse =>
         var results = Measure(configs, parse.GetValue(presetOption)!, Math.Max(1, parse.GetValue(batchOption)), dtype, new Device(parse.GetValue(deviceOption)!),
             mode, Math.Max(1, parse.GetValue(samplesOption)), Math.Max(0, parse.GetValue(warmupOption)), parse.GetValue(peakOption));
         Print(results);
-        if (parse.GetValue(jsonOption) is { } json) AtomicFile.Write(json.FullName, s => JsonSerializer.Serialize(s, results, new JsonSerializerOptions { WriteIndented = true }));
+        if (parse.GetValue(jsonOption) is { } json) OutputFile.WriteAllText(json.FullName, JsonSerializer.Serialize(results, new JsonSerializerOptions { WriteIndented = true }));
         if (parse.GetValue(csvOption) is { } csv)
-            AtomicFile.Write(csv.FullName, s => { var b = Encoding.UTF8.GetBytes(MfuResult.CsvHeader + string.Concat(results.Select(r => r.ToCsvRow()))); s.Write(b, 0, b.Length); });
+            OutputFile.WriteAllText(csv.FullName, MfuResult.CsvHeader + string.Concat(results.Select(r => r.ToCsvRow())));
         return 0;
     }
     catch (Exception e) when (e is ArgumentException or FormatException or InsufficientMemoryException)

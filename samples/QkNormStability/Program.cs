@@ -53,7 +53,9 @@ root.SetAction(parse =>
         .Select(r => Train(r.Item1, r.Item2, data, settings)).ToList();
 
     string csv = Path.Combine(outDir.FullName, "qk-norm.csv");
-    AtomicFile.Write(csv, s => { using var w = new StreamWriter(s, leaveOpen: true); WriteCsv(w, runs, baseConfig.Depth); });
+    var csvText = new StringWriter();
+    WriteCsv(csvText, runs, baseConfig.Depth);
+    OutputFile.WriteAllText(csv, csvText.ToString());
     string png = Path.Combine(outDir.FullName, "qk-norm.png");
     Plots.Save(png, runs, settings);
 

@@ -55,7 +55,7 @@ public sealed class CudaException : InvalidOperationException
 /// table is built, so an old driver fails with the missing symbol's name. The driver API avoids loading a second
 /// CUDA runtime next to libtorch's hash-renamed one (docs/torchsharp-notes.md#the-cuda-runtime-next-to-libtorch).
 /// </summary>
-public static unsafe class CudaDriver
+internal static unsafe class CudaDriver
 {
     /// <summary>The driver library (loaded on first use).</summary>
     public static readonly LazyNativeLibrary Library = new("libcuda.so.1", new[] { "libcuda.so.1", "libcuda.so" },

@@ -5,7 +5,7 @@ namespace ViT22B.Cuda;
 /// whether the work has finished. Created for one device; every method pushes that device's primary context for the
 /// duration of its driver call and pops it again, so the calling thread's own context is left as it was.
 /// </summary>
-public sealed unsafe class CudaEvent : IDeviceEvent, Parallel.ITransferEvent
+internal sealed unsafe class CudaEvent : IDeviceEvent, Parallel.ITransferEvent
 {
     private const uint DisableTiming = 2;   // CU_EVENT_DISABLE_TIMING
     private nint _event;

@@ -13,7 +13,7 @@ namespace ViT22B.Cuda;
 /// finds the copy TorchSharp loaded rather than whatever else is on the search path; a CPU build of libtorch fails
 /// with a message naming the library.
 /// </summary>
-public static unsafe class CudaStreams
+internal static unsafe class CudaStreams
 {
     /// <summary>libtorch's CUDA library (loaded on first use).</summary>
     public static readonly LazyNativeLibrary Library = new("libtorch_cuda.so",
@@ -92,7 +92,7 @@ public static unsafe class CudaStreams
 /// disposed (libtorch's <c>CUDAStreamGuard</c>). Create and dispose it on the same thread; the current stream is
 /// thread-local per device.
 /// </summary>
-public sealed unsafe class StreamScope : IDisposable
+internal sealed unsafe class StreamScope : IDisposable
 {
     private nint _guard;
     private readonly int _thread = Environment.CurrentManagedThreadId;

@@ -14,7 +14,7 @@ public sealed class NativeLibraryException : DllNotFoundException
 /// until a GPU feature is asked for): the first candidate that <see cref="NativeLibrary.TryLoad(string, out nint)"/>
 /// opens wins; symbols come from <see cref="NativeLibrary.TryGetExport"/>.
 /// </summary>
-public sealed class LazyNativeLibrary
+internal sealed class LazyNativeLibrary
 {
     private readonly Lazy<nint> _handle;
 

@@ -4,7 +4,7 @@ using static TorchSharp.torch;
 namespace ViT22B.Interop;
 
 /// <summary><c>ncclResult_t</c> (nccl.h 2.30).</summary>
-public enum NcclResult
+internal enum NcclResult
 {
     /// <summary>ncclSuccess.</summary>
     Success = 0,
@@ -27,7 +27,7 @@ public enum NcclResult
 }
 
 /// <summary><c>ncclDataType_t</c>.</summary>
-public enum NcclDataType
+internal enum NcclDataType
 {
     /// <summary>ncclInt8.</summary>
     Int8 = 0,
@@ -52,7 +52,7 @@ public enum NcclDataType
 }
 
 /// <summary><c>ncclRedOp_t</c> (built-in operations).</summary>
-public enum NcclRedOp
+internal enum NcclRedOp
 {
     /// <summary>ncclSum.</summary>
     Sum = 0,
@@ -68,7 +68,7 @@ public enum NcclRedOp
 
 /// <summary><c>ncclUniqueId</c>: 128 opaque bytes, passed by value to <c>ncclCommInitRank</c>.</summary>
 [StructLayout(LayoutKind.Sequential, Size = Bytes)]
-public unsafe struct NcclUniqueId
+internal unsafe struct NcclUniqueId
 {
     /// <summary><c>NCCL_UNIQUE_ID_BYTES</c>.</summary>
     public const int Bytes = 128;
@@ -96,7 +96,7 @@ public unsafe struct NcclUniqueId
 
 /// <summary>An NCCL call failed; <see cref="Result"/> says how, <see cref="IsFatal"/> whether the communicator must be
 /// aborted and re-created.</summary>
-public sealed class NcclException : InvalidOperationException
+internal sealed class NcclException : InvalidOperationException
 {
     /// <summary>Creates the exception.</summary>
     public NcclException(string operation, NcclResult result, string detail)
@@ -193,7 +193,7 @@ internal unsafe interface INcclApi
 /// opens the library. The path can be set with the environment variable <c>VIT22B_NCCL_PATH</c> (a file); otherwise
 /// the loader's search path is used.
 /// </summary>
-public static unsafe class Nccl
+internal static unsafe class Nccl
 {
     /// <summary>Environment variable naming the NCCL library file to load instead of the search path's.</summary>
     public const string PathVariable = "VIT22B_NCCL_PATH";

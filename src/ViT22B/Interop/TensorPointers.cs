@@ -10,7 +10,7 @@ namespace ViT22B.Interop;
 /// <c>libtorch_cpu</c>, which is device-agnostic and includes the offset. Keep the managed tensor alive until every
 /// native use of the pointer (including work queued on a stream) has finished.
 /// </summary>
-public static unsafe class TensorPointers
+internal static unsafe class TensorPointers
 {
     private static readonly LazyNativeLibrary TorchCpu = new("libtorch_cpu.so",
         new[] { "libtorch_cpu.so", Path.Combine(AppContext.BaseDirectory, "libtorch_cpu.so"), Path.Combine(AppContext.BaseDirectory, "cpu", "libtorch_cpu.so") },

@@ -39,7 +39,7 @@ public sealed class Mlp : nn.Module<Tensor, Tensor>
 }
 
 /// <summary>The activation functions of <see cref="Activation"/>.</summary>
-public static class Act
+internal static class Act
 {
     /// <summary>Applies exact or tanh-approximated GELU; <paramref name="inPlace"/> overwrites <paramref name="x"/>
     /// (only when no gradient flows through it: saves one activation-sized allocation).</summary>

@@ -13,7 +13,7 @@ namespace ViT22B.Parallel;
 /// communicator itself is unusable after a failure (the in-process world is poisoned, an NCCL communicator is
 /// aborted), so any later collective on it fails too: a failed backward cannot pass unnoticed.
 /// </summary>
-public static class BackwardFailures
+internal static class BackwardFailures
 {
     private static readonly ConditionalWeakTable<ICommunicator, StrongBox<ExceptionDispatchInfo?>> Failures = new();
 

@@ -4,7 +4,7 @@ using static TorchSharp.torch;
 namespace ViT22B.Parallel;
 
 /// <summary>The differentiable communication regions the sharded modules compose.</summary>
-public static class Regions
+internal static class Regions
 {
     /// <summary>All-gather + matmul over the group (forward), matmul + reduce-scatter (backward).</summary>
     public static Tensor AllGatherMatmul(Tensor xLocal, Tensor w, ICommunicator comm, long[] counts, CommMode mode) =>

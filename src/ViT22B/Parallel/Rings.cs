@@ -8,7 +8,7 @@ namespace ViT22B.Parallel;
 /// token-major activations <c>[T, …, D]</c> whose token chunk <c>r</c> (sizes from <see cref="TokenPartition"/>) lives
 /// on rank <c>r</c> of <c>comm</c>. Every loop is deterministic: the same rank order for every sum on every run.
 /// </summary>
-public static class Rings
+internal static class Rings
 {
     private static Tensor Chunk(Tensor full, long[] counts, int c) => full.narrow(0, TokenPartition.Start(counts, c), counts[c]);
 

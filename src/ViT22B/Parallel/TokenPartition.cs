@@ -1,7 +1,7 @@
 namespace ViT22B.Parallel;
 
 /// <summary>Splits a token count into one contiguous chunk per rank (the first <c>T mod k</c> ranks get one more).</summary>
-public static class TokenPartition
+internal static class TokenPartition
 {
     /// <summary>Chunk sizes of <paramref name="tokens"/> over <paramref name="ranks"/> ranks.</summary>
     public static long[] Counts(long tokens, int ranks)
