@@ -29,7 +29,15 @@ public sealed record FusedLayout(long Dim, long MlpDim, bool QkvBias, bool MlpBi
     public long OutFeatures => Dim + MlpDim;
 
     /// <summary>The in-projection's output split in row order: mlp, q, k, v.</summary>
-    public long[] InSplit => new[] { MlpDim, Dim, Dim, Dim };
+    public long[] InSplit => InSplitOf(1);
+
+    /// <summary>The output split of one rank's in-projection shard when <paramref name="ranks"/> ranks share the
+    /// block: its MLP slice, then its heads' q, k and v.</summary>
+    public long[] InSplitOf(int ranks)
+    {
+        var (u, a) = PerRank(0, ranks);
+        return new[] { u, a, a, a };
+    }
 
     /// <summary><c>in_proj.bias</c> exists (over all rows).</summary>
     public bool InProjBias => QkvBias;

@@ -46,13 +46,14 @@ internal sealed class ShardedParallelBlock : nn.Module<Tensor, long[], Tensor>
     private readonly Norm? q_norm, k_norm;
     private readonly LinearShard? out_proj, attn_out_proj, mlp_out_proj;
     private readonly ShardContext _s;
+    private readonly FusedLayout _layout;
     private readonly Activation _act;
 
     /// <summary>Creates block <paramref name="index"/>'s shard (parameters uninitialized).</summary>
     public ShardedParallelBlock(BlockOptions o, int index, ShardContext s, Device device, ScalarType dtype) : base(nameof(ShardedParallelBlock))
     {
-        (_s, _act) = (s, o.Act);
-        var l = o.Layout;
+        (_s, _act, _layout) = (s, o.Act, o.Layout);
+        var l = _layout;
         string prefix = $"blocks.{index}.";
         long d = o.Dim, f = o.MlpDim;
         in_norm = o.NewNorm(d, device, dtype);
@@ -79,10 +80,9 @@ internal sealed class ShardedParallelBlock : nn.Module<Tensor, long[], Tensor>
         using var scope = torch.NewDisposeScope();
         var plan = _s.Plan;
         var comm = _s.Rank.Model;
-        long u = plan.MlpPerRank, a = plan.AttnPerRank;
         var p = Regions.AllGatherMatmul(in_norm.call(x), in_proj.Weight(_s), comm, counts, _s.Mode);   // [T, B, U+3A]
         if (in_proj.Bias is not null) p = p + in_proj.Bias;
-        var parts = p.split(new[] { u, a, a, a }, -1);
+        var parts = p.split(_layout.InSplitOf(plan.ModelSize), -1);
         var gate = mlp_bias is null ? parts[0] : parts[0] + mlp_bias;
         var z = AttentionOps.Attend(parts[1].transpose(0, 1), parts[2].transpose(0, 1), parts[3].transpose(0, 1),
             plan.HeadsPerRank, q_norm, k_norm).transpose(0, 1);                                        // [T, B, A]
