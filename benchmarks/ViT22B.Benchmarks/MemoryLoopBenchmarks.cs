@@ -1,7 +1,6 @@
 using System.Globalization;
 using System.Text.Json;
 using BenchmarkDotNet.Attributes;
-using BenchmarkDotNet.Columns;
 using BenchmarkDotNet.Configs;
 using BenchmarkDotNet.Reports;
 using BenchmarkDotNet.Running;
@@ -77,7 +76,7 @@ public class MemoryLoopBenchmarks
         public MemoryConfig() => AddColumn(new MemoryColumn("RSS growth (MiB)"), new MemoryColumn("Extra live tensors (max)"));
     }
 
-    private sealed class MemoryColumn(string name) : ComputedColumn(name, name.StartsWith("RSS")
+    private sealed class MemoryColumn(string name) : ComputedColumn(name, name.StartsWith("RSS", StringComparison.Ordinal)
         ? "Resident set growth over the loop, after warm-up (last run)"
         : "Tensors alive after an iteration beyond those alive before the loop (last run)")
     {
@@ -86,7 +85,7 @@ public class MemoryLoopBenchmarks
             string path = Path.Combine(MfuBenchmark.DataFolder, "memory-loop.json");
             if (!File.Exists(path)) return "n/a";
             var r = JsonSerializer.Deserialize<MemoryRecord>(File.ReadAllText(path))!;
-            return ColumnName.StartsWith("RSS") ? r.RssGrowthMiB.ToString("F1", CultureInfo.InvariantCulture) : r.MaxExtraLiveTensors.ToString(CultureInfo.InvariantCulture);
+            return ColumnName.StartsWith("RSS", StringComparison.Ordinal) ? r.RssGrowthMiB.ToString("F1", CultureInfo.InvariantCulture) : r.MaxExtraLiveTensors.ToString(CultureInfo.InvariantCulture);
         }
     }
 }

@@ -6,7 +6,6 @@ using BenchmarkDotNet.Columns;
 using BenchmarkDotNet.Configs;
 using BenchmarkDotNet.Reports;
 using BenchmarkDotNet.Running;
-using TorchSharp;
 using ViT22B.Accounting;
 using static TorchSharp.torch;
 

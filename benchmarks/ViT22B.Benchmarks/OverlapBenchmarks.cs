@@ -1,5 +1,5 @@
+using System.Globalization;
 using BenchmarkDotNet.Attributes;
-using BenchmarkDotNet.Columns;
 using BenchmarkDotNet.Configs;
 using BenchmarkDotNet.Reports;
 using BenchmarkDotNet.Running;
@@ -109,7 +109,7 @@ public class OverlapBenchmarks
             }
             double? over = Mean(OverlapVariant.Overlapped), plain = Mean(OverlapVariant.Plain), comm = Mean(OverlapVariant.CommOnly);
             if (over is null || plain is null || comm is null || comm <= 0) return "n/a";
-            return ((plain.Value - over.Value) / comm.Value).ToString("P0");
+            return ((plain.Value - over.Value) / comm.Value).ToString("P0", CultureInfo.InvariantCulture);
         }
     }
 }

@@ -41,7 +41,7 @@ public class BlockBenchmarks : MfuBenchmark
     public void Setup()
     {
         torch.manual_seed(0);
-        bool parallel = Block.StartsWith("parallel");
+        bool parallel = Block.StartsWith("parallel", StringComparison.Ordinal);
         var c = Bench.WithBiases(ViTConfig.Parse("B/16") with
         {
             Block = parallel ? BlockKind.Parallel : BlockKind.Sequential, FuseOutProj = Block != "parallel-separate", QkNorm = false,

@@ -4,12 +4,10 @@
 //   dotnet run --project samples/Mfu -c Release -- --preset B/16 --mode training --dtype bfloat16 --json mfu.json --csv mfu.csv
 using System.CommandLine;
 using System.Globalization;
-using System.Text;
 using System.Text.Json;
 using Spectre.Console;
 using TorchSharp;
 using ViT22B.Accounting;
-using ViT22B.Interop;
 using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Training;

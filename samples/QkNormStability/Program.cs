@@ -11,7 +11,6 @@ using System.Text;
 using Spectre.Console;
 using TorchSharp;
 using ViT22B.Data;
-using ViT22B.Interop;
 using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Training;
@@ -119,12 +118,12 @@ static RunResult Train(string name, ViTConfig config, IDataset data, Settings s)
 static void WriteCsv(TextWriter w, IReadOnlyList<RunResult> runs, int depth)
 {
     var header = new StringBuilder("run,step,lr,loss,grad_norm");
-    for (int l = 0; l < depth; l++) header.Append($",max_logit_{l},mean_entropy_{l},min_entropy_{l}");
+    for (int l = 0; l < depth; l++) header.Append(CultureInfo.InvariantCulture, $",max_logit_{l},mean_entropy_{l},min_entropy_{l}");
     w.WriteLine(header);
     foreach (var r in runs)
         foreach (var x in r.Records)
         {
-            var line = new StringBuilder(string.Create(CultureInfo.InvariantCulture, $"{(r.Name.StartsWith("with ") ? "qk_norm" : "no_qk_norm")},{x.Step},{x.Lr:R},{x.Loss:R},{x.GradNorm:R}"));
+            var line = new StringBuilder(string.Create(CultureInfo.InvariantCulture, $"{(r.Name.StartsWith("with ", StringComparison.Ordinal) ? "qk_norm" : "no_qk_norm")},{x.Step},{x.Lr:R},{x.Loss:R},{x.GradNorm:R}"));
             foreach (var l in x.Layers) line.Append(string.Create(CultureInfo.InvariantCulture, $",{l.MaxAbsLogit:R},{l.MeanEntropy:R},{l.MinEntropy:R}"));
             w.WriteLine(line);
         }

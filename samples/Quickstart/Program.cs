@@ -5,6 +5,7 @@
 //   dotnet run --project samples/Quickstart -c Release -- --preset B/16 --iterations 3
 using System.CommandLine;
 using System.Diagnostics;
+using System.Globalization;
 using Spectre.Console;
 using TorchSharp;
 using ViT22B.Accounting;
@@ -82,7 +83,7 @@ static void Run(ViTConfig config, DirectoryInfo imageDir, int iterations)
     {
         var v = output.Pooled[i];
         features.AddRow(Path.GetFileName(files[i]).EscapeMarkup(), $"[[{v.shape[0]}]]", $"{v.norm().item<float>():F3}",
-            string.Join(", ", v.narrow(0, 0, 4).data<float>().ToArray().Select(x => x.ToString("F3"))), $"[[{string.Join(", ", output.PatchTokens[i].shape)}]]");
+            string.Join(", ", v.narrow(0, 0, 4).data<float>().ToArray().Select(x => x.ToString("F3", CultureInfo.InvariantCulture))), $"[[{string.Join(", ", output.PatchTokens[i].shape)}]]");
     }
     AnsiConsole.Write(features);
 

@@ -4,7 +4,7 @@ using ViT22B.Parallel;
 /// <summary>Starts N local processes of this program with the torchrun variables (<see cref="LocalLauncher"/>) and
 /// reports each one's outcome. Workers run <c>rendezvous-check</c> (all must receive rank 0's 128-byte id over TCP: on
 /// GPUs the same exchange carries NCCL's id) or, with <c>--nccl</c>, their rank of the sharded step.</summary>
-static class Launcher
+internal static class Launcher
 {
     public static int Run(int n, MeshArgs? nccl)
     {

@@ -4,7 +4,7 @@ using ViT22B.Parallel;
 /// <summary>This process is one rank of a multi-process run, one per GPU, communicating through NCCL. The processes
 /// find each other through the torchrun variables (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK), set by
 /// <c>launch</c>, torchrun or a cluster scheduler.</summary>
-static class OneProcessPerGpu
+internal static class OneProcessPerGpu
 {
     public static int Run(MeshArgs a)
     {

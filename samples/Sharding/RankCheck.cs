@@ -4,7 +4,7 @@ using ViT22B.Parallel;
 using static TorchSharp.torch;
 
 /// <summary>The mesh and step options every mode takes.</summary>
-sealed record MeshArgs(int Data, int Model, CommMode Mode, bool Fsdp, int Batch)
+internal sealed record MeshArgs(int Data, int Model, CommMode Mode, bool Fsdp, int Batch)
 {
     /// <summary>ViT-22B's block (parallel, QK-norm, no QKV/norm bias, MAP head) at a laptop size: 65 tokens with the
     /// class token.</summary>
@@ -20,9 +20,9 @@ sealed record MeshArgs(int Data, int Model, CommMode Mode, bool Fsdp, int Batch)
     }
 }
 
-sealed record RankResult(int Rank, int DataIndex, int ModelIndex, long Bytes, long ModelSent, long ModelOps, long DataSent, long DataOps, double OutErr, double GradErr);
+internal sealed record RankResult(int Rank, int DataIndex, int ModelIndex, long Bytes, long ModelSent, long ModelOps, long DataSent, long DataOps, double OutErr, double GradErr);
 
-static class RankCheck
+internal static class RankCheck
 {
     // Against the CPU reference, GPU ranks see libtorch's default TF32 convolutions (cuDNN; the patch embedding),
     // about 1e-3 relative each; a sharding mistake gives errors of order 1. Chosen before any GPU run.
@@ -68,7 +68,7 @@ static class RankCheck
 }
 
 /// <summary>The unsharded model's logits and gradients for one batch, on the CPU (every process computes the same).</summary>
-sealed record Reference(Dictionary<string, Tensor> State, Tensor Images, Tensor Labels, Tensor Logits, Dictionary<string, Tensor> Grads)
+internal sealed record Reference(Dictionary<string, Tensor> State, Tensor Images, Tensor Labels, Tensor Logits, Dictionary<string, Tensor> Grads)
 {
     public static Reference Compute(ViTConfig config, int batch)
     {
@@ -76,7 +76,7 @@ sealed record Reference(Dictionary<string, Tensor> State, Tensor Images, Tensor 
         using var full = new VisionTransformer(config, torch.CPU, ScalarType.Float32);
         using (torch.no_grad())
             foreach (var (name, p) in full.named_parameters())
-                if (name.StartsWith("head.")) p.normal_(0, 0.02);     // give the zero-initialized classifier some signal
+                if (name.StartsWith("head.", StringComparison.Ordinal)) p.normal_(0, 0.02);     // give the zero-initialized classifier some signal
         var state = full.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
         var images = torch.randn(new long[] { batch, 3, config.ImgSize, config.ImgSize }, generator: new torch.Generator(1));
         var labels = torch.arange(batch, dtype: ScalarType.Int64) % config.NumClasses;

@@ -7,7 +7,7 @@ using static TorchSharp.torch;
 
 /// <summary>One process, every rank a thread: the whole mesh on the CPU (or on this machine's GPUs), with per-rank
 /// parameter bytes and communication volume of one training step.</summary>
-static class Threads
+internal static class Threads
 {
     public static int Run(MeshArgs a, string device)
     {

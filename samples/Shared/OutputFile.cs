@@ -1,6 +1,6 @@
 // Linked into the samples that write reports: an output goes to a temporary file in its folder and is then renamed
 // over the destination, so an interrupted run never leaves a half-written file where an earlier one was.
-static class OutputFile
+internal static class OutputFile
 {
     public static void WriteAllBytes(string path, byte[] bytes)
     {

@@ -13,7 +13,6 @@ using ViT22B.Accounting;
 using ViT22B.Data;
 using ViT22B.Models;
 using ViT22B.Training;
-using static TorchSharp.torch;
 
 var dataOption = new Option<DirectoryInfo>("--data") { Description = "Folder with the Fashion-MNIST IDX files (gzipped or not).", DefaultValueFactory = _ => new DirectoryInfo("/usr/share/datasets/fashion-mnist") };
 var epochsOption = new Option<int>("--epochs") { Description = "Training epochs.", DefaultValueFactory = _ => 13 };

@@ -33,7 +33,7 @@ public sealed class ImageFolderDataset : IDataset
             items.AddRange(files.Select(f => (f, c)));
         }
         _items = items.ToArray();
-        Classes = classDirs.Select(d => Path.GetFileName(d)!).ToList();
+        Classes = classDirs.Select(d => Path.GetFileName(d)).ToList();
         Root = root;
         _maxPixels = maxPixels;
     }

@@ -1,7 +1,6 @@
 using TorchSharp;
 using ViT22B.Cuda;
 using ViT22B.Interop;
-using ViT22B.Tests;
 
 using static TorchSharp.torch;
 

@@ -2,7 +2,6 @@ using TorchSharp;
 using ViT22B.Cuda;
 using ViT22B.Interop;
 using ViT22B.Parallel;
-using ViT22B.Tests;
 using static TorchSharp.torch;
 
 namespace ViT22B.GpuTests;

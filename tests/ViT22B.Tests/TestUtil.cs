@@ -16,7 +16,7 @@ internal static class TestUtil
         foreach (var (name, p) in module.named_parameters())
         {
             var r = torch.randn(p.shape, dtype: ScalarType.Float64, generator: g) * scale;
-            if (name.EndsWith("norm.weight") || name.EndsWith("norm1.weight") || name.EndsWith("norm2.weight") || name.EndsWith("norm_pre.weight"))
+            if (name.EndsWith("norm.weight", StringComparison.Ordinal) || name.EndsWith("norm1.weight", StringComparison.Ordinal) || name.EndsWith("norm2.weight", StringComparison.Ordinal) || name.EndsWith("norm_pre.weight", StringComparison.Ordinal))
                 r = r + 1.0;
             p.copy_(r);
         }

@@ -1,3 +1,4 @@
+using System.Diagnostics.CodeAnalysis;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
@@ -15,5 +16,6 @@ public abstract class BlockStack : ModuleList<nn.Module>
     protected BlockStack(params nn.Module[] blocks) : base(blocks) { }
 
     /// <summary>Runs the stack, [B, T, D] → [B, T, D].</summary>
+    [SuppressMessage("Style", "IDE1006:Naming Styles", Justification = "TorchSharp's lowercase forward, as in its modules")]
     public abstract Tensor forward(Tensor x);
 }

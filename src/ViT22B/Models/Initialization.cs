@@ -1,5 +1,4 @@
 using TorchSharp;
-using ViT22B.Layers;
 using static TorchSharp.torch;
 
 namespace ViT22B.Models;

@@ -1,4 +1,3 @@
-using TorchSharp;
 using ViT22B.Models;
 using static TorchSharp.torch;
 

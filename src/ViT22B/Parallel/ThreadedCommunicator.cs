@@ -12,7 +12,7 @@ namespace ViT22B.Parallel;
 /// </summary>
 public sealed class ThreadedWorld
 {
-    private readonly object _poisonLock = new();
+    private readonly Lock _poisonLock = new();
     private readonly List<ThreadedGroup> _groups = new();
     private volatile Exception? _poison;
     private readonly Func<int, TimeSpan>? _delay;
@@ -180,9 +180,9 @@ internal sealed class ThreadedGroup
         }
     }
 
-    /// <summary>Rank <paramref name="rank"/> disposed collective <paramref name="seq"/> without waiting for it: it reads
-    /// nothing, but counts as a reader, so the inputs are still freed once the others have read them.</summary>
-    public void Abandon(long seq, int rank)
+    /// <summary>A rank disposed collective <paramref name="seq"/> without waiting for it: it reads nothing, but
+    /// counts as a reader, so the inputs are still freed once the others have read them.</summary>
+    public void Abandon(long seq)
     {
         Slot? slot;
         lock (_lock) _slots.TryGetValue(seq, out slot);
@@ -323,11 +323,11 @@ public sealed class ThreadedCommunicator : ICommunicator
             }, () =>
             {
                 try { posted.GetAwaiter().GetResult(); } catch (Exception) { return; }   // never posted: nothing to read
-                _group.Abandon(seq, Rank);
+                _group.Abandon(seq);
             });
         }
         _group.Post(seq, Rank, op, copy, ready, arg);
-        return new Work(() => _group.Complete(seq, Rank, op, compute, CommStream), () => _group.Abandon(seq, Rank));
+        return new Work(() => _group.Complete(seq, Rank, op, compute, CommStream), () => _group.Abandon(seq));
     }
 
     private nint CommStream(int device)

@@ -6,8 +6,8 @@ internal static class TokenPartition
     /// <summary>Chunk sizes of <paramref name="tokens"/> over <paramref name="ranks"/> ranks.</summary>
     public static long[] Counts(long tokens, int ranks)
     {
-        if (ranks < 1) throw new ArgumentOutOfRangeException(nameof(ranks));
-        if (tokens < 0) throw new ArgumentOutOfRangeException(nameof(tokens));
+        ArgumentOutOfRangeException.ThrowIfLessThan(ranks, 1);
+        ArgumentOutOfRangeException.ThrowIfNegative(tokens);
         return Enumerable.Range(0, ranks).Select(r => tokens / ranks + (r < tokens % ranks ? 1 : 0)).ToArray();
     }
 

@@ -1,7 +1,5 @@
-using TorchSharp;
 using ViT22B.Cuda;
 using ViT22B.Interop;
-using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Cuda;
 

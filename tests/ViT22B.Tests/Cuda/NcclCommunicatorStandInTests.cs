@@ -3,7 +3,6 @@ using TorchSharp;
 using ViT22B.Cuda;
 using ViT22B.Interop;
 using ViT22B.Layers;
-using ViT22B.Models;
 using ViT22B.Parallel;
 using ViT22B.Tests.Fakes;
 using ViT22B.Tests.Parallel;

@@ -1,8 +1,6 @@
-using TorchSharp;
 using ViT22B.Cuda;
 using ViT22B.Interop;
 using ViT22B.Parallel;
-using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Cuda;
 

@@ -1,5 +1,4 @@
 using System.IO.Compression;
-using TorchSharp;
 using ViT22B.Data;
 using static TorchSharp.torch;
 

@@ -1,5 +1,4 @@
 using SkiaSharp;
-using TorchSharp;
 using ViT22B.Data;
 using ViT22B.Imaging;
 using static TorchSharp.torch;

@@ -1,8 +1,5 @@
-using TorchSharp;
-using ViT22B.Cuda;
 using ViT22B.Interop;
 using ViT22B.Tests.Fakes;
-using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Interop;
 

@@ -148,7 +148,7 @@ public class StateDictKeysTests
         Assert.Equal(new long[] { 16 }, keys["blocks.0.out_proj.bias"]);
         Assert.Equal(new long[] { 24 }, keys["blocks.0.mlp_bias"]);
         Assert.DoesNotContain("blocks.0.in_proj.bias", keys.Keys);
-        Assert.DoesNotContain(keys.Keys, k => k.Contains("norm") && k.EndsWith(".bias") && !k.StartsWith("attn_pool.mlp"));
+        Assert.DoesNotContain(keys.Keys, k => k.Contains("norm") && k.EndsWith(".bias", StringComparison.Ordinal) && !k.StartsWith("attn_pool.mlp", StringComparison.Ordinal));
     }
 
     [Fact]
@@ -163,7 +163,7 @@ public class StateDictKeysTests
             };
             var keys = Keys(c);
             Assert.DoesNotContain(keys.Keys, k => k.Contains("bias"));
-            Assert.Contains(keys.Keys, k => k.EndsWith("q_norm.weight"));
+            Assert.Contains(keys.Keys, k => k.EndsWith("q_norm.weight", StringComparison.Ordinal));
         }
     }
 

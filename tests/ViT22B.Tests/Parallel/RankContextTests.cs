@@ -1,6 +1,6 @@
+using System.Globalization;
 using TorchSharp;
 using ViT22B.Layers;
-using ViT22B.Models;
 using ViT22B.Parallel;
 using static TorchSharp.torch;
 
@@ -10,7 +10,7 @@ public sealed class RankContextTests
 {
     // torch.device("cuda:0") initializes CUDA and fails on a CPU-only build; a Device value does not.
     private static Device Parse(string d) => d == "cpu" ? torch.CPU
-        : new Device(DeviceType.CUDA, d.Contains(':') ? int.Parse(d[(d.IndexOf(':') + 1)..]) : -1);
+        : new Device(DeviceType.CUDA, d.Contains(':') ? int.Parse(d[(d.IndexOf(':') + 1)..], CultureInfo.InvariantCulture) : -1);
 
     private static RankContext[] Contexts(int data, int model, params string[] devices)
     {

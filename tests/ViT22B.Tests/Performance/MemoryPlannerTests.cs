@@ -23,7 +23,7 @@ public class MemoryPlannerTests
     [DllImport("libc", EntryPoint = "mallopt")]
     private static extern int MallOpt(int param, int value);
 
-    private const int M_MMAP_THRESHOLD = -3;
+    private const int MmapThreshold = -3;   // glibc's M_MMAP_THRESHOLD
 
     /// <summary>Bytes currently allocated through malloc (main arena plus mmapped blocks), after a full GC.</summary>
     private static long Allocated()
@@ -51,14 +51,14 @@ public class MemoryPlannerTests
         Assert.True(HaveMallInfo2(), "needs glibc's mallinfo2 (Linux, glibc 2.33+)");
         // mallinfo2 sees the main arena and every mmapped block; this test thread allocates from another arena, so
         // route every allocation of 4 KiB or more through mmap while measuring (restored to glibc's default after).
-        Assert.Equal(1, MallOpt(M_MMAP_THRESHOLD, 4096));
+        Assert.Equal(1, MallOpt(MmapThreshold, 4096));
         try
         {
             Measure(preset, block, dtype);
         }
         finally
         {
-            MallOpt(M_MMAP_THRESHOLD, 128 * 1024);
+            _ = MallOpt(MmapThreshold, 128 * 1024);
         }
     }
 

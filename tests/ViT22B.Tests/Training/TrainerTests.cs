@@ -209,7 +209,7 @@ public sealed class TrainerTests : IDisposable
         var trainer = new Trainer(model, opt, new LearningRateSchedule { PeakLr = 1e-3, TotalSteps = 2, Decay = DecayKind.Constant });
         var r = trainer.Fit(Loader(train), epochs: 1);
         Assert.True(double.IsFinite(r[0].TrainLoss));
-        Assert.All(opt.State.Where(kv => kv.Key.EndsWith(".master")), kv => Assert.Equal(ScalarType.Float32, kv.Value.dtype));
-        Assert.Equal(model.parameters().Count(), opt.State.Count(kv => kv.Key.EndsWith(".master")));
+        Assert.All(opt.State.Where(kv => kv.Key.EndsWith(".master", StringComparison.Ordinal)), kv => Assert.Equal(ScalarType.Float32, kv.Value.dtype));
+        Assert.Equal(model.parameters().Count(), opt.State.Count(kv => kv.Key.EndsWith(".master", StringComparison.Ordinal)));
     }
 }
