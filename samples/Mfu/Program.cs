@@ -4,9 +4,11 @@
 //   dotnet run --project samples/Mfu -c Release -- --preset B/16 --mode training --dtype bfloat16 --json mfu.json --csv mfu.csv
 using System.CommandLine;
 using System.Globalization;
+using System.Text;
 using System.Text.Json;
 using Spectre.Console;
 using TorchSharp;
+using ViT22B.Interop;
 using ViT22B.Accounting;
 using ViT22B.Layers;
 using ViT22B.Models;
@@ -48,9 +50,9 @@ root.SetAction(parse =>
         var results = Measure(configs, parse.GetValue(presetOption)!, Math.Max(1, parse.GetValue(batchOption)), dtype, new Device(parse.GetValue(deviceOption)!),
             mode, Math.Max(1, parse.GetValue(samplesOption)), Math.Max(0, parse.GetValue(warmupOption)), parse.GetValue(peakOption));
         Print(results);
-        if (parse.GetValue(jsonOption) is { } json) OutputFile.WriteAllText(json.FullName, JsonSerializer.Serialize(results, new JsonSerializerOptions { WriteIndented = true }));
+        if (parse.GetValue(jsonOption) is { } json) AtomicFile.Write(json.FullName, s => JsonSerializer.Serialize(s, results, new JsonSerializerOptions { WriteIndented = true }));
         if (parse.GetValue(csvOption) is { } csv)
-            OutputFile.WriteAllText(csv.FullName, MfuResult.CsvHeader + string.Concat(results.Select(r => r.ToCsvRow())));
+            AtomicFile.Write(csv.FullName, s => s.Write(Encoding.UTF8.GetBytes(MfuResult.CsvHeader + string.Concat(results.Select(r => r.ToCsvRow())))));
         return 0;
     }
     catch (Exception e) when (e is ArgumentException or FormatException or InsufficientMemoryException)

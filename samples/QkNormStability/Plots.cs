@@ -27,7 +27,7 @@ internal static class Plots
         foreach (var p in new[] { loss, logit, entropy }) p.ShowLegend(ScottPlot.Alignment.UpperRight);
         using var image = multiplot.Render(1000, 1100);
         var png = image.GetImageBytes(ImageFormat.Png, 100);
-        OutputFile.WriteAllBytes(path, png);
+        ViT22B.Interop.AtomicFile.Write(path, s => s.Write(png));
     }
 
     private static void Add(ScottPlot.Plot plot, double[] xs, double[] ys, string label, ScottPlot.Color color)

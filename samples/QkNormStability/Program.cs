@@ -10,6 +10,7 @@ using System.Globalization;
 using System.Text;
 using Spectre.Console;
 using TorchSharp;
+using ViT22B.Interop;
 using ViT22B.Data;
 using ViT22B.Layers;
 using ViT22B.Models;
@@ -52,9 +53,7 @@ root.SetAction(parse =>
         .Select(r => Train(r.Item1, r.Item2, data, settings)).ToList();
 
     string csv = Path.Combine(outDir.FullName, "qk-norm.csv");
-    var csvText = new StringWriter();
-    WriteCsv(csvText, runs, baseConfig.Depth);
-    OutputFile.WriteAllText(csv, csvText.ToString());
+    AtomicFile.Write(csv, s => { using var w = new StreamWriter(s, leaveOpen: true); WriteCsv(w, runs, baseConfig.Depth); });
     string png = Path.Combine(outDir.FullName, "qk-norm.png");
     Plots.Save(png, runs, settings);
 

@@ -53,7 +53,7 @@ static int Guard(Func<int> body)
     {
         return body();
     }
-    catch (Exception e) when (e is ArgumentException or RendezvousException or CommunicatorException or ViT22B.Interop.NativeLibraryException or CudaException)
+    catch (Exception e) when (e is ArgumentException or RendezvousException or CommunicatorException or ViT22B.Interop.NativeLibraryException or ViT22B.Interop.NcclException or CudaException)
     {
         Console.Error.WriteLine($"error: {e.Message}");
         return 1;

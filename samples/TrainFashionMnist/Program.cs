@@ -90,7 +90,7 @@ static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data,
     var testLoader = new DataLoader(testSet, new DataLoaderOptions { BatchSize = 500, Shuffle = false, Workers = 2 });
 
     string labelsPath = Path.ChangeExtension(checkpoint.FullName, ".labels.txt");
-    OutputFile.WriteAllText(labelsPath, string.Concat(fullTest.Classes.Select(c => c + Environment.NewLine)));
+    ViT22B.Interop.AtomicFile.Write(labelsPath, s => { using var w = new StreamWriter(s, leaveOpen: true); foreach (var c in fullTest.Classes) w.WriteLine(c); });
     if (export is not null) Export(fullTest, export, exportCount);
 
     torch.manual_seed(seed);

@@ -400,6 +400,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
     // the buffers (detached from the caller's dispose scope) until the collective's done event has passed.
     private Work Enqueue(string op, Tensor input, Tensor output, Action<nint, DateTime> issue, Func<Tensor, Tensor> finish)
     {
+        ObjectDisposedException.ThrowIf(_disposed, this);    // the NCCL communicator is gone: nothing may reach it
         input.DetachFromDisposeScope();
         output.DetachFromDisposeScope();
         var w = new Work(this, op, input, output, finish);

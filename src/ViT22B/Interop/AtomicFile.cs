@@ -1,7 +1,7 @@
 namespace ViT22B.Interop;
 
 /// <summary>Writes files so that a crash mid-write never leaves a half-written file in place of the old one.</summary>
-internal static class AtomicFile
+public static class AtomicFile
 {
     // Test hook: runs after the temporary file is complete and flushed, just before the rename (a crash there must
     // leave the previous file intact). Flow-local, so concurrent tests do not see each other's hooks.

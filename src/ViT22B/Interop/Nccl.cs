@@ -4,7 +4,7 @@ using static TorchSharp.torch;
 namespace ViT22B.Interop;
 
 /// <summary><c>ncclResult_t</c> (nccl.h 2.30).</summary>
-internal enum NcclResult
+public enum NcclResult
 {
     /// <summary>ncclSuccess.</summary>
     Success = 0,
@@ -96,7 +96,7 @@ internal unsafe struct NcclUniqueId
 
 /// <summary>An NCCL call failed; <see cref="Result"/> says how, <see cref="IsFatal"/> whether the communicator must be
 /// aborted and re-created.</summary>
-internal sealed class NcclException : InvalidOperationException
+public sealed class NcclException : InvalidOperationException
 {
     /// <summary>Creates the exception.</summary>
     public NcclException(string operation, NcclResult result, string detail)

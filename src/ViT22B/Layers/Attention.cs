@@ -16,20 +16,20 @@ public sealed class Attention : nn.Module<Tensor, Tensor>
     private readonly Linear proj;
     private readonly int _heads;
 
-    /// <summary>Creates the attention layer of a block with options <paramref name="o"/> (width, heads, biases,
+    /// <summary>Creates the attention layer of a block with options <paramref name="options"/> (width, heads, biases,
     /// QK-norm).</summary>
-    public Attention(BlockOptions o, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(Attention))
+    public Attention(BlockOptions options, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(Attention))
     {
-        ArgumentNullException.ThrowIfNull(o);
-        o.Check();
-        _heads = o.NumHeads;
-        qkv = nn.Linear(o.Dim, 3L * o.Dim, hasBias: o.QkvBias, device: device, dtype: dtype);
-        if (o.QkNorm)
+        ArgumentNullException.ThrowIfNull(options);
+        options.Check();
+        _heads = options.NumHeads;
+        qkv = nn.Linear(options.Dim, 3L * options.Dim, hasBias: options.QkvBias, device: device, dtype: dtype);
+        if (options.QkNorm)
         {
-            q_norm = o.NewNorm(o.HeadDim, device, dtype);
-            k_norm = o.NewNorm(o.HeadDim, device, dtype);
+            q_norm = options.NewNorm(options.HeadDim, device, dtype);
+            k_norm = options.NewNorm(options.HeadDim, device, dtype);
         }
-        proj = nn.Linear(o.Dim, o.Dim, hasBias: o.ProjBias, device: device, dtype: dtype);
+        proj = nn.Linear(options.Dim, options.Dim, hasBias: options.ProjBias, device: device, dtype: dtype);
         RegisterComponents();
     }
 

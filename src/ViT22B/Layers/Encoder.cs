@@ -7,13 +7,13 @@ namespace ViT22B.Layers;
 /// The stack of blocks on one device. A <c>ModuleList</c>, so a model's field <c>blocks</c> yields timm's
 /// keys <c>blocks.0.…</c>, <c>blocks.1.…</c>.
 /// </summary>
-public sealed class Encoder : BlockStack
+public sealed class Encoder : BlockStack<nn.Module<Tensor, Tensor>>
 {
-    /// <summary>Creates <paramref name="depth"/> blocks of kind <paramref name="kind"/> with options <paramref name="o"/>.</summary>
-    public Encoder(BlockKind kind, int depth, BlockOptions o, Device? device = null, ScalarType dtype = ScalarType.Float32)
+    /// <summary>Creates <paramref name="depth"/> blocks of kind <paramref name="kind"/> with options <paramref name="options"/>.</summary>
+    public Encoder(BlockKind kind, int depth, BlockOptions options, Device? device = null, ScalarType dtype = ScalarType.Float32)
         : base(Enumerable.Range(0, depth).Select(_ => kind == BlockKind.Parallel
-            ? (nn.Module)new ParallelBlock(o, device, dtype)
-            : new SequentialBlock(o, device, dtype)).ToArray())
+            ? (nn.Module<Tensor, Tensor>)new ParallelBlock(options, device, dtype)
+            : new SequentialBlock(options, device, dtype)).ToArray())
     {
     }
 
@@ -22,7 +22,7 @@ public sealed class Encoder : BlockStack
     {
         using var scope = torch.NewDisposeScope();
         var h = x;
-        foreach (var block in this) h = ((nn.Module<Tensor, Tensor>)block).call(h);
+        foreach (var block in this) h = block.call(h);
         return (ReferenceEquals(h, x) ? x.alias() : h).MoveToOuterDisposeScope();
     }
 }

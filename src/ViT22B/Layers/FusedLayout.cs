@@ -39,6 +39,18 @@ public sealed record FusedLayout(long Dim, long MlpDim, bool QkvBias, bool MlpBi
         return new[] { u, a, a, a };
     }
 
+    /// <summary>Rows of <c>in_proj</c> holding the MLP's input projection.</summary>
+    public (long Start, long Length) InMlpRows => (0, MlpDim);
+
+    /// <summary>Rows of <c>in_proj</c> holding q, k and v, in that order (each D rows, head-major).</summary>
+    public (long Start, long Length) InQkvRows => (MlpDim, 3 * Dim);
+
+    /// <summary>Columns of the fused <c>out_proj</c> that take the attention output.</summary>
+    public (long Start, long Length) OutAttnColumns => (0, Dim);
+
+    /// <summary>Columns of the fused <c>out_proj</c> that take the MLP's hidden activation.</summary>
+    public (long Start, long Length) OutMlpColumns => (Dim, MlpDim);
+
     /// <summary><c>in_proj.bias</c> exists (over all rows).</summary>
     public bool InProjBias => QkvBias;
 

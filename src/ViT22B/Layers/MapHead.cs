@@ -18,19 +18,19 @@ public sealed class MapHead : nn.Module<Tensor, Tensor>
     private readonly Mlp mlp;
     private readonly int _heads;
 
-    /// <summary>Creates the head with the blocks' options <paramref name="o"/>: their width, heads, MLP size, norm
+    /// <summary>Creates the head with the blocks' options <paramref name="options"/>: their width, heads, MLP size, norm
     /// and activation (the biases are always on; QK-norm is not used).</summary>
-    public MapHead(BlockOptions o, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(MapHead))
+    public MapHead(BlockOptions options, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(MapHead))
     {
-        ArgumentNullException.ThrowIfNull(o);
-        o.Check();
-        _heads = o.NumHeads;
-        latent = Param.Of(torch.zeros(1, 1, o.Dim, dtype: dtype, device: device));
-        q = nn.Linear(o.Dim, o.Dim, hasBias: true, device: device, dtype: dtype);
-        kv = nn.Linear(o.Dim, 2L * o.Dim, hasBias: true, device: device, dtype: dtype);
-        proj = nn.Linear(o.Dim, o.Dim, hasBias: true, device: device, dtype: dtype);
-        norm = o.NewNorm(o.Dim, device, dtype);
-        mlp = new Mlp(o.Dim, o.MlpDim, bias: true, o.Act, device, dtype);
+        ArgumentNullException.ThrowIfNull(options);
+        options.Check();
+        _heads = options.NumHeads;
+        latent = Param.Of(torch.zeros(1, 1, options.Dim, dtype: dtype, device: device));
+        q = nn.Linear(options.Dim, options.Dim, hasBias: true, device: device, dtype: dtype);
+        kv = nn.Linear(options.Dim, 2L * options.Dim, hasBias: true, device: device, dtype: dtype);
+        proj = nn.Linear(options.Dim, options.Dim, hasBias: true, device: device, dtype: dtype);
+        norm = options.NewNorm(options.Dim, device, dtype);
+        mlp = new Mlp(options.Dim, options.MlpDim, bias: true, options.Act, device, dtype);
         RegisterComponents();
     }
 

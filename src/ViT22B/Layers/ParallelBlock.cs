@@ -28,29 +28,29 @@ public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
     private readonly FusedLayout _layout;
     private readonly Activation _act;
 
-    /// <summary>Creates the block with options <paramref name="o"/>.</summary>
-    public ParallelBlock(BlockOptions o, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(ParallelBlock))
+    /// <summary>Creates the block with options <paramref name="options"/>.</summary>
+    public ParallelBlock(BlockOptions options, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(ParallelBlock))
     {
-        ArgumentNullException.ThrowIfNull(o);
-        o.Check();
-        (_heads, _layout, _act) = (o.NumHeads, o.Layout, o.Act);
+        ArgumentNullException.ThrowIfNull(options);
+        options.Check();
+        (_heads, _layout, _act) = (options.NumHeads, options.Layout, options.Act);
         var l = _layout;
-        in_norm = o.NewNorm(o.Dim, device, dtype);
-        in_proj = nn.Linear(o.Dim, l.InFeatures, hasBias: l.InProjBias, device: device, dtype: dtype);
-        if (l.SeparateMlpBias) mlp_bias = Param.Of(torch.zeros(o.MlpDim, dtype: dtype, device: device));
-        if (o.QkNorm)
+        in_norm = options.NewNorm(options.Dim, device, dtype);
+        in_proj = nn.Linear(options.Dim, l.InFeatures, hasBias: l.InProjBias, device: device, dtype: dtype);
+        if (l.SeparateMlpBias) mlp_bias = Param.Of(torch.zeros(options.MlpDim, dtype: dtype, device: device));
+        if (options.QkNorm)
         {
-            q_norm = o.NewNorm(o.HeadDim, device, dtype);
-            k_norm = o.NewNorm(o.HeadDim, device, dtype);
+            q_norm = options.NewNorm(options.HeadDim, device, dtype);
+            k_norm = options.NewNorm(options.HeadDim, device, dtype);
         }
         if (l.FuseOutProj)
         {
-            out_proj = nn.Linear(l.OutFeatures, o.Dim, hasBias: l.OutProjBias, device: device, dtype: dtype);
+            out_proj = nn.Linear(l.OutFeatures, options.Dim, hasBias: l.OutProjBias, device: device, dtype: dtype);
         }
         else
         {
-            attn_out_proj = nn.Linear(o.Dim, o.Dim, hasBias: l.AttnOutProjBias, device: device, dtype: dtype);
-            mlp_out_proj = nn.Linear(o.MlpDim, o.Dim, hasBias: l.MlpOutProjBias, device: device, dtype: dtype);
+            attn_out_proj = nn.Linear(options.Dim, options.Dim, hasBias: l.AttnOutProjBias, device: device, dtype: dtype);
+            mlp_out_proj = nn.Linear(options.MlpDim, options.Dim, hasBias: l.MlpOutProjBias, device: device, dtype: dtype);
         }
         RegisterComponents();
     }

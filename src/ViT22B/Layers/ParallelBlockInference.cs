@@ -15,20 +15,21 @@ internal static class ParallelBlockInference
     public static Tensor Forward(Tensor x, Tensor y, Linear inProj, Tensor? mlpBias, Linear? outProj, Linear? attnOutProj,
         Linear? mlpOutProj, FusedLayout layout, int heads, Norm? qNorm, Norm? kNorm, Activation act)
     {
-        long d = layout.Dim, f = layout.MlpDim;
+        var (mlpRows, qkvRows) = (layout.InMlpRows, layout.InQkvRows);
+        var (attnCols, mlpCols) = (layout.OutAttnColumns, layout.OutMlpColumns);
         var w = inProj.weight!;
         var b = inProj.bias;
-        var u = nn.functional.linear(y, w.narrow(0, 0, f), b?.narrow(0, 0, f) ?? mlpBias);      // [B, N, F]
-        var qkv = nn.functional.linear(y, w.narrow(0, f, 3 * d), b?.narrow(0, f, 3 * d));       // [B, N, 3D]
-        var p = qkv.chunk(3, -1);
+        var u = nn.functional.linear(y, w.narrow(0, mlpRows.Start, mlpRows.Length), b?.narrow(0, mlpRows.Start, mlpRows.Length) ?? mlpBias);  // [B, N, F]
+        var qkv = nn.functional.linear(y, w.narrow(0, qkvRows.Start, qkvRows.Length), b?.narrow(0, qkvRows.Start, qkvRows.Length));       // [B, N, 3D]
+        var p = qkv.chunk(3, -1);                                                               // q | k | v
         var z = AttentionOps.Attend(p[0], p[1], p[2], heads, qNorm, kNorm);                     // [B, N, D]
         var g = Act.Apply(u, act, inPlace: true);                                               // [B, N, F]
         Tensor outp;
         if (outProj is not null)
         {
             var wo = outProj.weight!;
-            outp = nn.functional.linear(z, wo.narrow(1, 0, d), outProj.bias);
-            AddLinear(outp, g, wo.narrow(1, d, f));
+            outp = nn.functional.linear(z, wo.narrow(1, attnCols.Start, attnCols.Length), outProj.bias);
+            AddLinear(outp, g, wo.narrow(1, mlpCols.Start, mlpCols.Length));
         }
         else
         {

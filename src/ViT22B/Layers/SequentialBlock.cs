@@ -14,14 +14,14 @@ public sealed class SequentialBlock : nn.Module<Tensor, Tensor>
     private readonly Attention attn;
     private readonly Mlp mlp;
 
-    /// <summary>Creates the block with options <paramref name="o"/>.</summary>
-    public SequentialBlock(BlockOptions o, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(SequentialBlock))
+    /// <summary>Creates the block with options <paramref name="options"/>.</summary>
+    public SequentialBlock(BlockOptions options, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(SequentialBlock))
     {
-        ArgumentNullException.ThrowIfNull(o);
-        norm1 = o.NewNorm(o.Dim, device, dtype);
-        attn = new Attention(o, device, dtype);
-        norm2 = o.NewNorm(o.Dim, device, dtype);
-        mlp = new Mlp(o.Dim, o.MlpDim, o.MlpBias, o.Act, device, dtype);
+        ArgumentNullException.ThrowIfNull(options);
+        norm1 = options.NewNorm(options.Dim, device, dtype);
+        attn = new Attention(options, device, dtype);
+        norm2 = options.NewNorm(options.Dim, device, dtype);
+        mlp = new Mlp(options.Dim, options.MlpDim, options.MlpBias, options.Act, device, dtype);
         RegisterComponents();
     }
 

@@ -38,7 +38,7 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
     private readonly Parameter? cls_token;
     private readonly Parameter? pos_embed;
     private readonly Norm? norm_pre;
-    private readonly BlockStack blocks;
+    private readonly nn.Module blocks;   // an Encoder, or the sharded encoder: a BlockStack<TBlock> either way
     private readonly Norm? norm;
     private readonly MapHead? attn_pool;
     private readonly Norm? fc_norm;
@@ -60,7 +60,7 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
     /// shard this way, with its sharded encoder and an initialization that uses the full parameters' bounds).
     /// </summary>
     internal VisionTransformer(ViTConfig config, Device? device, ScalarType? dtype,
-        Func<ViTConfig, Device, ScalarType, BlockStack> blockStack, Action<VisionTransformer> initialize)
+        Func<ViTConfig, Device, ScalarType, IBlockStack> blockStack, Action<VisionTransformer> initialize)
         : base(nameof(VisionTransformer))
     {
         ArgumentNullException.ThrowIfNull(blockStack);
@@ -81,7 +81,7 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
             pos_embed = Param.Of(torch.zeros(1, slots, c.EmbedDim, dtype: dt, device: device));
         }
         if (c.PreNorm) norm_pre = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
-        blocks = blockStack(c, device, dt);
+        blocks = (nn.Module)blockStack(c, device, dt);
         if (c.GlobalPool == GlobalPool.Gap) fc_norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
         else norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
         if (c.GlobalPool == GlobalPool.Map) attn_pool = new MapHead(c.BlockOptions, device, dt);
@@ -113,7 +113,7 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         var x = patch_embed.call(images);
         x = AddPositions(x, gh, gw);
         if (norm_pre is not null) x = norm_pre.call(x);
-        x = blocks.forward(x);
+        x = ((IBlockStack)blocks).forward(x);
         if (norm is not null) x = norm.call(x);
         return x.MoveToOuterDisposeScope();
     }

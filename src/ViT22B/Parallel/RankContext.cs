@@ -15,8 +15,14 @@ public sealed record RankContext(DeviceMesh Mesh, int Rank, ICommunicator Model,
     /// <summary>Disposes the communicators that are disposable (each once).</summary>
     public void Dispose()
     {
-        (Model as IDisposable)?.Dispose();
-        if (!ReferenceEquals(Data, Model)) (Data as IDisposable)?.Dispose();
+        try
+        {
+            (Model as IDisposable)?.Dispose();
+        }
+        finally
+        {
+            if (!ReferenceEquals(Data, Model)) (Data as IDisposable)?.Dispose();
+        }
     }
 
     /// <summary>The rank's device.</summary>

@@ -9,14 +9,14 @@ namespace ViT22B.Parallel;
 /// (token-major [T_r, B, D]), runs the sharded blocks, and all-gathers the chunks back to [B, T, D] for the
 /// replicated final norm and head.
 /// </summary>
-internal sealed class ShardedEncoder : BlockStack
+internal sealed class ShardedEncoder : BlockStack<nn.Module<Tensor, long[], Tensor>>
 {
     private readonly ShardContext _s;
 
     /// <summary>Creates the shards of <paramref name="depth"/> blocks of kind <paramref name="kind"/>.</summary>
     public ShardedEncoder(BlockKind kind, int depth, BlockOptions o, ShardContext s, Device device, ScalarType dtype)
         : base(Enumerable.Range(0, depth).Select(i => kind == BlockKind.Parallel
-            ? (nn.Module)new ShardedParallelBlock(o, i, s, device, dtype)
+            ? (nn.Module<Tensor, long[], Tensor>)new ShardedParallelBlock(o, i, s, device, dtype)
             : new ShardedSequentialBlock(o, i, s, device, dtype)).ToArray())
     {
         _s = s;
@@ -35,7 +35,7 @@ internal sealed class ShardedEncoder : BlockStack
         long total = x.shape[1];
         var counts = TokenPartition.Counts(total, comm.Size);
         var h = Regions.ScatterTokens(x.transpose(0, 1), comm, counts);              // [T_r, B, D]
-        foreach (var block in this) h = ((nn.Module<Tensor, long[], Tensor>)block).call(h, counts);
+        foreach (var block in this) h = block.call(h, counts);
         return Regions.GatherTokens(h, comm, counts).transpose(0, 1).MoveToOuterDisposeScope();
     }
 }

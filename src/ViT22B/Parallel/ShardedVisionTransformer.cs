@@ -30,7 +30,8 @@ public sealed class ShardedVisionTransformer : IDisposable
     /// <summary>
     /// Creates this rank's shard on its device, allocating only its shards, initialized from the same distributions
     /// as the full model (big_vision init with the full parameters' bounds). Takes ownership of
-    /// <paramref name="rank"/>: disposing the shard disposes it.
+    /// <paramref name="rank"/> once built: disposing the shard disposes it (and its communicators), so a context serves
+    /// one shard. If the constructor throws, the caller keeps the context.
     /// </summary>
     /// <exception cref="ArgumentException">The plan is for another mesh shape than the rank's.</exception>
     public ShardedVisionTransformer(ShardingPlan plan, RankContext rank, CommMode mode = CommMode.Overlapped, ScalarType? dtype = null)
@@ -65,7 +66,14 @@ public sealed class ShardedVisionTransformer : IDisposable
     public int DataIndex => _s.DataIndex;
 
     /// <summary>Bytes of this rank's parameters (local; no communication).</summary>
-    public long ParameterBytes => Module.parameters().Sum(p => p.numel() * p.element_size());
+    public long ParameterBytes
+    {
+        get
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            return Module.parameters().Sum(p => p.numel() * p.element_size());
+        }
+    }
 
     /// <summary>This rank's images [B_r, C, H, W] → its logits (or pooled embeddings) [B_r, …]; the ranks of a
     /// model-axis group pass the same images.</summary>
@@ -183,17 +191,31 @@ public sealed class ShardedVisionTransformer : IDisposable
     }
 
     /// <summary>Saves this rank's shard into a sharded checkpoint folder (<see cref="ShardedCheckpoint.Save"/>).</summary>
-    public void Save(string folder) => ShardedCheckpoint.Save(this, folder);
+    public void Save(string folder)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        ShardedCheckpoint.Save(this, folder);
+    }
 
     /// <summary>Loads a sharded checkpoint written with any mesh (<see cref="ShardedCheckpoint.Load"/>).</summary>
-    public void Load(string folder) => ShardedCheckpoint.Load(this, folder);
+    public void Load(string folder)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        ShardedCheckpoint.Load(this, folder);
+    }
 
     /// <summary>Disposes the module and the rank context (with its communicators).</summary>
     public void Dispose()
     {
         if (_disposed) return;
         _disposed = true;
-        Module.Dispose();
-        Rank.Dispose();
+        try
+        {
+            Module.Dispose();
+        }
+        finally
+        {
+            Rank.Dispose();
+        }
     }
 }

@@ -241,7 +241,7 @@ public sealed class Trainer
     /// <see cref="Fit"/> continues where it stopped and checks that its loader gives the same data order.</summary>
     public void LoadCheckpoint(string path)
     {
-        var (position, order) = TrainingCheckpoint.Load(path, _model, _optimizer, _schedule);
+        var (position, order) = TrainingCheckpoint.Load(_model, path, _optimizer, _schedule);
         Position = position;
         _resumedDataOrder = order.Length == 0 ? null : order;
         LastCheckpoint = (path, position.Step);

@@ -85,7 +85,7 @@ public static class TrainingCheckpoint
     /// schedule, or missing tensors).
     /// </summary>
     /// <exception cref="InvalidDataException">The checkpoint does not fit (the message names the file and what differs).</exception>
-    public static (TrainingPosition Position, string DataOrder) Load(string path, VisionTransformer model, Optimizer optimizer, ILearningRateSchedule schedule)
+    public static (TrainingPosition Position, string DataOrder) Load(VisionTransformer model, string path, Optimizer optimizer, ILearningRateSchedule schedule)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(optimizer);

@@ -170,13 +170,14 @@ public class ShardedModelTests
     }
 
     [Theory]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 2, 2, true)]
-    [InlineData(Backend.Threaded, BlockKind.Sequential, 1, 4, false)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 2, 2, true)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 1, 2, false)]
-    public void Unshard_over_the_mesh_gives_back_the_full_state_dict_on_every_rank(Backend backend, BlockKind block, int data, int model, bool fsdp)
+    [InlineData(Backend.Threaded, BlockKind.Parallel, 2, 2, true, true)]
+    [InlineData(Backend.Threaded, BlockKind.Parallel, 1, 4, false, true)]
+    [InlineData(Backend.Threaded, BlockKind.Sequential, 1, 4, false, true)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 2, 2, true, false)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 1, 2, false, true)]
+    public void Unshard_over_the_mesh_gives_back_the_full_state_dict_on_every_rank(Backend backend, BlockKind block, int data, int model, bool fsdp, bool fused)
     {
-        var c = Config(block, fused: block == BlockKind.Parallel && model != 2);
+        var c = Config(block, fused);
         using var full = new VisionTransformer(c, torch.CPU, ScalarType.Float32);
         TestUtil.Randomize(full, seed: 21);
         var expected = full.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
@@ -193,6 +194,25 @@ public class ShardedModelTests
             foreach (var (key, value) in expected)
                 Assert.True(got[key].equal(value).all().item<bool>(), $"{key}: [{string.Join(", ", got[key].shape)}] differs from the full parameter");
         }
+    }
+
+    [Fact]
+    public void Disposing_a_shard_disposes_its_rank_context_and_nothing_reaches_the_communicator_afterwards()
+    {
+        var c = Config(BlockKind.Parallel);
+        var plan = new ShardingPlan(c, 2);
+        using var images = TestUtil.RandomImages(c, 1, seed: 3, ScalarType.Float32);
+        Backends.Run(Backend.NcclStandIn, new DeviceMesh(1, 2), ctx =>
+        {
+            var shard = new ShardedVisionTransformer(plan, ctx);
+            shard.Dispose();
+            shard.Dispose();                                                    // a second dispose does nothing
+            Assert.Throws<ObjectDisposedException>(() => shard.Forward(images));
+            Assert.Throws<ObjectDisposedException>(() => shard.Save("unused"));
+            using var one = torch.ones(1);
+            Assert.Throws<ObjectDisposedException>(() => ctx.Model.AllReduce(one));
+            return 0;
+        });
     }
 
     [Fact]
@@ -217,7 +237,7 @@ public class ShardedModelTests
     public void A_peer_failing_during_backward_is_an_exception_on_the_other_ranks_not_a_crash(Backend backend)
     {
         // libtorch calls the ring functions' backward from native code, where an escaping .NET exception would end
-        // the test host; the failure must come back from ShardedModel.Backward instead. The in-process world tells the
+        // the test host; the failure must come back from ShardedVisionTransformer.Backward instead. The in-process world tells the
         // peers at once; NCCL does not, so there the peer's collective fails at its (short) timeout and aborts.
         var c = Config(BlockKind.Parallel);
         var plan = new ShardingPlan(c, 2, 1);
