@@ -40,9 +40,15 @@ internal sealed class Reference
 
     private Tensor Linear(string prefix, Tensor x) => Linear(x, W(prefix + "weight"), Opt(prefix + "bias"));
 
-    public Tensor Gelu(Tensor x) => _c.Act == Activation.Gelu
-        ? 0.5 * x * (1 + (x / Math.Sqrt(2)).erf())
-        : 0.5 * x * (1 + (Math.Sqrt(2 / Math.PI) * (x + 0.044715 * x * x * x)).tanh());
+    public Tensor Gelu(Tensor x) => _c.Act switch
+    {
+        Activation.Gelu => 0.5 * x * (1 + (x / Math.Sqrt(2)).erf()),
+        Activation.GeluTanh => 0.5 * x * (1 + (Math.Sqrt(2 / Math.PI) * (x + 0.044715 * x * x * x)).tanh()),
+        _ => x / (1 + (-1.702 * x).exp()),                                            // QuickGELU: x·σ(1.702x)
+    };
+
+    // LayerScale: the branch times γ (per channel), when the state dict has one.
+    private Tensor Scale(string key, Tensor branch) => Opt(key) is { } gamma ? branch * gamma : branch;
 
     public static Tensor Softmax(Tensor s)
     {
@@ -73,9 +79,9 @@ internal sealed class Reference
         var k = qkv.narrow(-1, dim, dim);
         var v = qkv.narrow(-1, 2 * dim, dim);
         var z = Mha(q, k, v, _c.QkNorm ? p + "attn.q_norm." : null, _c.QkNorm ? p + "attn.k_norm." : null);
-        var x1 = x + Linear(p + "attn.proj.", z);
+        var x1 = x + Scale(p + "ls1.gamma", Linear(p + "attn.proj.", z));
         var hdn = Gelu(Linear(p + "mlp.fc1.", Norm(p + "norm2.", x1)));
-        return x1 + Linear(p + "mlp.fc2.", hdn);
+        return x1 + Scale(p + "ls2.gamma", Linear(p + "mlp.fc2.", hdn));
     }
 
     public Tensor ParallelBlock(string p, Tensor x)
@@ -93,7 +99,7 @@ internal sealed class Reference
         Tensor outp = _sd.ContainsKey(p + "out_proj.weight")
             ? Linear(torch.cat(new[] { z, g }, -1), W(p + "out_proj.weight"), Opt(p + "out_proj.bias"))
             : Linear(p + "attn_out_proj.", z) + Linear(p + "mlp_out_proj.", g);
-        return x + outp;
+        return x + Scale(p + "ls.gamma", outp);
     }
 
     public Tensor MapHead(Tensor x)

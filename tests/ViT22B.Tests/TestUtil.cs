@@ -71,6 +71,7 @@ internal static class TestUtil
             yield return ($"{b}-xp", t with { Norm = NormKind.RmsNorm, PreNorm = true, ClassToken = true, NoEmbedClass = true, GlobalPool = GlobalPool.Token, FuseOutProj = false });
             yield return ($"{b}-nobias", t with { QkvBias = false, MlpBias = false, ProjBias = false, NormBias = false, PreNorm = true, GlobalPool = GlobalPool.Gap, NumClasses = 3 });
             yield return ($"{b}-unfused-gelu", t with { FuseOutProj = false, Act = Activation.Gelu, ProjBias = false, NormBias = true, InChans = 1 });
+            yield return ($"{b}-layerscale-quickgelu", t with { InitValues = 1e-5, Act = Activation.QuickGelu, ClassToken = true, GlobalPool = GlobalPool.Token, NumClasses = 4 });
         }
     }
 }

@@ -54,7 +54,8 @@ public static class ModelAccounting
         long qkNorms = c.QkNorm ? 2 * Norm(hd) : 0;
 
         var fl = c.BlockOptions.Layout;
-        long block = c.Block == BlockKind.Sequential
+        long layerScales = c.InitValues is null ? 0 : (c.Block == BlockKind.Sequential ? 2 * d : d);
+        long block = layerScales + (c.Block == BlockKind.Sequential
             ? 2 * Norm(d)
               + 3 * d * d + (c.QkvBias ? 3 * d : 0) + qkNorms
               + d * d + (c.ProjBias ? d : 0)
@@ -63,7 +64,7 @@ public static class ModelAccounting
               + fl.InFeatures * d + (fl.InProjBias ? fl.InFeatures : 0) + (fl.SeparateMlpBias ? f : 0) + qkNorms
               + (fl.FuseOutProj
                   ? fl.OutFeatures * d + (fl.OutProjBias ? d : 0)
-                  : d * d + (fl.AttnOutProjBias ? d : 0) + f * d + (fl.MlpOutProjBias ? d : 0));
+                  : d * d + (fl.AttnOutProjBias ? d : 0) + f * d + (fl.MlpOutProjBias ? d : 0)));
 
         long map = c.GlobalPool == GlobalPool.Map
             ? d /* latent */ + (d * d + d) /* q */ + (2 * d * d + 2 * d) /* kv */ + (d * d + d) /* proj */ + Norm(d)

@@ -41,12 +41,19 @@ public sealed record BlockOptions(long Dim, int NumHeads, long MlpDim)
     public bool FuseOutProj { get; init; } = true;
     /// <summary>MLP activation.</summary>
     public Activation Act { get; init; } = Activation.GeluTanh;
+    /// <summary>LayerScale's initial value (<see cref="LayerScale"/> on each residual branch of the classic block,
+    /// keys <c>ls1</c>, <c>ls2</c>; on the parallel block's summed output, key <c>ls</c>), or null for none.</summary>
+    public double? InitValues { get; init; }
 
     /// <summary>Head dimension d = D / H.</summary>
     public long HeadDim => Dim / NumHeads;
 
     /// <summary>The parallel block's fused projection layout and bias rules for these options.</summary>
     public FusedLayout Layout => new(Dim, MlpDim, QkvBias, MlpBias, ProjBias, FuseOutProj);
+
+    /// <summary>A LayerScale over the block's width when the options ask for one, else null.</summary>
+    internal LayerScale? NewLayerScale(Device? device, ScalarType dtype) =>
+        InitValues is { } v ? new LayerScale(Dim, v, device, dtype) : null;
 
     /// <summary>A norm of this block's kind over <paramref name="dim"/> features.</summary>
     internal Norm NewNorm(long dim, Device? device, ScalarType dtype) => new(dim, Norm, NormBias, NormEps, device, dtype);
@@ -58,6 +65,8 @@ public sealed record BlockOptions(long Dim, int NumHeads, long MlpDim)
             throw new ArgumentException($"Block options need a positive width ({Dim}), head count ({NumHeads}) and MLP size ({MlpDim}).");
         if (Dim % NumHeads != 0)
             throw new ArgumentException($"Block width {Dim} is not divisible by {NumHeads} heads.");
+        if (InitValues is { } v && !(double.IsFinite(v) && v > 0))
+            throw new ArgumentException($"LayerScale's initial value must be a positive number (or absent), found {v}.");
         return this;
     }
 }

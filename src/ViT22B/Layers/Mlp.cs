@@ -11,6 +11,8 @@ public enum Activation
     Gelu,
     /// <summary>tanh-approximated GELU (Flax default, so big_vision checkpoints).</summary>
     GeluTanh,
+    /// <summary>QuickGELU, <c>x·sigmoid(1.702·x)</c> (OpenAI CLIP; timm <c>quick_gelu</c>).</summary>
+    QuickGelu,
 }
 
 /// <summary>Two-layer MLP, <c>fc2(act(fc1(x)))</c> (timm <c>Mlp</c>; keys <c>fc1.*</c>, <c>fc2.*</c>).</summary>
@@ -41,8 +43,13 @@ public sealed class Mlp : nn.Module<Tensor, Tensor>
 /// <summary>The activation functions of <see cref="Activation"/>.</summary>
 internal static class Act
 {
-    /// <summary>Applies exact or tanh-approximated GELU; <paramref name="inPlace"/> overwrites <paramref name="x"/>
-    /// (only when no gradient flows through it: saves one activation-sized allocation).</summary>
-    public static Tensor Apply(Tensor x, Activation act, bool inPlace = false) => nn.functional.gelu(x,
-        act == Activation.Gelu ? TorchSharp.Modules.GELU.Approximate.none : TorchSharp.Modules.GELU.Approximate.tanh, inPlace);
+    /// <summary>Applies the activation; <paramref name="inPlace"/> overwrites <paramref name="x"/> (only when no
+    /// gradient flows through it: saves one activation-sized allocation).</summary>
+    public static Tensor Apply(Tensor x, Activation act, bool inPlace = false) => act switch
+    {
+        Activation.Gelu => nn.functional.gelu(x, TorchSharp.Modules.GELU.Approximate.none, inPlace),
+        Activation.GeluTanh => nn.functional.gelu(x, TorchSharp.Modules.GELU.Approximate.tanh, inPlace),
+        Activation.QuickGelu => inPlace ? x.mul_(torch.sigmoid(x * 1.702)) : x * torch.sigmoid(x * 1.702),
+        _ => throw new ArgumentOutOfRangeException(nameof(act), act, "Unknown activation."),
+    };
 }

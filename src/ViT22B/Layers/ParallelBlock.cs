@@ -13,9 +13,10 @@ namespace ViT22B.Layers;
 /// x'        = x + [Z | GELU(U)]·W_outᵀ + b_out       fused out-projection W_out [D, D+F], columns attn | mlp
 /// </code>
 /// Keys: <c>in_norm</c>, <c>in_proj</c>, <c>mlp_bias</c>, <c>q_norm</c>, <c>k_norm</c>, and either <c>out_proj</c>
-/// (fused) or timm's unfused <c>attn_out_proj</c> + <c>mlp_out_proj</c>; which rows and columns hold what and which
-/// biases exist is <see cref="FusedLayout"/>'s. <see cref="FuseOutProjection"/> converts unfused weights to the fused
-/// layout (the two biases add).
+/// (fused) or timm's unfused <c>attn_out_proj</c> + <c>mlp_out_proj</c>, and <c>ls.gamma</c> when a
+/// <see cref="LayerScale"/> scales the summed branches (<see cref="BlockOptions.InitValues"/>; timm has the same single
+/// <c>ls</c>); which rows and columns hold what and which biases exist is <see cref="FusedLayout"/>'s.
+/// <see cref="FuseOutProjection"/> converts unfused weights to the fused layout (the two biases add).
 /// </summary>
 public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
 {
@@ -24,6 +25,7 @@ public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
     private readonly Parameter? mlp_bias;
     private readonly Norm? q_norm, k_norm;
     private readonly Linear? out_proj, attn_out_proj, mlp_out_proj;
+    private readonly LayerScale? ls;
     private readonly int _heads;
     private readonly FusedLayout _layout;
     private readonly Activation _act;
@@ -52,6 +54,7 @@ public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
             attn_out_proj = nn.Linear(options.Dim, options.Dim, hasBias: l.AttnOutProjBias, device: device, dtype: dtype);
             mlp_out_proj = nn.Linear(options.MlpDim, options.Dim, hasBias: l.MlpOutProjBias, device: device, dtype: dtype);
         }
+        ls = options.NewLayerScale(device, dtype);
         RegisterComponents();
     }
 
@@ -64,7 +67,7 @@ public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
         var y = in_norm.call(x);                                                               // y = Norm(x)
         bool recording = torch.is_grad_enabled() && (y.requires_grad || parameters().Any(q => q.requires_grad));
         if (!recording)
-            return ParallelBlockInference.Forward(x, y, in_proj, mlp_bias, out_proj, attn_out_proj, mlp_out_proj,
+            return ParallelBlockInference.Forward(x, y, in_proj, mlp_bias, out_proj, attn_out_proj, mlp_out_proj, ls,
                 _layout, _heads, q_norm, k_norm, _act).MoveToOuterDisposeScope();
         var p = in_proj.forward(y).split(_layout.InSplit, -1);                                 // [U|Q|K|V] = y·W_inᵀ
         var u = mlp_bias is null ? p[0] : p[0] + mlp_bias;
@@ -73,6 +76,7 @@ public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
         var outp = out_proj is not null
             ? out_proj.forward(torch.cat(new[] { z, g }, -1))                                  // [Z | GELU(U)]·W_outᵀ + b_out
             : attn_out_proj!.forward(z) + mlp_out_proj!.forward(g);
+        if (ls is not null) outp = ls.call(outp);                                              // LayerScale (optional)
         return (x + outp).MoveToOuterDisposeScope();                                           // x' = x + …
     }
 

@@ -13,7 +13,7 @@ namespace ViT22B.Layers;
 internal static class ParallelBlockInference
 {
     public static Tensor Forward(Tensor x, Tensor y, Linear inProj, Tensor? mlpBias, Linear? outProj, Linear? attnOutProj,
-        Linear? mlpOutProj, FusedLayout layout, int heads, Norm? qNorm, Norm? kNorm, Activation act)
+        Linear? mlpOutProj, LayerScale? ls, FusedLayout layout, int heads, Norm? qNorm, Norm? kNorm, Activation act)
     {
         var (mlpRows, qkvRows) = (layout.InMlpRows, layout.InQkvRows);
         var (attnCols, mlpCols) = (layout.OutAttnColumns, layout.OutMlpColumns);
@@ -37,6 +37,7 @@ internal static class ParallelBlockInference
             AddLinear(outp, g, mlpOutProj!.weight!);
             if (mlpOutProj.bias is not null) outp.add_(mlpOutProj.bias);
         }
+        ls?.ScaleInPlace(outp);
         return x + outp;
     }
 

@@ -69,8 +69,12 @@ public sealed record ViTConfig
     /// <summary>Parallel block: one fused out-projection <c>out_proj</c> [D, D+F] (columns attention | MLP)
     /// instead of timm's default <c>attn_out_proj</c> + <c>mlp_out_proj</c>. JSON <c>fuse_out_proj</c>.</summary>
     public bool FuseOutProj { get; init; } = true;
-    /// <summary>MLP activation. JSON <c>act</c>: "gelu" | "gelu_tanh".</summary>
+    /// <summary>MLP activation. JSON <c>act</c>: "gelu" | "gelu_tanh" | "quick_gelu".</summary>
     public Activation Act { get; init; } = Activation.GeluTanh;
+    /// <summary>LayerScale's initial value (timm <c>init_values</c>): each residual branch of a classic block is
+    /// scaled per channel (<c>ls1.gamma</c>, <c>ls2.gamma</c>), a parallel block's summed branches once
+    /// (<c>ls.gamma</c>); null = no LayerScale. JSON <c>init_values</c> (a number or null).</summary>
+    public double? InitValues { get; init; }
     /// <summary>Prepend a learned class token. JSON <c>class_token</c>.</summary>
     public bool ClassToken { get; init; }
     /// <summary>With a class token and a learned position embedding: add the embedding to the patch tokens only
@@ -111,7 +115,7 @@ public sealed record ViTConfig
     public BlockOptions BlockOptions => new(EmbedDim, NumHeads, MlpDim)
     {
         QkvBias = QkvBias, QkNorm = QkNorm, Norm = Norm, NormBias = NormBias, NormEps = NormEps, MlpBias = MlpBias,
-        ProjBias = ProjBias, FuseOutProj = FuseOutProj, Act = Act,
+        ProjBias = ProjBias, FuseOutProj = FuseOutProj, Act = Act, InitValues = InitValues,
     };
 
     /// <summary>Throws <see cref="ArgumentException"/> naming the first inconsistent knob.</summary>
@@ -127,6 +131,7 @@ public sealed record ViTConfig
         Require(EmbedDim % NumHeads == 0, $"embed_dim {EmbedDim} is not divisible by num_heads {NumHeads}.");
         Require(NumClasses >= 0, $"num_classes must be >= 0, found {NumClasses}.");
         Require(NormEps > 0 && double.IsFinite(NormEps), $"norm_eps must be a positive number, found {NormEps}.");
+        Require(InitValues is null || InitValues > 0 && double.IsFinite(InitValues.Value), $"init_values must be a positive number or null, found {InitValues}.");
         Require(!(Norm == NormKind.RmsNorm && NormBias), "norm_bias requires norm \"layernorm\" (RMSNorm has no bias).");
         Require(!(GlobalPool == GlobalPool.Token && !ClassToken), "global_pool \"token\" requires class_token = true.");
         Require(!(Block == BlockKind.Parallel && QkvBias && !MlpBias),

@@ -10,8 +10,8 @@ namespace ViT22B.Models;
 /// <summary>
 /// JSON form of <see cref="ViTConfig"/> with timm-style snake_case keys (<c>img_size, patch_size, in_chans,
 /// embed_dim, depth, num_heads, mlp_dim, block, qkv_bias, qk_norm, norm, norm_bias, mlp_bias, proj_bias,
-/// fuse_out_proj, act, class_token, no_embed_class, pre_norm, global_pool, pos_embed, num_classes, norm_eps,
-/// dynamic_img_size, dtype</c>). Missing keys keep the <see cref="ViTConfig"/> defaults; unknown keys, values of
+/// fuse_out_proj, act, init_values, class_token, no_embed_class, pre_norm, global_pool, pos_embed, num_classes,
+/// norm_eps, dynamic_img_size, dtype</c>). Missing keys keep the <see cref="ViTConfig"/> defaults; unknown keys, values of
 /// the wrong type and unknown enum values are errors that name the key (and the file, when read from one).
 /// </summary>
 public static class ViTConfigJson
@@ -19,7 +19,7 @@ public static class ViTConfigJson
     private static readonly string[] Keys =
     {
         "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim", "block", "qkv_bias",
-        "qk_norm", "norm", "norm_bias", "mlp_bias", "proj_bias", "fuse_out_proj", "act", "class_token",
+        "qk_norm", "norm", "norm_bias", "mlp_bias", "proj_bias", "fuse_out_proj", "act", "init_values", "class_token",
         "no_embed_class", "pre_norm", "global_pool", "pos_embed", "num_classes", "norm_eps", "dynamic_img_size", "dtype",
     };
 
@@ -46,7 +46,9 @@ public static class ViTConfigJson
             w.WriteBoolean("mlp_bias", c.MlpBias);
             w.WriteBoolean("proj_bias", c.ProjBias);
             w.WriteBoolean("fuse_out_proj", c.FuseOutProj);
-            w.WriteString("act", c.Act == Activation.Gelu ? "gelu" : "gelu_tanh");
+            w.WriteString("act", Name(c.Act, Activations));
+            if (c.InitValues is { } iv) w.WriteNumber("init_values", iv);
+            else w.WriteNull("init_values");
             w.WriteBoolean("class_token", c.ClassToken);
             w.WriteBoolean("no_embed_class", c.NoEmbedClass);
             w.WriteBoolean("pre_norm", c.PreNorm);
@@ -102,7 +104,8 @@ public static class ViTConfigJson
                     "mlp_bias" => c with { MlpBias = Bool(where, p) },
                     "proj_bias" => c with { ProjBias = Bool(where, p) },
                     "fuse_out_proj" => c with { FuseOutProj = Bool(where, p) },
-                    "act" => c with { Act = Choice(where, p, ("gelu", Activation.Gelu), ("gelu_tanh", Activation.GeluTanh)) },
+                    "act" => c with { Act = Choice(where, p, Activations) },
+                    "init_values" => c with { InitValues = v.ValueKind == JsonValueKind.Null ? null : Number(where, p) },
                     "class_token" => c with { ClassToken = Bool(where, p) },
                     "no_embed_class" => c with { NoEmbedClass = Bool(where, p) },
                     "pre_norm" => c with { PreNorm = Bool(where, p) },
@@ -120,6 +123,12 @@ public static class ViTConfigJson
     }
 
     private static readonly (string Name, BlockKind Value)[] Blocks = { ("parallel", BlockKind.Parallel), ("sequential", BlockKind.Sequential) };
+
+    private static readonly (string Name, Activation Value)[] Activations =
+        { ("gelu", Activation.Gelu), ("gelu_tanh", Activation.GeluTanh), ("quick_gelu", Activation.QuickGelu) };
+
+    private static string Name<T>(T value, (string Name, T Value)[] options) where T : struct, Enum =>
+        options.First(o => EqualityComparer<T>.Default.Equals(o.Value, value)).Name;
 
     private static readonly (string Name, torch.ScalarType Value)[] DTypes =
     {

@@ -45,6 +45,7 @@ internal sealed class ShardedParallelBlock : nn.Module<Tensor, long[], Tensor>
     private readonly Parameter? mlp_bias;
     private readonly Norm? q_norm, k_norm;
     private readonly LinearShard? out_proj, attn_out_proj, mlp_out_proj;
+    private readonly LayerScale? ls;
     private readonly ShardContext _s;
     private readonly FusedLayout _layout;
     private readonly Activation _act;
@@ -70,6 +71,7 @@ internal sealed class ShardedParallelBlock : nn.Module<Tensor, long[], Tensor>
             attn_out_proj = new LinearShard(s, prefix + "attn_out_proj.", d, d, l.AttnOutProjBias, dtype, device);
             mlp_out_proj = new LinearShard(s, prefix + "mlp_out_proj.", d, f, l.MlpOutProjBias, dtype, device);
         }
+        ls = o.NewLayerScale(device, dtype);
         RegisterComponents();
     }
 
@@ -97,6 +99,7 @@ internal sealed class ShardedParallelBlock : nn.Module<Tensor, long[], Tensor>
         }
         var y = Regions.MatmulReduceScatter(h, w, comm, counts, _s.Mode);                              // [T_r, B, D]
         if (bias is not null) y = y + bias;
+        if (ls is not null) y = ls.call(y);
         return (x + y).MoveToOuterDisposeScope();
     }
 }
@@ -111,6 +114,7 @@ internal sealed class ShardedSequentialBlock : nn.Module<Tensor, long[], Tensor>
     private readonly Norm norm1, norm2;
     private readonly AttnShard attn;
     private readonly MlpShard mlp;
+    private readonly LayerScale? ls1, ls2;
     private readonly ShardContext _s;
     private readonly Activation _act;
 
@@ -154,6 +158,8 @@ internal sealed class ShardedSequentialBlock : nn.Module<Tensor, long[], Tensor>
         attn = new AttnShard(o, s, prefix + "attn.", device, dtype);
         norm2 = o.NewNorm(o.Dim, device, dtype);
         mlp = new MlpShard(o, s, prefix + "mlp.", device, dtype);
+        ls1 = o.NewLayerScale(device, dtype);
+        ls2 = o.NewLayerScale(device, dtype);
         RegisterComponents();
     }
 
@@ -171,11 +177,13 @@ internal sealed class ShardedSequentialBlock : nn.Module<Tensor, long[], Tensor>
             _s.Plan.HeadsPerRank, attn.q_norm, attn.k_norm).transpose(0, 1);
         var y = Regions.MatmulReduceScatter(z, attn.proj.Weight(_s), comm, counts, _s.Mode);
         if (attn.proj.Bias is not null) y = y + attn.proj.Bias;
+        if (ls1 is not null) y = ls1.call(y);
         var x1 = x + y;
         var hdn = Regions.AllGatherMatmul(norm2.call(x1), mlp.fc1.Weight(_s), comm, counts, _s.Mode);
         if (mlp.fc1.Bias is not null) hdn = hdn + mlp.fc1.Bias;
         var m = Regions.MatmulReduceScatter(Act.Apply(hdn, _act), mlp.fc2.Weight(_s), comm, counts, _s.Mode);
         if (mlp.fc2.Bias is not null) m = m + mlp.fc2.Bias;
+        if (ls2 is not null) m = ls2.call(m);
         return (x1 + m).MoveToOuterDisposeScope();
     }
 }

@@ -152,6 +152,24 @@ public class StateDictKeysTests
     }
 
     [Fact]
+    public void LayerScale_keys_are_timms_and_start_at_init_values()
+    {
+        // timm Block: ls1, ls2 (LayerScale, parameter gamma [D]); ParallelScalingBlock: one ls after the summed branches.
+        var seq = TestUtil.Tiny(BlockKind.Sequential) with { InitValues = 1e-5 };
+        var par = TestUtil.Tiny(BlockKind.Parallel) with { InitValues = 1e-5 };
+        var seqKeys = Keys(seq);
+        var parKeys = Keys(par);
+        Assert.Equal(new long[] { seq.EmbedDim }, seqKeys["blocks.0.ls1.gamma"]);
+        Assert.Equal(new long[] { seq.EmbedDim }, seqKeys["blocks.0.ls2.gamma"]);
+        Assert.Equal(new long[] { par.EmbedDim }, parKeys["blocks.0.ls.gamma"]);
+        Assert.DoesNotContain(parKeys.Keys, k => k.Contains(".ls1.") || k.Contains(".ls2."));
+        Assert.DoesNotContain(Keys(TestUtil.Tiny(BlockKind.Sequential)).Keys, k => k.Contains("gamma"));
+        using var model = new VisionTransformer(seq, torch.CPU, ScalarType.Float64);
+        foreach (var (key, p) in model.named_parameters().Where(p => p.name.EndsWith("gamma", StringComparison.Ordinal)))
+            Assert.True(p.eq(1e-5).all().item<bool>(), $"{key} is not initialized to init_values");
+    }
+
+    [Fact]
     public void Bias_free_variant_has_no_bias_parameters_at_all()
     {
         foreach (var block in new[] { BlockKind.Parallel, BlockKind.Sequential })

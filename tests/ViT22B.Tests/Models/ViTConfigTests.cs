@@ -64,11 +64,25 @@ public class ViTConfigTests
         };
         string json = ViTConfigJson.ToJson(c);
         foreach (var key in new[] { "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim", "block", "qkv_bias", "qk_norm",
-                     "norm", "norm_bias", "mlp_bias", "proj_bias", "fuse_out_proj", "act", "class_token", "global_pool", "pos_embed", "num_classes", "norm_eps" })
+                     "norm", "norm_bias", "mlp_bias", "proj_bias", "fuse_out_proj", "act", "init_values", "class_token", "global_pool", "pos_embed",
+                     "num_classes", "norm_eps" })
             Assert.Contains($"\"{key}\"", json);
         Assert.Equal(c, ViTConfigJson.FromJson(json));
+        var scaled = c with { InitValues = 1e-6, Act = Activation.QuickGelu };
+        string scaledJson = ViTConfigJson.ToJson(scaled);
+        Assert.Contains("\"quick_gelu\"", scaledJson);
+        Assert.Equal(scaled, ViTConfigJson.FromJson(scaledJson));
         foreach (var preset in ViTConfig.PresetNames)
             Assert.Equal(ViTConfig.Parse(preset), ViTConfigJson.FromJson(ViTConfigJson.ToJson(ViTConfig.Parse(preset))));
+    }
+
+    [Fact]
+    public void Init_values_is_a_positive_number_or_null()
+    {
+        Assert.Null(ViTConfigJson.FromJson("{\"init_values\": null}").InitValues);
+        Assert.Equal(1e-5, ViTConfigJson.FromJson("{\"init_values\": 1e-5}").InitValues);
+        Assert.Contains("init_values must be a positive number or null, found 0", Assert.Throws<ArgumentException>(() => ViTConfigJson.FromJson("{\"init_values\": 0}")).Message);
+        Assert.Contains("init_values", Assert.Throws<FormatException>(() => ViTConfigJson.FromJson("{\"init_values\": \"small\"}")).Message);
     }
 
     [Fact]

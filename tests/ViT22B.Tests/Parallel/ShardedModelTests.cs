@@ -103,6 +103,14 @@ public class ShardedModelTests
         AssertShardedMatches(backend, Config(block) with { Depth = 1 }, 1, model, CommMode.Overlapped);
 
     [Theory]
+    [InlineData(Backend.Threaded, BlockKind.Parallel)]
+    [InlineData(Backend.Threaded, BlockKind.Sequential)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Parallel)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Sequential)]
+    public void LayerScale_and_quick_gelu_models_match_single_rank(Backend backend, BlockKind block) =>
+        AssertShardedMatches(backend, Config(block) with { InitValues = 0.3, Act = Activation.QuickGelu }, 2, 2, CommMode.Overlapped, fsdp: true);
+
+    [Theory]
     [InlineData(Backend.Threaded)]
     [InlineData(Backend.NcclStandIn)]
     public void Random_communication_delays_change_no_result(Backend backend)
