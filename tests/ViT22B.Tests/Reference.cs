@@ -145,7 +145,11 @@ internal sealed class Reference
     {
         long b = images.shape[0], p = _c.PatchSize, gh = images.shape[2] / p, gw = images.shape[3] / p;
         var x = PatchEmbed(images);
-        Tensor? cls = _c.ClassToken ? W("cls_token").expand(b, 1, _c.EmbedDim) : null;
+        // Prefix tokens: the class token, then the register tokens (timm's order).
+        var parts = new List<Tensor>();
+        if (_c.ClassToken) parts.Add(W("cls_token").expand(b, 1, _c.EmbedDim));
+        if (_c.RegTokens > 0) parts.Add(W("reg_token").expand(b, _c.RegTokens, _c.EmbedDim));
+        Tensor? cls = parts.Count == 0 ? null : torch.cat(parts.ToArray(), 1);
         if (_c.PosEmbed == PosEmbedKind.SinCos2d)
         {
             x = x + SinCos(gh, gw, _c.EmbedDim);
@@ -161,7 +165,7 @@ internal sealed class Reference
         for (int i = 0; i < _c.Depth; i++)
             x = _c.Block == BlockKind.Parallel ? ParallelBlock($"blocks.{i}.", x) : SequentialBlock($"blocks.{i}.", x);
         if (_c.GlobalPool != GlobalPool.Gap) x = Norm("norm.", x);
-        int prefix = _c.ClassToken ? 1 : 0;
+        int prefix = (_c.ClassToken ? 1 : 0) + _c.RegTokens;
         var pooled = _c.GlobalPool switch
         {
             GlobalPool.Map => MapHead(x),

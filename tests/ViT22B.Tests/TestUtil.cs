@@ -71,7 +71,8 @@ internal static class TestUtil
             yield return ($"{b}-xp", t with { Norm = NormKind.RmsNorm, PreNorm = true, ClassToken = true, NoEmbedClass = true, GlobalPool = GlobalPool.Token, FuseOutProj = false });
             yield return ($"{b}-nobias", t with { QkvBias = false, MlpBias = false, ProjBias = false, NormBias = false, PreNorm = true, GlobalPool = GlobalPool.Gap, NumClasses = 3 });
             yield return ($"{b}-unfused-gelu", t with { FuseOutProj = false, Act = Activation.Gelu, ProjBias = false, NormBias = true, InChans = 1 });
-            yield return ($"{b}-layerscale-quickgelu", t with { InitValues = 1e-5, Act = Activation.QuickGelu, ClassToken = true, GlobalPool = GlobalPool.Token, NumClasses = 4 });
+            yield return ($"{b}-layerscale-quickgelu-registers", t with { InitValues = 1e-5, Act = Activation.QuickGelu, ClassToken = true, RegTokens = 2, GlobalPool = GlobalPool.Token, NumClasses = 4 });
+            yield return ($"{b}-registers-no-embed-class-gap", t with { RegTokens = 3, ClassToken = true, NoEmbedClass = true, GlobalPool = GlobalPool.Gap, NormBias = true });
         }
     }
 }

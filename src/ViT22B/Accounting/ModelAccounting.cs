@@ -14,13 +14,14 @@ namespace ViT22B.Accounting;
 /// <param name="FinalNorm">The final <c>norm</c> (or <c>fc_norm</c> with GAP).</param>
 /// <param name="PoolHead">The MAP head.</param>
 /// <param name="Classifier">The linear classifier.</param>
+/// <param name="RegTokens">Register tokens.</param>
 public sealed record ParameterCount(long PatchEmbed, long PosEmbed, long ClassToken, long NormPre, long Blocks,
-    long BlockMatmulWeights, long FinalNorm, long PoolHead, long Classifier)
+    long BlockMatmulWeights, long FinalNorm, long PoolHead, long Classifier, long RegTokens = 0)
 {
     /// <summary>Everything.</summary>
     public long Total => Backbone + PoolHead + Classifier;
     /// <summary>Everything but the MAP head and the classifier.</summary>
-    public long Backbone => PatchEmbed + PosEmbed + ClassToken + NormPre + Blocks + FinalNorm;
+    public long Backbone => PatchEmbed + PosEmbed + ClassToken + RegTokens + NormPre + Blocks + FinalNorm;
 }
 
 /// <summary>Model FLOPs per image (2 FLOPs per multiply-accumulate, matmuls only; docs/model.md#parameters-and-flops).</summary>
@@ -73,14 +74,15 @@ public static class ModelAccounting
 
         return new ParameterCount(
             PatchEmbed: (long)c.InChans * c.PatchSize * c.PatchSize * d + (c.PreNorm ? 0 : d),
-            PosEmbed: c.PosEmbed == PosEmbedKind.Learn ? (c.NumPatches + (c.ClassToken && !c.NoEmbedClass ? 1 : 0)) * d : 0,
+            PosEmbed: c.PosEmbed == PosEmbedKind.Learn ? (c.NumPatches + (c.NoEmbedClass ? 0 : c.NumPrefixTokens)) * d : 0,
             ClassToken: c.ClassToken ? d : 0,
             NormPre: c.PreNorm ? Norm(d) : 0,
             Blocks: c.Depth * block,
             BlockMatmulWeights: c.Depth * (4 * d * d + 2 * d * f),
             FinalNorm: Norm(d),
             PoolHead: map,
-            Classifier: c.NumClasses > 0 ? c.NumClasses * d + c.NumClasses : 0);
+            Classifier: c.NumClasses > 0 ? c.NumClasses * d + c.NumClasses : 0,
+            RegTokens: (long)c.RegTokens * d);
     }
 
     /// <summary>Model FLOPs per image of <paramref name="c"/> at <see cref="ViTConfig.ImgSize"/>.</summary>

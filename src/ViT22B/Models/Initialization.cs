@@ -49,6 +49,7 @@ public static class Initialization
             }
             else if (key == "pos_embed") p.normal_(0, 1.0 / Math.Sqrt(d));
             else if (key == "cls_token") p.zero_();
+            else if (key == "reg_token") p.normal_(0, 1e-6);                 // timm's init for register tokens
             else if (key == "attn_pool.latent") nn.init.trunc_normal_(p, 0, 1.0 / Math.Sqrt(d), -2, 2);
             else if (key.StartsWith("head.", StringComparison.Ordinal)) p.zero_();
             else if (leaf == "weight" && p.dim() == 2)

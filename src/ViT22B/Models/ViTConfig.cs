@@ -77,9 +77,12 @@ public sealed record ViTConfig
     public double? InitValues { get; init; }
     /// <summary>Prepend a learned class token. JSON <c>class_token</c>.</summary>
     public bool ClassToken { get; init; }
-    /// <summary>With a class token and a learned position embedding: add the embedding to the patch tokens only
-    /// (big_vision order, timm <c>no_embed_class=True</c>) instead of giving the class token its own slot
-    /// (timm default). JSON <c>no_embed_class</c>.</summary>
+    /// <summary>Register tokens (Darcet et al. 2023, DINOv2 "reg4"): learned tokens after the class token that take part
+    /// in attention and are dropped from the outputs (parameter <c>reg_token</c> [1, R, D]). JSON <c>reg_tokens</c>.</summary>
+    public int RegTokens { get; init; }
+    /// <summary>With prefix tokens (class, registers) and a learned position embedding: add the embedding to the
+    /// patch tokens only (big_vision order, timm <c>no_embed_class=True</c>) instead of giving each prefix token a
+    /// slot of its own (timm default). JSON <c>no_embed_class</c>.</summary>
     public bool NoEmbedClass { get; init; }
     /// <summary>timm <c>pre_norm</c>: a norm (<c>norm_pre</c>) after the position embedding, and no patch-embedding
     /// bias. JSON <c>pre_norm</c>.</summary>
@@ -106,8 +109,8 @@ public sealed record ViTConfig
     public int GridSize => ImgSize / PatchSize;
     /// <summary>Patch tokens at <see cref="ImgSize"/>.</summary>
     public int NumPatches => GridSize * GridSize;
-    /// <summary>Tokens before the patch tokens (the class token).</summary>
-    public int NumPrefixTokens => ClassToken ? 1 : 0;
+    /// <summary>Tokens before the patch tokens: the class token, then the register tokens.</summary>
+    public int NumPrefixTokens => (ClassToken ? 1 : 0) + RegTokens;
     /// <summary>Sequence length the encoder sees at <see cref="ImgSize"/>.</summary>
     public int NumTokens => NumPatches + NumPrefixTokens;
 
@@ -134,6 +137,7 @@ public sealed record ViTConfig
         Require(InitValues is null || InitValues > 0 && double.IsFinite(InitValues.Value), $"init_values must be a positive number or null, found {InitValues}.");
         Require(!(Norm == NormKind.RmsNorm && NormBias), "norm_bias requires norm \"layernorm\" (RMSNorm has no bias).");
         Require(!(GlobalPool == GlobalPool.Token && !ClassToken), "global_pool \"token\" requires class_token = true.");
+        Require(RegTokens >= 0, $"reg_tokens must be >= 0, found {RegTokens}.");
         Require(!(Block == BlockKind.Parallel && QkvBias && !MlpBias),
             "a parallel block with qkv_bias = true has one in_proj bias over all F+3D rows, so mlp_bias must be true.");
         Require(PosEmbed != PosEmbedKind.SinCos2d || EmbedDim % 4 == 0, $"pos_embed \"sincos2d\" needs embed_dim divisible by 4, found {EmbedDim}.");

@@ -10,7 +10,7 @@ namespace ViT22B.Models;
 /// <summary>
 /// JSON form of <see cref="ViTConfig"/> with timm-style snake_case keys (<c>img_size, patch_size, in_chans,
 /// embed_dim, depth, num_heads, mlp_dim, block, qkv_bias, qk_norm, norm, norm_bias, mlp_bias, proj_bias,
-/// fuse_out_proj, act, init_values, class_token, no_embed_class, pre_norm, global_pool, pos_embed, num_classes,
+/// fuse_out_proj, act, init_values, class_token, reg_tokens, no_embed_class, pre_norm, global_pool, pos_embed, num_classes,
 /// norm_eps, dynamic_img_size, dtype</c>). Missing keys keep the <see cref="ViTConfig"/> defaults; unknown keys, values of
 /// the wrong type and unknown enum values are errors that name the key (and the file, when read from one).
 /// </summary>
@@ -20,7 +20,7 @@ public static class ViTConfigJson
     {
         "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim", "block", "qkv_bias",
         "qk_norm", "norm", "norm_bias", "mlp_bias", "proj_bias", "fuse_out_proj", "act", "init_values", "class_token",
-        "no_embed_class", "pre_norm", "global_pool", "pos_embed", "num_classes", "norm_eps", "dynamic_img_size", "dtype",
+        "reg_tokens", "no_embed_class", "pre_norm", "global_pool", "pos_embed", "num_classes", "norm_eps", "dynamic_img_size", "dtype",
     };
 
     /// <summary>Serializes every knob (indented).</summary>
@@ -50,6 +50,7 @@ public static class ViTConfigJson
             if (c.InitValues is { } iv) w.WriteNumber("init_values", iv);
             else w.WriteNull("init_values");
             w.WriteBoolean("class_token", c.ClassToken);
+            w.WriteNumber("reg_tokens", c.RegTokens);
             w.WriteBoolean("no_embed_class", c.NoEmbedClass);
             w.WriteBoolean("pre_norm", c.PreNorm);
             w.WriteString("global_pool", c.GlobalPool switch { GlobalPool.Map => "map", GlobalPool.Gap => "gap", _ => "token" });
@@ -107,6 +108,7 @@ public static class ViTConfigJson
                     "act" => c with { Act = Choice(where, p, Activations) },
                     "init_values" => c with { InitValues = v.ValueKind == JsonValueKind.Null ? null : Number(where, p) },
                     "class_token" => c with { ClassToken = Bool(where, p) },
+                    "reg_tokens" => c with { RegTokens = Int(where, p) },
                     "no_embed_class" => c with { NoEmbedClass = Bool(where, p) },
                     "pre_norm" => c with { PreNorm = Bool(where, p) },
                     "global_pool" => c with { GlobalPool = Choice(where, p, ("map", GlobalPool.Map), ("gap", GlobalPool.Gap), ("token", GlobalPool.Token)) },

@@ -36,6 +36,7 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
 {
     private readonly PatchEmbed patch_embed;
     private readonly Parameter? cls_token;
+    private readonly Parameter? reg_token;
     private readonly Parameter? pos_embed;
     private readonly Norm? norm_pre;
     private readonly nn.Module blocks;   // an Encoder, or the sharded encoder: a BlockStack<TBlock> either way
@@ -75,9 +76,10 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
 
         patch_embed = new PatchEmbed(c.InChans, c.EmbedDim, c.PatchSize, bias: !c.PreNorm, device, dt);
         if (c.ClassToken) cls_token = Param.Of(torch.zeros(1, 1, c.EmbedDim, dtype: dt, device: device));
+        if (c.RegTokens > 0) reg_token = Param.Of(torch.zeros(1, c.RegTokens, c.EmbedDim, dtype: dt, device: device));
         if (c.PosEmbed == PosEmbedKind.Learn)
         {
-            int slots = c.NumPatches + (c.ClassToken && !c.NoEmbedClass ? 1 : 0);
+            int slots = c.NumPatches + (c.NoEmbedClass ? 0 : c.NumPrefixTokens);
             pos_embed = Param.Of(torch.zeros(1, slots, c.EmbedDim, dtype: dt, device: device));
         }
         if (c.PreNorm) norm_pre = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
@@ -174,20 +176,21 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         var c = Config;
         using var scope = torch.NewDisposeScope();
         long b = x.shape[0];
-        Tensor? cls = cls_token?.expand(b, -1, -1);
+        var prefixes = new[] { cls_token, reg_token }.Where(t => t is not null).Select(t => t!.expand(b, -1, -1)).ToArray();
+        Tensor? prefix = prefixes.Length == 0 ? null : prefixes.Length == 1 ? prefixes[0] : torch.cat(prefixes, 1);   // [cls | registers]
         Tensor result;
         if (pos_embed is null)
         {
             x = x + SinCosPosEmbed.Table(gh, gw, c.EmbedDim, x.dtype, x.device);
-            result = cls is null ? x : torch.cat(new[] { cls, x }, 1);
+            result = prefix is null ? x : torch.cat(new[] { prefix, x }, 1);
         }
         else
         {
-            bool slot = cls is not null && !c.NoEmbedClass;
+            bool slot = prefix is not null && !c.NoEmbedClass;      // the prefix tokens have position slots of their own
             Tensor pos = pos_embed;
-            if (gh != c.GridSize || gw != c.GridSize) pos = ResamplePosEmbed(pos_embed, slot ? 1 : 0, gh, gw);
-            result = slot ? torch.cat(new[] { cls!, x }, 1) + pos
-                : cls is null ? x + pos : torch.cat(new[] { cls, x + pos }, 1);
+            if (gh != c.GridSize || gw != c.GridSize) pos = ResamplePosEmbed(pos_embed, slot ? c.NumPrefixTokens : 0, gh, gw);
+            result = slot ? torch.cat(new[] { prefix!, x }, 1) + pos
+                : prefix is null ? x + pos : torch.cat(new[] { prefix, x + pos }, 1);
         }
         return result.MoveToOuterDisposeScope();
     }

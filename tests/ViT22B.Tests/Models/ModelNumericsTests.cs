@@ -185,10 +185,12 @@ public class ModelNumericsTests
         Assert.True(checkedCount > 20);
     }
 
-    [Fact]
-    public void Dynamic_image_size_resamples_position_embedding()
+    [Theory]
+    [InlineData(0)]
+    [InlineData(2)]
+    public void Dynamic_image_size_resamples_position_embedding(int regTokens)
     {
-        var c = TestUtil.Tiny(BlockKind.Parallel) with { DynamicImgSize = true, ClassToken = true };
+        var c = TestUtil.Tiny(BlockKind.Parallel) with { DynamicImgSize = true, ClassToken = true, RegTokens = regTokens };
         using var model = new VisionTransformer(c, torch.CPU, ScalarType.Float64);
         TestUtil.Randomize(model, seed: 19);
         using var scope = torch.NewDisposeScope();

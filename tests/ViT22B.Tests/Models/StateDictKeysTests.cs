@@ -169,6 +169,20 @@ public class StateDictKeysTests
             Assert.True(p.eq(1e-5).all().item<bool>(), $"{key} is not initialized to init_values");
     }
 
+    [Theory]
+    [InlineData(false, 1 + 4 + 16)]
+    [InlineData(true, 16)]
+    public void Register_tokens_are_timms_reg_token_with_position_slots_unless_no_embed_class(bool noEmbedClass, int slots)
+    {
+        // timm VisionTransformer: reg_token [1, R, D]; pos_embed covers the prefix tokens unless no_embed_class.
+        var c = TestUtil.Tiny(BlockKind.Sequential) with { ClassToken = true, RegTokens = 4, NoEmbedClass = noEmbedClass };
+        var keys = Keys(c);
+        Assert.Equal(new long[] { 1, 4, c.EmbedDim }, keys["reg_token"]);
+        Assert.Equal(new long[] { 1, slots, c.EmbedDim }, keys["pos_embed"]);
+        Assert.Equal(16, c.NumPatches);
+        Assert.Equal(5, c.NumPrefixTokens);
+    }
+
     [Fact]
     public void Bias_free_variant_has_no_bias_parameters_at_all()
     {

@@ -107,8 +107,8 @@ public class ShardedModelTests
     [InlineData(Backend.Threaded, BlockKind.Sequential)]
     [InlineData(Backend.NcclStandIn, BlockKind.Parallel)]
     [InlineData(Backend.NcclStandIn, BlockKind.Sequential)]
-    public void LayerScale_and_quick_gelu_models_match_single_rank(Backend backend, BlockKind block) =>
-        AssertShardedMatches(backend, Config(block) with { InitValues = 0.3, Act = Activation.QuickGelu }, 2, 2, CommMode.Overlapped, fsdp: true);
+    public void LayerScale_quick_gelu_and_register_models_match_single_rank(Backend backend, BlockKind block) =>
+        AssertShardedMatches(backend, Config(block) with { InitValues = 0.3, Act = Activation.QuickGelu, RegTokens = 2 }, 2, 2, CommMode.Overlapped, fsdp: true);
 
     [Theory]
     [InlineData(Backend.Threaded)]
