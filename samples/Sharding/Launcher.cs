@@ -8,6 +8,7 @@ internal static class Launcher
 {
     public static int Run(int n, MeshArgs? nccl)
     {
+        if (n < 1) throw new ArgumentException($"launch needs at least 1 process, found {n}.");
         var workerArgs = nccl is null
             ? new List<string> { "rendezvous-check" }
             : new List<string> { "nccl", "--data", $"{nccl.Data}", "--model", $"{nccl.Model}", "--mode", $"{nccl.Mode}", "--batch-size", $"{nccl.Batch}" };

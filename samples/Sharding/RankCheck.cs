@@ -15,6 +15,8 @@ internal sealed record MeshArgs(int Data, int Model, CommMode Mode, bool Fsdp, i
 
     public ShardingPlan Plan()
     {
+        if (Data < 1 || Model < 1 || Batch < 1)
+            throw new ArgumentException($"--data ({Data}), --model ({Model}) and --batch-size ({Batch}) must be at least 1.");
         if (Batch % Data != 0) throw new ArgumentException($"The batch of {Batch} does not split evenly over a data axis of {Data}.");
         return new ShardingPlan(Config, Model, Data, Fsdp);
     }
