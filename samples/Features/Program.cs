@@ -1,7 +1,7 @@
 // Features: run a ViT from a config (preset or JSON) and safetensors weights over a folder of images or a
 // safetensors file of images, and write features/tokens/logits as safetensors.
 //
-//   dotnet run --project samples/Features -- --config <preset|file.json> [--weights <file.safetensors>]
+//   dotnet run --project samples/Features -- --config <preset|timm name|file.json> [--weights <file.safetensors>]
 //       --input <dir|file.safetensors> --output <file.safetensors>
 using System.CommandLine;
 using System.Text.Json;
@@ -13,7 +13,7 @@ using ViT22B.Interop;
 using ViT22B.Models;
 using static TorchSharp.torch;
 
-var configOption = new Option<string>("--config") { Description = "Preset (e.g. B/16, 22B/14, So400m/14) or a config JSON file.", Required = true };
+var configOption = new Option<string>("--config") { Description = "Preset (e.g. B/16, 22B/14, So400m/14), timm model name (e.g. vit_so400m_patch14_siglip_224) or a config JSON file.", Required = true };
 var weightsOption = new Option<FileInfo?>("--weights") { Description = "Safetensors weights with timm keys; without it a seeded random init is used." };
 var inputOption = new Option<string>("--input") { Description = "A folder of images, or a safetensors file holding 'images' [N, C, H, W] float32.", Required = true };
 var outputOption = new Option<FileInfo>("--output") { Description = "Safetensors file to write: 'features' [N, D], 'tokens' [N, T, D] and, with a classifier, 'logits' [N, C].", Required = true };
@@ -44,7 +44,9 @@ return root.Parse(args).Invoke();
 
 static void Run(string configArg, FileInfo? weights, string input, FileInfo output, long seed, int batchSize, string deviceArg, string? dtypeArg, PixelNormalization norm)
 {
-    var config = File.Exists(configArg) ? ViTConfigJson.Load(configArg) : ViTConfig.Parse(configArg);
+    var config = File.Exists(configArg) ? ViTConfigJson.Load(configArg)
+        : ViTConfig.TimmNames.Contains(configArg) ? ViTConfig.FromTimm(configArg)
+        : ViTConfig.Parse(configArg);
     var dtype = dtypeArg is null ? config.DType : ViTConfigJson.ParseDType(dtypeArg);
     var device = new Device(deviceArg);
     using var images = LoadInput(input, config, norm, out var names);

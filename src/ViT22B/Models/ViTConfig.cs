@@ -215,4 +215,21 @@ public sealed record ViTConfig
             throw new ArgumentException($"ViT preset '{preset}': patch size {patch} does not divide the preset image size 224; set ImgSize with 'with {{ ImgSize = … }}' after parsing a supported patch size.", nameof(preset));
         return cfg.Validate();
     }
+
+    /// <summary>The timm model names <see cref="FromTimm"/> knows.</summary>
+    public static IReadOnlyList<string> TimmNames { get; } = TimmArchitectures.Configs.Keys.ToArray();
+
+    /// <summary>
+    /// The architecture timm builds for <paramref name="name"/> (<c>timm.create_model(name)</c> without weights), e.g.
+    /// <c>"vit_so400m_patch14_siglip_224"</c>, <c>"vit_base_patch14_reg4_dinov2"</c> or <c>"deit3_base_patch16_224"</c>:
+    /// the same shapes, options and state-dict keys, the image size and class count of the name's default pretrained
+    /// tag (DINOv2 at 518 px without a classifier; SigLIP without a classifier). Change them with <c>with</c>.
+    /// </summary>
+    /// <exception cref="ArgumentException">A name this library does not know (the message lists the known ones).</exception>
+    public static ViTConfig FromTimm(string name)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        return TimmArchitectures.Configs.TryGetValue(name.Trim(), out var c) ? c.Validate()
+            : throw new ArgumentException($"Unknown timm model '{name}'; known: {string.Join(", ", TimmNames)}.", nameof(name));
+    }
 }
