@@ -105,7 +105,8 @@ public sealed record ViTConfig
 
     /// <summary>Head dimension d = D / H.</summary>
     public int HeadDim => EmbedDim / NumHeads;
-    /// <summary>Patches per side at <see cref="ImgSize"/>.</summary>
+    /// <summary>Patches per side at <see cref="ImgSize"/>: the patch convolution drops a remainder, as timm and
+    /// big_vision do (So400m/14 at 384 px sees 27 × 27 patches and ignores the last 6 pixels).</summary>
     public int GridSize => ImgSize / PatchSize;
     /// <summary>Patch tokens at <see cref="ImgSize"/>.</summary>
     public int NumPatches => GridSize * GridSize;
@@ -130,7 +131,7 @@ public sealed record ViTConfig
         }
         Require(ImgSize > 0 && PatchSize > 0 && InChans > 0, $"img_size ({ImgSize}), patch_size ({PatchSize}) and in_chans ({InChans}) must be positive.");
         Require(EmbedDim > 0 && Depth >= 0 && NumHeads > 0 && MlpDim > 0, $"embed_dim ({EmbedDim}), num_heads ({NumHeads}) and mlp_dim ({MlpDim}) must be positive and depth ({Depth}) non-negative.");
-        Require(ImgSize % PatchSize == 0, $"img_size {ImgSize} is not divisible by patch_size {PatchSize}.");
+        Require(ImgSize >= PatchSize, $"img_size {ImgSize} is smaller than patch_size {PatchSize}.");
         Require(EmbedDim % NumHeads == 0, $"embed_dim {EmbedDim} is not divisible by num_heads {NumHeads}.");
         Require(NumClasses >= 0, $"num_classes must be >= 0, found {NumClasses}.");
         Require(NormEps > 0 && double.IsFinite(NormEps), $"norm_eps must be a positive number, found {NormEps}.");

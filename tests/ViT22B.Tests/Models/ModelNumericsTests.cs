@@ -185,6 +185,26 @@ public class ModelNumericsTests
         Assert.True(checkedCount > 20);
     }
 
+    [Fact]
+    public void An_image_size_that_is_not_a_multiple_of_the_patch_drops_the_remainder()
+    {
+        // 18 px with 4-px patches: a 4 × 4 grid; the last 2 rows and columns are ignored, as the strided convolution
+        // in timm and big_vision ignores them. Same weights, so the model on the 16-px crop gives the same outputs.
+        var c16 = TestUtil.Tiny(BlockKind.Sequential) with { ClassToken = true, GlobalPool = GlobalPool.Token };
+        var c18 = c16 with { ImgSize = 18 };
+        Assert.Equal(c16.NumPatches, c18.NumPatches);
+        using var m16 = new VisionTransformer(c16, torch.CPU, ScalarType.Float64);
+        TestUtil.Randomize(m16, seed: 31);
+        using var m18 = new VisionTransformer(c18, torch.CPU, ScalarType.Float64);
+        m18.load_state_dict(m16.state_dict());
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        var images = TestUtil.RandomImages(c18, 2, seed: 32);
+        var expected = new Reference(m16.state_dict(), c16).Model(images.narrow(2, 0, 16).narrow(3, 0, 16)).Logits!;
+        Assert.True(TestUtil.MaxAbs(m18.call(images), expected) < 1e-10);
+        Assert.Equal(27 * 27, (ViTConfig.Parse("So400m/14") with { ImgSize = 384 }).NumPatches);
+    }
+
     [Theory]
     [InlineData(0)]
     [InlineData(2)]

@@ -62,6 +62,8 @@ public class TimmArchitecturesTests
         Assert.Equal(counted.Order(), ViTConfig.TimmNames.Order());
         Assert.Equal(37 * 37 + 1 + 4, ViTConfig.FromTimm("vit_base_patch14_reg4_dinov2").NumTokens);   // 518 / 14 = 37
         Assert.Equal(27 * 27, ViTConfig.FromTimm("vit_so400m_patch14_siglip_378").NumTokens);
+        // At 384 px (timm's vit_so400m_patch14_siglip_384) the grid is still 27 × 27: the same parameters.
+        Assert.Equal(428_225_600, ModelAccounting.Parameters(ViTConfig.FromTimm("vit_so400m_patch14_siglip_378") with { ImgSize = 384 }).Total);
     }
 
     [Fact]

@@ -121,7 +121,7 @@ public class ViTConfigTests
 
     [Theory]
     [InlineData("{\"embed_dim\": 30, \"num_heads\": 4}", "embed_dim 30 is not divisible by num_heads 4")]
-    [InlineData("{\"img_size\": 230, \"patch_size\": 16}", "img_size 230 is not divisible by patch_size 16")]
+    [InlineData("{\"img_size\": 12, \"patch_size\": 16}", "img_size 12 is smaller than patch_size 16")]
     [InlineData("{\"norm\": \"rmsnorm\", \"norm_bias\": true}", "norm_bias requires norm \"layernorm\"")]
     [InlineData("{\"global_pool\": \"token\", \"class_token\": false}", "global_pool \"token\" requires class_token")]
     [InlineData("{\"embed_dim\": 18, \"num_heads\": 3, \"pos_embed\": \"sincos2d\"}", "divisible by 4")]
