@@ -82,7 +82,9 @@ public static class Initialization
         }
     }
 
-    private static void FillWhole(string key, Tensor w, int axis, IReadOnlyList<(long Start, long End, double Bound)> ranges)
+    /// <summary>Fills <paramref name="ranges"/> of <paramref name="w"/> along <paramref name="axis"/> as they lie in the full
+    /// weight (the whole weight, or a shard cut along another axis).</summary>
+    internal static void FillWhole(string key, Tensor w, int axis, IReadOnlyList<(long Start, long End, double Bound)> ranges)
     {
         if (ranges[^1].End != w.shape[axis])
             throw new InvalidOperationException($"Weight '{key}' of shape [{string.Join(", ", w.shape)}] does not have the {ranges[^1].End} rows/columns its sub-blocks need along axis {axis}.");

@@ -84,6 +84,16 @@ public static class CommunicatorExtensions
     /// <summary>Broadcast from <paramref name="root"/>.</summary>
     public static Tensor Broadcast(this ICommunicator c, Tensor tensor, int root) => c.BroadcastAsync(tensor, root).Wait();
 
+    /// <summary>All-gather along dimension <paramref name="dim"/>: the ranks' tensors concatenated there in rank
+    /// order (<paramref name="counts"/>: every rank's size along it); contiguous.</summary>
+    internal static Tensor AllGatherAlong(this ICommunicator c, Tensor local, IReadOnlyList<long> counts, int dim)
+    {
+        if (dim == 0) return c.AllGather(local, counts);
+        using var scope = TorchSharp.torch.NewDisposeScope();
+        var gathered = c.AllGather(local.transpose(0, dim).contiguous(), counts);
+        return gathered.transpose(0, dim).contiguous().MoveToOuterDisposeScope();
+    }
+
     /// <summary>Ring permute by <paramref name="shift"/> (see <see cref="ICommunicator.PermuteAsync"/>).</summary>
     public static Tensor Permute(this ICommunicator c, Tensor send, int shift, long receiveRows = -1) => c.PermuteAsync(send, shift, receiveRows).Wait();
 }

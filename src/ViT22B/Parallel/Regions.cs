@@ -147,10 +147,7 @@ internal sealed class FsdpGatherFunction : torch.autograd.SingleTensorFunction<F
         ctx.save_data("counts", counts);
         ctx.save_data("dim", dim);
         ctx.save_data("shape", shard.shape);
-        using var scope = torch.NewDisposeScope();
-        var moved = dim == 0 ? shard : shard.transpose(0, dim).contiguous();
-        var full = comm.AllGather(moved, counts);
-        return (dim == 0 ? full : full.transpose(0, dim).contiguous()).MoveToOuterDisposeScope();
+        return comm.AllGatherAlong(shard, counts, dim);
     }
 
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)

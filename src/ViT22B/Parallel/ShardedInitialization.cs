@@ -19,18 +19,16 @@ internal static class ShardedInitialization
             if (!spec.LocalShape.SequenceEqual(p.shape))
                 throw new InvalidOperationException($"Parameter '{key}' has shape [{string.Join(", ", p.shape)}] but the plan gives this rank [{string.Join(", ", spec.LocalShape)}].");
         }
-        Initialization.Initialize(shard, key => shapes[key], (key, w, axis, ranges) => Xavier(w, plan.Spec(key, shapes[key], model, data), axis, ranges));
+        Initialization.Initialize(shard, key => shapes[key], (key, w, axis, ranges) => Xavier(key, w, plan.Spec(key, shapes[key], model, data), axis, ranges));
     }
 
     // When the shard is cut along the sub-blocks' axis, each local range is mapped back to its full index to find its
     // sub-block; otherwise the sub-blocks lie across the local tensor as they do across the full one.
-    private static void Xavier(Tensor w, ShardSpec spec, int axis, IReadOnlyList<(long Start, long End, double Bound)> ranges)
+    private static void Xavier(string key, Tensor w, ShardSpec spec, int axis, IReadOnlyList<(long Start, long End, double Bound)> ranges)
     {
         if (spec.Dim != axis || spec.IsWhole)
         {
-            if (spec.Dim == axis && ranges[^1].End != w.shape[axis])
-                throw new InvalidOperationException($"Weight of shape [{string.Join(", ", w.shape)}] does not have the {ranges[^1].End} rows/columns its sub-blocks need along axis {axis}.");
-            foreach (var (a, b, bound) in ranges) w.narrow(axis, a, b - a).uniform_(-bound, bound);
+            Initialization.FillWhole(key, w, axis, ranges);
             return;
         }
         long local = 0;

@@ -159,14 +159,14 @@ public sealed class ShardedVisionTransformer : IDisposable
             var full = shapes[key];
             var t = p.detach();
             if (Plan.IsFsdpSharded(key, full))
-                t = GatherAlong(t, Rank.Data, Plan.FsdpCounts(key, full, ModelIndex), Plan.FsdpDim(key, full));
+                t = Rank.Data.AllGatherAlong(t, Plan.FsdpCounts(key, full, ModelIndex), Plan.FsdpDim(key, full));
             var mine = Plan.ModelSpec(key, full, ModelIndex);
             Tensor whole;
             if (mine.IsWhole) whole = t.cpu().clone();
             else
             {
                 var specs = Enumerable.Range(0, Plan.ModelSize).Select(m => Plan.ModelSpec(key, full, m)).ToArray();
-                var gathered = GatherAlong(t, Rank.Model, specs.Select(sp => sp.LocalShape[sp.Dim]).ToArray(), mine.Dim).cpu();
+                var gathered = Rank.Model.AllGatherAlong(t, specs.Select(sp => sp.LocalShape[sp.Dim]).ToArray(), mine.Dim).cpu();
                 whole = torch.empty(full, dtype: t.dtype, device: torch.CPU);
                 long offset = 0;
                 foreach (var sp in specs)
@@ -179,15 +179,6 @@ public sealed class ShardedVisionTransformer : IDisposable
             result[key] = whole.DetachFromDisposeScope();
         }
         return result;
-    }
-
-    // All-gather the ranks' tensors along `dim` (concatenated in rank order).
-    private static Tensor GatherAlong(Tensor t, ICommunicator comm, long[] counts, int dim)
-    {
-        if (comm.Size == 1) return t;
-        var moved = dim == 0 ? t.contiguous() : t.transpose(0, dim).contiguous();
-        var all = comm.AllGather(moved, counts);
-        return dim == 0 ? all : all.transpose(0, dim);
     }
 
     /// <summary>Saves this rank's shard into a sharded checkpoint folder (<see cref="ShardedCheckpoint.Save"/>).</summary>

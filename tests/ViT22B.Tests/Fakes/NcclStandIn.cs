@@ -791,20 +791,8 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         var result = new byte[parts[0].Length];
         switch (type)
         {
-            case NcclDataType.Float64:
-            {
-                var acc = new double[result.Length / 8];
-                foreach (var p in parts) { var v = MemoryMarshal.Cast<byte, double>(p); for (int i = 0; i < acc.Length; i++) acc[i] += v[i]; }
-                MemoryMarshal.Cast<double, byte>(acc).CopyTo(result);
-                break;
-            }
-            case NcclDataType.Float32:
-            {
-                var acc = new float[result.Length / 4];
-                foreach (var p in parts) { var v = MemoryMarshal.Cast<byte, float>(p); for (int i = 0; i < acc.Length; i++) acc[i] += v[i]; }
-                MemoryMarshal.Cast<float, byte>(acc).CopyTo(result);
-                break;
-            }
+            case NcclDataType.Float64: Sum<double>(parts, result); break;
+            case NcclDataType.Float32: Sum<float>(parts, result); break;
             case NcclDataType.BFloat16 or NcclDataType.Float16:
             {
                 bool bf16 = type == NcclDataType.BFloat16;
@@ -819,24 +807,24 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
                 }
                 break;
             }
-            case NcclDataType.Int64:
-            {
-                var acc = new long[result.Length / 8];
-                foreach (var p in parts) { var v = MemoryMarshal.Cast<byte, long>(p); for (int i = 0; i < acc.Length; i++) acc[i] += v[i]; }
-                MemoryMarshal.Cast<long, byte>(acc).CopyTo(result);
-                break;
-            }
-            case NcclDataType.Int32:
-            {
-                var acc = new int[result.Length / 4];
-                foreach (var p in parts) { var v = MemoryMarshal.Cast<byte, int>(p); for (int i = 0; i < acc.Length; i++) acc[i] += v[i]; }
-                MemoryMarshal.Cast<int, byte>(acc).CopyTo(result);
-                break;
-            }
+            case NcclDataType.Int64: Sum<long>(parts, result); break;
+            case NcclDataType.Int32: Sum<int>(parts, result); break;
             default:
                 throw new NotSupportedException($"The stand-in does not reduce {type}.");
         }
         return result;
+    }
+
+    // result = Σ parts, element type T, added in the order of parts.
+    private static void Sum<T>(byte[][] parts, byte[] result) where T : unmanaged, System.Numerics.INumber<T>
+    {
+        var acc = new T[result.Length / System.Runtime.CompilerServices.Unsafe.SizeOf<T>()];
+        foreach (var p in parts)
+        {
+            var v = MemoryMarshal.Cast<byte, T>(p);
+            for (int i = 0; i < acc.Length; i++) acc[i] += v[i];
+        }
+        MemoryMarshal.Cast<T, byte>(acc).CopyTo(result);
     }
 
     private static ushort ToBFloat16(float f)
