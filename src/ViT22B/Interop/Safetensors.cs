@@ -31,7 +31,7 @@ public sealed record SafetensorsEntry(string Name, string DType, ScalarType Scal
 /// I32, I16, I8, U8 and BOOL. Tensors are streamed one at a time in 1 MiB chunks (files and tensors over 2 GB work;
 /// the file is never read whole into managed memory). Writes are atomic (temporary file, flush, rename).
 /// </summary>
-public sealed class SafetensorsReader : IDisposable
+public sealed class SafetensorsReader : ITensorSource
 {
     /// <summary>Largest header accepted (the reference implementation's limit).</summary>
     public const long MaxHeaderBytes = 100_000_000;
@@ -79,6 +79,13 @@ public sealed class SafetensorsReader : IDisposable
 
     /// <summary>True when the file holds a tensor of that name.</summary>
     public bool Contains(string name) => _byName.ContainsKey(name);
+
+    /// <inheritdoc />
+    public IReadOnlyList<string> Names => _names ??= Entries.Select(e => e.Name).ToArray();
+    private string[]? _names;
+
+    /// <inheritdoc />
+    public long[] ShapeOf(string name) => (long[])this[name].Shape.Clone();
 
     /// <summary>The entry of a tensor.</summary>
     /// <exception cref="KeyNotFoundException">No tensor of that name (the message names the file).</exception>

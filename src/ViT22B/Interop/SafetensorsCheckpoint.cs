@@ -13,6 +13,16 @@ public sealed record ShapeMismatch(string Key, long[] Expected, long[] Found)
     public override string ToString() => $"{Key}: model [{string.Join(", ", Expected)}], checkpoint [{string.Join(", ", Found)}]";
 }
 
+/// <summary>One key that loading changed on the way, and how.</summary>
+/// <param name="Key">The model's state-dict key (for a skipped entry, the checkpoint's key).</param>
+/// <param name="Note">What was done: the source keys a converted tensor came from, the shapes a resampled one went
+/// between, why a key was skipped or re-initialised.</param>
+public sealed record KeyNote(string Key, string Note)
+{
+    /// <inheritdoc />
+    public override string ToString() => $"{Key} ({Note})";
+}
+
 /// <summary>What loading a checkpoint into a model found.</summary>
 /// <param name="Path">The checkpoint file.</param>
 /// <param name="Loaded">Keys copied into the model.</param>
@@ -22,6 +32,26 @@ public sealed record ShapeMismatch(string Key, long[] Expected, long[] Found)
 public sealed record LoadReport(string Path, IReadOnlyList<string> Loaded, IReadOnlyList<string> Missing,
     IReadOnlyList<string> Unexpected, IReadOnlyList<ShapeMismatch> Mismatched)
 {
+    /// <summary>The checkpoint layout the keys were read as (e.g. "timm", "Hugging Face ViT", "big_vision"); "timm"
+    /// for a file in this library's own keys.</summary>
+    public string Layout { get; init; } = "timm";
+
+    /// <summary>Model keys built from checkpoint tensors of other names or layouts (a fused qkv from separate q, k, v;
+    /// a transposed Flax kernel), each with the source keys.</summary>
+    public IReadOnlyList<KeyNote> Converted { get; init; } = [];
+
+    /// <summary>Model keys resampled to the model's shape (position embedding to another grid, patch embedding to
+    /// another patch size).</summary>
+    public IReadOnlyList<KeyNote> Resampled { get; init; } = [];
+
+    /// <summary>Model keys left as initialised by the model because the caller asked for it (a classifier of another
+    /// class count).</summary>
+    public IReadOnlyList<KeyNote> Reinitialized { get; init; } = [];
+
+    /// <summary>Checkpoint keys deliberately not loaded (a text tower, a pooler or classifier the model does not
+    /// have), each with the reason.</summary>
+    public IReadOnlyList<KeyNote> Skipped { get; init; } = [];
+
     /// <summary>True when every model key was loaded and nothing was left over or mismatched.</summary>
     public bool IsExact => Missing.Count == 0 && Unexpected.Count == 0 && Mismatched.Count == 0;
 
@@ -29,7 +59,11 @@ public sealed record LoadReport(string Path, IReadOnlyList<string> Loaded, IRead
     public override string ToString()
     {
         static string List(IEnumerable<object> items) => string.Join("; ", items.Take(20)) + (items.Count() > 20 ? $"; … ({items.Count()} in all)" : "");
-        var parts = new List<string> { $"'{Path}': loaded {Loaded.Count} tensors" };
+        var parts = new List<string> { $"'{Path}' ({Layout} layout): loaded {Loaded.Count} tensors" };
+        if (Converted.Count > 0) parts.Add($"converted {Converted.Count}: {List(Converted)}");
+        if (Resampled.Count > 0) parts.Add($"resampled {Resampled.Count}: {List(Resampled)}");
+        if (Reinitialized.Count > 0) parts.Add($"re-initialised {Reinitialized.Count}: {List(Reinitialized)}");
+        if (Skipped.Count > 0) parts.Add($"skipped {Skipped.Count}: {List(Skipped)}");
         if (Missing.Count > 0) parts.Add($"missing {Missing.Count}: {List(Missing)}");
         if (Unexpected.Count > 0) parts.Add($"unexpected {Unexpected.Count}: {List(Unexpected)}");
         if (Mismatched.Count > 0) parts.Add($"shape mismatches {Mismatched.Count}: {List(Mismatched)}");
@@ -45,7 +79,13 @@ public sealed class CheckpointMismatchException : InvalidOperationException
 
     /// <summary>Creates the exception.</summary>
     public CheckpointMismatchException(LoadReport report)
-        : base($"Checkpoint does not match the model: {report}") => Report = report;
+        : this(report, "")
+    {
+    }
+
+    /// <summary>Creates the exception with a hint appended to the message.</summary>
+    public CheckpointMismatchException(LoadReport report, string hint)
+        : base($"Checkpoint does not match the model: {report}.{hint}") => Report = report;
 }
 
 /// <summary>

@@ -188,23 +188,11 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         {
             bool slot = prefix is not null && !c.NoEmbedClass;      // the prefix tokens have position slots of their own
             Tensor pos = pos_embed;
-            if (gh != c.GridSize || gw != c.GridSize) pos = ResamplePosEmbed(pos_embed, slot ? c.NumPrefixTokens : 0, gh, gw);
+            if (gh != c.GridSize || gw != c.GridSize)
+                pos = EmbeddingResampling.PositionEmbedding(pos_embed, slot ? c.NumPrefixTokens : 0, (c.GridSize, c.GridSize), (gh, gw));
             result = slot ? torch.cat(new[] { prefix!, x }, 1) + pos
                 : prefix is null ? x + pos : torch.cat(new[] { prefix, x + pos }, 1);
         }
-        return result.MoveToOuterDisposeScope();
-    }
-
-    // timm resample_abs_pos_embed: bicubic with antialiasing over the patch grid, prefix slots kept as they are.
-    private Tensor ResamplePosEmbed(Tensor pos, int prefix, long gh, long gw)
-    {
-        var c = Config;
-        using var scope = torch.NewDisposeScope();
-        var grid = pos.narrow(1, prefix, c.NumPatches).to(ScalarType.Float32)
-            .reshape(1, c.GridSize, c.GridSize, c.EmbedDim).permute(0, 3, 1, 2);
-        var resized = nn.functional.interpolate(grid, new[] { gh, gw }, mode: InterpolationMode.Bicubic, align_corners: false, antialias: true)
-            .permute(0, 2, 3, 1).reshape(1, gh * gw, c.EmbedDim).to(pos.dtype);
-        var result = prefix > 0 ? torch.cat(new[] { pos.narrow(1, 0, prefix), resized }, 1) : resized;
         return result.MoveToOuterDisposeScope();
     }
 }

@@ -1,0 +1,31 @@
+using static TorchSharp.torch;
+
+namespace ViT22B.Interop;
+
+/// <summary>
+/// Named tensors read one at a time from a checkpoint on disk: a safetensors file (<see cref="SafetensorsReader"/>),
+/// a Hugging Face sharded checkpoint (<see cref="SafetensorsIndex"/>) or a NumPy <c>.npz</c> archive
+/// (<see cref="NpzReader"/>). Shapes and dtypes are known without reading any tensor data.
+/// </summary>
+public interface ITensorSource : IDisposable
+{
+    /// <summary>The file or index the tensors come from (used in messages).</summary>
+    string Path { get; }
+
+    /// <summary>Tensor names in storage order.</summary>
+    IReadOnlyList<string> Names { get; }
+
+    /// <summary>Metadata stored with the tensors (safetensors <c>__metadata__</c>; empty where the format has none).</summary>
+    IReadOnlyDictionary<string, string> Metadata { get; }
+
+    /// <summary>True when the source holds a tensor of that name.</summary>
+    bool Contains(string name);
+
+    /// <summary>The shape of a tensor, from the header alone.</summary>
+    /// <exception cref="KeyNotFoundException">No tensor of that name (the message names the file).</exception>
+    long[] ShapeOf(string name);
+
+    /// <summary>Reads a tensor into a new CPU tensor of its stored dtype.</summary>
+    /// <exception cref="KeyNotFoundException">No tensor of that name (the message names the file).</exception>
+    Tensor Read(string name);
+}

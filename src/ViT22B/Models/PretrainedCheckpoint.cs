@@ -1,0 +1,232 @@
+using TorchSharp;
+using ViT22B.Interop;
+using static TorchSharp.torch;
+
+namespace ViT22B.Models;
+
+/// <summary>How <see cref="PretrainedCheckpoint.Load(VisionTransformer, string, PretrainedLoadOptions?)"/> adapts a
+/// checkpoint to a model of another resolution, patch size or class count.</summary>
+public sealed record PretrainedLoadOptions
+{
+    /// <summary>Keep the model's freshly initialised classifier (<c>head.*</c>) when the checkpoint's has another class
+    /// count or the checkpoint has none (timm drops the classifier the same way when <c>num_classes</c> differs). Off:
+    /// such a checkpoint is refused. A checkpoint's classifier is always skipped for a model without one.</summary>
+    public bool ResetHead { get; init; }
+
+    /// <summary>Resize a patch-embedding kernel of another patch size to the model's (FlexiViT's pseudo-inverse resize,
+    /// timm <c>resample_patch_embed</c>). Off: such a checkpoint is refused.</summary>
+    public bool ResizePatchEmbed { get; init; }
+
+    /// <summary>Refuse a checkpoint that leaves model keys missing or has keys the model cannot take (default). Off:
+    /// load what fits and report the rest.</summary>
+    public bool Strict { get; init; } = true;
+}
+
+/// <summary>
+/// Loads the checkpoints people have into a <see cref="VisionTransformer"/>: timm's (this library's own keys), Hugging
+/// Face <c>transformers</c> ViT, DINOv2 (with registers), SigLIP and CLIP vision towers, OpenAI/OpenCLIP visual towers and
+/// big_vision <c>.npz</c> files, as one safetensors file, a Hugging Face sharded checkpoint or a folder
+/// (<see cref="TensorSources.Open"/>). The layout is detected from the keys (<see cref="CheckpointLayout"/>) and converted
+/// on the fly, one tensor at a time. As timm's <c>checkpoint_filter_fn</c> does, a position embedding for another image
+/// size is resampled (bicubic, antialiased; prefix slots kept), and on request a patch embedding of another patch size
+/// is resized and a classifier of another class count re-initialised. Nothing is copied unless the whole checkpoint
+/// fits; the <see cref="LoadReport"/> names every key converted, resampled, re-initialised or skipped.
+/// </summary>
+public static class PretrainedCheckpoint
+{
+    /// <summary>Opens <paramref name="path"/> and loads it (see the class summary).</summary>
+    /// <exception cref="CheckpointMismatchException">Shapes that cannot be adapted, or (strict) missing or unexpected keys.</exception>
+    /// <exception cref="CheckpointLayoutException">Keys of no known layout.</exception>
+    public static LoadReport Load(VisionTransformer model, string path, PretrainedLoadOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        using var source = TensorSources.Open(path);
+        return Load(model, source, options);
+    }
+
+    /// <summary>The layout of an open checkpoint.</summary>
+    /// <exception cref="CheckpointLayoutException">Keys of no known layout (the message lists the first keys and the known layouts).</exception>
+    public static CheckpointLayout DetectLayout(ITensorSource source)
+    {
+        ArgumentNullException.ThrowIfNull(source);
+        return CheckpointLayouts.Detect(source).Layout;
+    }
+
+    /// <summary>Loads an open checkpoint (see the class summary).</summary>
+    public static LoadReport Load(VisionTransformer model, ITensorSource source, PretrainedLoadOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(source);
+        options ??= new PretrainedLoadOptions();
+        var c = model.Config;
+        var map = CheckpointLayouts.Map(source);
+        var target = model.state_dict();
+        var recipes = map.Recipes.ToDictionary(r => r.Target, StringComparer.Ordinal);
+
+        var plans = new Dictionary<string, Func<Tensor>>(StringComparer.Ordinal);
+        var loaded = new List<string>();
+        var converted = new List<KeyNote>();
+        var resampled = new List<KeyNote>();
+        var reinitialized = new List<KeyNote>();
+        var skipped = new List<KeyNote>(map.Skipped);
+        var unexpected = new List<string>(map.Unknown);
+        var mismatched = new List<ShapeMismatch>();
+
+        Tensor Read(string name) => source.Read(name);
+        Tensor Meta(string name) => torch.empty(source.ShapeOf(name), dtype: ScalarType.Float32, device: torch.META);
+        long[] ShapeOf(Recipe r)
+        {
+            using var t = r.Build(Meta);
+            return t.shape;
+        }
+        static bool IsHead(string key) => key is "head.weight" or "head.bias";
+
+        // The position embedding last: adapting it may rewrite the class token's plan.
+        foreach (var r in map.Recipes.OrderBy(r => r.Target == "pos_embed"))
+        {
+            long[] shape = ShapeOf(r);
+            if (!target.TryGetValue(r.Target, out var t))
+            {
+                if (IsHead(r.Target) && c.NumClasses == 0) skipped.Add(new KeyNote(r.Target, "the model has no classifier (num_classes 0)"));
+                else unexpected.Add(r.Changed ? $"{r.Target} ({r.Note})" : r.Target);
+                continue;
+            }
+            if (t.shape.SequenceEqual(shape))
+            {
+                plans[r.Target] = () => r.Build(Read);
+                if (r.Changed) converted.Add(new KeyNote(r.Target, r.Note));
+                else loaded.Add(r.Target);
+            }
+            else if (r.Target == "pos_embed" && PlanPositions(model, r, shape, recipes, Read, plans, resampled, converted, loaded)) { }
+            else if (r.Target == "patch_embed.proj.weight" && options.ResizePatchEmbed && shape.Length == 4 && shape[0] == t.shape[0] && shape[1] == t.shape[1])
+            {
+                plans[r.Target] = () =>
+                {
+                    using var w = r.Build(Read);
+                    return EmbeddingResampling.PatchEmbedding(w, t.shape[2], t.shape[3]);
+                };
+                resampled.Add(new KeyNote(r.Target, $"patch {shape[2]}×{shape[3]} → {t.shape[2]}×{t.shape[3]} (FlexiViT pseudo-inverse resize){(r.Changed ? "; " + r.Note : "")}"));
+            }
+            else if (IsHead(r.Target) && options.ResetHead)
+            {
+                reinitialized.Add(new KeyNote(r.Target, $"checkpoint classifier [{string.Join(", ", shape)}], model [{string.Join(", ", t.shape)}]"));
+            }
+            else
+            {
+                mismatched.Add(new ShapeMismatch(r.Changed ? $"{r.Target} ({r.Note})" : r.Target, t.shape, shape));
+            }
+        }
+        var missing = new List<string>();
+        foreach (string key in target.Keys.Where(k => !plans.ContainsKey(k) && !reinitialized.Any(n => n.Key == k) && !mismatched.Any(m => m.Key.Split(' ')[0] == k)))
+        {
+            if (IsHead(key) && options.ResetHead) reinitialized.Add(new KeyNote(key, "the checkpoint has no classifier"));
+            else missing.Add(key);
+        }
+        var report = new LoadReport(source.Path, loaded, missing, unexpected, mismatched)
+        {
+            Layout = LayoutName(map.Layout), Converted = converted, Resampled = resampled, Reinitialized = reinitialized, Skipped = skipped,
+        };
+        if (mismatched.Count > 0 || (options.Strict && (missing.Count > 0 || unexpected.Count > 0)))
+            throw new CheckpointMismatchException(report, HintFor(report, options));
+        using var noGrad = torch.no_grad();
+        foreach (var (key, plan) in plans)
+        {
+            using var value = plan();
+            target[key].copy_(value);
+        }
+        return report;
+    }
+
+    /// <summary>The report's name for a layout.</summary>
+    public static string LayoutName(CheckpointLayout layout) => layout switch
+    {
+        CheckpointLayout.Timm => "timm",
+        CheckpointLayout.HuggingFaceViT => "Hugging Face ViT",
+        CheckpointLayout.HuggingFaceDinov2 => "Hugging Face DINOv2",
+        CheckpointLayout.HuggingFaceSiglip => "Hugging Face SigLIP",
+        CheckpointLayout.HuggingFaceClip => "Hugging Face CLIP",
+        CheckpointLayout.OpenClip => "OpenCLIP",
+        CheckpointLayout.BigVision => "big_vision",
+        _ => layout.ToString(),
+    };
+
+    private static string HintFor(LoadReport report, PretrainedLoadOptions options)
+    {
+        var hints = new List<string>();
+        if (!options.ResetHead && (report.Mismatched.Any(m => m.Key.StartsWith("head.", StringComparison.Ordinal)) || report.Missing.Any(k => k.StartsWith("head.", StringComparison.Ordinal))))
+            hints.Add("the classifier differs: pass ResetHead = true to keep a freshly initialised one");
+        if (!options.ResizePatchEmbed && report.Mismatched.Any(m => m.Key.StartsWith("patch_embed.proj.weight", StringComparison.Ordinal)))
+            hints.Add("the patch size differs: pass ResizePatchEmbed = true to resize the patch embedding, or build the model with the checkpoint's patch size");
+        if (report.Missing.Count > 0 && report.Layout != "timm")
+            hints.Add($"the {report.Layout} checkpoint lacks keys the model needs: is the model's architecture (depth, options) the checkpoint's?");
+        return hints.Count == 0 ? "" : " Hint: " + string.Join("; ", hints) + ".";
+    }
+
+    // The position embedding of another grid or prefix-slot convention; false when it cannot be adapted.
+    private static bool PlanPositions(VisionTransformer model, Recipe r, long[] shape, Dictionary<string, Recipe> recipes,
+        Func<string, Tensor> read, Dictionary<string, Func<Tensor>> plans, List<KeyNote> resampled, List<KeyNote> converted, List<string> loaded)
+    {
+        var c = model.Config;
+        long[] modelShape = model.state_dict()["pos_embed"].shape;
+        if (shape.Length != 3 || shape[0] != 1 || shape[2] != modelShape[2]) return false;
+        long slots = shape[1];
+        int modelPrefix = (int)(modelShape[1] - (long)c.GridSize * c.GridSize);
+        int ps = new[] { modelPrefix, 0, 1 }.Distinct().Where(p => IsSquare(slots - p)).DefaultIfEmpty(-1).First();
+        bool foldIntoClass = ps == 1 && modelPrefix == 0 && c.ClassToken && recipes.ContainsKey("cls_token");
+        if (ps < 0 || (ps != modelPrefix && !(ps == 0 && modelPrefix > 0) && !foldIntoClass)) return false;
+        long oldGrid = (long)Math.Round(Math.Sqrt(slots - ps)), grid = c.GridSize;
+        var how = new List<string>();
+        if (oldGrid != grid) how.Add($"grid {oldGrid}×{oldGrid} → {grid}×{grid} (bicubic, antialiased)");
+        Tensor Grid(Tensor src, int prefix) => oldGrid == grid ? src.alias() : EmbeddingResampling.PositionEmbedding(src, prefix, (oldGrid, oldGrid), (grid, grid));
+        if (ps == modelPrefix)
+        {
+            plans["pos_embed"] = () =>
+            {
+                using var src = r.Build(read);
+                return Grid(src, ps);
+            };
+        }
+        else if (ps == 0)
+        {
+            how.Add($"{modelPrefix} prefix slot(s) added as zeros (the checkpoint's prefix tokens had no position embedding)");
+            plans["pos_embed"] = () =>
+            {
+                using var scope = torch.NewDisposeScope();
+                var src = r.Build(read);
+                return torch.cat(new[] { torch.zeros(1, modelPrefix, src.shape[2], dtype: src.dtype), Grid(src, 0) }, 1).MoveToOuterDisposeScope();
+            };
+        }
+        else
+        {
+            // The model gives prefix tokens no position slot: the checkpoint's class slot is added to the class token
+            // once, which is exact (the class token only ever appears with that embedding added).
+            how.Add("class slot folded into cls_token (the model gives prefix tokens no slot)");
+            var cls = recipes["cls_token"];
+            plans["pos_embed"] = () =>
+            {
+                using var scope = torch.NewDisposeScope();
+                var src = r.Build(read);
+                return Grid(src.narrow(1, 1, slots - 1), 0).MoveToOuterDisposeScope();
+            };
+            plans["cls_token"] = () =>
+            {
+                using var scope = torch.NewDisposeScope();
+                var token = cls.Build(read);
+                var src = r.Build(read);
+                return (token + src.narrow(1, 0, 1).to(token.dtype)).MoveToOuterDisposeScope();
+            };
+            converted.RemoveAll(n => n.Key == "cls_token");
+            loaded.Remove("cls_token");
+            converted.Add(new KeyNote("cls_token", $"{cls.Note} + the class slot of {string.Join(" + ", r.Sources)}"));
+        }
+        resampled.Add(new KeyNote("pos_embed", $"[{string.Join(", ", shape)}] → [{string.Join(", ", modelShape)}]: {string.Join("; ", how)}{(r.Changed ? "; " + r.Note : "")}"));
+        return true;
+    }
+
+    private static bool IsSquare(long n)
+    {
+        if (n <= 0) return false;
+        long s = (long)Math.Round(Math.Sqrt(n));
+        return s * s == n;
+    }
+}

@@ -1,0 +1,300 @@
+using TorchSharp;
+using ViT22B.Interop;
+using ViT22B.Layers;
+using ViT22B.Models;
+using static TorchSharp.torch;
+
+namespace ViT22B.Tests.Models;
+
+/// <summary>
+/// Checkpoints in other projects' layouts (written by <see cref="HomeLayouts"/> from those projects' key names) load
+/// into the model and compute what the same weights compute in this library's own layout; resolution, patch and
+/// classifier changes are adapted as timm adapts them. Float64 throughout.
+/// </summary>
+public sealed class PretrainedCheckpointTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("vit22b-pre-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private string PathOf(string name) => Path.Combine(_dir, name);
+
+    private static ViTConfig Classic => TestUtil.Tiny(BlockKind.Sequential) with
+    {
+        QkvBias = true, QkNorm = false, NormBias = true, Act = Activation.Gelu, ClassToken = true, GlobalPool = GlobalPool.Token,
+    };
+
+    private static VisionTransformer Random(ViTConfig c, long seed)
+    {
+        var m = new VisionTransformer(c, torch.CPU, ScalarType.Float64);
+        TestUtil.Randomize(m, seed);
+        return m;
+    }
+
+    private string Save(string name, IDictionary<string, Tensor> tensors)
+    {
+        string path = PathOf(name);
+        Safetensors.Save(tensors, path);
+        return path;
+    }
+
+    /// <summary>Loads <paramref name="path"/> into a fresh model of <paramref name="c"/> and checks that it equals
+    /// <paramref name="original"/>: the same state dict (to 1e-15) and the same logits (to 1e-12).</summary>
+    private static LoadReport AssertLoadsAs(VisionTransformer original, ViTConfig c, string path, string layout)
+    {
+        using var loaded = new VisionTransformer(c, torch.CPU, ScalarType.Float64);
+        var report = PretrainedCheckpoint.Load(loaded, path);
+        Assert.Equal(layout, report.Layout);
+        Assert.True(report.IsExact, report.ToString());
+        var expected = original.state_dict();
+        foreach (var (k, v) in loaded.state_dict())
+            Assert.True(TestUtil.MaxAbs(v, expected[k]) <= 1e-15, $"{k} differs by {TestUtil.MaxAbs(v, expected[k]):E2}");
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        var images = TestUtil.RandomImages(c, 2, seed: 77);
+        Assert.True(TestUtil.MaxAbs(loaded.call(images), original.call(images)) < 1e-12);
+        return report;
+    }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void Hugging_Face_ViT_loads_with_qkv_fused_and_the_pooler_skipped(bool classifier)
+    {
+        var c = Classic with { NumClasses = classifier ? 5 : 0 };
+        using var m = Random(c, 1);
+        string path = Save("hf-vit.safetensors", HomeLayouts.HfVit(m.state_dict(), c, classifier));
+        var report = AssertLoadsAs(m, c, path, "Hugging Face ViT");
+        Assert.Contains(report.Converted, n => n.Key == "blocks.1.attn.qkv.weight" && n.Note.Contains("attention.attention.query.weight", StringComparison.Ordinal)
+            && n.Note.Contains("key.weight", StringComparison.Ordinal) && n.Note.Contains("value.weight", StringComparison.Ordinal));
+        if (!classifier) Assert.Contains(report.Skipped, n => n.Key == "pooler.dense.weight");
+        else Assert.Contains(report.Converted, n => n.Key == "head.weight" && n.Note == "from classifier.weight");
+    }
+
+    [Fact]
+    public void Hugging_Face_DINOv2_loads_with_layer_scale()
+    {
+        var c = Classic with { InitValues = 1e-5, NumClasses = 0 };
+        using var m = Random(c, 2);
+        string path = Save("hf-dinov2.safetensors", HomeLayouts.HfDinov2(m.state_dict(), c));
+        var report = AssertLoadsAs(m, c, path, "Hugging Face DINOv2");
+        Assert.Contains(report.Converted, n => n.Key == "blocks.0.ls1.gamma" && n.Note == "from encoder.layer.0.layer_scale1.lambda1");
+        Assert.Contains(report.Skipped, n => n.Key == "embeddings.mask_token");
+    }
+
+    [Fact]
+    public void Hugging_Face_DINOv2_with_registers_folds_the_class_slot_into_the_class_token()
+    {
+        // timm's reg4 DINOv2 gives prefix tokens no position slot; Hugging Face keeps one for the class token.
+        var c = Classic with { InitValues = 1e-5, NumClasses = 0, RegTokens = 4, NoEmbedClass = true };
+        using var m = Random(c, 3);
+        var slot = torch.randn(new long[] { 1, 1, c.EmbedDim }, dtype: ScalarType.Float64, generator: new torch.Generator(4));
+        string path = Save("hf-dinov2-reg.safetensors", HomeLayouts.HfDinov2(m.state_dict(), c, slot));
+        var report = AssertLoadsAs(m, c, path, "Hugging Face DINOv2");
+        Assert.Contains(report.Converted, n => n.Key == "cls_token" && n.Note.Contains("class slot", StringComparison.Ordinal));
+        Assert.Contains(report.Converted, n => n.Key == "reg_token" && n.Note == "from embeddings.register_tokens");
+    }
+
+    [Fact]
+    public void Hugging_Face_SigLIP_loads_with_its_attention_pool_split_and_the_text_tower_skipped()
+    {
+        var c = Classic with { ClassToken = false, GlobalPool = GlobalPool.Map, NumClasses = 0 };
+        using var m = Random(c, 5);
+        string path = Save("hf-siglip.safetensors", HomeLayouts.HfSiglip(m.state_dict(), c, textTower: true));
+        var report = AssertLoadsAs(m, c, path, "Hugging Face SigLIP");
+        Assert.Contains(report.Converted, n => n.Key == "attn_pool.kv.weight" && n.Note == "from vision_model.head.attention.in_proj_weight");
+        Assert.Contains(report.Skipped, n => n.Key == "text_model.embeddings.token_embedding.weight" && n.Note.Contains("text tower", StringComparison.Ordinal));
+        Assert.Contains(report.Skipped, n => n.Key == "logit_bias");
+    }
+
+    [Fact]
+    public void Hugging_Face_CLIP_with_projection_loads_with_pre_norm_and_a_zero_head_bias()
+    {
+        var c = Classic with { PreNorm = true, Act = Activation.QuickGelu, NormEps = 1e-5, NumClasses = 6 };
+        using var m = Random(c, 6);
+        using (var noGrad = torch.no_grad()) m.state_dict()["head.bias"].zero_();   // CLIP's projection has no bias
+        string path = Save("hf-clip.safetensors", HomeLayouts.HfClip(m.state_dict(), c, projection: true));
+        var report = AssertLoadsAs(m, c, path, "Hugging Face CLIP");
+        Assert.Contains(report.Converted, n => n.Key == "head.bias" && n.Note.StartsWith("zeros", StringComparison.Ordinal));
+        Assert.Contains(report.Converted, n => n.Key == "norm_pre.weight" && n.Note == "from vision_model.pre_layrnorm.weight");
+    }
+
+    [Fact]
+    public void OpenCLIP_visual_tower_loads_and_the_text_tower_is_skipped()
+    {
+        var c = Classic with { PreNorm = true, Act = Activation.QuickGelu, NormEps = 1e-5, NumClasses = 4 };
+        using var m = Random(c, 7);
+        using (var noGrad = torch.no_grad()) m.state_dict()["head.bias"].zero_();
+        string path = Save("openclip.safetensors", HomeLayouts.OpenClip(m.state_dict(), c));
+        var report = AssertLoadsAs(m, c, path, "OpenCLIP");
+        Assert.Contains(report.Converted, n => n.Key == "head.weight" && n.Note == "from visual.proj");
+        Assert.Equal(4, report.Skipped.Count);   // token_embedding, positional_embedding, text_projection, logit_scale
+    }
+
+    [Theory]
+    [InlineData("", false, false)]
+    [InlineData("params/img/", true, false)]
+    [InlineData("params/img/", false, true)]
+    public void Big_vision_npz_loads_with_flax_kernels_transposed(string prefix, bool compress, bool scan)
+    {
+        // A SigLIP-style image tower (no class token, MAP head) with a classifier.
+        var c = Classic with { ClassToken = false, GlobalPool = GlobalPool.Map, NumClasses = 3 };
+        using var m = Random(c, 8);
+        var tensors = HomeLayouts.BigVision(m.state_dict(), c, prefix, scan);
+        if (prefix.Length > 0) tensors["params/txt/Encoder_0/encoder_norm/scale"] = torch.ones(3, dtype: ScalarType.Float64);
+        string path = PathOf("bv.npz");
+        HomeLayouts.SaveNpz(path, tensors, compress);
+        var report = AssertLoadsAs(m, c, path, "big_vision");
+        Assert.Contains(report.Converted, n => n.Key == "blocks.1.attn.qkv.weight");
+        Assert.Contains(report.Converted, n => n.Key == "attn_pool.kv.weight");
+        if (prefix.Length > 0) Assert.Contains(report.Skipped, n => n.Key == "params/txt/Encoder_0/encoder_norm/scale");
+    }
+
+    [Fact]
+    public void Big_vision_class_token_without_a_position_slot_loads_into_either_convention()
+    {
+        // big_vision adds no position embedding to its class token: a timm model without prefix slots takes the
+        // weights as they are; one with a class slot gets that slot as zeros, which computes the same.
+        var bv = Classic with { NoEmbedClass = true, NumClasses = 3 };
+        using var m = Random(bv, 9);
+        string path = PathOf("bv-cls.npz");
+        HomeLayouts.SaveNpz(path, HomeLayouts.BigVision(m.state_dict(), bv, ""));
+        AssertLoadsAs(m, bv, path, "big_vision");
+
+        var slotted = bv with { NoEmbedClass = false };
+        using var loaded = new VisionTransformer(slotted, torch.CPU, ScalarType.Float64);
+        var report = PretrainedCheckpoint.Load(loaded, path);
+        Assert.Contains(report.Resampled, n => n.Key == "pos_embed" && n.Note.Contains("zeros", StringComparison.Ordinal));
+        Assert.Equal(0.0, loaded.state_dict()["pos_embed"].narrow(1, 0, 1).abs().max().item<double>());
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        var images = TestUtil.RandomImages(bv, 2, seed: 10);
+        Assert.True(TestUtil.MaxAbs(loaded.call(images), m.call(images)) < 1e-12);
+    }
+
+    [Fact]
+    public void Hugging_Face_sharded_checkpoint_loads_like_one_file()
+    {
+        var c = Classic with { NumClasses = 5 };
+        using var m = Random(c, 11);
+        string index = HomeLayouts.SaveSharded(HomeLayouts.HfVit(m.state_dict(), c, classifier: true), PathOf("sharded"), shards: 3);
+        AssertLoadsAs(m, c, index, "Hugging Face ViT");
+        AssertLoadsAs(m, c, PathOf("sharded"), "Hugging Face ViT");   // the folder, as downloaded
+    }
+
+    [Theory]
+    [InlineData(0, false)]
+    [InlineData(1, false)]
+    [InlineData(1, true)]
+    public void Position_embedding_is_resampled_to_another_image_size(int regTokens, bool noEmbedClass)
+    {
+        var c = Classic with { RegTokens = regTokens, NoEmbedClass = noEmbedClass };   // 4×4 grid
+        using var m = Random(c, 12);
+        string path = Save("timm.safetensors", m.state_dict());
+        foreach (int size in new[] { 28, 12 })   // 7×7 (up) and 3×3 (down)
+        {
+            var c2 = c with { ImgSize = size };
+            using var loaded = new VisionTransformer(c2, torch.CPU, ScalarType.Float64);
+            var report = PretrainedCheckpoint.Load(loaded, path);
+            int prefix = noEmbedClass ? 0 : 1 + regTokens;
+            var expected = ReferenceResampling.PositionEmbedding(m.state_dict()["pos_embed"], prefix, 4, size / 4);
+            Assert.True(TestUtil.MaxAbs(loaded.state_dict()["pos_embed"], expected) < 1e-12);
+            Assert.Contains(report.Resampled, n => n.Key == "pos_embed" && n.Note.Contains($"grid 4×4 → {size / 4}×{size / 4}", StringComparison.Ordinal));
+            foreach (var (k, v) in loaded.state_dict().Where(kv => kv.Key != "pos_embed"))
+                Assert.True(TensorAssert.Same(v, m.state_dict()[k]), k);
+        }
+    }
+
+    [Fact]
+    public void Dynamic_size_forward_resamples_like_the_reference()
+    {
+        var c = Classic with { DynamicImgSize = true };
+        using var m = Random(c, 13);
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        // At 24×24 the dynamic model equals a 24-px model whose position embedding is the reference resample.
+        var fixedSize = c with { ImgSize = 24, DynamicImgSize = false };
+        var sd = m.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value);
+        sd["pos_embed"] = ReferenceResampling.PositionEmbedding(sd["pos_embed"], 1, 4, 6);
+        var images = TestUtil.RandomImages(fixedSize, 2, seed: 14);
+        var expected = new Reference(sd, fixedSize).Model(images).Logits!;
+        Assert.True(TestUtil.MaxAbs(m.call(images), expected) < 1e-10);
+    }
+
+    [Fact]
+    public void Patch_embedding_is_resized_on_request_so_resized_patches_meet_it_as_before()
+    {
+        var c = Classic;                                    // patch 4
+        using var m = Random(c, 15);
+        string path = Save("timm.safetensors", m.state_dict());
+        var c6 = c with { PatchSize = 6, ImgSize = 24 };    // 4×4 grid again
+        using var loaded = new VisionTransformer(c6, torch.CPU, ScalarType.Float64);
+        var refused = Assert.Throws<CheckpointMismatchException>(() => PretrainedCheckpoint.Load(loaded, path));
+        Assert.Contains("ResizePatchEmbed", refused.Message, StringComparison.Ordinal);
+
+        var report = PretrainedCheckpoint.Load(loaded, path, new PretrainedLoadOptions { ResizePatchEmbed = true });
+        Assert.Contains(report.Resampled, n => n.Key == "patch_embed.proj.weight" && n.Note.Contains("4×4 → 6×6", StringComparison.Ordinal));
+        // FlexiViT's property: for any 4×4 patch x, the 6×6 resize R x meets the new kernel as x met the old one
+        // (upsampling: R has full column rank). R from the float64 reference resampler.
+        var w4 = m.state_dict()["patch_embed.proj.weight"];
+        var w6 = loaded.state_dict()["patch_embed.proj.weight"];
+        var x = torch.randn(new long[] { 5, 3, 4, 4 }, dtype: ScalarType.Float64, generator: new torch.Generator(16));
+        var x6 = ReferenceResampling.Resize(x, 6, 6);
+        var before = x.reshape(5, -1).matmul(w4.reshape(w4.shape[0], -1).t());
+        var after = x6.reshape(5, -1).matmul(w6.reshape(w6.shape[0], -1).t());
+        Assert.True(TestUtil.MaxAbs(after, before) < 1e-10, $"{TestUtil.MaxAbs(after, before):E2}");
+    }
+
+    [Fact]
+    public void A_classifier_of_another_class_count_is_reinitialised_only_on_request()
+    {
+        var c = Classic with { NumClasses = 5 };
+        using var m = Random(c, 17);
+        string path = Save("timm.safetensors", m.state_dict());
+        var c10 = c with { NumClasses = 10 };
+        using var loaded = new VisionTransformer(c10, torch.CPU, ScalarType.Float64);
+        var before = loaded.state_dict()["head.weight"].clone();
+        var refused = Assert.Throws<CheckpointMismatchException>(() => PretrainedCheckpoint.Load(loaded, path));
+        Assert.Contains("ResetHead", refused.Message, StringComparison.Ordinal);
+        Assert.True(TensorAssert.Same(before, loaded.state_dict()["head.weight"]));   // nothing copied
+
+        var report = PretrainedCheckpoint.Load(loaded, path, new PretrainedLoadOptions { ResetHead = true });
+        Assert.Equal(new[] { "head.bias", "head.weight" }, report.Reinitialized.Select(n => n.Key).Order(StringComparer.Ordinal));
+        Assert.True(TensorAssert.Same(before, loaded.state_dict()["head.weight"]));
+        Assert.True(TensorAssert.Same(m.state_dict()["blocks.1.mlp.fc2.weight"], loaded.state_dict()["blocks.1.mlp.fc2.weight"]));
+
+        // A checkpoint's classifier is skipped by a model without one.
+        using var headless = new VisionTransformer(c with { NumClasses = 0 }, torch.CPU, ScalarType.Float64);
+        var r0 = PretrainedCheckpoint.Load(headless, path);
+        Assert.Contains(r0.Skipped, n => n.Key == "head.weight" && n.Note.Contains("no classifier", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public void An_unknown_layout_lists_the_first_keys_and_the_known_layouts()
+    {
+        string path = Save("odd.safetensors", new Dictionary<string, Tensor> { ["encoder.weird.weight"] = torch.ones(2), ["other"] = torch.ones(1) });
+        using var model = new VisionTransformer(Classic, torch.CPU, ScalarType.Float64);
+        var e = Assert.Throws<CheckpointLayoutException>(() => PretrainedCheckpoint.Load(model, path));
+        Assert.Contains("encoder.weird.weight", e.Message, StringComparison.Ordinal);
+        Assert.Contains("Hugging Face SigLIP", e.Message, StringComparison.Ordinal);
+        Assert.Contains("big_vision", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void A_recognised_but_incomplete_layout_names_the_missing_keys()
+    {
+        var c = Classic with { NumClasses = 5 };
+        using var m = Random(c, 18);
+        var hf = HomeLayouts.HfVit(m.state_dict(), c, classifier: true);
+        hf.Remove("vit.encoder.layer.1.attention.attention.key.weight");
+        hf.Remove("vit.layernorm.bias");
+        string path = Save("hf-incomplete.safetensors", hf);
+        using var loaded = new VisionTransformer(c, torch.CPU, ScalarType.Float64);
+        var before = loaded.state_dict()["blocks.0.attn.qkv.weight"].clone();
+        var e = Assert.Throws<CheckpointMismatchException>(() => PretrainedCheckpoint.Load(loaded, path));
+        Assert.Contains("blocks.1.attn.qkv.weight", e.Report.Missing);
+        Assert.Contains("norm.bias", e.Report.Missing);
+        Assert.Contains("Hugging Face ViT", e.Message, StringComparison.Ordinal);
+        Assert.True(TensorAssert.Same(before, loaded.state_dict()["blocks.0.attn.qkv.weight"]));   // nothing copied
+    }
+}
