@@ -8,7 +8,7 @@ namespace ViT22B.Imaging;
 /// <summary>
 /// Decodes images (JPEG, PNG, WebP, BMP, GIF first frame) with SkiaSharp into tensors: EXIF orientation applied,
 /// grayscale expanded and alpha composited on white to RGB, float32 [3, H, W] with values in [0, 1]. Resizing,
-/// cropping and normalization are tensor transforms (<see cref="Transforms"/>); <see cref="Load"/> chains the
+/// cropping and normalization are tensor transforms (<see cref="Transforms"/>); <see cref="Load(string, int, Preprocessing, long)"/> chains the
 /// evaluation ones. Declared sizes are checked against a pixel limit before any pixel memory is allocated.
 /// </summary>
 public static class ImageTensors
@@ -50,10 +50,28 @@ public static class ImageTensors
     }
 
     /// <summary>Loads several images into one batch [N, 3, size, size].</summary>
-    public static Tensor LoadBatch(IEnumerable<string> paths, int size, PixelNormalization normalization = PixelNormalization.MinusOneToOne)
+    public static Tensor LoadBatch(IEnumerable<string> paths, int size, PixelNormalization normalization = PixelNormalization.MinusOneToOne) =>
+        LoadBatch(paths, size, Preprocessing.FromNormalization(normalization));
+
+    /// <summary>Loads one image as a [3, size, size] float32 CPU tensor the way a checkpoint expects
+    /// (<see cref="Preprocessing.EvalTransform"/>: its resize mode, crop, filter, mean and std; e.g.
+    /// <c>ViTConfig.TimmPreprocessing(name)</c> or the preprocessing stored in a checkpoint's metadata).</summary>
+    /// <exception cref="InvalidDataException">The file is not a decodable image (the message names it).</exception>
+    public static Tensor Load(string path, int size, Preprocessing preprocessing, long maxPixels = DefaultMaxPixels)
     {
+        ArgumentNullException.ThrowIfNull(preprocessing);
+        if (size <= 0) throw new ArgumentOutOfRangeException(nameof(size), $"size must be positive, found {size}.");
         using var scope = torch.NewDisposeScope();
-        var items = paths.Select(p => Load(p, size, normalization)).ToArray();
+        var x = Decode(path, maxPixels);
+        return preprocessing.EvalTransform(size)(x, new Random(0)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Loads several images into one batch [N, 3, size, size] with <paramref name="preprocessing"/>.</summary>
+    public static Tensor LoadBatch(IEnumerable<string> paths, int size, Preprocessing preprocessing)
+    {
+        ArgumentNullException.ThrowIfNull(paths);
+        using var scope = torch.NewDisposeScope();
+        var items = paths.Select(p => Load(p, size, preprocessing)).ToArray();
         if (items.Length == 0) throw new ArgumentException("No images to load.", nameof(paths));
         return torch.stack(items).MoveToOuterDisposeScope();
     }

@@ -28,15 +28,12 @@ public enum PixelNormalization
 
 /// <summary>
 /// Image transforms on tensors (torchvision's <c>transforms.v2</c> semantics), composable with
-/// <see cref="Compose"/>. Inputs are float images [C, H, W] with values in [0, 1] until <see cref="Normalize"/>.
+/// <see cref="Compose"/>. Inputs are float images [C, H, W] with values in [0, 1] until <see cref="Normalize(PixelNormalization)"/>.
 /// <code>var train = Transforms.Compose(Transforms.RandomResizedCrop(224), Transforms.HorizontalFlip(),
 ///     Transforms.Normalize(PixelNormalization.MinusOneToOne));</code>
 /// </summary>
 public static class Transforms
 {
-    private static readonly double[] ImageNetMean = { 0.485, 0.456, 0.406 };
-    private static readonly double[] ImageNetStd = { 0.229, 0.224, 0.225 };
-
     /// <summary>Applies the transforms in order.</summary>
     public static ImageTransform Compose(params ImageTransform[] transforms)
     {
@@ -157,17 +154,28 @@ public static class Transforms
     }
 
     /// <summary>Maps [0, 1] pixel values with <paramref name="kind"/>.</summary>
-    public static ImageTransform Normalize(PixelNormalization kind) => (image, _) =>
+    public static ImageTransform Normalize(PixelNormalization kind) => kind == PixelNormalization.MinusOneToOne
+        ? (image, _) => image * 2.0 - 1.0
+        : Normalize(Preprocessing.ImageNetMean, Preprocessing.ImageNetStd);
+
+    /// <summary>Maps [0, 1] pixel values to <c>(v − mean) / std</c> per RGB channel (torchvision <c>Normalize</c>);
+    /// single-channel images use the means of the three.</summary>
+    public static ImageTransform Normalize((double R, double G, double B) mean, (double R, double G, double B) std)
     {
-        if (kind == PixelNormalization.MinusOneToOne) return image * 2.0 - 1.0;
-        long c = image.shape[0];
-        using var scope = NewDisposeScope();
-        double[] mean = c == 3 ? ImageNetMean : Enumerable.Repeat(ImageNetMean.Average(), (int)c).ToArray();
-        double[] std = c == 3 ? ImageNetStd : Enumerable.Repeat(ImageNetStd.Average(), (int)c).ToArray();
-        var m = torch.tensor(mean, dtype: image.dtype, device: image.device).view(c, 1, 1);
-        var s = torch.tensor(std, dtype: image.dtype, device: image.device).view(c, 1, 1);
-        return ((image - m) / s).MoveToOuterDisposeScope();
-    };
+        double[] m3 = { mean.R, mean.G, mean.B }, s3 = { std.R, std.G, std.B };
+        if (s3.Any(v => !(v > 0) || !double.IsFinite(v)) || m3.Any(v => !double.IsFinite(v)))
+            throw new ArgumentException($"Normalize: std must be positive and mean finite, found mean {mean}, std {std}.");
+        return (image, _) =>
+        {
+            long c = image.shape[0];
+            using var scope = NewDisposeScope();
+            double[] mc = c == 3 ? m3 : Enumerable.Repeat(m3.Average(), (int)c).ToArray();
+            double[] sc = c == 3 ? s3 : Enumerable.Repeat(s3.Average(), (int)c).ToArray();
+            var mt = torch.tensor(mc, dtype: image.dtype, device: image.device).view(c, 1, 1);
+            var st = torch.tensor(sc, dtype: image.dtype, device: image.device).view(c, 1, 1);
+            return ((image - mt) / st).MoveToOuterDisposeScope();
+        };
+    }
 
     private static Tensor Resize(Tensor image, long h, long w, Resampling resampling)
     {

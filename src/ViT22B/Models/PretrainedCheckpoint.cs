@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Data;
 using ViT22B.Interop;
 using static TorchSharp.torch;
 
@@ -42,6 +43,20 @@ public static class PretrainedCheckpoint
         ArgumentNullException.ThrowIfNull(model);
         using var source = TensorSources.Open(path);
         return Load(model, source, options);
+    }
+
+    /// <summary>The metadata key holding the model's config JSON (<see cref="ViTConfigJson"/>).</summary>
+    public const string ConfigMetadataKey = "config";
+
+    /// <summary>Writes the model's weights (timm keys) atomically, with its config and, when given, the evaluation
+    /// preprocessing its weights expect in the file's metadata (<see cref="ConfigMetadataKey"/>,
+    /// <see cref="Preprocessing.MetadataKey"/>), so that whoever loads the file can feed it as it was fed.</summary>
+    public static void Save(VisionTransformer model, string path, Preprocessing? preprocessing = null)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        var metadata = new Dictionary<string, string> { [ConfigMetadataKey] = ViTConfigJson.ToJson(model.Config) };
+        if (preprocessing is not null) metadata[Preprocessing.MetadataKey] = preprocessing.Validate().ToJson();
+        SafetensorsCheckpoint.Save(model, path, metadata);
     }
 
     /// <summary>The layout of an open checkpoint.</summary>

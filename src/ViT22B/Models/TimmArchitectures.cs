@@ -1,3 +1,4 @@
+using ViT22B.Data;
 using ViT22B.Layers;
 
 namespace ViT22B.Models;
@@ -29,30 +30,41 @@ internal static class TimmArchitectures
     private static ViTConfig Clip(int dim, int depth, int heads, int patch) =>
         Vit(dim, depth, heads, 4 * dim, patch) with { PreNorm = true, NormEps = 1e-5 };
 
-    /// <summary>Name → config.</summary>
-    public static readonly IReadOnlyDictionary<string, ViTConfig> Configs = new Dictionary<string, ViTConfig>(StringComparer.Ordinal)
+    // Evaluation preprocessing of each family: what the weights' home library feeds them (see docs/checkpoints.md).
+    private static readonly Preprocessing AugReg = new(Preprocessing.Half, Preprocessing.Half, ResizeMode.CenterCrop, 0.9, Resampling.Bicubic);
+    private static readonly Preprocessing Deit3 = new(Preprocessing.ImageNetMean, Preprocessing.ImageNetStd, ResizeMode.CenterCrop, 0.9, Resampling.Bicubic);
+    private static readonly Preprocessing DinoV2 = new(Preprocessing.ImageNetMean, Preprocessing.ImageNetStd, ResizeMode.CenterCrop, 0.875, Resampling.Bicubic);
+    private static readonly Preprocessing ClipFineTuned = new(Preprocessing.OpenAiClipMean, Preprocessing.OpenAiClipStd, ResizeMode.CenterCrop, 0.95, Resampling.Bicubic);
+    private static readonly Preprocessing OpenAiClip = new(Preprocessing.OpenAiClipMean, Preprocessing.OpenAiClipStd, ResizeMode.CenterCrop, 1.0, Resampling.Bicubic);
+    private static readonly Preprocessing SigLip = new(Preprocessing.Half, Preprocessing.Half, ResizeMode.Squash, 1.0, Resampling.Bicubic);
+
+    /// <summary>Name → config and the evaluation preprocessing its default weights expect.</summary>
+    public static readonly IReadOnlyDictionary<string, (ViTConfig Config, Preprocessing Preprocessing)> Configs =
+        new Dictionary<string, (ViTConfig, Preprocessing)>(StringComparer.Ordinal)
     {
-        ["vit_tiny_patch16_224"] = Vit(192, 12, 3, 768, 16),
-        ["vit_small_patch16_224"] = Vit(384, 12, 6, 1536, 16),
-        ["vit_base_patch16_224"] = Vit(768, 12, 12, 3072, 16),
-        ["vit_large_patch16_224"] = Vit(1024, 24, 16, 4096, 16),
+        // AugReg (timm's default tags for these names): 0.5 / 0.5, bicubic, crop 0.9.
+        ["vit_tiny_patch16_224"] = (Vit(192, 12, 3, 768, 16), AugReg),
+        ["vit_small_patch16_224"] = (Vit(384, 12, 6, 1536, 16), AugReg),
+        ["vit_base_patch16_224"] = (Vit(768, 12, 12, 3072, 16), AugReg),
+        ["vit_large_patch16_224"] = (Vit(1024, 24, 16, 4096, 16), AugReg),
         // DeiT-3: LayerScale 1e-6, position embedding over the patches only.
-        ["deit3_small_patch16_224"] = Vit(384, 12, 6, 1536, 16) with { NoEmbedClass = true, InitValues = 1e-6 },
-        ["deit3_base_patch16_224"] = Vit(768, 12, 12, 3072, 16) with { NoEmbedClass = true, InitValues = 1e-6 },
+        ["deit3_small_patch16_224"] = (Vit(384, 12, 6, 1536, 16) with { NoEmbedClass = true, InitValues = 1e-6 }, Deit3),
+        ["deit3_base_patch16_224"] = (Vit(768, 12, 12, 3072, 16) with { NoEmbedClass = true, InitValues = 1e-6 }, Deit3),
         // DINOv2: patch 14 at 518 px, LayerScale 1e-5, no classifier; "reg4": four register tokens, no prefix slots.
-        ["vit_small_patch14_dinov2"] = Dinov2(384, 12, 6),
-        ["vit_base_patch14_dinov2"] = Dinov2(768, 12, 12),
-        ["vit_large_patch14_dinov2"] = Dinov2(1024, 24, 16),
-        ["vit_small_patch14_reg4_dinov2"] = Dinov2(384, 12, 6) with { RegTokens = 4, NoEmbedClass = true },
-        ["vit_base_patch14_reg4_dinov2"] = Dinov2(768, 12, 12) with { RegTokens = 4, NoEmbedClass = true },
-        ["vit_large_patch14_reg4_dinov2"] = Dinov2(1024, 24, 16) with { RegTokens = 4, NoEmbedClass = true },
-        // CLIP image towers: a norm before the blocks (no patch-embedding bias), LayerNorm ε = 1e-5. The QuickGELU
-        // name's default tag (metaclip_2pt5b) has a 512-wide projection head.
-        ["vit_base_patch16_clip_224"] = Clip(768, 12, 12, 16),
-        ["vit_base_patch16_clip_quickgelu_224"] = Clip(768, 12, 12, 16) with { Act = Activation.QuickGelu, NumClasses = 512 },
+        ["vit_small_patch14_dinov2"] = (Dinov2(384, 12, 6), DinoV2),
+        ["vit_base_patch14_dinov2"] = (Dinov2(768, 12, 12), DinoV2),
+        ["vit_large_patch14_dinov2"] = (Dinov2(1024, 24, 16), DinoV2),
+        ["vit_small_patch14_reg4_dinov2"] = (Dinov2(384, 12, 6) with { RegTokens = 4, NoEmbedClass = true }, DinoV2),
+        ["vit_base_patch14_reg4_dinov2"] = (Dinov2(768, 12, 12) with { RegTokens = 4, NoEmbedClass = true }, DinoV2),
+        ["vit_large_patch14_reg4_dinov2"] = (Dinov2(1024, 24, 16) with { RegTokens = 4, NoEmbedClass = true }, DinoV2),
+        // CLIP image towers: a norm before the blocks (no patch-embedding bias), LayerNorm ε = 1e-5. The plain name's
+        // default tag is timm's ImageNet fine-tune (1000 classes, crop 0.95); the QuickGELU name's (metaclip_2pt5b) has a
+        // 512-wide projection head.
+        ["vit_base_patch16_clip_224"] = (Clip(768, 12, 12, 16), ClipFineTuned),
+        ["vit_base_patch16_clip_quickgelu_224"] = (Clip(768, 12, 12, 16) with { Act = Activation.QuickGelu, NumClasses = 512 }, OpenAiClip),
         // SigLIP: no class token, MAP head, no classifier; timm builds these with exact GELU.
-        ["vit_base_patch16_siglip_224"] = Siglip(768, 12, 12, 3072, 16),
-        ["vit_so400m_patch14_siglip_224"] = Siglip(1152, 27, 16, 4304, 14),
-        ["vit_so400m_patch14_siglip_378"] = Siglip(1152, 27, 16, 4304, 14) with { ImgSize = 378 },
+        ["vit_base_patch16_siglip_224"] = (Siglip(768, 12, 12, 3072, 16), SigLip),
+        ["vit_so400m_patch14_siglip_224"] = (Siglip(1152, 27, 16, 4304, 14), SigLip),
+        ["vit_so400m_patch14_siglip_378"] = (Siglip(1152, 27, 16, 4304, 14) with { ImgSize = 378 }, SigLip),
     };
 }

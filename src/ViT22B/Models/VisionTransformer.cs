@@ -21,6 +21,20 @@ public sealed record ViTOutput(Tensor Pooled, Tensor PatchTokens, Tensor? Logits
     }
 }
 
+/// <summary>One block's output from <see cref="VisionTransformer.ForwardIntermediates(Tensor, IEnumerable{int}, bool, bool)"/>.</summary>
+/// <param name="Block">The block's index (0-based).</param>
+/// <param name="Tokens">Patch tokens [B, N, D], or the feature map [B, D, h, w] when asked for.</param>
+/// <param name="Prefix">The prefix tokens (class, registers) [B, P, D], or null when the model has none.</param>
+public sealed record IntermediateOutput(int Block, Tensor Tokens, Tensor? Prefix) : IDisposable
+{
+    /// <summary>Disposes the tensors.</summary>
+    public void Dispose()
+    {
+        Tokens.Dispose();
+        Prefix?.Dispose();
+    }
+}
+
 /// <summary>
 /// Vision transformer of the ViT-22B family (and classic ViT / SoViT) as described by a <see cref="ViTConfig"/>:
 /// patch embedding → position embedding (+ class token) → optional pre-norm → blocks → final norm → pooling
@@ -144,6 +158,58 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         var logits = head?.forward(pooled);
         var patches = tokens.narrow(1, Config.NumPrefixTokens, tokens.shape[1] - Config.NumPrefixTokens);
         return new ViTOutput(pooled.MoveToOuterDisposeScope(), patches.MoveToOuterDisposeScope(), logits?.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// The outputs of the blocks <paramref name="indices"/> (negative indices count from the last block), in block
+    /// order, as timm's <c>forward_intermediates(indices, norm, output_fmt, intermediates_only=True)</c>: with
+    /// <paramref name="norm"/> the model's final norm is applied to each (a GAP model has none before pooling, as in
+    /// timm); prefix tokens are split off; <paramref name="featureMaps"/> gives [B, D, h, w] maps instead of [B, N, D]
+    /// tokens, for detection and segmentation heads. The blocks after the last one asked for are not run.
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException">An index outside [−depth, depth), or none.</exception>
+    /// <exception cref="NotSupportedException">A sharded model (its blocks run as one collective stack).</exception>
+    public IReadOnlyList<IntermediateOutput> ForwardIntermediates(Tensor images, IEnumerable<int> indices, bool norm = false, bool featureMaps = false)
+    {
+        ArgumentNullException.ThrowIfNull(indices);
+        int depth = Config.Depth;
+        var take = new SortedSet<int>();
+        foreach (int i in indices)
+        {
+            if (i < -depth || i >= depth)
+                throw new ArgumentOutOfRangeException(nameof(indices), $"Block index {i} is outside the model's {depth} blocks (use 0…{depth - 1}, or −{depth}…−1 from the end).");
+            take.Add(i < 0 ? depth + i : i);
+        }
+        if (take.Count == 0) throw new ArgumentOutOfRangeException(nameof(indices), "No block indices given.");
+        if (blocks is not Encoder encoder)
+            throw new NotSupportedException("ForwardIntermediates runs the blocks of a single-device model one by one; a sharded model's blocks run as one collective stack.");
+        var (gh, gw) = CheckImages(images);
+        using var scope = torch.NewDisposeScope();
+        var x = patch_embed.call(images);
+        x = AddPositions(x, gh, gw);
+        if (norm_pre is not null) x = norm_pre.call(x);
+        var result = new List<IntermediateOutput>();
+        int prefix = Config.NumPrefixTokens, last = take.Max;
+        for (int i = 0; i <= last; i++)
+        {
+            x = encoder[i].call(x);
+            if (!take.Contains(i)) continue;
+            var y = norm && this.norm is not null ? this.norm.call(x) : x;
+            var tokens = y.narrow(1, prefix, y.shape[1] - prefix);
+            if (featureMaps) tokens = tokens.reshape(tokens.shape[0], gh, gw, tokens.shape[2]).permute(0, 3, 1, 2).contiguous();
+            var pre = prefix > 0 ? y.narrow(1, 0, prefix).MoveToOuterDisposeScope() : null;
+            result.Add(new IntermediateOutput(i, tokens.MoveToOuterDisposeScope(), pre));
+        }
+        return result;
+    }
+
+    /// <summary>The last <paramref name="lastBlocks"/> blocks' outputs (timm's <c>indices=n</c>); see
+    /// <see cref="ForwardIntermediates(Tensor, IEnumerable{int}, bool, bool)"/>.</summary>
+    public IReadOnlyList<IntermediateOutput> ForwardIntermediates(Tensor images, int lastBlocks, bool norm = false, bool featureMaps = false)
+    {
+        if (lastBlocks < 1 || lastBlocks > Config.Depth)
+            throw new ArgumentOutOfRangeException(nameof(lastBlocks), $"Asked for the last {lastBlocks} blocks of {Config.Depth}.");
+        return ForwardIntermediates(images, Enumerable.Range(Config.Depth - lastBlocks, lastBlocks), norm, featureMaps);
     }
 
     private (long Gh, long Gw) CheckImages(Tensor images)

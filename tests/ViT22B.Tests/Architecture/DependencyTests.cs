@@ -18,7 +18,7 @@ public class DependencyTests
         ["Interop"] = Array.Empty<string>(),
         ["Layers"] = Array.Empty<string>(),
         ["Data"] = Array.Empty<string>(),
-        ["Models"] = new[] { "Layers", "Interop" },
+        ["Models"] = new[] { "Layers", "Interop", "Data" },
         ["Accounting"] = new[] { "Models", "Layers" },
         ["Training"] = new[] { "Models", "Layers", "Data", "Interop", "Accounting" },
         ["Parallel"] = new[] { "Models", "Layers", "Interop" },
