@@ -14,7 +14,7 @@ using static TorchSharp.torch;
 var inputsArgument = new Argument<string[]>("inputs") { Description = "Image files or folders of images (JPEG, PNG, WebP, BMP, GIF).", Arity = ArgumentArity.OneOrMore };
 var checkpointOption = new Option<FileInfo>("--checkpoint") { Description = "Training checkpoint (samples/TrainFashionMnist writes one).", Required = true };
 var labelsOption = new Option<FileInfo>("--labels") { Description = "Label file: one class name per line, in class-index order.", Required = true };
-var topKOption = new Option<int>("--top-k") { Description = "Labels shown per image.", DefaultValueFactory = _ => 3 };
+var topKOption = new Option<int>("--top-k") { Description = "Labels shown per image.", DefaultValueFactory = _ => 3 }.AtLeast(1);
 var normOption = new Option<PixelNormalization>("--normalization") { Description = "Pixel normalization the model was trained with.", DefaultValueFactory = _ => PixelNormalization.MinusOneToOne };
 var root = new RootCommand("Classify images with a trained ViT checkpoint and print the top-k labels with probabilities.")
 {
@@ -26,7 +26,6 @@ root.SetAction(parse =>
     var checkpoint = parse.GetValue(checkpointOption)!;
     var labelFile = parse.GetValue(labelsOption)!;
     int topK = parse.GetValue(topKOption);
-    if (topK <= 0) throw new ArgumentException($"--top-k must be positive, found {topK}.");
     var files = parse.GetValue(inputsArgument)!.SelectMany(p => Directory.Exists(p) ? ImageTensors.ListImages(p)
         : File.Exists(p) ? new[] { p } : throw new FileNotFoundException($"Input '{p}' is neither an image file nor a folder.", p)).ToList();
     if (files.Count == 0) throw new ArgumentException("No images found in the inputs.");
@@ -61,4 +60,4 @@ root.SetAction(parse =>
     AnsiConsole.Write(table);
     return 0;
 });
-return root.Parse(args).Invoke();
+return SampleMain.Invoke(root, args);

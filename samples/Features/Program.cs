@@ -1,8 +1,10 @@
-// Features: run a ViT from a config (preset or JSON) and safetensors weights over a folder of images or a
-// safetensors file of images, and write features/tokens/logits as safetensors.
+// Features: run a ViT from a config (preset, timm name or JSON) and a checkpoint (timm, Hugging Face, OpenCLIP or
+// big_vision layout) over a folder of images or a safetensors file of images, and write features/tokens/logits (and,
+// with --layers, intermediate block outputs) as safetensors. Images are fed as the checkpoint's home library feeds
+// them: the preprocessing stored in the checkpoint, else the timm name's, else --normalization.
 //
-//   dotnet run --project samples/Features -- --config <preset|timm name|file.json> [--weights <file.safetensors>]
-//       --input <dir|file.safetensors> --output <file.safetensors>
+//   dotnet run --project samples/Features -- --config <preset|timm name|file.json> [--weights <checkpoint>]
+//       --input <dir|file.safetensors> --output <file.safetensors> [--img-size N] [--layers 4|0,5,-1]
 using System.CommandLine;
 using System.Text.Json;
 using TorchSharp;
@@ -14,42 +16,58 @@ using ViT22B.Models;
 using static TorchSharp.torch;
 
 var configOption = new Option<string>("--config") { Description = "Preset (e.g. B/16, 22B/14, So400m/14), timm model name (e.g. vit_so400m_patch14_siglip_224) or a config JSON file.", Required = true };
-var weightsOption = new Option<FileInfo?>("--weights") { Description = "Safetensors weights with timm keys; without it a seeded random init is used." };
+var weightsOption = new Option<string?>("--weights") { Description = "Checkpoint: a .safetensors file (timm, Hugging Face, OpenCLIP keys), a Hugging Face model folder or *.index.json, or a big_vision .npz; without it a seeded random init is used." };
 var inputOption = new Option<string>("--input") { Description = "A folder of images, or a safetensors file holding 'images' [N, C, H, W] float32.", Required = true };
-var outputOption = new Option<FileInfo>("--output") { Description = "Safetensors file to write: 'features' [N, D], 'tokens' [N, T, D] and, with a classifier, 'logits' [N, C].", Required = true };
+var outputOption = new Option<FileInfo>("--output") { Description = "Safetensors file to write: 'features' [N, D], 'tokens' [N, T, D], with a classifier 'logits' [N, C], with --layers 'layers.<i>' [N, T, D].", Required = true };
 var seedOption = new Option<long>("--seed") { Description = "Seed of the random init (used without --weights).", DefaultValueFactory = _ => 0 };
-var batchOption = new Option<int>("--batch-size") { Description = "Images per forward pass.", DefaultValueFactory = _ => 16 };
+var batchOption = new Option<int>("--batch-size") { Description = "Images per forward pass.", DefaultValueFactory = _ => 16 }.AtLeast(1);
 var deviceOption = new Option<string>("--device") { Description = "cpu or cuda[:N].", DefaultValueFactory = _ => "cpu" };
 var dtypeOption = new Option<string?>("--dtype") { Description = "float32, bfloat16, float16 or float64 (default: the config's dtype)." };
-var normOption = new Option<PixelNormalization>("--normalization") { Description = "Pixel normalization for image folders: MinusOneToOne (big_vision) or ImageNet (timm).", DefaultValueFactory = _ => PixelNormalization.MinusOneToOne };
-var root = new RootCommand("Extract ViT features (pooled embedding, patch tokens, logits) into a safetensors file.")
+var normOption = new Option<PixelNormalization?>("--normalization") { Description = "Override the checkpoint's preprocessing for image folders: MinusOneToOne (big_vision) or ImageNet (shorter side, center crop)." };
+var imgSizeOption = new Option<int?>("--img-size") { Description = "Run at this image size instead of the config's (the position embedding is resampled at load)." };
+var layersOption = new Option<string?>("--layers") { Description = "Also write block outputs (patch tokens, before the final norm): a count n for the last n blocks, or block indices such as 0,5,-1." };
+var resetHeadOption = new Option<bool>("--reset-head") { Description = "Load a checkpoint whose classifier has another class count (or none), keeping a freshly initialised one." };
+var resizePatchOption = new Option<bool>("--resize-patch-embed") { Description = "Load a checkpoint of another patch size, resizing its patch embedding (FlexiViT)." };
+var saveWeightsOption = new Option<FileInfo?>("--save-weights") { Description = "Also write the model that ran (timm keys, at the image size it ran at, with its config and preprocessing in the metadata): converts a Hugging Face, OpenCLIP or big_vision checkpoint into this library's layout." };
+var root = new RootCommand("Extract ViT features (pooled embedding, patch tokens, logits, block outputs) into a safetensors file.")
 {
     configOption, weightsOption, inputOption, outputOption, seedOption, batchOption, deviceOption, dtypeOption, normOption,
+    imgSizeOption, layersOption, resetHeadOption, resizePatchOption, saveWeightsOption,
 };
+imgSizeOption.Validators.Add(r =>
+{
+    if (r.GetValueOrDefault<int?>() is int v && v < 1) r.AddError($"--img-size must be positive, found {v}.");
+});
 root.SetAction(parse =>
 {
-    try
-    {
-        Run(parse.GetValue(configOption)!, parse.GetValue(weightsOption), parse.GetValue(inputOption)!, parse.GetValue(outputOption)!,
-            parse.GetValue(seedOption), Math.Max(1, parse.GetValue(batchOption)), parse.GetValue(deviceOption)!, parse.GetValue(dtypeOption), parse.GetValue(normOption));
-        return 0;
-    }
-    catch (Exception e) when (e is ArgumentException or FormatException or IOException or InvalidOperationException or InsufficientMemoryException)
-    {
-        Console.Error.WriteLine($"error: {e.Message}");
-        return 1;
-    }
+    var options = new PretrainedLoadOptions { ResetHead = parse.GetValue(resetHeadOption), ResizePatchEmbed = parse.GetValue(resizePatchOption) };
+    Run(parse.GetValue(configOption)!, parse.GetValue(weightsOption), parse.GetValue(inputOption)!, parse.GetValue(outputOption)!,
+        parse.GetValue(seedOption), parse.GetValue(batchOption), parse.GetValue(deviceOption)!, parse.GetValue(dtypeOption), parse.GetValue(normOption),
+        parse.GetValue(imgSizeOption), parse.GetValue(layersOption), options, parse.GetValue(saveWeightsOption));
+    return 0;
 });
-return root.Parse(args).Invoke();
+return SampleMain.Invoke(root, args);
 
-static void Run(string configArg, FileInfo? weights, string input, FileInfo output, long seed, int batchSize, string deviceArg, string? dtypeArg, PixelNormalization norm)
+static void Run(string configArg, string? weights, string input, FileInfo output, long seed, int batchSize, string deviceArg, string? dtypeArg,
+    PixelNormalization? norm, int? imgSize, string? layersArg, PretrainedLoadOptions loadOptions, FileInfo? saveWeights)
 {
-    var config = File.Exists(configArg) ? ViTConfigJson.Load(configArg)
-        : ViTConfig.TimmNames.Contains(configArg) ? ViTConfig.FromTimm(configArg)
-        : ViTConfig.Parse(configArg);
+    bool timmName = ViTConfig.TimmNames.Contains(configArg);
+    var config = File.Exists(configArg) ? ViTConfigJson.Load(configArg) : timmName ? ViTConfig.FromTimm(configArg) : ViTConfig.Parse(configArg);
+    if (imgSize is int size) config = (config with { ImgSize = size }).Validate();
     var dtype = dtypeArg is null ? config.DType : ViTConfigJson.ParseDType(dtypeArg);
     var device = new Device(deviceArg);
-    using var images = LoadInput(input, config, norm, out var names);
+    int[]? layers = layersArg is null ? null : ParseLayers(layersArg, config.Depth);
+
+    // The preprocessing: --normalization if given, else the checkpoint's own, else the timm name's, else big_vision's.
+    Preprocessing? stored = null;
+    if (weights is not null)
+        using (var source = TensorSources.Open(weights)) stored = Preprocessing.FromMetadata(source.Metadata);
+    var (preprocessing, from) = norm is PixelNormalization n ? (Preprocessing.FromNormalization(n), "--normalization")
+        : stored is not null ? (stored, "the checkpoint's metadata")
+        : timmName ? (ViTConfig.TimmPreprocessing(configArg), $"timm name {configArg}")
+        : (Preprocessing.FromNormalization(PixelNormalization.MinusOneToOne), "default (big_vision's [-1, 1])");
+    using var images = LoadInput(input, config, preprocessing, out var names);
+    if (Directory.Exists(input)) Console.WriteLine($"Preprocessing ({from}): {preprocessing}.");
     if (device.type == DeviceType.CPU) ModelAccounting.EnsureFitsInHostMemory(config, dtype);
     torch.manual_seed(seed);
     if (device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(seed);
@@ -57,46 +75,71 @@ static void Run(string configArg, FileInfo? weights, string input, FileInfo outp
     model.eval();
     if (weights is not null)
     {
-        var report = SafetensorsCheckpoint.Load(model, weights.FullName);
-        Console.WriteLine($"Loaded {report.Loaded.Count} tensors from {weights.FullName}.");
+        var report = PretrainedCheckpoint.Load(model, weights, loadOptions);
+        Console.WriteLine($"Loaded {report.Loaded.Count + report.Converted.Count + report.Resampled.Count} tensors from {weights} ({report.Layout} layout).");
+        foreach (var note in report.Resampled) Console.WriteLine($"  resampled {note}");
+        foreach (var note in report.Reinitialized) Console.WriteLine($"  re-initialised {note}");
+        if (report.Skipped.Count > 0) Console.WriteLine($"  skipped {report.Skipped.Count} checkpoint tensors ({report.Skipped[0].Note}{(report.Skipped.Count > 1 ? ", …" : "")})");
     }
     else Console.WriteLine($"No --weights: random init with seed {seed}.");
 
-    long n = images.shape[0];
-    var features = new List<Tensor>();
-    var tokens = new List<Tensor>();
-    var logits = new List<Tensor>();
-    for (long start = 0; start < n; start += batchSize)
+    long count = images.shape[0];
+    var outputs = new Dictionary<string, List<Tensor>>();
+    void Add(string key, Tensor t) => (outputs.TryGetValue(key, out var list) ? list : outputs[key] = new List<Tensor>()).Add(t.to(ScalarType.Float32).cpu().MoveToOuterDisposeScope());
+    for (long start = 0; start < count; start += batchSize)
     {
         using var inference = torch.inference_mode();
         using var scope = torch.NewDisposeScope();
-        var batch = images.narrow(0, start, Math.Min(batchSize, n - start)).to(device).to(dtype);
+        var batch = images.narrow(0, start, Math.Min(batchSize, count - start)).to(device).to(dtype);
         using var o = model.Encode(batch);
-        features.Add(o.Pooled.to(ScalarType.Float32).cpu().MoveToOuterDisposeScope());
-        tokens.Add(o.PatchTokens.to(ScalarType.Float32).cpu().MoveToOuterDisposeScope());
-        if (o.Logits is not null) logits.Add(o.Logits.to(ScalarType.Float32).cpu().MoveToOuterDisposeScope());
+        Add("features", o.Pooled);
+        Add("tokens", o.PatchTokens);
+        if (o.Logits is not null) Add("logits", o.Logits);
+        if (layers is null) continue;
+        foreach (var block in model.ForwardIntermediates(batch, layers)) Add($"layers.{block.Block}", block.Tokens);
     }
-    var result = new Dictionary<string, Tensor> { ["features"] = torch.cat(features, 0), ["tokens"] = torch.cat(tokens, 0) };
-    if (logits.Count > 0) result["logits"] = torch.cat(logits, 0);
+    var result = outputs.ToDictionary(kv => kv.Key, kv => torch.cat(kv.Value, 0));
     var metadata = new Dictionary<string, string>
     {
         ["config"] = ViTConfigJson.ToJson(config),
-        ["weights"] = weights?.FullName ?? $"random init, seed {seed}",
+        ["weights"] = weights ?? $"random init, seed {seed}",
         ["inputs"] = JsonSerializer.Serialize(names),
+        [Preprocessing.MetadataKey] = preprocessing.ToJson(),
     };
     Safetensors.Save(result, output.FullName, metadata);
     Console.WriteLine($"Wrote {output.FullName}: " + string.Join(", ", result.Select(kv => $"{kv.Key} [{string.Join(", ", kv.Value.shape)}]")));
-    foreach (var t in result.Values.Concat(features).Concat(tokens).Concat(logits)) t.Dispose();
+    foreach (var t in result.Values.Concat(outputs.Values.SelectMany(l => l))) t.Dispose();
+    if (saveWeights is null) return;
+    PretrainedCheckpoint.Save(model, saveWeights.FullName, preprocessing);
+    Console.WriteLine($"Wrote the model's weights to {saveWeights.FullName} (timm keys, {config.ImgSize} px).");
 }
 
-static Tensor LoadInput(string input, ViTConfig config, PixelNormalization norm, out string[] names)
+// "4" → the last 4 blocks; "0,5,-1" → those blocks (negative from the end).
+static int[] ParseLayers(string text, int depth)
+{
+    var parts = text.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+    if (parts.Length == 0 || parts.Any(p => !int.TryParse(p, out _)))
+        throw new ArgumentException($"--layers must be a count or comma-separated block indices, found '{text}'.");
+    var values = parts.Select(int.Parse).ToArray();
+    if (values.Length == 1 && values[0] > 0 && !text.Contains(',', StringComparison.Ordinal))
+    {
+        int n = values[0];
+        if (n > depth) throw new ArgumentException($"--layers {n}: the model has only {depth} blocks.");
+        return Enumerable.Range(depth - n, n).ToArray();
+    }
+    foreach (int i in values)
+        if (i < -depth || i >= depth) throw new ArgumentException($"--layers: block {i} is outside the model's {depth} blocks.");
+    return values;
+}
+
+static Tensor LoadInput(string input, ViTConfig config, Preprocessing preprocessing, out string[] names)
 {
     if (Directory.Exists(input))
     {
         var files = ImageTensors.ListImages(input);
         if (files.Count == 0) throw new IOException($"No images (jpg, png, webp, bmp, gif) in folder '{input}'.");
         names = files.Select(Path.GetFileName).ToArray()!;
-        return ImageTensors.LoadBatch(files, config.ImgSize, norm);
+        return ImageTensors.LoadBatch(files, config.ImgSize, preprocessing);
     }
     if (!File.Exists(input)) throw new IOException($"Input '{input}' is neither a folder nor a file.");
     using var reader = SafetensorsReader.Open(input);

@@ -15,12 +15,12 @@ using static TorchSharp.torch;
 
 var checkpointOption = new Option<FileInfo>("--checkpoint") { Description = "Training checkpoint of a Fashion-MNIST model (from samples/TrainFashionMnist).", DefaultValueFactory = _ => new FileInfo("fashion-mnist-vit.safetensors") };
 var dataOption = new Option<DirectoryInfo>("--data") { Description = "Folder with the Fashion-MNIST IDX files.", DefaultValueFactory = _ => new DirectoryInfo("/usr/share/datasets/fashion-mnist") };
-var epochsOption = new Option<int>("--epochs") { Description = "Epochs of the linear classifier over the cached features.", DefaultValueFactory = _ => 30 };
-var lrOption = new Option<double>("--lr") { Description = "Peak learning rate of the linear classifier.", DefaultValueFactory = _ => 1e-2 };
+var epochsOption = new Option<int>("--epochs") { Description = "Epochs of the linear classifier over the cached features.", DefaultValueFactory = _ => 30 }.AtLeast(1);
+var lrOption = new Option<double>("--lr") { Description = "Peak learning rate of the linear classifier.", DefaultValueFactory = _ => 1e-2 }.Positive();
 var randomOption = new Option<bool>("--random-baseline") { Description = "Also probe a randomly initialized backbone of the same config.", DefaultValueFactory = _ => true };
-var trainLimitOption = new Option<int>("--train-limit") { Description = "Use only the first N training images (0 = all).", DefaultValueFactory = _ => 0 };
-var testLimitOption = new Option<int>("--test-limit") { Description = "Use only the first N test images (0 = all).", DefaultValueFactory = _ => 0 };
-var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 };
+var trainLimitOption = new Option<int>("--train-limit") { Description = "Use only the first N training images (0 = all).", DefaultValueFactory = _ => 0 }.AtLeast(0);
+var testLimitOption = new Option<int>("--test-limit") { Description = "Use only the first N test images (0 = all).", DefaultValueFactory = _ => 0 }.AtLeast(0);
+var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 }.AtLeast(0);
 var root = new RootCommand("Linear probe on frozen features of a trained ViT (the ViT-22B paper's evaluation mode), on Fashion-MNIST.")
 {
     checkpointOption, dataOption, epochsOption, lrOption, randomOption, trainLimitOption, testLimitOption, threadsOption,
@@ -67,4 +67,4 @@ root.SetAction(parse =>
         }
     }
 });
-return root.Parse(args).Invoke();
+return SampleMain.Invoke(root, args);

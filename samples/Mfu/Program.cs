@@ -17,13 +17,13 @@ using static TorchSharp.torch;
 
 var presetOption = new Option<string>("--preset") { Description = "Preset, e.g. B/16, S/16, So400m/14, 22B/14.", DefaultValueFactory = _ => "B/16" };
 var blockOption = new Option<string?>("--block") { Description = "Override the block kind: parallel or sequential, or both (the two models measured interleaved in one run, with their speed ratio)." };
-var batchOption = new Option<int>("--batch-size") { Description = "Images per step.", DefaultValueFactory = _ => 8 };
+var batchOption = new Option<int>("--batch-size") { Description = "Images per step.", DefaultValueFactory = _ => 8 }.AtLeast(1);
 var dtypeOption = new Option<string>("--dtype") { Description = "float32 or bfloat16 (float16, float64 also accepted).", DefaultValueFactory = _ => "float32" };
 var deviceOption = new Option<string>("--device") { Description = "cpu or cuda[:N].", DefaultValueFactory = _ => "cpu" };
 var modeOption = new Option<string>("--mode") { Description = "inference, forward-backward (no optimizer), or training (forward, backward, AdamW step).", DefaultValueFactory = _ => "inference" };
-var samplesOption = new Option<int>("--samples") { Description = "Timed rounds (a GEMM before each measured step); medians are reported.", DefaultValueFactory = _ => 10 };
-var warmupOption = new Option<int>("--warmup") { Description = "Untimed warm-up steps.", DefaultValueFactory = _ => 2 };
-var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 };
+var samplesOption = new Option<int>("--samples") { Description = "Timed rounds (a GEMM before each measured step); medians are reported.", DefaultValueFactory = _ => 10 }.AtLeast(1);
+var warmupOption = new Option<int>("--warmup") { Description = "Untimed warm-up steps.", DefaultValueFactory = _ => 2 }.AtLeast(0);
+var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 }.AtLeast(0);
 var peakOption = new Option<double?>("--datasheet-peak-tflops") { Description = "Also report MFU against this datasheet peak (TFLOP/s), e.g. 989 for an H100 SXM in bf16 dense." };
 var jsonOption = new Option<FileInfo?>("--json") { Description = "Write the result as JSON." };
 var csvOption = new Option<FileInfo?>("--csv") { Description = "Write the result as CSV." };
@@ -47,8 +47,8 @@ root.SetAction(parse =>
         var dtype = ViTConfigJson.ParseDType(parse.GetValue(dtypeOption)!);
         string mode = parse.GetValue(modeOption)!;
         if (mode is not ("inference" or "forward-backward" or "training")) throw new ArgumentException($"--mode must be inference, forward-backward or training, found '{mode}'.");
-        var results = Measure(configs, parse.GetValue(presetOption)!, Math.Max(1, parse.GetValue(batchOption)), dtype, new Device(parse.GetValue(deviceOption)!),
-            mode, Math.Max(1, parse.GetValue(samplesOption)), Math.Max(0, parse.GetValue(warmupOption)), parse.GetValue(peakOption));
+        var results = Measure(configs, parse.GetValue(presetOption)!, parse.GetValue(batchOption), dtype, new Device(parse.GetValue(deviceOption)!),
+            mode, parse.GetValue(samplesOption), parse.GetValue(warmupOption), parse.GetValue(peakOption));
         Print(results);
         if (parse.GetValue(jsonOption) is { } json) AtomicFile.Write(json.FullName, s => JsonSerializer.Serialize(s, results, new JsonSerializerOptions { WriteIndented = true }));
         if (parse.GetValue(csvOption) is { } csv)
@@ -61,7 +61,7 @@ root.SetAction(parse =>
         return 1;
     }
 });
-return root.Parse(args).Invoke();
+return SampleMain.Invoke(root, args);
 
 // Builds one model per config and measures them interleaved with the same-dtype GEMM (MfuMeter.MeasureInterleaved).
 static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int batch, ScalarType dtype, Device device, string mode, int samples, int warmup, double? datasheetTflops)

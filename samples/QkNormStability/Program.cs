@@ -18,18 +18,18 @@ using ViT22B.Training;
 using static TorchSharp.torch;
 
 var dataOption = new Option<DirectoryInfo>("--data") { Description = "Folder with the Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist).", DefaultValueFactory = _ => new DirectoryInfo("/usr/share/datasets/fashion-mnist") };
-var lrOption = new Option<double>("--lr") { Description = "Peak learning rate (AdamW), reached after the warmup and kept constant.", DefaultValueFactory = _ => 1e-2 };
-var stepsOption = new Option<int>("--steps") { Description = "Training steps per run.", DefaultValueFactory = _ => 500 };
-var warmupOption = new Option<int>("--warmup") { Description = "Linear warmup steps.", DefaultValueFactory = _ => 50 };
-var batchOption = new Option<int>("--batch-size") { Description = "Images per step.", DefaultValueFactory = _ => 128 };
-var widthOption = new Option<int>("--width") { Description = "Embedding width D.", DefaultValueFactory = _ => 128 };
-var depthOption = new Option<int>("--depth") { Description = "Blocks.", DefaultValueFactory = _ => 4 };
-var headsOption = new Option<int>("--heads") { Description = "Attention heads.", DefaultValueFactory = _ => 4 };
-var patchOption = new Option<int>("--patch") { Description = "Patch size.", DefaultValueFactory = _ => 7 };
+var lrOption = new Option<double>("--lr") { Description = "Peak learning rate (AdamW), reached after the warmup and kept constant.", DefaultValueFactory = _ => 1e-2 }.Positive();
+var stepsOption = new Option<int>("--steps") { Description = "Training steps per run.", DefaultValueFactory = _ => 500 }.AtLeast(1);
+var warmupOption = new Option<int>("--warmup") { Description = "Linear warmup steps.", DefaultValueFactory = _ => 50 }.AtLeast(0);
+var batchOption = new Option<int>("--batch-size") { Description = "Images per step.", DefaultValueFactory = _ => 128 }.AtLeast(1);
+var widthOption = new Option<int>("--width") { Description = "Embedding width D.", DefaultValueFactory = _ => 128 }.AtLeast(1);
+var depthOption = new Option<int>("--depth") { Description = "Blocks.", DefaultValueFactory = _ => 4 }.AtLeast(1);
+var headsOption = new Option<int>("--heads") { Description = "Attention heads.", DefaultValueFactory = _ => 4 }.AtLeast(1);
+var patchOption = new Option<int>("--patch") { Description = "Patch size.", DefaultValueFactory = _ => 7 }.AtLeast(1);
 var clipOption = new Option<double>("--clip") { Description = "Gradient clipping by global norm (0 = none).", DefaultValueFactory = _ => 1.0 };
 var seedOption = new Option<int>("--seed") { Description = "Seed of the initialization and the data order (the same for both runs).", DefaultValueFactory = _ => 0 };
 var outOption = new Option<DirectoryInfo>("--out") { Description = "Output folder for qk-norm.csv and qk-norm.png.", DefaultValueFactory = _ => new DirectoryInfo("qk-norm") };
-var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 };
+var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 }.AtLeast(0);
 var root = new RootCommand("Train the same small ViT with and without QK-norm at a high learning rate and compare loss, attention logits and attention entropy.")
 {
     dataOption, lrOption, stepsOption, warmupOption, batchOption, widthOption, depthOption, headsOption, patchOption, clipOption, seedOption, outOption, threadsOption,
@@ -70,7 +70,7 @@ root.SetAction(parse =>
     AnsiConsole.MarkupLine($"Wrote [blue]{csv.EscapeMarkup()}[/] and [blue]{png.EscapeMarkup()}[/].");
     return 0;
 });
-return root.Parse(args).Invoke();
+return SampleMain.Invoke(root, args);
 
 static RunResult Train(string name, ViTConfig config, IDataset data, Settings s)
 {

@@ -19,8 +19,8 @@ var imagesOption = new Option<DirectoryInfo>("--images")
     DefaultValueFactory = _ => new DirectoryInfo(Path.Combine(AppContext.BaseDirectory, "images")),
 };
 var presetOption = new Option<string?>("--preset") { Description = "A preset such as B/16 instead of the small default model." };
-var iterationsOption = new Option<int>("--iterations") { Description = "Timed forward passes.", DefaultValueFactory = _ => 5 };
-var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = libtorch's default).", DefaultValueFactory = _ => 0 };
+var iterationsOption = new Option<int>("--iterations") { Description = "Timed forward passes.", DefaultValueFactory = _ => 5 }.AtLeast(1);
+var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = libtorch's default).", DefaultValueFactory = _ => 0 }.AtLeast(0);
 var root = new RootCommand("ViT22B quickstart: a ViT-22B-style model on real images, with parameter/FLOPs accounting and throughput.")
 {
     imagesOption, presetOption, iterationsOption, threadsOption,
@@ -33,10 +33,10 @@ root.SetAction(parse =>
         ? ViTConfig.Parse(preset)
         // ViT-22B's block (parallel, QK-norm, no QKV/norm bias, MAP head) at Ti/16 shapes.
         : ViTConfig.Parse("22B/14") with { EmbedDim = 192, Depth = 6, NumHeads = 3, MlpDim = 768, PatchSize = 16 };
-    Run(config, parse.GetValue(imagesOption)!, Math.Max(1, parse.GetValue(iterationsOption)));
+    Run(config, parse.GetValue(imagesOption)!, parse.GetValue(iterationsOption));
     return 0;
 });
-return root.Parse(args).Invoke();
+return SampleMain.Invoke(root, args);
 
 static void Run(ViTConfig config, DirectoryInfo imageDir, int iterations)
 {

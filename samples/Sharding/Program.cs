@@ -44,7 +44,7 @@ var check = new Command("rendezvous-check", "Worker: read the torchrun variables
 check.SetAction(_ => Guard(Launcher.RendezvousWorker));
 root.Subcommands.Add(check);
 
-return root.Parse(args).Invoke();
+return SampleMain.Invoke(root, args);
 
 // Errors a user can cause (a mesh that does not fit, a missing GPU or library, a peer that fails) print one line.
 static int Guard(Func<int> body)

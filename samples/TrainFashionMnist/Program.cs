@@ -15,26 +15,31 @@ using ViT22B.Models;
 using ViT22B.Training;
 
 var dataOption = new Option<DirectoryInfo>("--data") { Description = "Folder with the Fashion-MNIST IDX files (gzipped or not).", DefaultValueFactory = _ => new DirectoryInfo("/usr/share/datasets/fashion-mnist") };
-var epochsOption = new Option<int>("--epochs") { Description = "Training epochs.", DefaultValueFactory = _ => 13 };
-var batchOption = new Option<int>("--batch-size") { Description = "Images per step.", DefaultValueFactory = _ => 128 };
-var lrOption = new Option<double>("--lr") { Description = "Peak learning rate.", DefaultValueFactory = _ => 2e-3 };
-var smoothingOption = new Option<double>("--label-smoothing") { Description = "Softmax label smoothing.", DefaultValueFactory = _ => 0.0 };
+var epochsOption = new Option<int>("--epochs") { Description = "Training epochs.", DefaultValueFactory = _ => 13 }.AtLeast(1);
+var batchOption = new Option<int>("--batch-size") { Description = "Images per step.", DefaultValueFactory = _ => 128 }.AtLeast(1);
+var lrOption = new Option<double>("--lr") { Description = "Peak learning rate.", DefaultValueFactory = _ => 2e-3 }.Positive();
+var smoothingOption = new Option<double>("--label-smoothing") { Description = "Softmax label smoothing.", DefaultValueFactory = _ => 0.0 }.Within(0, 1);
 var dtypeOption = new Option<string>("--dtype") { Description = "Model dtype: float32 or bfloat16 (bfloat16: forward/backward in bf16, loss and optimizer state in float32 with float32 master weights).", DefaultValueFactory = _ => "float32" };
 var optimizerOption = new Option<string>("--optimizer") { Description = "adamw or adafactor.", DefaultValueFactory = _ => "adamw" };
-var widthOption = new Option<int>("--width") { Description = "Embedding width D.", DefaultValueFactory = _ => 128 };
-var depthOption = new Option<int>("--depth") { Description = "Blocks.", DefaultValueFactory = _ => 4 };
-var headsOption = new Option<int>("--heads") { Description = "Attention heads.", DefaultValueFactory = _ => 4 };
-var patchOption = new Option<int>("--patch") { Description = "Patch size (28 must be divisible by it).", DefaultValueFactory = _ => 7 };
+var widthOption = new Option<int>("--width") { Description = "Embedding width D.", DefaultValueFactory = _ => 128 }.AtLeast(1);
+var depthOption = new Option<int>("--depth") { Description = "Blocks.", DefaultValueFactory = _ => 4 }.AtLeast(1);
+var headsOption = new Option<int>("--heads") { Description = "Attention heads.", DefaultValueFactory = _ => 4 }.AtLeast(1);
+var patchOption = new Option<int>("--patch") { Description = "Patch size (28 must be divisible by it).", DefaultValueFactory = _ => 7 }.AtLeast(1);
+patchOption.Validators.Add(r =>
+{
+    int p = r.GetValueOrDefault<int>();
+    if (p > 0 && 28 % p != 0) r.AddError($"--patch must divide the 28-pixel images (1, 2, 4, 7, 14 or 28), found {p}.");
+});
 var poolOption = new Option<string>("--pool") { Description = "Pooling head: map (ViT-22B), gap or token.", DefaultValueFactory = _ => "map" };
 var augmentOption = new Option<string>("--augment") { Description = "Training augmentation: none, flip, or crop-flip (random 28×28 crop of the 2-pixel zero-padded image, then flip).", DefaultValueFactory = _ => "flip" };
 var checkpointOption = new Option<FileInfo>("--checkpoint") { Description = "Training checkpoint written after every epoch.", DefaultValueFactory = _ => new FileInfo("fashion-mnist-vit.safetensors") };
 var exportOption = new Option<DirectoryInfo?>("--export-test-images") { Description = "Also write the first --export-count test images as PNG files into this folder (input for samples/Classify)." };
-var exportCountOption = new Option<int>("--export-count") { Description = "Test images to export.", DefaultValueFactory = _ => 8 };
+var exportCountOption = new Option<int>("--export-count") { Description = "Test images to export.", DefaultValueFactory = _ => 8 }.AtLeast(0);
 var resumeOption = new Option<bool>("--resume") { Description = "Continue from --checkpoint." };
 var seedOption = new Option<int>("--seed") { Description = "Seed of the initialization and the data order.", DefaultValueFactory = _ => 0 };
-var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 };
-var trainLimitOption = new Option<int>("--train-limit") { Description = "Use only the first N training images (0 = all 60,000).", DefaultValueFactory = _ => 0 };
-var testLimitOption = new Option<int>("--test-limit") { Description = "Use only the first N test images (0 = all 10,000).", DefaultValueFactory = _ => 0 };
+var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 }.AtLeast(0);
+var trainLimitOption = new Option<int>("--train-limit") { Description = "Use only the first N training images (0 = all 60,000).", DefaultValueFactory = _ => 0 }.AtLeast(0);
+var testLimitOption = new Option<int>("--test-limit") { Description = "Use only the first N test images (0 = all 10,000).", DefaultValueFactory = _ => 0 }.AtLeast(0);
 var root = new RootCommand("Train a small ViT-22B-style model on Fashion-MNIST (install it with `apt-get install dataset-fashion-mnist`).")
 {
     dataOption, epochsOption, batchOption, lrOption, smoothingOption, dtypeOption, optimizerOption, widthOption, depthOption, headsOption, patchOption, poolOption, augmentOption,
@@ -68,7 +73,7 @@ root.SetAction(parse =>
         parse.GetValue(optimizerOption)!, parse.GetValue(checkpointOption)!, parse.GetValue(resumeOption), parse.GetValue(seedOption),
         parse.GetValue(trainLimitOption), parse.GetValue(testLimitOption), parse.GetValue(exportOption), parse.GetValue(exportCountOption));
 });
-return root.Parse(args).Invoke();
+return SampleMain.Invoke(root, args);
 
 static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data, int epochs, int batchSize, double lr, double labelSmoothing, string optimizerName, FileInfo checkpoint,
     bool resume, int seed, int trainLimit, int testLimit, DirectoryInfo? export, int exportCount)
