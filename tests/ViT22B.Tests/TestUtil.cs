@@ -15,6 +15,7 @@ internal static class TestUtil
         using var noGrad = torch.no_grad();
         foreach (var (name, p) in module.named_parameters())
         {
+            using var scope = torch.NewDisposeScope();   // holds the temporaries through each native call
             var r = torch.randn(p.shape, dtype: ScalarType.Float64, generator: g) * scale;
             if (name.EndsWith("norm.weight", StringComparison.Ordinal) || name.EndsWith("norm1.weight", StringComparison.Ordinal) || name.EndsWith("norm2.weight", StringComparison.Ordinal) || name.EndsWith("norm_pre.weight", StringComparison.Ordinal))
                 r = r + 1.0;
@@ -25,12 +26,14 @@ internal static class TestUtil
     public static Tensor RandomImages(ViTConfig c, long batch, long seed, ScalarType dtype = ScalarType.Float64, long? h = null, long? w = null)
     {
         var g = new torch.Generator((ulong)seed);
-        return torch.randn(new[] { batch, (long)c.InChans, h ?? c.ImgSize, w ?? c.ImgSize }, dtype: ScalarType.Float64, generator: g).to(dtype);
+        using var x = torch.randn(new[] { batch, (long)c.InChans, h ?? c.ImgSize, w ?? c.ImgSize }, dtype: ScalarType.Float64, generator: g);
+        return x.to(dtype);
     }
 
     /// <summary>max |a − e| / max |e|, computed in float64.</summary>
     public static double RelErr(Tensor actual, Tensor expected)
     {
+        using var scope = torch.NewDisposeScope();   // keeps the temporaries alive through each native call (see MaxAbs)
         var a = actual.detach().to(ScalarType.Float64).cpu();
         var e = expected.detach().to(ScalarType.Float64).cpu();
         Assert.Equal(e.shape, a.shape);
@@ -38,8 +41,13 @@ internal static class TestUtil
         return (a - e).abs().max().item<double>() / Math.Max(scale, 1e-300);
     }
 
-    public static double MaxAbs(Tensor actual, Tensor expected) =>
-        (actual.detach().to(ScalarType.Float64).cpu() - expected.detach().to(ScalarType.Float64).cpu()).abs().max().item<double>();
+    /// <summary>max |a − e| in float64. The temporaries live in a dispose scope: a TorchSharp tensor referenced only by
+    /// the argument of a native call can be finalized (and its memory freed) while that call still runs.</summary>
+    public static double MaxAbs(Tensor actual, Tensor expected)
+    {
+        using var scope = torch.NewDisposeScope();
+        return (actual.detach().to(ScalarType.Float64).cpu() - expected.detach().to(ScalarType.Float64).cpu()).abs().max().item<double>();
+    }
 
     /// <summary>Whether a library whose file name starts with <paramref name="fileNamePrefix"/> is mapped into this
     /// process (Linux <c>/proc/self/maps</c>).</summary>

@@ -40,6 +40,7 @@ public sealed class MfuMeter : IDisposable
         _device = device;
         GemmSize = gemmSize;
         var g = new torch.Generator(0);
+        using var scope = torch.NewDisposeScope();   // holds the temporaries through each native call
         _a = torch.randn(new[] { gemmSize, gemmSize }, generator: g).to(dtype).to(device).DetachFromDisposeScope();
         _b = torch.randn(new[] { gemmSize, gemmSize }, generator: g).to(dtype).to(device).DetachFromDisposeScope();
     }

@@ -386,7 +386,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
     {
         using var noGrad = torch.no_grad();
         var padded = ZeroRows(rows, x);
-        padded.narrow(0, 0, x.shape[0]).copy_(x);
+        using (var head = padded.narrow(0, 0, x.shape[0])) head.copy_(x);   // a local: kept alive through the native copy
         return padded;
     }
 

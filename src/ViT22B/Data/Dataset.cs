@@ -50,11 +50,12 @@ public sealed class TensorDataset : IDataset, IDisposable
         if (labels.dim() != 1 || labels.shape[0] != images.shape[0])
             throw new ArgumentException($"{name}: labels must be [N] with N = {images.shape[0]} images, found [{string.Join(", ", labels.shape)}].", nameof(labels));
         if (classes.Count == 0) throw new ArgumentException($"{name}: at least one class is needed.", nameof(classes));
+        using var scope = NewDisposeScope();   // holds the temporaries through each native call
         _labels = labels.to(ScalarType.Int64).cpu().data<long>().ToArray();
         for (int i = 0; i < _labels.Length; i++)
             if (_labels[i] < 0 || _labels[i] >= classes.Count)
                 throw new ArgumentException($"{name}: label {_labels[i]} of example {i} is outside [0, {classes.Count}).", nameof(labels));
-        _images = (images.dim() == 3 ? images.unsqueeze(1) : images).cpu().detach().clone();
+        _images = (images.dim() == 3 ? images.unsqueeze(1) : images).cpu().detach().clone().DetachFromDisposeScope();
         Classes = classes;
         _transform = transform;
         _name = name;

@@ -121,12 +121,13 @@ public sealed class NpzReader : ITensorSource
             using (var s = OpenEntry(where, m.Entry))
             {
                 SkipExactly(where, s, m.HeaderBytes);
-                ReadExactlyInto(t, s, m.DataBytes);
+                TensorPointers.ReadInto(t, s, m.DataBytes);
                 if (s.ReadByte() != -1) throw new NpzFormatException($"{where}: more data than its header's shape [{string.Join(", ", m.Shape)}] holds.");
             }
             if (!m.FortranOrder || m.Shape.Length < 2) return t;
             using var stored = t;
-            return stored.permute(Enumerable.Range(0, m.Shape.Length).Reverse().Select(i => (long)i).ToArray()).contiguous();
+            using var transposed = stored.permute(Enumerable.Range(0, m.Shape.Length).Reverse().Select(i => (long)i).ToArray());
+            return transposed.contiguous();
         }
         catch (Exception e) when (e is EndOfStreamException or IOException or InvalidDataException)
         {
@@ -160,19 +161,6 @@ public sealed class NpzReader : ITensorSource
         {
             throw new NpzFormatException($"{where}: cannot be read (unsupported compression or corrupt entry): {e.Message}", e);
         }
-    }
-
-    // Fills a new contiguous CPU tensor from the stream; a stream that ends early throws EndOfStreamException.
-    private static unsafe void ReadExactlyInto(Tensor t, Stream s, long bytes)
-    {
-        byte* p = (byte*)TensorPointers.DataPointer(t);
-        for (long done = 0; done < bytes;)
-        {
-            int n = (int)Math.Min(bytes - done, 1 << 20);
-            s.ReadExactly(new Span<byte>(p + done, n));
-            done += n;
-        }
-        GC.KeepAlive(t);
     }
 
     private static void SkipExactly(string where, Stream s, long count)

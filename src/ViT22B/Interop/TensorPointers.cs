@@ -38,4 +38,29 @@ internal static unsafe class TensorPointers
         GC.KeepAlive(tensor);
         return p;
     }
+
+    /// <summary>Fills a contiguous CPU tensor with exactly <paramref name="bytes"/> bytes read from <paramref name="stream"/>
+    /// (its whole storage), in 1 MiB chunks straight into the tensor's memory.</summary>
+    /// <exception cref="ArgumentException">The tensor is not a contiguous CPU tensor of exactly that many bytes.</exception>
+    /// <exception cref="EndOfStreamException">The stream ends early.</exception>
+    public static void ReadInto(Tensor tensor, Stream stream, long bytes)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        CheckCpuBytes(tensor, bytes);
+        byte* p = (byte*)DataPointer(tensor);
+        for (long done = 0; done < bytes;)
+        {
+            int n = (int)Math.Min(bytes - done, 1 << 20);
+            stream.ReadExactly(new Span<byte>(p + done, n));
+            done += n;
+        }
+        GC.KeepAlive(tensor);
+    }
+
+    private static void CheckCpuBytes(Tensor tensor, long bytes)
+    {
+        ArgumentNullException.ThrowIfNull(tensor);
+        if (tensor.device_type != DeviceType.CPU || !tensor.is_contiguous() || tensor.numel() * tensor.ElementSize != bytes)
+            throw new ArgumentException($"Expected a contiguous CPU tensor of {bytes} bytes, found {tensor.dtype} [{string.Join(", ", tensor.shape)}] on {tensor.device}.", nameof(tensor));
+    }
 }

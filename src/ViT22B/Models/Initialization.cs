@@ -88,6 +88,11 @@ public static class Initialization
     {
         if (ranges[^1].End != w.shape[axis])
             throw new InvalidOperationException($"Weight '{key}' of shape [{string.Join(", ", w.shape)}] does not have the {ranges[^1].End} rows/columns its sub-blocks need along axis {axis}.");
-        foreach (var (a, b, bound) in ranges) w.narrow(axis, a, b - a).uniform_(-bound, bound);
+        foreach (var (a, b, bound) in ranges)
+        {
+            // A local the later Dispose uses: a temporary referenced only by the native call could be finalized during it.
+            using var block = w.narrow(axis, a, b - a);
+            block.uniform_(-bound, bound);
+        }
     }
 }

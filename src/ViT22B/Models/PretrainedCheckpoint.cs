@@ -91,8 +91,8 @@ public static class PretrainedCheckpoint
         Tensor Meta(string name) => torch.empty(source.ShapeOf(name), dtype: ScalarType.Float32, device: torch.META);
         long[] ShapeOf(Recipe r)
         {
-            using var t = r.Build(Meta);
-            return t.shape;
+            using var scope = torch.NewDisposeScope();
+            return r.Build(Meta).shape;
         }
         static bool IsHead(string key) => key is "head.weight" or "head.bias";
 
@@ -146,8 +146,10 @@ public static class PretrainedCheckpoint
         using var noGrad = torch.no_grad();
         foreach (var (key, plan) in plans)
         {
-            using var value = plan();
-            target[key].copy_(value);
+            // The scope holds every temporary of the conversion until the copy is done (a tensor referenced only by a
+            // native call's argument could otherwise be finalized during that call).
+            using var scope = torch.NewDisposeScope();
+            target[key].copy_(plan());
         }
         return report;
     }

@@ -55,8 +55,14 @@ internal sealed class AllGatherMatmulFunction : torch.autograd.SingleTensorFunct
         var args = (RingArgs)ctx.get_data("args");
         return BackwardFailures.Guard(args.Comm, () =>
         {
-            var dx = Rings.MatmulReduceScatter(dy, w.t(), args.Comm, args.Counts, args.Mode);
-            var dw = dy.reshape(-1, dy.shape[^1]).t().matmul(xg.reshape(-1, xg.shape[^1]));
+            // Temporaries in locals: backward runs outside any dispose scope, and a tensor referenced only by a native
+            // call's argument could be finalized during that call.
+            using var wt = w.t();
+            var dx = Rings.MatmulReduceScatter(dy, wt, args.Comm, args.Counts, args.Mode);
+            using var dy2 = dy.reshape(-1, dy.shape[^1]);
+            using var dyT = dy2.t();
+            using var xg2 = xg.reshape(-1, xg.shape[^1]);
+            var dw = dyT.matmul(xg2);
             return new List<Tensor> { dx, dw, null! };
         }, () => new List<Tensor> { Rows.Zeros(args.Counts[args.Comm.Rank], xg), torch.zeros_like(w), null! });
     }
@@ -85,8 +91,13 @@ internal sealed class MatmulReduceScatterFunction : torch.autograd.SingleTensorF
         var args = (RingArgs)ctx.get_data("args");
         return BackwardFailures.Guard(args.Comm, () =>
         {
-            var (dh, dOutAll) = Rings.AllGatherMatmul(dOut, w.t(), args.Comm, args.Counts, args.Mode);
-            var dw = dOutAll.reshape(-1, dOutAll.shape[^1]).t().matmul(h.reshape(-1, h.shape[^1]));
+            using var wt = w.t();   // locals, as in AllGatherMatmulFunction.backward
+            var (dh, dOutAll) = Rings.AllGatherMatmul(dOut, wt, args.Comm, args.Counts, args.Mode);
+            using var gathered = dOutAll;
+            using var g2 = gathered.reshape(-1, gathered.shape[^1]);
+            using var gT = g2.t();
+            using var h2 = h.reshape(-1, h.shape[^1]);
+            var dw = gT.matmul(h2);
             return new List<Tensor> { dh, dw, null! };
         }, () => new List<Tensor> { torch.zeros_like(h), torch.zeros_like(w), null! });
     }
@@ -130,7 +141,8 @@ internal sealed class GatherTokensFunction : torch.autograd.SingleTensorFunction
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
     {
         var args = (RingArgs)ctx.get_data("args");
-        return new List<Tensor> { grad.narrow(0, TokenPartition.Start(args.Counts, args.Comm.Rank), args.Counts[args.Comm.Rank]).clone(), null! };
+        using var mine = grad.narrow(0, TokenPartition.Start(args.Counts, args.Comm.Rank), args.Counts[args.Comm.Rank]);   // kept alive through the copy
+        return new List<Tensor> { mine.clone(), null! };
     }
 }
 
@@ -156,9 +168,13 @@ internal sealed class FsdpGatherFunction : torch.autograd.SingleTensorFunction<F
         var shardShape = (long[])ctx.get_data("shape");
         return BackwardFailures.Guard(comm, () =>
         {
-            var moved = dim == 0 ? grad : grad.transpose(0, dim).contiguous();
+            // Locals keep each transposed view alive through the native copy that reads it.
+            using var gradT = dim == 0 ? null : grad.transpose(0, dim);
+            var moved = gradT is null ? grad : gradT.contiguous();
             var mine = comm.ReduceScatter(moved, counts).div_(comm.Size);
-            return new List<Tensor> { dim == 0 ? mine : mine.transpose(0, dim).contiguous(), null!, null!, null! };
+            if (dim == 0) return new List<Tensor> { mine, null!, null!, null! };
+            using var mineT = mine.transpose(0, dim);
+            return new List<Tensor> { mineT.contiguous(), null!, null!, null! };
         }, () => new List<Tensor> { torch.zeros(shardShape, dtype: grad.dtype, device: grad.device), null!, null!, null! });
     }
 }

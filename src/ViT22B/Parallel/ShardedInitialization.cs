@@ -37,7 +37,9 @@ internal static class ShardedInitialization
             foreach (var (a, b, bound) in ranges)
             {
                 long lo = Math.Max(a, segStart), hi = Math.Min(b, segStart + segLen);
-                if (hi > lo) w.narrow(axis, local + lo - segStart, hi - lo).uniform_(-bound, bound);
+                if (hi <= lo) continue;
+                using var block = w.narrow(axis, local + lo - segStart, hi - lo);   // kept alive through the native call
+                block.uniform_(-bound, bound);
             }
             local += segLen;
         }

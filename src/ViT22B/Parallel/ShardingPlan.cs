@@ -176,7 +176,8 @@ public sealed class ShardingPlan
             if (!seen.Add($"{spec.Dim}:{string.Join(",", spec.Segments)}")) continue;
             var part = shardOf(rank);
             full ??= torch.empty(fullShape, dtype: part.dtype, device: torch.CPU);
-            Place(full, part.cpu(), spec);
+            using var cpu = part.cpu();   // a local: kept alive through the copy
+            Place(full, cpu, spec);
         }
         return full!;
     }

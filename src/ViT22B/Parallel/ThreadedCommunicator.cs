@@ -137,6 +137,15 @@ internal sealed class ThreadedGroup
     /// result is built on <paramref name="commStream"/> (see <see cref="IGpuTransport"/>).</summary>
     public Tensor Complete(long seq, int rank, string op, Func<Tensor?[], object?[], Tensor> compute, Func<int, nint> commStream)
     {
+        // The collective's arithmetic runs in a dispose scope of its own, so that its temporaries stay referenced through
+        // every native call (callers such as backward have no scope; a tensor referenced only by a native call's
+        // argument could be finalized during it); the result is moved out.
+        static Tensor Scoped(Func<Tensor?[], object?[], Tensor> compute, Slot slot)
+        {
+            using var scope = torch.NewDisposeScope();
+            return compute(slot.Inputs, slot.Args).MoveToOuterDisposeScope();
+        }
+
         Slot slot;
         var watch = Stopwatch.StartNew();
         lock (_lock)
@@ -160,10 +169,10 @@ internal sealed class ThreadedGroup
         }
         try
         {
-            if (slot.Inputs[rank] is not { } mine || mine.device.type != DeviceType.CUDA) return compute(slot.Inputs, slot.Args);
+            if (slot.Inputs[rank] is not { } mine || mine.device.type != DeviceType.CUDA) return Scoped(compute, slot);
             var gpu = GpuTransport.Current;
             int device = gpu.Ordinal(mine.device);
-            var (result, done) = gpu.Receive(device, commStream(device), slot.Ready, () => compute(slot.Inputs, slot.Args));
+            var (result, done) = gpu.Receive(device, commStream(device), slot.Ready, () => Scoped(compute, slot));
             slot.Done[rank] = done;
             return result;
         }
@@ -305,7 +314,11 @@ public sealed class ThreadedCommunicator : ICommunicator
         ITransferEvent? ready = null;
         if (input is not null)
         {
-            using (torch.no_grad()) copy = input.detach().clone().DetachFromDisposeScope();
+            using (torch.no_grad())
+            {
+                using var detached = input.detach();   // a local: kept alive through the native copy
+                copy = detached.clone().DetachFromDisposeScope();
+            }
             if (copy.device.type == DeviceType.CUDA) ready = GpuTransport.Current.MarkReady(copy);
         }
         var delay = _group.World.DelayFor(WorldRank);

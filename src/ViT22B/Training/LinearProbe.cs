@@ -56,8 +56,11 @@ public static class LinearProbe
         if (epochs <= 0 || batchSize <= 0) throw new ArgumentOutOfRangeException(nameof(epochs), "epochs and batchSize must be positive.");
         long n = features.shape[0], d = features.shape[1];
         using var mean = features.mean(new long[] { 0 }, keepdim: true);
-        using var std = features.std(0, keepdim: true).clamp_min(1e-6);
-        using var x = ((features - mean) / std).to(ScalarType.Float32);
+        using var sd = features.std(0, keepdim: true);   // locals: each temporary stays referenced through its native call
+        using var std = sd.clamp_min(1e-6);
+        using var centred = features - mean;
+        using var standardized = centred / std;
+        using var x = standardized.to(ScalarType.Float32);
         using var y = labels.to(ScalarType.Int64);
         var linear = nn.Linear(d, classes, hasBias: true, dtype: ScalarType.Float32);
         using (torch.no_grad())
@@ -90,7 +93,8 @@ public static class LinearProbe
         using (torch.no_grad())
         {
             using var scaled = linear.weight!.div(std);
-            using var shift = scaled.matmul(mean.squeeze(0));
+            using var meanRow = mean.squeeze(0);
+            using var shift = scaled.matmul(meanRow);
             linear.weight!.copy_(scaled);
             linear.bias!.sub_(shift);
         }

@@ -39,7 +39,11 @@ public abstract class Optimizer : IDisposable
             if (p.WeightDecay < 0) throw new ArgumentOutOfRangeException(nameof(parameters), $"Weight decay of '{p.Name}' must be ≥ 0, found {p.WeightDecay}.");
             if (!p.Value.is_floating_point()) throw new ArgumentException($"Parameter '{p.Name}' is {p.Value.dtype}; only floating-point parameters can be optimized.", nameof(parameters));
             if (p.Value.dtype != ScalarType.Float32 && p.Value.dtype != ScalarType.Float64)
-                _masters[i] = AddState(p.Name, "master", p.Value.detach().to(ScalarType.Float32).clone());
+            {
+                using var detached = p.Value.detach();   // locals: kept alive through the native copies
+                using var wide = detached.to(ScalarType.Float32);
+                _masters[i] = AddState(p.Name, "master", wide.clone());
+            }
         }
     }
 
