@@ -116,7 +116,7 @@ public class ModelBenchmarks : MfuBenchmark
         var c = ViTConfig.Parse(Preset) with { Block = Block };
         _model = new VisionTransformer(c, Bench.Device, DType);
         const long batch = 8;
-        _images = torch.randn(new long[] { batch, 3, c.ImgSize, c.ImgSize }, generator: new torch.Generator(1)).to(DType).to(Bench.Device);
+        _images = torch.randn(new long[] { batch, 3, c.ImageShape.Height, c.ImageShape.Width }, generator: new torch.Generator(1)).to(DType).to(Bench.Device);
         _labels = (torch.arange(batch, dtype: ScalarType.Int64) % c.NumClasses).to(Bench.Device);
         var f = ModelAccounting.Flops(c);
         if (Mode == "training")

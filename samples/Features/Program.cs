@@ -136,6 +136,8 @@ static Tensor LoadInput(string input, ViTConfig config, Preprocessing preprocess
 {
     if (Directory.Exists(input))
     {
+        if (config.ImgWidth is int w && w != config.ImgSize)
+            throw new ArgumentException($"Image folders are fed square crops; the config's images are {config.ImgSize}×{w}. Pass a safetensors file of 'images' [N, C, {config.ImgSize}, {w}] instead.");
         var files = ImageTensors.ListImages(input);
         if (files.Count == 0) throw new IOException($"No images (jpg, png, webp, bmp, gif) in folder '{input}'.");
         names = files.Select(Path.GetFileName).ToArray()!;

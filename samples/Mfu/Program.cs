@@ -69,7 +69,7 @@ static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int 
     if (device.type == DeviceType.CPU)
         foreach (var c in configs) ModelAccounting.EnsureFitsInHostMemory(c, dtype);
     var config = configs[0];
-    using var images = torch.randn(new long[] { batch, config.InChans, config.ImgSize, config.ImgSize }, generator: new torch.Generator(1)).to(dtype).to(device);
+    using var images = torch.randn(new long[] { batch, config.InChans, config.ImageShape.Height, config.ImageShape.Width }, generator: new torch.Generator(1)).to(dtype).to(device);
     using var labels = (torch.arange(batch, dtype: ScalarType.Int64) % Math.Max(1, config.NumClasses)).to(device);
     var models = new List<VisionTransformer>();
     var optimizers = new List<AdamW>();

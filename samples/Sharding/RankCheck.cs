@@ -80,7 +80,7 @@ internal sealed record Reference(Dictionary<string, Tensor> State, Tensor Images
             foreach (var (name, p) in full.named_parameters())
                 if (name.StartsWith("head.", StringComparison.Ordinal)) p.normal_(0, 0.02);     // give the zero-initialized classifier some signal
         var state = full.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
-        var images = torch.randn(new long[] { batch, 3, config.ImgSize, config.ImgSize }, generator: new torch.Generator(1));
+        var images = torch.randn(new long[] { batch, 3, config.ImageShape.Height, config.ImageShape.Width }, generator: new torch.Generator(1));
         var labels = torch.arange(batch, dtype: ScalarType.Int64) % config.NumClasses;
         var logits = full.call(images);
         nn.functional.cross_entropy(logits, labels).backward();

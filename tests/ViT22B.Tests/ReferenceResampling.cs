@@ -50,12 +50,15 @@ internal static class ReferenceResampling
 
     /// <summary>A position embedding [1, prefix + g0·g0, D] on a new g × g grid, prefix slots kept (timm
     /// <c>resample_abs_pos_embed</c>).</summary>
-    public static Tensor PositionEmbedding(Tensor pos, int prefix, long oldGrid, long newGrid)
+    public static Tensor PositionEmbedding(Tensor pos, int prefix, long oldGrid, long newGrid) => PositionEmbedding(pos, prefix, oldGrid, newGrid, newGrid);
+
+    /// <summary>As above, onto a gh × gw grid.</summary>
+    public static Tensor PositionEmbedding(Tensor pos, int prefix, long oldGrid, long gh, long gw)
     {
         long d = pos.shape[2];
         var p = pos.to(ScalarType.Float64);
         var grid = p.narrow(1, prefix, oldGrid * oldGrid).reshape(oldGrid, oldGrid, d).permute(2, 0, 1);   // [D, g0, g0]
-        var resized = Resize(grid, newGrid, newGrid).permute(1, 2, 0).reshape(1, newGrid * newGrid, d);
+        var resized = Resize(grid, gh, gw).permute(1, 2, 0).reshape(1, gh * gw, d);
         return prefix > 0 ? torch.cat(new[] { p.narrow(1, 0, prefix), resized }, 1) : resized;
     }
 }

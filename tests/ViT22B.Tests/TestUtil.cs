@@ -26,7 +26,7 @@ internal static class TestUtil
     public static Tensor RandomImages(ViTConfig c, long batch, long seed, ScalarType dtype = ScalarType.Float64, long? h = null, long? w = null)
     {
         var g = new torch.Generator((ulong)seed);
-        using var x = torch.randn(new[] { batch, (long)c.InChans, h ?? c.ImgSize, w ?? c.ImgSize }, dtype: ScalarType.Float64, generator: g);
+        using var x = torch.randn(new[] { batch, (long)c.InChans, h ?? c.ImageShape.Height, w ?? c.ImageShape.Width }, dtype: ScalarType.Float64, generator: g);
         return x.to(dtype);
     }
 

@@ -187,14 +187,15 @@ public static class PretrainedCheckpoint
         long[] modelShape = model.state_dict()["pos_embed"].shape;
         if (shape.Length != 3 || shape[0] != 1 || shape[2] != modelShape[2]) return false;
         long slots = shape[1];
-        int modelPrefix = (int)(modelShape[1] - (long)c.GridSize * c.GridSize);
+        int modelPrefix = (int)(modelShape[1] - (long)c.GridHeight * c.GridWidth);
         int ps = new[] { modelPrefix, 0, 1 }.Distinct().Where(p => IsSquare(slots - p)).DefaultIfEmpty(-1).First();
         bool foldIntoClass = ps == 1 && modelPrefix == 0 && c.ClassToken && recipes.ContainsKey("cls_token");
         if (ps < 0 || (ps != modelPrefix && !(ps == 0 && modelPrefix > 0) && !foldIntoClass)) return false;
-        long oldGrid = (long)Math.Round(Math.Sqrt(slots - ps)), grid = c.GridSize;
+        long oldGrid = (long)Math.Round(Math.Sqrt(slots - ps)), gh = c.GridHeight, gw = c.GridWidth;
+        bool same = oldGrid == gh && oldGrid == gw;
         var how = new List<string>();
-        if (oldGrid != grid) how.Add($"grid {oldGrid}×{oldGrid} → {grid}×{grid} (bicubic, antialiased)");
-        Tensor Grid(Tensor src, int prefix) => oldGrid == grid ? src.alias() : EmbeddingResampling.PositionEmbedding(src, prefix, (oldGrid, oldGrid), (grid, grid));
+        if (!same) how.Add($"grid {oldGrid}×{oldGrid} → {gh}×{gw} (bicubic, antialiased)");
+        Tensor Grid(Tensor src, int prefix) => same ? src.alias() : EmbeddingResampling.PositionEmbedding(src, prefix, (oldGrid, oldGrid), (gh, gw));
         if (ps == modelPrefix)
         {
             plans["pos_embed"] = () =>

@@ -35,8 +35,12 @@ public enum PosEmbedKind
 /// </summary>
 public sealed record ViTConfig
 {
-    /// <summary>Input image side in pixels (square images). JSON <c>img_size</c>.</summary>
+    /// <summary>Input image height in pixels, and its width unless <see cref="ImgWidth"/> is set. JSON <c>img_size</c>: a
+    /// number, or <c>[height, width]</c> as timm's <c>img_size=(h, w)</c>.</summary>
     public int ImgSize { get; init; } = 224;
+    /// <summary>Input image width when it differs from <see cref="ImgSize"/> (non-square images); null = square. Written
+    /// to JSON as <c>img_size: [height, width]</c>.</summary>
+    public int? ImgWidth { get; init; }
     /// <summary>Patch side in pixels. JSON <c>patch_size</c>.</summary>
     public int PatchSize { get; init; } = 16;
     /// <summary>Input channels. JSON <c>in_chans</c>.</summary>
@@ -105,11 +109,15 @@ public sealed record ViTConfig
 
     /// <summary>Head dimension d = D / H.</summary>
     public int HeadDim => EmbedDim / NumHeads;
-    /// <summary>Patches per side at <see cref="ImgSize"/>: the patch convolution drops a remainder, as timm and
-    /// big_vision do (So400m/14 at 384 px sees 27 × 27 patches and ignores the last 6 pixels).</summary>
-    public int GridSize => ImgSize / PatchSize;
-    /// <summary>Patch tokens at <see cref="ImgSize"/>.</summary>
-    public int NumPatches => GridSize * GridSize;
+    /// <summary>The input image (height, width) in pixels.</summary>
+    public (int Height, int Width) ImageShape => (ImgSize, ImgWidth ?? ImgSize);
+    /// <summary>Patch rows: the patch convolution drops a remainder, as timm and big_vision do (So400m/14 at 384 px sees
+    /// 27 × 27 patches and ignores the last 6 pixels).</summary>
+    public int GridHeight => ImgSize / PatchSize;
+    /// <summary>Patch columns (see <see cref="GridHeight"/>).</summary>
+    public int GridWidth => (ImgWidth ?? ImgSize) / PatchSize;
+    /// <summary>Patch tokens at <see cref="ImageShape"/>.</summary>
+    public int NumPatches => GridHeight * GridWidth;
     /// <summary>Tokens before the patch tokens: the class token, then the register tokens.</summary>
     public int NumPrefixTokens => (ClassToken ? 1 : 0) + RegTokens;
     /// <summary>Sequence length the encoder sees at <see cref="ImgSize"/>.</summary>
@@ -132,6 +140,7 @@ public sealed record ViTConfig
         Require(ImgSize > 0 && PatchSize > 0 && InChans > 0, $"img_size ({ImgSize}), patch_size ({PatchSize}) and in_chans ({InChans}) must be positive.");
         Require(EmbedDim > 0 && Depth >= 0 && NumHeads > 0 && MlpDim > 0, $"embed_dim ({EmbedDim}), num_heads ({NumHeads}) and mlp_dim ({MlpDim}) must be positive and depth ({Depth}) non-negative.");
         Require(ImgSize >= PatchSize, $"img_size {ImgSize} is smaller than patch_size {PatchSize}.");
+        Require(ImgWidth is null || ImgWidth >= PatchSize, $"image width {ImgWidth} (img_size [height, width]) is smaller than patch_size {PatchSize}.");
         Require(EmbedDim % NumHeads == 0, $"embed_dim {EmbedDim} is not divisible by num_heads {NumHeads}.");
         Require(NumClasses >= 0, $"num_classes must be >= 0, found {NumClasses}.");
         Require(NormEps > 0 && double.IsFinite(NormEps), $"norm_eps must be a positive number, found {NormEps}.");

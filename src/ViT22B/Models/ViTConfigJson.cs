@@ -31,7 +31,14 @@ public static class ViTConfigJson
         using (var w = new Utf8JsonWriter(ms, new JsonWriterOptions { Indented = true }))
         {
             w.WriteStartObject();
-            w.WriteNumber("img_size", c.ImgSize);
+            if (c.ImgWidth is int width && width != c.ImgSize)
+            {
+                w.WriteStartArray("img_size");
+                w.WriteNumberValue(c.ImgSize);
+                w.WriteNumberValue(width);
+                w.WriteEndArray();
+            }
+            else w.WriteNumber("img_size", c.ImgSize);
             w.WriteNumber("patch_size", c.PatchSize);
             w.WriteNumber("in_chans", c.InChans);
             w.WriteNumber("embed_dim", c.EmbedDim);
@@ -90,7 +97,8 @@ public static class ViTConfigJson
                 var v = p.Value;
                 c = p.Name switch
                 {
-                    "img_size" => c with { ImgSize = Int(where, p) },
+                    "img_size" when v.ValueKind == JsonValueKind.Array => ImageSize(where, p, c),
+                    "img_size" => c with { ImgSize = Int(where, p), ImgWidth = null },
                     "patch_size" => c with { PatchSize = Int(where, p) },
                     "in_chans" => c with { InChans = Int(where, p) },
                     "embed_dim" => c with { EmbedDim = Int(where, p) },
@@ -122,6 +130,16 @@ public static class ViTConfigJson
             }
             return c.Validate();
         }
+    }
+
+    // img_size as [height, width] (timm's tuple form).
+    private static ViTConfig ImageSize(string where, JsonProperty p, ViTConfig c)
+    {
+        var items = p.Value.EnumerateArray().ToArray();
+        if (items.Length != 2 || items.Any(i => i.ValueKind != JsonValueKind.Number || !i.TryGetInt32(out _)))
+            throw new FormatException($"{where}: 'img_size' must be a number or [height, width], found {p.Value.GetRawText()}.");
+        int h = items[0].GetInt32(), w = items[1].GetInt32();
+        return c with { ImgSize = h, ImgWidth = w == h ? null : w };
     }
 
     private static readonly (string Name, BlockKind Value)[] Blocks = { ("parallel", BlockKind.Parallel), ("sequential", BlockKind.Sequential) };

@@ -225,9 +225,9 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
             if (h % c.PatchSize != 0 || w % c.PatchSize != 0 || h == 0 || w == 0)
                 throw new ArgumentException($"Image size {h}×{w} is not a positive multiple of the patch size {c.PatchSize}.", nameof(images));
         }
-        else if (h != c.ImgSize || w != c.ImgSize)
+        else if (h != c.ImageShape.Height || w != c.ImageShape.Width)
         {
-            throw new ArgumentException($"Expected {c.ImgSize}×{c.ImgSize} images, found {h}×{w}; set dynamic_img_size to resample the position embedding for other sizes.", nameof(images));
+            throw new ArgumentException($"Expected {c.ImageShape.Height}×{c.ImageShape.Width} images, found {h}×{w}; set dynamic_img_size to resample the position embedding for other sizes.", nameof(images));
         }
         var p = patch_embed.parameters().First();
         if (images.dtype != p.dtype)
@@ -254,8 +254,8 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         {
             bool slot = prefix is not null && !c.NoEmbedClass;      // the prefix tokens have position slots of their own
             Tensor pos = pos_embed;
-            if (gh != c.GridSize || gw != c.GridSize)
-                pos = EmbeddingResampling.PositionEmbedding(pos_embed, slot ? c.NumPrefixTokens : 0, (c.GridSize, c.GridSize), (gh, gw));
+            if (gh != c.GridHeight || gw != c.GridWidth)
+                pos = EmbeddingResampling.PositionEmbedding(pos_embed, slot ? c.NumPrefixTokens : 0, (c.GridHeight, c.GridWidth), (gh, gw));
             result = slot ? torch.cat(new[] { prefix!, x }, 1) + pos
                 : prefix is null ? x + pos : torch.cat(new[] { prefix, x + pos }, 1);
         }

@@ -76,7 +76,7 @@ public sealed class TimmCheckpointTests : IDisposable
                     if (k == "pos_embed" && size != c.ImgSize)
                     {
                         int prefix = c.NoEmbedClass ? 0 : c.NumPrefixTokens;
-                        var expected = ReferenceResampling.PositionEmbedding(sd[k], prefix, c.GridSize, cs.GridSize);
+                        var expected = ReferenceResampling.PositionEmbedding(sd[k], prefix, c.GridHeight, cs.GridHeight);
                         Assert.True(TestUtil.MaxAbs(v, expected) < 1e-5, $"{what}: pos_embed off by {TestUtil.MaxAbs(v, expected):E2}");
                         Assert.Contains(report.Resampled, n => n.Key == k);
                         continue;
