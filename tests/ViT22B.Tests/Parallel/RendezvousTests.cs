@@ -23,8 +23,11 @@ public sealed class RendezvousTests
     public async Task A_missing_rank_times_out_naming_it()
     {
         int port = LocalLauncher.FreePort();
-        var one = Task.Run(() => Rendezvous.Broadcast(Env(port, 1, 3), null, TimeSpan.FromSeconds(3)));
-        var e = Assert.Throws<RendezvousException>(() => Rendezvous.Broadcast(Env(port, 0, 3), new byte[] { 1 }, TimeSpan.FromSeconds(1.5)));
+        // Rank 1 on a thread of its own and rank 0 waiting 5 s: a thread-pool task could start too late on a busy
+        // 2-core machine (seen once in a CI run on a machine busy with other test runs) and look missing too.
+        var one = Task.Factory.StartNew(() => Rendezvous.Broadcast(Env(port, 1, 3), null, TimeSpan.FromSeconds(10)),
+            CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        var e = Assert.Throws<RendezvousException>(() => Rendezvous.Broadcast(Env(port, 0, 3), new byte[] { 1 }, TimeSpan.FromSeconds(5)));
         Assert.Contains("ranks 2 of 3 did not arrive", e.Message);
         await Assert.ThrowsAsync<RendezvousException>(() => one);
     }
