@@ -164,14 +164,16 @@ internal sealed class Reference
         if (_c.PreNorm) x = Norm("norm_pre.", x);
         for (int i = 0; i < _c.Depth; i++)
             x = _c.Block == BlockKind.Parallel ? ParallelBlock($"blocks.{i}.", x) : SequentialBlock($"blocks.{i}.", x);
-        if (_c.GlobalPool != GlobalPool.Gap) x = Norm("norm.", x);
+        bool fcNorm = _c.FcNorm ?? _c.GlobalPool == GlobalPool.Gap;   // timm: use_fc_norm = global_pool == 'avg' unless fc_norm is given
+        if (!fcNorm) x = Norm("norm.", x);
         int prefix = (_c.ClassToken ? 1 : 0) + _c.RegTokens;
         var pooled = _c.GlobalPool switch
         {
             GlobalPool.Map => MapHead(x),
-            GlobalPool.Gap => Norm("fc_norm.", x.narrow(1, prefix, x.shape[1] - prefix).mean(new long[] { 1 })),
+            GlobalPool.Gap => x.narrow(1, prefix, x.shape[1] - prefix).mean(new long[] { 1 }),
             _ => x.select(1, 0),
         };
+        if (fcNorm) pooled = Norm("fc_norm.", pooled);
         var logits = _c.NumClasses > 0 ? Linear("head.", pooled) : null;
         return (pooled, x, logits);
     }

@@ -81,6 +81,8 @@ internal static class TestUtil
             yield return ($"{b}-unfused-gelu", t with { FuseOutProj = false, Act = Activation.Gelu, ProjBias = false, NormBias = true, InChans = 1 });
             yield return ($"{b}-layerscale-quickgelu-registers", t with { InitValues = 1e-5, Act = Activation.QuickGelu, ClassToken = true, RegTokens = 2, GlobalPool = GlobalPool.Token, NumClasses = 4 });
             yield return ($"{b}-registers-no-embed-class-gap", t with { RegTokens = 3, ClassToken = true, NoEmbedClass = true, GlobalPool = GlobalPool.Gap, NormBias = true });
+            yield return ($"{b}-gap-without-fc-norm", t with { GlobalPool = GlobalPool.Gap, FcNorm = false, NormBias = true });
+            yield return ($"{b}-token-with-fc-norm", t with { ClassToken = true, GlobalPool = GlobalPool.Token, FcNorm = true });
         }
     }
 }

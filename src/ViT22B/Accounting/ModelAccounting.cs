@@ -11,7 +11,7 @@ namespace ViT22B.Accounting;
 /// <param name="Blocks">All blocks, every parameter.</param>
 /// <param name="BlockMatmulWeights">The blocks' matmul weights only, L·(4D² + 2DF): the N of the FLOPs formula and the
 /// convention of ViT-22B's published 21,743M.</param>
-/// <param name="FinalNorm">The final <c>norm</c> (or <c>fc_norm</c> with GAP).</param>
+/// <param name="FinalNorm">The final norm: <c>norm</c> before pooling, or <c>fc_norm</c> after it.</param>
 /// <param name="PoolHead">The MAP head.</param>
 /// <param name="Classifier">The linear classifier.</param>
 /// <param name="RegTokens">Register tokens.</param>

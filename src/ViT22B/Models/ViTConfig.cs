@@ -9,7 +9,8 @@ public enum GlobalPool
     /// <summary>Multi-head attention pooling with a learned probe (big_vision <c>MAPHead</c>, timm
     /// <c>AttentionPoolLatent</c>), after the final norm.</summary>
     Map,
-    /// <summary>Mean over patch tokens, then <c>fc_norm</c> (timm <c>global_pool='avg'</c>).</summary>
+    /// <summary>Mean over patch tokens, then <c>fc_norm</c> unless <see cref="ViTConfig.FcNorm"/> is false (timm
+    /// <c>global_pool='avg'</c>).</summary>
     Gap,
     /// <summary>The final-normed class token.</summary>
     Token,
@@ -93,6 +94,12 @@ public sealed record ViTConfig
     public bool PreNorm { get; init; }
     /// <summary>Pooling head. JSON <c>global_pool</c>: "map" | "gap" | "token".</summary>
     public GlobalPool GlobalPool { get; init; } = GlobalPool.Map;
+    /// <summary>timm's <c>fc_norm</c>: true = the final norm comes after pooling (<c>fc_norm</c>, tokens un-normed),
+    /// false = before pooling (<c>norm</c>); null = timm's default, after pooling for <see cref="GlobalPool.Gap"/> only.
+    /// JSON <c>fc_norm</c> (true, false or null).</summary>
+    public bool? FcNorm { get; init; }
+    /// <summary>Whether the final norm follows the pooling (<see cref="FcNorm"/> resolved).</summary>
+    public bool UsesFcNorm => FcNorm ?? GlobalPool == GlobalPool.Gap;
     /// <summary>Position embedding. JSON <c>pos_embed</c>: "learn" | "sincos2d".</summary>
     public PosEmbedKind PosEmbed { get; init; } = PosEmbedKind.Learn;
     /// <summary>Classifier outputs; 0 = no classifier (the model returns the pooled embedding).

@@ -20,7 +20,7 @@ public static class ViTConfigJson
     {
         "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim", "block", "qkv_bias",
         "qk_norm", "norm", "norm_bias", "mlp_bias", "proj_bias", "fuse_out_proj", "act", "init_values", "class_token",
-        "reg_tokens", "no_embed_class", "pre_norm", "global_pool", "pos_embed", "num_classes", "norm_eps", "dynamic_img_size", "dtype",
+        "reg_tokens", "no_embed_class", "pre_norm", "global_pool", "pos_embed", "num_classes", "norm_eps", "dynamic_img_size", "fc_norm", "dtype",
     };
 
     /// <summary>Serializes every knob (indented).</summary>
@@ -65,6 +65,8 @@ public static class ViTConfigJson
             w.WriteNumber("num_classes", c.NumClasses);
             w.WriteNumber("norm_eps", c.NormEps);
             w.WriteBoolean("dynamic_img_size", c.DynamicImgSize);
+            if (c.FcNorm is bool fcNorm) w.WriteBoolean("fc_norm", fcNorm);
+            else w.WriteNull("fc_norm");
             w.WriteString("dtype", DTypeName(c.DType));
             w.WriteEndObject();
         }
@@ -124,6 +126,7 @@ public static class ViTConfigJson
                     "num_classes" => c with { NumClasses = Int(where, p) },
                     "norm_eps" => c with { NormEps = Number(where, p) },
                     "dynamic_img_size" => c with { DynamicImgSize = Bool(where, p) },
+                    "fc_norm" => c with { FcNorm = v.ValueKind == JsonValueKind.Null ? null : Bool(where, p) },
                     "dtype" => c with { DType = Choice(where, p, DTypes) },
                     _ => throw new FormatException($"{where}: unknown key '{p.Name}'; known keys: {string.Join(", ", Keys)}."),
                 };

@@ -98,7 +98,7 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         }
         if (c.PreNorm) norm_pre = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
         blocks = (nn.Module)blockStack(c, device, dt);
-        if (c.GlobalPool == GlobalPool.Gap) fc_norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
+        if (c.UsesFcNorm) fc_norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
         else norm = new Norm(c.EmbedDim, c.Norm, c.NormBias, c.NormEps, device, dt);
         if (c.GlobalPool == GlobalPool.Map) attn_pool = new MapHead(c.BlockOptions, device, dt);
         if (c.NumClasses > 0) head = nn.Linear(c.EmbedDim, c.NumClasses, hasBias: true, device: device, dtype: dt);
@@ -120,8 +120,8 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
     }
 
     /// <summary>Images [B, C, H, W] → all tokens after the blocks and the final norm [B, prefix + N, D]
-    /// (timm <c>forward_features</c>; with GAP pooling there is no final norm here, timm's <c>fc_norm</c> follows
-    /// the pooling).</summary>
+    /// (timm <c>forward_features</c>; with <c>fc_norm</c>, the default for GAP pooling, there is no final norm here:
+    /// it follows the pooling).</summary>
     public Tensor ForwardFeatures(Tensor images)
     {
         var (gh, gw) = CheckImages(images);
@@ -142,9 +142,10 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         var pooled = Config.GlobalPool switch
         {
             GlobalPool.Map => attn_pool!.call(tokens),
-            GlobalPool.Gap => fc_norm!.call(tokens.narrow(1, Config.NumPrefixTokens, tokens.shape[1] - Config.NumPrefixTokens).mean(new long[] { 1 })),
+            GlobalPool.Gap => tokens.narrow(1, Config.NumPrefixTokens, tokens.shape[1] - Config.NumPrefixTokens).mean(new long[] { 1 }),
             _ => tokens.select(1, 0),
         };
+        if (fc_norm is not null) pooled = fc_norm.call(pooled);
         var result = preLogits || head is null ? pooled : head.forward(pooled);
         return result.MoveToOuterDisposeScope();
     }

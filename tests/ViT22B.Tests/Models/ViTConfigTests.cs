@@ -68,10 +68,11 @@ public class ViTConfigTests
                      "num_classes", "norm_eps" })
             Assert.Contains($"\"{key}\"", json);
         Assert.Equal(c, ViTConfigJson.FromJson(json));
-        var scaled = c with { InitValues = 1e-6, Act = Activation.QuickGelu, RegTokens = 4 };
+        var scaled = c with { InitValues = 1e-6, Act = Activation.QuickGelu, RegTokens = 4, FcNorm = false };
         string scaledJson = ViTConfigJson.ToJson(scaled);
         Assert.Contains("\"quick_gelu\"", scaledJson);
         Assert.Contains("\"reg_tokens\": 4", scaledJson);
+        Assert.Contains("\"fc_norm\": false", scaledJson);
         Assert.Equal(scaled, ViTConfigJson.FromJson(scaledJson));
         foreach (var preset in ViTConfig.PresetNames)
             Assert.Equal(ViTConfig.Parse(preset), ViTConfigJson.FromJson(ViTConfigJson.ToJson(ViTConfig.Parse(preset))));
