@@ -10,7 +10,7 @@ public enum ResizeMode
     /// torchvision's usual evaluation transform).</summary>
     CenterCrop,
     /// <summary>Resize both sides to ⌊size / crop⌋ (aspect ratio not kept), then center-crop size × size; with crop 1 a
-    /// plain resize to size × size (big_vision's, OpenCLIP's and Hugging Face's SigLIP preprocessing).</summary>
+    /// plain resize to size × size (OpenCLIP's and Hugging Face's SigLIP preprocessing; big_vision's too, bilinear).</summary>
     Squash,
 }
 

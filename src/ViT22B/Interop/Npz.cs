@@ -74,6 +74,7 @@ public sealed class NpzReader : ITensorSource
                 throw new NpzFormatException($"NumPy archive '{path}' is not a readable zip file (truncated or corrupt): {e.Message}", e);
             }
             long compressedTotal = 0;
+            var methods = CompressionMethods(file);
             var members = new Dictionary<string, Member>(StringComparer.Ordinal);
             var names = new List<string>();
             foreach (var entry in zip.Entries)
@@ -85,6 +86,11 @@ public sealed class NpzReader : ITensorSource
                 compressedTotal += entry.CompressedLength;
                 if (compressedTotal > file.Length)
                     throw new NpzFormatException($"NumPy archive '{path}': the members' compressed sizes add up to more than the file ({file.Length} bytes), so members share data (a zip bomb); refused.");
+                int method = methods.GetValueOrDefault(entry.FullName, -1);
+                if (method == 0 && entry.Length != entry.CompressedLength)
+                    throw new NpzFormatException($"{where}: a stored (uncompressed) member that claims {entry.Length} bytes in {entry.CompressedLength}; refused.");
+                if (method is not (0 or 8))
+                    throw new NpzFormatException($"{where}: compression method {method} is neither stored (0) nor deflate (8), the two NumPy writes; refused.");
                 if (entry.Length > Math.Max(entry.CompressedLength, 1) * MaxDeflateRatio)
                     throw new NpzFormatException($"{where}: claims {entry.Length} bytes from {entry.CompressedLength} compressed, more than deflate's {MaxDeflateRatio}:1 (a zip bomb); refused.");
                 var member = ReadMember(where, entry);
@@ -150,6 +156,53 @@ public sealed class NpzReader : ITensorSource
 
     private Member Get(string name) => _members.TryGetValue(name, out var m) ? m
         : throw new KeyNotFoundException($"NumPy archive '{Path}' has no array '{name}'.");
+
+    // The compression method of each central-directory entry (ZipArchiveEntry does not expose it): the end record (or
+    // its zip64 locator) gives the directory's offset; each 46-byte entry header holds the method at byte 10 and the name
+    // at byte 46 (PKWARE APPNOTE 4.3.12-4.3.16). Entries that cannot be read here get no method, and are refused.
+    private static Dictionary<string, int> CompressionMethods(FileStream file)
+    {
+        var result = new Dictionary<string, int>(StringComparer.Ordinal);
+        long length = file.Length;
+        int tail = (int)Math.Min(length, 22 + 65535);
+        var end = new byte[tail];
+        file.Seek(length - tail, SeekOrigin.Begin);
+        file.ReadExactly(end);
+        int eocd = -1;
+        for (int i = tail - 22; i >= 0; i--)
+            if (BinaryPrimitives.ReadUInt32LittleEndian(end.AsSpan(i)) == 0x06054b50) { eocd = i; break; }
+        if (eocd < 0) return result;
+        long count = BinaryPrimitives.ReadUInt16LittleEndian(end.AsSpan(eocd + 10));
+        long offset = BinaryPrimitives.ReadUInt32LittleEndian(end.AsSpan(eocd + 16));
+        if ((offset == 0xFFFFFFFF || count == 0xFFFF) && eocd >= 20 && BinaryPrimitives.ReadUInt32LittleEndian(end.AsSpan(eocd - 20)) == 0x07064b50)
+        {
+            long zip64End = (long)BinaryPrimitives.ReadUInt64LittleEndian(end.AsSpan(eocd - 20 + 8));
+            var record = new byte[56];
+            if (zip64End < 0 || zip64End + 56 > length) return result;
+            file.Seek(zip64End, SeekOrigin.Begin);
+            file.ReadExactly(record);
+            count = (long)BinaryPrimitives.ReadUInt64LittleEndian(record.AsSpan(32));
+            offset = (long)BinaryPrimitives.ReadUInt64LittleEndian(record.AsSpan(48));
+        }
+        if (offset < 0 || offset >= length) return result;
+        file.Seek(offset, SeekOrigin.Begin);
+        var header = new byte[46];
+        for (long i = 0; i < count && file.Position + 46 <= length; i++)
+        {
+            file.ReadExactly(header);
+            if (BinaryPrimitives.ReadUInt32LittleEndian(header) != 0x02014b50) break;
+            int method = BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(10));
+            int nameLength = BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(28));
+            int skip = BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(30)) + BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(32));
+            var name = new byte[nameLength];
+            if (file.Position + nameLength + skip > length) break;
+            file.ReadExactly(name);
+            file.Seek(skip, SeekOrigin.Current);
+            result.TryAdd(Encoding.UTF8.GetString(name), method);
+        }
+        file.Seek(0, SeekOrigin.Begin);
+        return result;
+    }
 
     private static Stream OpenEntry(string where, ZipArchiveEntry entry)
     {

@@ -254,7 +254,7 @@ internal static class CheckpointLayouts
             else renamed.Add((rule.Pattern.Replace(key!, rule.Replacement), name, rule.Op));
         }
         Func<string, Func<string, Tensor>, Tensor> readSource = names is null ? (n, read) => read(n) : (n, read) => names[n](read);
-        var recipes = Fuse(renamed, readSource);
+        var recipes = Fuse(renamed, readSource, unknown);
         // CLIP's projection has no bias; timm's converter gives its head a zero one.
         if (recipes.Any(r => r.Target == "head.weight") && !recipes.Any(r => r.Target == "head.bias")
             && (layout is CheckpointLayout.OpenClip or CheckpointLayout.HuggingFaceClip || prefix.EndsWith("trunk.", StringComparison.Ordinal)))
@@ -312,7 +312,7 @@ internal static class CheckpointLayouts
 
     // Renamed keys → recipes; q/k/v (query/key/value) pieces fused into qkv or the MAP head's kv, the MAP head's
     // in_proj split into q and kv.
-    private static List<Recipe> Fuse(List<(string Target, string Source, Op Op)> renamed, Func<string, Func<string, Tensor>, Tensor> readSource)
+    private static List<Recipe> Fuse(List<(string Target, string Source, Op Op)> renamed, Func<string, Func<string, Tensor>, Tensor> readSource, List<string> incomplete)
     {
         Recipe Single(string target, string source, Op op) =>
             new(target, new[] { source }, read => Apply(op, readSource(source, read)), op != Op.Copy || target != source);
@@ -336,17 +336,21 @@ internal static class CheckpointLayouts
                 foreach (string piece in pieces) used.Add(piece);
                 if (pieces.Any(x => !byTarget.ContainsKey(x)))
                 {
-                    // An incomplete group: name what is missing through the report (the fused key stays missing).
+                    // An incomplete group: the pieces present are reported as not loaded, the fused key as missing.
+                    string missingParts = string.Join(", ", pieces.Where(x => !byTarget.ContainsKey(x)));
+                    foreach (string piece in pieces.Where(byTarget.ContainsKey))
+                        incomplete.Add($"{byTarget[piece].Source} (its {fused} group lacks {missingParts})");
                     continue;
                 }
                 var src = pieces.Select(x => byTarget[x]).ToArray();
+                bool changed = !(src.Length == 1 && src[0].Source == fused && src[0].Op == Op.Copy);   // timm's own attn_pool.q
                 recipes.Add(new Recipe(fused, src.Select(x => x.Source).ToArray(), read =>
                 {
                     using var scope = torch.NewDisposeScope();
                     var t = src.Length == 1 ? Apply(src[0].Op, readSource(src[0].Source, read))
                         : torch.cat(src.Select(x => Apply(x.Op, readSource(x.Source, read))).ToArray(), 0);
                     return t.MoveToOuterDisposeScope();
-                }, true));
+                }, changed));
             }
             else if (split.Success)
             {

@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using TorchSharp;
 using ViT22B.Data;
 using ViT22B.Interop;
@@ -18,8 +19,8 @@ public sealed record PretrainedLoadOptions
     /// timm <c>resample_patch_embed</c>). Off: such a checkpoint is refused.</summary>
     public bool ResizePatchEmbed { get; init; }
 
-    /// <summary>Refuse a checkpoint that leaves model keys missing or has keys the model cannot take (default). Off:
-    /// load what fits and report the rest.</summary>
+    /// <summary>Refuse a checkpoint that leaves model keys missing or has keys the model does not have (default). Off:
+    /// load what fits and report the rest. Shapes that cannot be adapted are refused either way.</summary>
     public bool Strict { get; init; } = true;
 }
 
@@ -30,8 +31,9 @@ public sealed record PretrainedLoadOptions
 /// (<see cref="TensorSources.Open"/>). The layout is detected from the keys (<see cref="CheckpointLayout"/>) and converted
 /// on the fly, one tensor at a time. As timm's <c>checkpoint_filter_fn</c> does, a position embedding for another image
 /// size is resampled (bicubic, antialiased; prefix slots kept), and on request a patch embedding of another patch size
-/// is resized and a classifier of another class count re-initialised. Nothing is copied unless the whole checkpoint
-/// fits; the <see cref="LoadReport"/> names every key converted, resampled, re-initialised or skipped.
+/// is resized and a classifier of another class count re-initialised. Nothing is copied unless every key fits (an I/O
+/// error while copying, such as a corrupt archive member, can still leave the tensors before it copied); the
+/// <see cref="LoadReport"/> names every key converted, resampled, re-initialised or skipped.
 /// </summary>
 public static class PretrainedCheckpoint
 {
@@ -99,20 +101,37 @@ public static class PretrainedCheckpoint
         // The position embedding last: adapting it may rewrite the class token's plan.
         foreach (var r in map.Recipes.OrderBy(r => r.Target == "pos_embed"))
         {
-            long[] shape = ShapeOf(r);
+            long[] shape;
+            try
+            {
+                shape = ShapeOf(r);
+            }
+            catch (Exception e) when (e is ExternalException or ArgumentException or IndexOutOfRangeException or InvalidOperationException)
+            {
+                // A source tensor of another rank than its layout has (a 2-D conv kernel, a scalar Flax kernel).
+                var found = r.Sources.Count > 0 ? source.ShapeOf(r.Sources[0]) : Array.Empty<long>();
+                var expected = target.TryGetValue(r.Target, out var m) ? m.shape : Array.Empty<long>();
+                mismatched.Add(new ShapeMismatch($"{r.Target} (from {string.Join(" + ", r.Sources)}, whose shape cannot be converted: {e.Message.Split('\n')[0]})", expected, found));
+                continue;
+            }
             if (!target.TryGetValue(r.Target, out var t))
             {
                 if (IsHead(r.Target) && c.NumClasses == 0) skipped.Add(new KeyNote(r.Target, "the model has no classifier (num_classes 0)"));
                 else unexpected.Add(r.Changed ? $"{r.Target} ({r.Note})" : r.Target);
                 continue;
             }
-            if (t.shape.SequenceEqual(shape))
+            if (r.Target == "pos_embed")
+            {
+                // Always planned by grid, not by shape: a square 12×12 embedding has the shape of a 16×9 one.
+                if (!PlanPositions(model, r, shape, recipes, SourceGrid(source), Read, plans, resampled, converted, loaded))
+                    mismatched.Add(new ShapeMismatch(r.Changed ? $"{r.Target} ({r.Note})" : r.Target, t.shape, shape));
+            }
+            else if (t.shape.SequenceEqual(shape))
             {
                 plans[r.Target] = () => r.Build(Read);
                 if (r.Changed) converted.Add(new KeyNote(r.Target, r.Note));
                 else loaded.Add(r.Target);
             }
-            else if (r.Target == "pos_embed" && PlanPositions(model, r, shape, recipes, Read, plans, resampled, converted, loaded)) { }
             else if (r.Target == "patch_embed.proj.weight" && options.ResizePatchEmbed && shape.Length == 4 && shape[0] == t.shape[0] && shape[1] == t.shape[1])
             {
                 plans[r.Target] = () =>
@@ -180,7 +199,22 @@ public static class PretrainedCheckpoint
     }
 
     // The position embedding of another grid or prefix-slot convention; false when it cannot be adapted.
-    private static bool PlanPositions(VisionTransformer model, Recipe r, long[] shape, Dictionary<string, Recipe> recipes,
+    // The checkpoint's own grid and prefix slots, when its metadata holds this library's config (PretrainedCheckpoint.Save).
+    private static (int Prefix, long H, long W)? SourceGrid(ITensorSource source)
+    {
+        if (!source.Metadata.TryGetValue(ConfigMetadataKey, out var json)) return null;
+        try
+        {
+            var c = ViTConfigJson.FromJson(json);
+            return (c.NoEmbedClass ? 0 : c.NumPrefixTokens, c.GridHeight, c.GridWidth);
+        }
+        catch (Exception e) when (e is FormatException or ArgumentException)
+        {
+            return null;   // not our config: infer the grid as timm does
+        }
+    }
+
+    private static bool PlanPositions(VisionTransformer model, Recipe r, long[] shape, Dictionary<string, Recipe> recipes, (int Prefix, long H, long W)? known,
         Func<string, Tensor> read, Dictionary<string, Func<Tensor>> plans, List<KeyNote> resampled, List<KeyNote> converted, List<string> loaded)
     {
         var c = model.Config;
@@ -188,14 +222,30 @@ public static class PretrainedCheckpoint
         if (shape.Length != 3 || shape[0] != 1 || shape[2] != modelShape[2]) return false;
         long slots = shape[1];
         int modelPrefix = (int)(modelShape[1] - (long)c.GridHeight * c.GridWidth);
-        int ps = new[] { modelPrefix, 0, 1 }.Distinct().Where(p => IsSquare(slots - p)).DefaultIfEmpty(-1).First();
+        // The source grid: from the checkpoint's config when it has one, else square as timm infers it without one.
+        int ps;
+        long h0, w0;
+        if (known is { } k && slots == k.Prefix + k.H * k.W) (ps, h0, w0) = (k.Prefix, k.H, k.W);
+        else if (slots == modelShape[1] && !IsSquare(slots - modelPrefix)) (ps, h0, w0) = (modelPrefix, c.GridHeight, c.GridWidth);   // cannot be square: the model's own grid
+        else
+        {
+            ps = new[] { modelPrefix, 0, 1 }.Distinct().Where(p => IsSquare(slots - p)).DefaultIfEmpty(-1).First();
+            h0 = w0 = ps < 0 ? 0 : (long)Math.Round(Math.Sqrt(slots - ps));
+        }
         bool foldIntoClass = ps == 1 && modelPrefix == 0 && c.ClassToken && recipes.ContainsKey("cls_token");
         if (ps < 0 || (ps != modelPrefix && !(ps == 0 && modelPrefix > 0) && !foldIntoClass)) return false;
-        long oldGrid = (long)Math.Round(Math.Sqrt(slots - ps)), gh = c.GridHeight, gw = c.GridWidth;
-        bool same = oldGrid == gh && oldGrid == gw;
+        long gh = c.GridHeight, gw = c.GridWidth;
+        bool same = h0 == gh && w0 == gw;
+        if (same && ps == modelPrefix)
+        {
+            plans["pos_embed"] = () => r.Build(read);
+            if (r.Changed) converted.Add(new KeyNote("pos_embed", r.Note));
+            else loaded.Add("pos_embed");
+            return true;
+        }
         var how = new List<string>();
-        if (!same) how.Add($"grid {oldGrid}×{oldGrid} → {gh}×{gw} (bicubic, antialiased)");
-        Tensor Grid(Tensor src, int prefix) => same ? src.alias() : EmbeddingResampling.PositionEmbedding(src, prefix, (oldGrid, oldGrid), (gh, gw));
+        if (!same) how.Add($"grid {h0}×{w0} → {gh}×{gw} (bicubic, antialiased)");
+        Tensor Grid(Tensor src, int prefix) => same ? src.alias() : EmbeddingResampling.PositionEmbedding(src, prefix, (h0, w0), (gh, gw));
         if (ps == modelPrefix)
         {
             plans["pos_embed"] = () =>

@@ -254,8 +254,8 @@ public sealed record ViTConfig
     /// The evaluation preprocessing the weights of <paramref name="name"/> expect, as their home library feeds them:
     /// AugReg ViTs 0.5 / 0.5 with a 0.9 center crop; DeiT-3 ImageNet statistics, crop 0.9; DINOv2 ImageNet statistics,
     /// crop 0.875 (DINOv2's evaluation transform); CLIP OpenAI's statistics, bicubic, center crop (0.95 for timm's
-    /// ImageNet fine-tune, 1.0 for the QuickGELU tower); SigLIP 0.5 / 0.5 squashed to the square size (big_vision,
-    /// OpenCLIP, Hugging Face). All bicubic. docs/checkpoints.md lists where timm's own defaults differ.
+    /// ImageNet fine-tune, 1.0 for the QuickGELU tower); SigLIP 0.5 / 0.5 squashed to the square size (OpenCLIP, Hugging Face; big_vision squashes
+    /// with a bilinear filter). All bicubic. docs/checkpoints.md lists where timm's own defaults differ.
     /// </summary>
     /// <exception cref="ArgumentException">A name this library does not know.</exception>
     public static Data.Preprocessing TimmPreprocessing(string name)

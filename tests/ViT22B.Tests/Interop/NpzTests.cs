@@ -121,6 +121,18 @@ public sealed class NpzTests : IDisposable
     }
 
     [Fact]
+    public void A_stored_member_claiming_more_bytes_than_it_stores_is_refused_before_allocation()
+    {
+        // The header and the declared size claim 1000 floats; the stored data holds 250 (a review found this allocated).
+        var full = HomeLayouts.Npy(Values(ScalarType.Float32, 1000));
+        var stored = full[..(full.Length - 3000)];
+        string path = PathOf("stored-lie.npz");
+        File.WriteAllBytes(path, RawZip.Build(new[] { new RawZip.Entry("w.npy", stored, Method: 0, UncompressedSize: full.Length, Crc: RawZip.Crc32(full)) }));
+        var e = Assert.Throws<NpzFormatException>(() => NpzReader.Open(path));
+        Assert.Contains("stored (uncompressed) member", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void Members_sharing_data_are_a_zip_bomb()
     {
         // Three central-directory entries pointing at the same local file (the overlapping-entry zip bomb).

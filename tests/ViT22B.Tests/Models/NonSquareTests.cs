@@ -48,6 +48,31 @@ public sealed class NonSquareTests : IDisposable
     }
 
     [Fact]
+    public void A_square_grid_with_the_token_count_of_a_non_square_one_is_resampled_not_copied()
+    {
+        // 12 × 12 and 16 × 9 both have 144 patches: the shapes agree, the grids do not (a review found this copied).
+        var square = TestUtil.Tiny(BlockKind.Sequential) with { ImgSize = 48, ClassToken = true, GlobalPool = GlobalPool.Token };
+        using var m = new VisionTransformer(square, torch.CPU, ScalarType.Float64);
+        TestUtil.Randomize(m, seed: 64);
+        string path = Path.Combine(_dir, "square12.safetensors");
+        SafetensorsCheckpoint.Save(m, path);   // no config metadata: the grid is inferred as square, as timm does
+        using var tall = new VisionTransformer(square with { ImgSize = 64, ImgWidth = 36 }, torch.CPU, ScalarType.Float64);
+        Assert.Equal(m.state_dict()["pos_embed"].shape, tall.state_dict()["pos_embed"].shape);
+        var report = PretrainedCheckpoint.Load(tall, path);
+        Assert.Contains(report.Resampled, n => n.Key == "pos_embed" && n.Note.Contains("grid 12×12 → 16×9", StringComparison.Ordinal));
+        var expected = ReferenceResampling.PositionEmbedding(m.state_dict()["pos_embed"], 1, 12, 16, 9);
+        Assert.True(TestUtil.MaxAbs(tall.state_dict()["pos_embed"], expected) < 1e-12);
+
+        // A file saved with its config knows its own grid: a 16 × 9 model's embedding comes back as it was.
+        string own = Path.Combine(_dir, "tall.safetensors");
+        PretrainedCheckpoint.Save(tall, own);
+        using var again = new VisionTransformer(square with { ImgSize = 64, ImgWidth = 36 }, torch.CPU, ScalarType.Float64);
+        var r2 = PretrainedCheckpoint.Load(again, own);
+        Assert.Contains("pos_embed", r2.Loaded);
+        Assert.True(TensorAssert.Same(tall.state_dict()["pos_embed"], again.state_dict()["pos_embed"]));
+    }
+
+    [Fact]
     public void A_square_checkpoint_loads_into_a_non_square_model_with_the_grid_resampled()
     {
         var square = Wide(BlockKind.Sequential) with { ImgWidth = null };   // 4 × 4

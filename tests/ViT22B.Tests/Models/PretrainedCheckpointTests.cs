@@ -281,6 +281,48 @@ public sealed class PretrainedCheckpointTests : IDisposable
     }
 
     [Fact]
+    public void A_tensor_of_the_wrong_rank_is_a_mismatch_naming_it_not_a_crash()
+    {
+        var c = Classic with { ClassToken = false, GlobalPool = GlobalPool.Map, NumClasses = 3 };
+        using var m = Random(c, 19);
+        var tensors = HomeLayouts.BigVision(m.state_dict(), c, "");
+        tensors["embedding/kernel"] = torch.ones(4, 4, dtype: ScalarType.Float64);                              // should be HWIO, 4-D
+        tensors["Transformer/encoderblock_0/MultiHeadDotProductAttention_0/out/kernel"] = torch.ones(Array.Empty<long>(), dtype: ScalarType.Float64);
+        string path = PathOf("rank.npz");
+        HomeLayouts.SaveNpz(path, tensors);
+        using var loaded = new VisionTransformer(c, torch.CPU, ScalarType.Float64);
+        var e = Assert.Throws<CheckpointMismatchException>(() => PretrainedCheckpoint.Load(loaded, path));
+        Assert.Contains(e.Report.Mismatched, x => x.Key.StartsWith("patch_embed.proj.weight (from embedding/kernel", StringComparison.Ordinal));
+        Assert.Contains(e.Report.Mismatched, x => x.Key.StartsWith("blocks.0.attn.proj.weight (from Transformer/encoderblock_0/MultiHeadDotProductAttention_0/out/kernel", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public void An_incomplete_qkv_group_reports_the_pieces_it_has()
+    {
+        var c = Classic with { ClassToken = false, GlobalPool = GlobalPool.Map, NumClasses = 0 };
+        using var m = Random(c, 20);
+        var hf = HomeLayouts.HfSiglip(m.state_dict(), c, textTower: false);
+        hf.Remove("vision_model.encoder.layers.0.self_attn.k_proj.weight");
+        string path = Save("siglip-no-k.safetensors", hf);
+        using var loaded = new VisionTransformer(c, torch.CPU, ScalarType.Float64);
+        var report = PretrainedCheckpoint.Load(loaded, path, new PretrainedLoadOptions { Strict = false });
+        Assert.Contains("blocks.0.attn.qkv.weight", report.Missing);
+        Assert.Contains(report.Unexpected, u => u.StartsWith("vision_model.encoder.layers.0.self_attn.q_proj.weight (its blocks.0.attn.qkv.weight group lacks blocks.0.attn.k.weight)", StringComparison.Ordinal));
+        Assert.Contains(report.Unexpected, u => u.StartsWith("vision_model.encoder.layers.0.self_attn.v_proj.weight", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public void A_timm_file_loads_its_own_keys_as_loaded_not_converted()
+    {
+        var c = Classic with { ClassToken = false, GlobalPool = GlobalPool.Map, NumClasses = 3 };
+        using var m = Random(c, 21);
+        string path = Save("timm-map.safetensors", m.state_dict());
+        var report = AssertLoadsAs(m, c, path, "timm");
+        Assert.Empty(report.Converted);
+        Assert.Contains("attn_pool.q.weight", report.Loaded);
+    }
+
+    [Fact]
     public void A_recognised_but_incomplete_layout_names_the_missing_keys()
     {
         var c = Classic with { NumClasses = 5 };
