@@ -59,9 +59,9 @@ static void Run(string configArg, string? weights, string input, FileInfo output
     int[]? layers = layersArg is null ? null : ParseLayers(layersArg, config.Depth);
 
     // The preprocessing: --normalization if given, else the checkpoint's own, else the timm name's, else big_vision's.
-    Preprocessing? stored = null;
-    if (weights is not null)
-        using (var source = TensorSources.Open(weights)) stored = Preprocessing.FromMetadata(source.Metadata);
+    // The checkpoint is opened once: its metadata gives the preprocessing, its tensors the weights.
+    using var source = weights is null ? null : TensorSources.Open(weights);
+    var stored = source is null ? null : Preprocessing.FromMetadata(source.Metadata);
     var (preprocessing, from) = norm is PixelNormalization n ? (Preprocessing.FromNormalization(n), "--normalization")
         : stored is not null ? (stored, "the checkpoint's metadata")
         : timmName ? (ViTConfig.TimmPreprocessing(configArg), $"timm name {configArg}")
@@ -73,9 +73,9 @@ static void Run(string configArg, string? weights, string input, FileInfo output
     if (device.type == DeviceType.CUDA) torch.cuda.manual_seed_all(seed);
     using var model = new VisionTransformer(config, device, dtype);
     model.eval();
-    if (weights is not null)
+    if (source is not null)
     {
-        var report = PretrainedCheckpoint.Load(model, weights, loadOptions);
+        var report = PretrainedCheckpoint.Load(model, source, loadOptions);
         Console.WriteLine($"Loaded {report.Loaded.Count + report.Converted.Count + report.Resampled.Count} tensors from {weights} ({report.Layout} layout).");
         foreach (var note in report.Resampled) Console.WriteLine($"  resampled {note}");
         foreach (var note in report.Reinitialized) Console.WriteLine($"  re-initialised {note}");

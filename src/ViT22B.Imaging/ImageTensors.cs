@@ -32,7 +32,7 @@ public static class ImageTensors
     /// <summary>The evaluation transform: resize the shorter side to <paramref name="size"/> (bicubic, antialiased),
     /// center crop <paramref name="size"/>², normalize.</summary>
     public static ImageTransform EvalTransform(int size, PixelNormalization normalization = PixelNormalization.MinusOneToOne) =>
-        Transforms.Compose(Transforms.ResizeShorterSide(size, Resampling.Bicubic), Transforms.CenterCrop(size), Transforms.Normalize(normalization));
+        Preprocessing.FromNormalization(normalization).EvalTransform(size);
 
     /// <summary>The inception-crop training transform: random resized crop to <paramref name="size"/>², random
     /// horizontal flip, normalize (big_vision's <c>inception_crop|flip_lr|value_range(-1, 1)</c>).</summary>
@@ -41,13 +41,8 @@ public static class ImageTensors
 
     /// <summary>Loads one image as a [3, size, size] float32 CPU tensor (<see cref="EvalTransform"/>).</summary>
     /// <exception cref="InvalidDataException">The file is not a decodable image (the message names it).</exception>
-    public static Tensor Load(string path, int size, PixelNormalization normalization = PixelNormalization.MinusOneToOne, long maxPixels = DefaultMaxPixels)
-    {
-        if (size <= 0) throw new ArgumentOutOfRangeException(nameof(size), $"size must be positive, found {size}.");
-        using var scope = torch.NewDisposeScope();
-        var x = Decode(path, maxPixels);
-        return EvalTransform(size, normalization)(x, new Random(0)).MoveToOuterDisposeScope();
-    }
+    public static Tensor Load(string path, int size, PixelNormalization normalization = PixelNormalization.MinusOneToOne, long maxPixels = DefaultMaxPixels) =>
+        Load(path, size, Preprocessing.FromNormalization(normalization), maxPixels);
 
     /// <summary>Loads several images into one batch [N, 3, size, size].</summary>
     public static Tensor LoadBatch(IEnumerable<string> paths, int size, PixelNormalization normalization = PixelNormalization.MinusOneToOne) =>

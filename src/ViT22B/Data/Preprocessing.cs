@@ -40,8 +40,8 @@ public sealed record Preprocessing((double R, double G, double B) Mean, (double 
     /// <summary>OpenAI CLIP's statistics (timm <c>OPENAI_CLIP_MEAN/STD</c>).</summary>
     public static readonly (double R, double G, double B) OpenAiClipMean = (0.48145466, 0.4578275, 0.40821073), OpenAiClipStd = (0.26862954, 0.26130258, 0.27577711);
 
-    /// <summary>The transform this library used before checkpoints carried their preprocessing: shorter side to the
-    /// input size, center crop, bicubic, the given normalisation.</summary>
+    /// <summary>The evaluation transform of a <see cref="PixelNormalization"/> (<c>ImageTensors</c>' overloads that take one):
+    /// shorter side to the input size, center crop, bicubic, the given normalisation.</summary>
     public static Preprocessing FromNormalization(PixelNormalization normalization) => normalization == PixelNormalization.ImageNet
         ? new Preprocessing(ImageNetMean, ImageNetStd, ResizeMode.CenterCrop, 1.0, Resampling.Bicubic)
         : new Preprocessing(Half, Half, ResizeMode.CenterCrop, 1.0, Resampling.Bicubic);

@@ -58,41 +58,39 @@ internal static class CheckpointLayouts
 
     private const string WB = "(weight|bias)";
 
-    private static readonly Rule[] HfVit =
+    // What Hugging Face's ViT and DINOv2 share (modeling_vit.py, modeling_dinov2.py): the embeddings, the separate
+    // query/key/value projections, the attention output and the final layernorm.
+    private static readonly Rule[] HfVitFamily =
     {
         R(@"embeddings\.cls_token", "cls_token"),
         R(@"embeddings\.position_embeddings", "pos_embed"),
         R(@"embeddings\.patch_embeddings\.projection\." + WB, "patch_embed.proj.$1"),
-        R(@"encoder\.layer\.(\d+)\.layernorm_before\." + WB, "blocks.$1.norm1.$2"),
         R(@"encoder\.layer\.(\d+)\.attention\.attention\.query\." + WB, "blocks.$1.attn.q.$2"),
         R(@"encoder\.layer\.(\d+)\.attention\.attention\.key\." + WB, "blocks.$1.attn.k.$2"),
         R(@"encoder\.layer\.(\d+)\.attention\.attention\.value\." + WB, "blocks.$1.attn.v.$2"),
         R(@"encoder\.layer\.(\d+)\.attention\.output\.dense\." + WB, "blocks.$1.attn.proj.$2"),
+        R(@"layernorm\." + WB, "norm.$1"),
+    };
+
+    private static readonly Rule[] HfVit = HfVitFamily.Concat(new[]
+    {
+        R(@"encoder\.layer\.(\d+)\.layernorm_before\." + WB, "blocks.$1.norm1.$2"),
         R(@"encoder\.layer\.(\d+)\.layernorm_after\." + WB, "blocks.$1.norm2.$2"),
         R(@"encoder\.layer\.(\d+)\.intermediate\.dense\." + WB, "blocks.$1.mlp.fc1.$2"),
         R(@"encoder\.layer\.(\d+)\.output\.dense\." + WB, "blocks.$1.mlp.fc2.$2"),
-        R(@"layernorm\." + WB, "norm.$1"),
         R(@"classifier\." + WB, "head.$1"),
-    };
+    }).ToArray();
 
-    private static readonly Rule[] HfDinov2 =
+    private static readonly Rule[] HfDinov2 = HfVitFamily.Concat(new[]
     {
-        R(@"embeddings\.cls_token", "cls_token"),
         R(@"embeddings\.register_tokens", "reg_token"),
-        R(@"embeddings\.position_embeddings", "pos_embed"),
-        R(@"embeddings\.patch_embeddings\.projection\." + WB, "patch_embed.proj.$1"),
         R(@"encoder\.layer\.(\d+)\.norm1\." + WB, "blocks.$1.norm1.$2"),
-        R(@"encoder\.layer\.(\d+)\.attention\.attention\.query\." + WB, "blocks.$1.attn.q.$2"),
-        R(@"encoder\.layer\.(\d+)\.attention\.attention\.key\." + WB, "blocks.$1.attn.k.$2"),
-        R(@"encoder\.layer\.(\d+)\.attention\.attention\.value\." + WB, "blocks.$1.attn.v.$2"),
-        R(@"encoder\.layer\.(\d+)\.attention\.output\.dense\." + WB, "blocks.$1.attn.proj.$2"),
         R(@"encoder\.layer\.(\d+)\.layer_scale1\.lambda1", "blocks.$1.ls1.gamma"),
         R(@"encoder\.layer\.(\d+)\.norm2\." + WB, "blocks.$1.norm2.$2"),
         R(@"encoder\.layer\.(\d+)\.mlp\.fc1\." + WB, "blocks.$1.mlp.fc1.$2"),
         R(@"encoder\.layer\.(\d+)\.mlp\.fc2\." + WB, "blocks.$1.mlp.fc2.$2"),
         R(@"encoder\.layer\.(\d+)\.layer_scale2\.lambda1", "blocks.$1.ls2.gamma"),
-        R(@"layernorm\." + WB, "norm.$1"),
-    };
+    }).ToArray();
 
     // The encoder of SigLIP and CLIP vision towers (modeling_siglip.py, modeling_clip.py).
     private static readonly Rule[] HfEncoder =

@@ -123,7 +123,7 @@ public static class PretrainedCheckpoint
             if (r.Target == "pos_embed")
             {
                 // Always planned by grid, not by shape: a square 12×12 embedding has the shape of a 16×9 one.
-                if (!PlanPositions(model, r, shape, recipes, SourceGrid(source), Read, plans, resampled, converted, loaded))
+                if (!PlanPositions(c, t.shape, r, shape, recipes, SourceGrid(source), Read, plans, resampled, converted, loaded))
                     mismatched.Add(new ShapeMismatch(r.Changed ? $"{r.Target} ({r.Note})" : r.Target, t.shape, shape));
             }
             else if (t.shape.SequenceEqual(shape))
@@ -214,11 +214,9 @@ public static class PretrainedCheckpoint
         }
     }
 
-    private static bool PlanPositions(VisionTransformer model, Recipe r, long[] shape, Dictionary<string, Recipe> recipes, (int Prefix, long H, long W)? known,
+    private static bool PlanPositions(ViTConfig c, long[] modelShape, Recipe r, long[] shape, Dictionary<string, Recipe> recipes, (int Prefix, long H, long W)? known,
         Func<string, Tensor> read, Dictionary<string, Func<Tensor>> plans, List<KeyNote> resampled, List<KeyNote> converted, List<string> loaded)
     {
-        var c = model.Config;
-        long[] modelShape = model.state_dict()["pos_embed"].shape;
         if (shape.Length != 3 || shape[0] != 1 || shape[2] != modelShape[2]) return false;
         long slots = shape[1];
         int modelPrefix = (int)(modelShape[1] - (long)c.GridHeight * c.GridWidth);

@@ -31,6 +31,15 @@ internal static class HomeLayouts
 
     private static IEnumerable<int> Blocks(ViTConfig c) => Enumerable.Range(0, c.Depth);
 
+    // ViTSelfAttention's separate query/key/value and ViTSelfOutput's dense, as HF ViT and DINOv2 both name them.
+    private static void HfViTAttention(Dictionary<string, Tensor> o, string h, string b, string s, IDictionary<string, Tensor> sd)
+    {
+        o[$"{h}attention.attention.query.{s}"] = Row(sd[$"{b}attn.qkv.{s}"], 0, 3);
+        o[$"{h}attention.attention.key.{s}"] = Row(sd[$"{b}attn.qkv.{s}"], 1, 3);
+        o[$"{h}attention.attention.value.{s}"] = Row(sd[$"{b}attn.qkv.{s}"], 2, 3);
+        o[$"{h}attention.output.dense.{s}"] = sd[$"{b}attn.proj.{s}"];
+    }
+
     /// <summary>HF ViTForImageClassification (prefix "vit.", classifier) or ViTModel (no prefix, pooler).</summary>
     public static Dictionary<string, Tensor> HfVit(IDictionary<string, Tensor> sd, ViTConfig c, bool classifier)
     {
@@ -49,10 +58,7 @@ internal static class HomeLayouts
             foreach (string s in new[] { "weight", "bias" })
             {
                 o[$"{h}layernorm_before.{s}"] = sd[$"{b}norm1.{s}"];
-                o[$"{h}attention.attention.query.{s}"] = Row(sd[$"{b}attn.qkv.{s}"], 0, 3);
-                o[$"{h}attention.attention.key.{s}"] = Row(sd[$"{b}attn.qkv.{s}"], 1, 3);
-                o[$"{h}attention.attention.value.{s}"] = Row(sd[$"{b}attn.qkv.{s}"], 2, 3);
-                o[$"{h}attention.output.dense.{s}"] = sd[$"{b}attn.proj.{s}"];
+                HfViTAttention(o, h, b, s, sd);
                 o[$"{h}layernorm_after.{s}"] = sd[$"{b}norm2.{s}"];
                 o[$"{h}intermediate.dense.{s}"] = sd[$"{b}mlp.fc1.{s}"];
                 o[$"{h}output.dense.{s}"] = sd[$"{b}mlp.fc2.{s}"];
@@ -101,10 +107,7 @@ internal static class HomeLayouts
             foreach (string s in new[] { "weight", "bias" })
             {
                 o[$"{h}norm1.{s}"] = sd[$"{b}norm1.{s}"];
-                o[$"{h}attention.attention.query.{s}"] = Row(sd[$"{b}attn.qkv.{s}"], 0, 3);
-                o[$"{h}attention.attention.key.{s}"] = Row(sd[$"{b}attn.qkv.{s}"], 1, 3);
-                o[$"{h}attention.attention.value.{s}"] = Row(sd[$"{b}attn.qkv.{s}"], 2, 3);
-                o[$"{h}attention.output.dense.{s}"] = sd[$"{b}attn.proj.{s}"];
+                HfViTAttention(o, h, b, s, sd);
                 o[$"{h}norm2.{s}"] = sd[$"{b}norm2.{s}"];
                 o[$"{h}mlp.fc1.{s}"] = sd[$"{b}mlp.fc1.{s}"];
                 o[$"{h}mlp.fc2.{s}"] = sd[$"{b}mlp.fc2.{s}"];
