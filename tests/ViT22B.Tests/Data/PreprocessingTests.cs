@@ -72,6 +72,16 @@ public sealed class PreprocessingTests : IDisposable
     }
 
     [Fact]
+    public void Half_mean_and_std_give_the_same_floats_as_2v_minus_1()
+    {
+        // ImageTensors' MinusOneToOne overloads go through Preprocessing (0.5 / 0.5); 2v − 1 is what they computed before.
+        using var scope = torch.NewDisposeScope();
+        var image = torch.rand(new[] { 3L, 64, 64 }, dtype: ScalarType.Float32, generator: new torch.Generator(51));
+        var half = Transforms.Normalize(Preprocessing.Half, Preprocessing.Half)(image, new Random(0));
+        Assert.True(TensorAssert.Same(Transforms.Normalize(PixelNormalization.MinusOneToOne)(image, new Random(0)), half));
+    }
+
+    [Fact]
     public void Json_round_trips_and_bad_json_is_named()
     {
         foreach (string name in ViTConfig.TimmNames)
