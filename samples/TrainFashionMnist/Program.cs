@@ -11,6 +11,7 @@ using Spectre.Console;
 using TorchSharp;
 using ViT22B.Accounting;
 using ViT22B.Data;
+using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Training;
 
@@ -40,10 +41,11 @@ var seedOption = new Option<int>("--seed") { Description = "Seed of the initiali
 var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 }.AtLeast(0);
 var trainLimitOption = new Option<int>("--train-limit") { Description = "Use only the first N training images (0 = all 60,000).", DefaultValueFactory = _ => 0 }.AtLeast(0);
 var testLimitOption = new Option<int>("--test-limit") { Description = "Use only the first N test images (0 = all 10,000).", DefaultValueFactory = _ => 0 }.AtLeast(0);
+var recomputeOption = new Option<string>("--checkpointing") { Description = "Blocks that recompute their activations in backward: none, all, every:N or blocks:I,J,…", DefaultValueFactory = _ => "none" };
 var root = new RootCommand("Train a small ViT-22B-style model on Fashion-MNIST (install it with `apt-get install dataset-fashion-mnist`).")
 {
     dataOption, epochsOption, batchOption, lrOption, smoothingOption, dtypeOption, optimizerOption, widthOption, depthOption, headsOption, patchOption, poolOption, augmentOption,
-    checkpointOption, resumeOption, exportOption, exportCountOption, seedOption, threadsOption, trainLimitOption, testLimitOption,
+    checkpointOption, resumeOption, exportOption, exportCountOption, seedOption, threadsOption, trainLimitOption, testLimitOption, recomputeOption,
 };
 root.SetAction(parse =>
 {
@@ -71,12 +73,13 @@ root.SetAction(parse =>
     config = config with { DType = ViTConfigJson.ParseDType(parse.GetValue(dtypeOption)!) };
     return Train(config, augment, parse.GetValue(dataOption)!, parse.GetValue(epochsOption), parse.GetValue(batchOption), parse.GetValue(lrOption), parse.GetValue(smoothingOption),
         parse.GetValue(optimizerOption)!, parse.GetValue(checkpointOption)!, parse.GetValue(resumeOption), parse.GetValue(seedOption),
-        parse.GetValue(trainLimitOption), parse.GetValue(testLimitOption), parse.GetValue(exportOption), parse.GetValue(exportCountOption));
+        parse.GetValue(trainLimitOption), parse.GetValue(testLimitOption), parse.GetValue(exportOption), parse.GetValue(exportCountOption),
+        ActivationCheckpointing.Parse(parse.GetValue(recomputeOption)!));
 });
 return SampleMain.Invoke(root, args);
 
 static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data, int epochs, int batchSize, double lr, double labelSmoothing, string optimizerName, FileInfo checkpoint,
-    bool resume, int seed, int trainLimit, int testLimit, DirectoryInfo? export, int exportCount)
+    bool resume, int seed, int trainLimit, int testLimit, DirectoryInfo? export, int exportCount, ActivationCheckpointing recompute)
 {
     if (Console.IsOutputRedirected) AnsiConsole.Profile.Width = 120;
     // Interactive: a progress bar, and only warnings from the logger; redirected (logs, CI): the logger's lines.
@@ -113,7 +116,7 @@ static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data,
     double peak;
     using (var meter = new MfuMeter(torch.CPU, config.DType))
         peak = meter.GemmFlops / Enumerable.Range(0, 5).Select(_ => meter.TimeGemm()).Order().ElementAt(2);
-    var trainer = new Trainer(model, optimizer, schedule, new TrainerOptions { ClipGradNorm = 1.0, LabelSmoothing = labelSmoothing, CheckpointPath = checkpoint.FullName, LogEverySteps = 100, PeakFlopsPerSecond = peak }, logger);
+    var trainer = new Trainer(model, optimizer, schedule, new TrainerOptions { ClipGradNorm = 1.0, LabelSmoothing = labelSmoothing, CheckpointPath = checkpoint.FullName, LogEverySteps = 100, PeakFlopsPerSecond = peak, Checkpointing = recompute }, logger);
     if (resume) trainer.LoadCheckpoint(checkpoint.FullName);
 
     AnsiConsole.MarkupLine($"[bold]Fashion-MNIST[/]: {trainSet.Count:N0} training / {testSet.Count:N0} test images; model {ModelSummary(config)}, " +

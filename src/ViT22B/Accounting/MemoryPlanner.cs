@@ -10,9 +10,15 @@ namespace ViT22B.Accounting;
 /// <param name="OptimizerState">AdamW's two moments per parameter, in the parameter dtype (TorchSharp's AdamW keeps
 /// them in the parameter's dtype), training only.</param>
 /// <param name="Activations">Peak activation memory: for inference the largest set of tensors alive at once inside
-/// a block; for training the tensors autograd saves for backward in every block, plus that working set.</param>
+/// a block; for training <see cref="SavedActivations"/>, plus one block's saved tensors while a checkpointed block is
+/// recomputed in backward, plus that working set.</param>
 public sealed record MemoryPlan(long Weights, long Gradients, long OptimizerState, long Activations)
 {
+    /// <summary>Training: what autograd holds between the forward and the backward pass (every block's saved tensors,
+    /// or only its input for a checkpointed block, plus the stem output and the gathered tokens before the head);
+    /// 0 for inference.</summary>
+    public long SavedActivations { get; init; }
+
     /// <summary>Everything.</summary>
     public long Total => Weights + Gradients + OptimizerState + Activations;
 
@@ -39,10 +45,14 @@ public static class MemoryPlanner
     /// <param name="model">Tensor-parallel degree.</param>
     /// <param name="data">Data-parallel degree.</param>
     /// <param name="fsdp">Shard block weights (and their gradients and optimizer state) over the data axis too.</param>
-    public static MemoryPlan Plan(ViTConfig c, ScalarType dtype, int batch, bool training, int model = 1, int data = 1, bool fsdp = false)
+    /// <param name="checkpointing">Blocks that recompute their activations in backward (training only; default none).</param>
+    public static MemoryPlan Plan(ViTConfig c, ScalarType dtype, int batch, bool training, int model = 1, int data = 1, bool fsdp = false,
+        ActivationCheckpointing? checkpointing = null)
     {
         ArgumentNullException.ThrowIfNull(c);
         c.Validate();
+        checkpointing ??= ActivationCheckpointing.None;
+        checkpointing.Validate(c.Depth);
         if (batch < 1 || model < 1 || data < 1) throw new ArgumentException($"batch ({batch}), model ({model}) and data ({data}) must be at least 1.");
         if (c.NumHeads % model != 0 || c.MlpDim % model != 0)
             throw new ArgumentException($"A model axis of {model} must divide num_heads ({c.NumHeads}) and mlp_dim ({c.MlpDim}).");
@@ -73,7 +83,7 @@ public static class MemoryPlanner
         double working = c.Block == BlockKind.Parallel
             ? bt * (2 * d / k + d + (f + 3 * d + d + f) / k)
             : bt * (2 * d / k + d + Math.Max(3 * d + d, f + f) / k);
-        double activations = working;
+        double activations = working, kept = 0;
         if (training)
         {
             // Saved for backward per block: norm inputs (own tokens), gathered normed inputs, q/k/v and the attention
@@ -81,9 +91,16 @@ public static class MemoryPlanner
             double saved = c.Block == BlockKind.Parallel
                 ? bt * (d / k + d + (3 * d + d + qkNorm + f + f) / k)
                 : bt * (2 * d / k + 2 * d + (3 * d + d + qkNorm + f + f) / k);
-            activations = l * saved + working + bt * d * 2;   // + stem output and the gathered tokens before the head
+            // A checkpointed block keeps only its input (own tokens); in backward one block at a time is recomputed
+            // and holds its saved tensors again.
+            int recomputed = checkpointing.CountIn(c.Depth);
+            kept = (l - recomputed) * saved + recomputed * bt * d / k + bt * d * 2;   // + stem output and the gathered tokens before the head
+            activations = kept + (recomputed > 0 ? saved : 0) + working;
         }
         long acts = (long)Math.Ceiling(activations) * size;
-        return new MemoryPlan(weights, training ? weights : 0, training ? 2 * weights : 0, acts);
+        return new MemoryPlan(weights, training ? weights : 0, training ? 2 * weights : 0, acts)
+        {
+            SavedActivations = (long)Math.Ceiling(kept) * size,
+        };
     }
 }

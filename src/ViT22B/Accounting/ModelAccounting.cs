@@ -101,6 +101,19 @@ public static class ModelAccounting
             Head: head);
     }
 
+    /// <summary>
+    /// FLOPs a training step actually computes per image when the blocks named by <paramref name="checkpointing"/>
+    /// recompute their forward pass in backward: <see cref="FlopsCount.Training"/> plus those blocks' forward FLOPs
+    /// again. The numerator of hardware FLOPs utilization (HFU); MFU keeps counting model FLOPs only.
+    /// </summary>
+    public static double HardwareTrainingFlops(ViTConfig c, ActivationCheckpointing checkpointing)
+    {
+        ArgumentNullException.ThrowIfNull(checkpointing);
+        var f = Flops(c);
+        checkpointing.Validate(c.Depth);
+        return f.Training + (f.BlockMatmuls + f.Attention) * checkpointing.CountIn(c.Depth) / c.Depth;
+    }
+
     /// <summary>Bytes of the parameters alone in <paramref name="dtype"/> (no gradients, optimizer state or activations).</summary>
     public static long ParameterBytes(ViTConfig c, TorchSharp.torch.ScalarType dtype) => Parameters(c).Total * dtype switch
     {

@@ -69,6 +69,15 @@ public static class AttentionOps
         return new Restore(() => _observer = previous);
     }
 
+    /// <summary>Until the returned scope is disposed, attention on this thread reports to no observer (a block's
+    /// recomputation in backward must not report its statistics twice).</summary>
+    internal static IDisposable Suspend()
+    {
+        var previous = _observer;
+        _observer = null;
+        return new Restore(() => _observer = previous);
+    }
+
     private sealed class Restore(Action undo) : IDisposable
     {
         public void Dispose() => undo();

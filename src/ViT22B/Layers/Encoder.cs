@@ -17,12 +17,17 @@ public sealed class Encoder : BlockStack<nn.Module<Tensor, Tensor>>
     {
     }
 
-    /// <summary>Runs the blocks in order, [B, N, D] → [B, N, D].</summary>
+    /// <summary>Runs the blocks in order, [B, N, D] → [B, N, D] (the blocks named by
+    /// <see cref="BlockStack{TBlock}.Checkpointing"/> recompute their activations in backward).</summary>
     public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
         var h = x;
-        foreach (var block in this) h = block.call(h);
+        for (int i = 0; i < Count; i++)
+        {
+            var block = this[i];
+            h = RunBlock(i, h, block.call);
+        }
         return (ReferenceEquals(h, x) ? x.alias() : h).MoveToOuterDisposeScope();
     }
 }

@@ -112,6 +112,24 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
     /// <summary>The device of the parameters.</summary>
     public Device Device => patch_embed.parameters().First().device;
 
+    /// <summary>
+    /// Which blocks recompute their activations in backward instead of keeping them (default
+    /// <see cref="ActivationCheckpointing.None"/>; timm's <c>set_grad_checkpointing</c>). Gradients are unchanged;
+    /// see <see cref="ActivationCheckpointing"/> for the memory and the FLOPs it trades. When a recomputation fails
+    /// inside <c>backward()</c> (out of memory, say) the gradients of that pass are NaN and
+    /// <see cref="ThrowIfBackwardFailed"/> throws the failure (the trainers call it after every backward).
+    /// </summary>
+    /// <exception cref="ArgumentException">The set names a block the model does not have.</exception>
+    public ActivationCheckpointing Checkpointing
+    {
+        get => ((IBlockStack)blocks).Checkpointing;
+        set => ((IBlockStack)blocks).Checkpointing = value;
+    }
+
+    /// <summary>Throws (and forgets) the first failure of a block's recomputation in the last <c>backward()</c>
+    /// (<see cref="Checkpointing"/>); does nothing when there was none.</summary>
+    public void ThrowIfBackwardFailed() => ((IBlockStack)blocks).ThrowIfBackwardFailed();
+
     /// <summary>Images [B, C, H, W] → logits [B, C] (or the pooled embedding [B, D] when <see cref="ViTConfig.NumClasses"/> is 0).</summary>
     public override Tensor forward(Tensor images)
     {

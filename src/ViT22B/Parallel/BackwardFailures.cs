@@ -29,10 +29,16 @@ internal static class BackwardFailures
         }
         catch (Exception e)
         {
-            var box = Failures.GetOrCreateValue(comm);
-            lock (box) box.Value ??= ExceptionDispatchInfo.Capture(e);
+            Record(comm, e);
             return zeros();
         }
+    }
+
+    /// <summary>Records a failure inside backward against <paramref name="comm"/> (the first one is kept).</summary>
+    internal static void Record(ICommunicator comm, Exception failure)
+    {
+        var box = Failures.GetOrCreateValue(comm);
+        lock (box) box.Value ??= ExceptionDispatchInfo.Capture(failure);
     }
 
     /// <summary>True when a backward collective on <paramref name="comm"/> failed and was not yet thrown.</summary>

@@ -22,6 +22,10 @@ internal sealed class ShardedEncoder : BlockStack<nn.Module<Tensor, long[], Tens
         _s = s;
     }
 
+    /// <summary>Records a failed recomputation against the model-axis communicator, so that
+    /// <see cref="ShardedVisionTransformer.Backward"/> throws it with the collectives' failures.</summary>
+    private protected override void OnRecomputeFailure(Exception failure) => BackwardFailures.Record(_s.Rank.Model, failure);
+
     /// <inheritdoc />
     public override Tensor forward(Tensor x)
     {
@@ -35,7 +39,11 @@ internal sealed class ShardedEncoder : BlockStack<nn.Module<Tensor, long[], Tens
         long total = x.shape[1];
         var counts = TokenPartition.Counts(total, comm.Size);
         var h = Regions.ScatterTokens(x.transpose(0, 1), comm, counts);              // [T_r, B, D]
-        foreach (var block in this) h = block.call(h, counts);
+        for (int i = 0; i < Count; i++)
+        {
+            var block = this[i];
+            h = RunBlock(i, h, t => block.call(t, counts));   // a recomputed block repeats its collectives in backward
+        }
         return Regions.GatherTokens(h, comm, counts).transpose(0, 1).MoveToOuterDisposeScope();
     }
 }

@@ -4,6 +4,7 @@ using Microsoft.Extensions.Logging.Abstractions;
 using TorchSharp;
 using ViT22B.Accounting;
 using ViT22B.Data;
+using ViT22B.Layers;
 using ViT22B.Models;
 using static TorchSharp.torch;
 
@@ -26,6 +27,10 @@ public sealed record TrainerOptions
     public int LogEverySteps { get; init; } = 50;
     /// <summary>Peak FLOP/s of the device, to log MFU (null = log achieved FLOP/s only).</summary>
     public double? PeakFlopsPerSecond { get; init; }
+    /// <summary>Blocks that recompute their activations in backward, set on the model when the trainer is created
+    /// (null = leave <see cref="VisionTransformer.Checkpointing"/> as it is). With recomputation the log adds the
+    /// hardware FLOPs utilization (recomputed forward passes counted) beside the MFU (model FLOPs only).</summary>
+    public ActivationCheckpointing? Checkpointing { get; init; }
 }
 
 /// <summary>One optimizer step.</summary>
@@ -94,6 +99,7 @@ public sealed class Trainer
         if (Options.LogEverySteps <= 0) throw new ArgumentOutOfRangeException(nameof(options), $"LogEverySteps must be positive, found {Options.LogEverySteps}.");
         if (Options.CheckpointEverySteps < 0) throw new ArgumentOutOfRangeException(nameof(options), $"CheckpointEverySteps must be ≥ 0, found {Options.CheckpointEverySteps}.");
         _parameters = optimizer.Parameters.Select(p => (Tensor)p.Value).ToList();
+        if (Options.Checkpointing is { } checkpointing) model.Checkpointing = checkpointing;
     }
 
     /// <summary>The options.</summary>
@@ -123,6 +129,7 @@ public sealed class Trainer
         long correct = logits.argmax(1).eq(y).sum().item<long>();
         _optimizer.ZeroGrad();
         loss.backward();
+        _model.ThrowIfBackwardFailed();
         double norm = Losses.ClipGradNorm(_parameters, Options.ClipGradNorm);
         if (!double.IsFinite(norm))
         {
@@ -178,6 +185,7 @@ public sealed class Trainer
             throw new InvalidOperationException($"The checkpoint was trained with data order '{_resumedDataOrder}', this loader gives '{order}'; resuming would not see the same batches.");
         var results = new List<EpochResult>();
         double flopsPerImage = ModelAccounting.Flops(_model.Config).Training;
+        double hardwareFlopsPerImage = ModelAccounting.HardwareTrainingFlops(_model.Config, _model.Checkpointing);
         while (Position.Epoch < epochs)
         {
             int epoch = Position.Epoch;
@@ -200,7 +208,7 @@ public sealed class Trainer
                 if (Step % Options.LogEverySteps == 0)
                 {
                     double ips = windowImages / window.Elapsed.TotalSeconds;
-                    LogStep(r, epoch, ips, flopsPerImage);
+                    LogStep(r, epoch, ips, flopsPerImage, hardwareFlopsPerImage);
                     window.Restart();
                     windowImages = 0;
                 }
@@ -259,10 +267,14 @@ public sealed class Trainer
         ? $"The last good checkpoint '{p}' (step {s}) was not overwritten."
         : "No checkpoint was written.";
 
-    private void LogStep(StepResult r, int epoch, double imagesPerSecond, double flopsPerImage)
+    private void LogStep(StepResult r, int epoch, double imagesPerSecond, double flopsPerImage, double hardwareFlopsPerImage)
     {
         double achieved = imagesPerSecond * flopsPerImage;
-        if (Options.PeakFlopsPerSecond is { } peak)
+        if (hardwareFlopsPerImage > flopsPerImage && Options.PeakFlopsPerSecond is { } hwPeak)
+            _logger.LogInformation("step {Step} epoch {Epoch}: loss {Loss:F4}, top-1 {Top1:P1}, lr {Lr:E3}, grad norm {GradNorm:F3}, {Ips:F0} img/s, {Tflops:F3} TFLOP/s, MFU {Mfu:P1}, HFU {Hfu:P1}",
+                r.Step, epoch + 1, r.Loss, (double)r.Correct / r.Count, r.LearningRate, r.GradNorm, imagesPerSecond, achieved / 1e12, achieved / hwPeak,
+                imagesPerSecond * hardwareFlopsPerImage / hwPeak);
+        else if (Options.PeakFlopsPerSecond is { } peak)
             _logger.LogInformation("step {Step} epoch {Epoch}: loss {Loss:F4}, top-1 {Top1:P1}, lr {Lr:E3}, grad norm {GradNorm:F3}, {Ips:F0} img/s, {Tflops:F3} TFLOP/s, MFU {Mfu:P1}",
                 r.Step, epoch + 1, r.Loss, (double)r.Correct / r.Count, r.LearningRate, r.GradNorm, imagesPerSecond, achieved / 1e12, achieved / peak);
         else

@@ -117,6 +117,55 @@ public class MemoryPlannerTests
         Assert.True((double)saved / plan.Activations is > 0.85 and < 1.1, ratios);
     }
 
+    [Theory]
+    [InlineData("Ti/16", BlockKind.Parallel, ScalarType.Float32, "all")]
+    [InlineData("Ti/16", BlockKind.Sequential, ScalarType.Float32, "every:3")]
+    [InlineData("S/16", BlockKind.Parallel, ScalarType.BFloat16, "every:2")]
+    public void Checkpointing_reduces_saved_activations_as_planned(string preset, BlockKind block, ScalarType dtype, string set)
+    {
+        Assert.True(HaveMallInfo2(), "needs glibc's mallinfo2 (Linux, glibc 2.33+)");
+        Assert.Equal(1, MallOpt(MmapThreshold, 4096));      // as in Training_memory_matches_measured_allocation
+        try
+        {
+            var c = ViTConfig.Parse(preset) with { Block = block };
+            const int batch = 4;
+            var checkpointing = ActivationCheckpointing.Parse(set);
+            var kept = MemoryPlanner.Plan(c, dtype, batch, training: true);
+            var recomputed = MemoryPlanner.Plan(c, dtype, batch, training: true, checkpointing: checkpointing);
+            using var model = new VisionTransformer(c, torch.CPU, dtype);
+            using var images = torch.randn(batch, 3, 224, 224).to(dtype);
+            using var labels = torch.arange((long)batch);
+            long Saved()
+            {
+                using var scope = torch.NewDisposeScope();
+                model.zero_grad();
+                long before = Allocated();
+                var loss = nn.functional.cross_entropy(model.call(images).to(ScalarType.Float32), labels);
+                long delta = Allocated() - before;          // what autograd keeps for backward
+                loss.backward();
+                model.ThrowIfBackwardFailed();
+                return delta;
+            }
+            _ = Saved();                                    // gradients and one-time workspaces now exist
+            long measuredKept = Consensus(Saved);
+            model.Checkpointing = checkpointing;
+            _ = Saved();
+            long measuredRecomputed = Consensus(Saved);
+
+            string ratios = $"kept {(double)measuredKept / kept.SavedActivations:F3}, recomputed {(double)measuredRecomputed / recomputed.SavedActivations:F3}, " +
+                            $"saving {(double)(measuredKept - measuredRecomputed) / (kept.SavedActivations - recomputed.SavedActivations):F3} " +
+                            $"(measured {measuredKept:N0} → {measuredRecomputed:N0} bytes, planned {kept.SavedActivations:N0} → {recomputed.SavedActivations:N0})";
+            Assert.True((double)measuredKept / kept.SavedActivations is > 0.9 and < 1.1, ratios);
+            Assert.True((double)measuredRecomputed / recomputed.SavedActivations is > 0.9 and < 1.1, ratios);
+            Assert.True((double)(measuredKept - measuredRecomputed) / (kept.SavedActivations - recomputed.SavedActivations) is > 0.9 and < 1.1, ratios);
+            Assert.True(recomputed.Activations < kept.Activations);
+        }
+        finally
+        {
+            _ = MallOpt(MmapThreshold, 128 * 1024);
+        }
+    }
+
     /// <summary>Repeats a reading until three of them lie within 0.1% of each other and returns their median; fails,
     /// listing every reading, when nine do not produce such a group.</summary>
     private static long Consensus(Func<long> read)
