@@ -15,8 +15,9 @@ namespace ViT22B.Models;
 /// </summary>
 public static class Initialization
 {
-    /// <summary>Ranges <c>[Start, End)</c> along one axis of a full 2-D weight, each xavier-uniform with its bound.</summary>
-    internal delegate void XavierFill(string key, Tensor weight, int axis, IReadOnlyList<(long Start, long End, double Bound)> ranges);
+    /// <summary>Ranges <c>[Start, End)</c> along one axis of a full 2-D weight, each xavier-uniform with its bound,
+    /// drawn from <c>generator</c> (null: TorchSharp's default generator).</summary>
+    internal delegate void XavierFill(string key, Tensor weight, int axis, IReadOnlyList<(long Start, long End, double Bound)> ranges, Generator? generator);
 
     /// <summary>Re-initializes every parameter of <paramref name="model"/>.</summary>
     public static void BigVision(VisionTransformer model)
@@ -34,57 +35,84 @@ public static class Initialization
     /// </summary>
     internal static void Initialize(VisionTransformer model, Func<string, long[]> fullShapeOf, XavierFill xavier)
     {
-        var c = model.Config;
+        using var noGrad = torch.no_grad();
+        foreach (var (key, p) in model.named_parameters()) Apply(model.Config, key, p, fullShapeOf(key), xavier, generator: null);
+    }
+
+    /// <summary>
+    /// The rule of parameter <paramref name="key"/> applied to <paramref name="p"/> (the full parameter of shape
+    /// <paramref name="full"/>, or a shard of it whose sub-blocks <paramref name="xavier"/> places), drawing from
+    /// <paramref name="generator"/> (null: the default generator). Norm scales and LayerScale factors have no rule:
+    /// they keep the values their modules are created with (one, <c>init_values</c>).
+    /// </summary>
+    internal static void Apply(ViTConfig c, string key, Tensor p, long[] full, XavierFill xavier, Generator? generator)
+    {
         long d = c.EmbedDim;
         var layout = c.BlockOptions.Layout;
-        using var noGrad = torch.no_grad();
-        foreach (var (key, p) in model.named_parameters())
+        string leaf = key[(key.LastIndexOf('.') + 1)..];
+        if (key == "patch_embed.proj.weight")
         {
-            string leaf = key[(key.LastIndexOf('.') + 1)..];
-            if (key == "patch_embed.proj.weight")
-            {
-                double fanIn = c.InChans * (double)c.PatchSize * c.PatchSize;
-                double std = Math.Sqrt(1.0 / fanIn) / .87962566103423978;   // Flax lecun_normal: truncated at ±2σ
-                nn.init.trunc_normal_(p, 0, std, -2 * std, 2 * std);
-            }
-            else if (key == "pos_embed") p.normal_(0, 1.0 / Math.Sqrt(d));
-            else if (key == "cls_token") p.zero_();
-            else if (key == "reg_token") p.normal_(0, 1e-6);                 // timm's init for register tokens
-            else if (key == "attn_pool.latent") nn.init.trunc_normal_(p, 0, 1.0 / Math.Sqrt(d), -2, 2);
-            else if (key.StartsWith("head.", StringComparison.Ordinal)) p.zero_();
-            else if (leaf == "weight" && p.dim() == 2)
-            {
-                // Sub-blocks (out, in) along an axis of the FULL weight, each xavier-uniform with its own fans.
-                var full = fullShapeOf(key);
-                var (axis, blocks) =
-                    key.EndsWith("in_proj.weight", StringComparison.Ordinal) ? (0, layout.InBlocks)
-                    : key.EndsWith("out_proj.weight", StringComparison.Ordinal) && full[1] == layout.OutFeatures ? (1, layout.OutBlocks)
-                    : key.EndsWith("qkv.weight", StringComparison.Ordinal) ? (0, layout.QkvBlocks)
-                    : key.EndsWith("kv.weight", StringComparison.Ordinal) ? (0, new[] { (d, d), (d, d) })      // MAP head: k | v
-                    : (0, new[] { (full[0], full[1]) });
-                var ranges = new List<(long Start, long End, double Bound)>();
-                long start = 0;
-                foreach (var (o, i) in blocks)
-                {
-                    long len = axis == 0 ? o : i;
-                    ranges.Add((start, start + len, Math.Sqrt(6.0 / (o + i))));
-                    start += len;
-                }
-                xavier(key, p, axis, ranges);
-            }
-            else if (leaf == "bias" || leaf == "mlp_bias")
-            {
-                bool isMlp = key.Contains("mlp", StringComparison.Ordinal) && !key.Contains("norm", StringComparison.Ordinal);
-                if (isMlp) p.normal_(0, 1e-6);
-                else p.zero_();
-            }
-            // 1-D "weight" parameters are norm scales: created as ones.
+            double fanIn = c.InChans * (double)c.PatchSize * c.PatchSize;
+            double std = Math.Sqrt(1.0 / fanIn) / .87962566103423978;   // Flax lecun_normal: truncated at ±2σ
+            TruncatedNormal(p, std, -2 * std, 2 * std, generator);
         }
+        else if (key == "pos_embed") p.normal_(0, 1.0 / Math.Sqrt(d), generator);
+        else if (key == "cls_token") p.zero_();
+        else if (key == "reg_token") p.normal_(0, 1e-6, generator);                 // timm's init for register tokens
+        else if (key == "attn_pool.latent") TruncatedNormal(p, 1.0 / Math.Sqrt(d), -2, 2, generator);
+        else if (key.StartsWith("head.", StringComparison.Ordinal)) p.zero_();
+        else if (leaf == "weight" && p.dim() == 2)
+        {
+            // Sub-blocks (out, in) along an axis of the FULL weight, each xavier-uniform with its own fans.
+            var (axis, blocks) =
+                key.EndsWith("in_proj.weight", StringComparison.Ordinal) ? (0, layout.InBlocks)
+                : key.EndsWith("out_proj.weight", StringComparison.Ordinal) && full[1] == layout.OutFeatures ? (1, layout.OutBlocks)
+                : key.EndsWith("qkv.weight", StringComparison.Ordinal) ? (0, layout.QkvBlocks)
+                : key.EndsWith("kv.weight", StringComparison.Ordinal) ? (0, new[] { (d, d), (d, d) })      // MAP head: k | v
+                : (0, new[] { (full[0], full[1]) });
+            var ranges = new List<(long Start, long End, double Bound)>();
+            long start = 0;
+            foreach (var (o, i) in blocks)
+            {
+                long len = axis == 0 ? o : i;
+                ranges.Add((start, start + len, Math.Sqrt(6.0 / (o + i))));
+                start += len;
+            }
+            xavier(key, p, axis, ranges, generator);
+        }
+        else if (leaf == "bias" || leaf == "mlp_bias")
+        {
+            bool isMlp = key.Contains("mlp", StringComparison.Ordinal) && !key.Contains("norm", StringComparison.Ordinal);
+            if (isMlp) p.normal_(0, 1e-6, generator);
+            else p.zero_();
+        }
+        // 1-D "weight" parameters are norm scales: created as ones.
+    }
+
+    /// <summary>Normal(0, <paramref name="std"/>²) truncated to [<paramref name="a"/>, <paramref name="b"/>] by inverting
+    /// the CDF of uniform draws, as PyTorch's <c>trunc_normal_</c> does (TorchSharp's version ignores its generator
+    /// argument, so a seeded draw has to be written out).</summary>
+    private static void TruncatedNormal(Tensor p, double std, double a, double b, Generator? generator)
+    {
+        static double Cdf(double x) => 0.5 * (1 + Erf(x / Math.Sqrt(2)));
+        double lo = Cdf(a / std), hi = Cdf(b / std);
+        p.uniform_(2 * lo - 1, 2 * hi - 1, generator);
+        p.erfinv_().mul_(std * Math.Sqrt(2)).clamp_(a, b);
+    }
+
+    // .NET has no erf: the Chebyshev fit of the complementary error function from Numerical Recipes (relative error
+    // below 1.2e-7), ample for the probabilities of the cut-offs.
+    private static double Erf(double x)
+    {
+        double z = Math.Abs(x), t = 1 / (1 + 0.5 * z);
+        double erfc = t * Math.Exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 +
+            t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))));
+        return x >= 0 ? 1 - erfc : erfc - 1;
     }
 
     /// <summary>Fills <paramref name="ranges"/> of <paramref name="w"/> along <paramref name="axis"/> as they lie in the full
     /// weight (the whole weight, or a shard cut along another axis).</summary>
-    internal static void FillWhole(string key, Tensor w, int axis, IReadOnlyList<(long Start, long End, double Bound)> ranges)
+    internal static void FillWhole(string key, Tensor w, int axis, IReadOnlyList<(long Start, long End, double Bound)> ranges, Generator? generator)
     {
         if (ranges[^1].End != w.shape[axis])
             throw new InvalidOperationException($"Weight '{key}' of shape [{string.Join(", ", w.shape)}] does not have the {ranges[^1].End} rows/columns its sub-blocks need along axis {axis}.");
@@ -92,7 +120,7 @@ public static class Initialization
         {
             // A local the later Dispose uses: a temporary referenced only by the native call could be finalized during it.
             using var block = w.narrow(axis, a, b - a);
-            block.uniform_(-bound, bound);
+            block.uniform_(-bound, bound, generator);
         }
     }
 }

@@ -106,6 +106,29 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         initialize(this);
     }
 
+    /// <summary>
+    /// The state-dict keys and shapes of <paramref name="c"/>'s model in state-dict order, from a one-block model on
+    /// the meta device: nothing is allocated, even for ViT-22B.
+    /// </summary>
+    internal static Dictionary<string, long[]> StateShapes(ViTConfig c)
+    {
+        using var meta = new VisionTransformer(c with { Depth = Math.Min(c.Depth, 1) }, torch.META, ScalarType.Float32);
+        var one = meta.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.shape);
+        const string first = "blocks.0.";
+        var leaves = one.Keys.Where(k => k.StartsWith(first, StringComparison.Ordinal)).Select(k => k[first.Length..]).ToList();
+        var all = new Dictionary<string, long[]>();
+        foreach (var (key, shape) in one)
+        {
+            if (!key.StartsWith("blocks.", StringComparison.Ordinal)) all[key] = shape;
+            else if (key == first + leaves[0])
+            {
+                for (int i = 0; i < c.Depth; i++)
+                    foreach (var leaf in leaves) all[$"blocks.{i}.{leaf}"] = one[first + leaf];
+            }
+        }
+        return all;
+    }
+
     /// <summary>The dtype of the parameters.</summary>
     public ScalarType DType => patch_embed.parameters().First().dtype;
 

@@ -19,16 +19,16 @@ internal static class ShardedInitialization
             if (!spec.LocalShape.SequenceEqual(p.shape))
                 throw new InvalidOperationException($"Parameter '{key}' has shape [{string.Join(", ", p.shape)}] but the plan gives this rank [{string.Join(", ", spec.LocalShape)}].");
         }
-        Initialization.Initialize(shard, key => shapes[key], (key, w, axis, ranges) => Xavier(key, w, plan.Spec(key, shapes[key], model, data), axis, ranges));
+        Initialization.Initialize(shard, key => shapes[key], (key, w, axis, ranges, generator) => Xavier(key, w, plan.Spec(key, shapes[key], model, data), axis, ranges, generator));
     }
 
     // When the shard is cut along the sub-blocks' axis, each local range is mapped back to its full index to find its
     // sub-block; otherwise the sub-blocks lie across the local tensor as they do across the full one.
-    private static void Xavier(string key, Tensor w, ShardSpec spec, int axis, IReadOnlyList<(long Start, long End, double Bound)> ranges)
+    private static void Xavier(string key, Tensor w, ShardSpec spec, int axis, IReadOnlyList<(long Start, long End, double Bound)> ranges, Generator? generator)
     {
         if (spec.Dim != axis || spec.IsWhole)
         {
-            Initialization.FillWhole(key, w, axis, ranges);
+            Initialization.FillWhole(key, w, axis, ranges, generator);
             return;
         }
         long local = 0;
@@ -39,7 +39,7 @@ internal static class ShardedInitialization
                 long lo = Math.Max(a, segStart), hi = Math.Min(b, segStart + segLen);
                 if (hi <= lo) continue;
                 using var block = w.narrow(axis, local + lo - segStart, hi - lo);   // kept alive through the native call
-                block.uniform_(-bound, bound);
+                block.uniform_(-bound, bound, generator);
             }
             local += segLen;
         }

@@ -109,26 +109,7 @@ public sealed class ShardingPlan
     }
 
     /// <summary>The full shapes of every parameter of the model, computed on the meta device (no memory).</summary>
-    public IReadOnlyDictionary<string, long[]> FullShapes()
-    {
-        if (_fullShapes is not null) return _fullShapes;
-        using var meta = new VisionTransformer(Config with { Depth = Math.Min(Config.Depth, 1) }, torch.META, ScalarType.Float32);
-        var one = meta.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.shape);
-        var leaves = one.Keys.Select(k => BlockKey.Match(k)).Where(m => m.Success).Select(m => m.Groups["leaf"].Value).ToList();
-        var all = new Dictionary<string, long[]>();
-        bool blocksDone = false;
-        foreach (var (key, shape) in one)
-        {
-            if (!BlockKey.IsMatch(key)) all[key] = shape;
-            else if (!blocksDone)
-            {
-                for (int i = 0; i < Config.Depth; i++)
-                    foreach (var leaf in leaves) all[$"blocks.{i}.{leaf}"] = one[$"blocks.0.{leaf}"];
-                blocksDone = true;
-            }
-        }
-        return _fullShapes = all;
-    }
+    public IReadOnlyDictionary<string, long[]> FullShapes() => _fullShapes ??= VisionTransformer.StateShapes(Config);
 
     private IReadOnlyDictionary<string, long[]>? _fullShapes;
 
