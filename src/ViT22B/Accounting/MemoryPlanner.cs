@@ -19,8 +19,12 @@ public sealed record MemoryPlan(long Weights, long Gradients, long OptimizerStat
     /// 0 for inference.</summary>
     public long SavedActivations { get; init; }
 
+    /// <summary>Streamed inference: the buffer one tensor is read into before it is cut to this rank's slice and
+    /// converted to the parameter dtype; 0 otherwise.</summary>
+    public long Staging { get; init; }
+
     /// <summary>Everything.</summary>
-    public long Total => Weights + Gradients + OptimizerState + Activations;
+    public long Total => Weights + Gradients + OptimizerState + Activations + Staging;
 
     /// <summary>Whether <see cref="Total"/> fits in <paramref name="deviceBytes"/>.</summary>
     public bool FitsIn(long deviceBytes) => Total <= deviceBytes;
@@ -56,33 +60,19 @@ public static class MemoryPlanner
         if (batch < 1 || model < 1 || data < 1) throw new ArgumentException($"batch ({batch}), model ({model}) and data ({data}) must be at least 1.");
         if (c.NumHeads % model != 0 || c.MlpDim % model != 0)
             throw new ArgumentException($"A model axis of {model} must divide num_heads ({c.NumHeads}) and mlp_dim ({c.MlpDim}).");
-        long size = dtype switch
-        {
-            ScalarType.Float64 => 8,
-            ScalarType.Float32 => 4,
-            ScalarType.BFloat16 or ScalarType.Float16 => 2,
-            _ => throw new ArgumentException($"Not a floating-point dtype: {dtype}.", nameof(dtype)),
-        };
+        long size = Size(dtype, nameof(dtype));
         var p = ModelAccounting.Parameters(c);
-        long d = c.EmbedDim, f = c.MlpDim, l = c.Depth;
-        // Block parameters split over the model axis: the matmul weights and the biases of split rows.
-        var layout = c.BlockOptions.Layout;
-        long splitBiases = l * (c.Block == BlockKind.Parallel
-            ? (layout.InProjBias ? layout.InFeatures : layout.SeparateMlpBias ? f : 0)
-            : (c.QkvBias ? 3 * d : 0) + (c.MlpBias ? f : 0));
+        long l = c.Depth;
+        long splitBiases = l * SplitBiasesPerBlock(c);
         double weightsPerDevice = p.Total - p.BlockMatmulWeights - splitBiases
             + (double)p.BlockMatmulWeights / model / (fsdp ? data : 1) + (double)splitBiases / model;
         long weights = (long)Math.Ceiling(weightsPerDevice) * size;
 
         // Activations, in elements of the activation dtype, for this device's share of the batch.
-        double b = Math.Ceiling((double)batch / data), t = c.NumTokens, k = model;
+        double b = Math.Ceiling((double)batch / data), t = c.NumTokens, k = model, d = c.EmbedDim, f = c.MlpDim;
         double bt = b * t;
         double qkNorm = c.QkNorm ? 2 * d : 0;
-        // Working set inside one block (inference): block input and output, normed input (all tokens when sharded),
-        // the in-projection outputs, the attention output and the MLP hidden activation.
-        double working = c.Block == BlockKind.Parallel
-            ? bt * (2 * d / k + d + (f + 3 * d + d + f) / k)
-            : bt * (2 * d / k + d + Math.Max(3 * d + d, f + f) / k);
+        double working = Working(c, bt, k);
         double activations = working, kept = 0;
         if (training)
         {
@@ -102,5 +92,72 @@ public static class MemoryPlanner
         {
             SavedActivations = (long)Math.Ceiling(kept) * size,
         };
+    }
+
+    /// <summary>
+    /// Plans one rank's memory for block-streamed inference (<c>StreamedVisionTransformer</c>, or
+    /// <c>StreamedShardedVisionTransformer</c> on a model axis of <paramref name="model"/>): the resident stem and head,
+    /// one block (two with prefetch, each cut to the rank's slices), the staging buffer of the largest block tensor as
+    /// the source stores it (plus its slice when sharded), and one block's working set. A process that simulates the
+    /// mesh with threads holds <paramref name="model"/> of these.
+    /// </summary>
+    /// <param name="c">The model.</param>
+    /// <param name="dtype">Parameter and activation dtype.</param>
+    /// <param name="batch">Images per pass.</param>
+    /// <param name="model">Tensor-parallel degree.</param>
+    /// <param name="prefetch">The next block is loaded while the current one computes.</param>
+    /// <param name="sourceDtype">The dtype the weight source returns (float32 for <c>SeededWeights</c>).</param>
+    public static MemoryPlan PlanStreamedInference(ViTConfig c, ScalarType dtype, int batch, int model = 1, bool prefetch = true,
+        ScalarType sourceDtype = ScalarType.Float32)
+    {
+        ArgumentNullException.ThrowIfNull(c);
+        c.Validate();
+        if (batch < 1 || model < 1) throw new ArgumentException($"batch ({batch}) and model ({model}) must be at least 1.");
+        if (c.NumHeads % model != 0 || c.MlpDim % model != 0)
+            throw new ArgumentException($"A model axis of {model} must divide num_heads ({c.NumHeads}) and mlp_dim ({c.MlpDim}).");
+        long size = Size(dtype, nameof(dtype)), sourceSize = Size(sourceDtype, nameof(sourceDtype));
+        var p = ModelAccounting.Parameters(c);
+        double blockParams = (double)p.Blocks / c.Depth;
+        double split = (double)p.BlockMatmulWeights / c.Depth + SplitBiasesPerBlock(c);
+        double blockPerRank = blockParams - split + split / model;
+        double resident = p.Total - p.Blocks;
+        long largest = VisionTransformer.StateShapes(c with { Depth = 1 })
+            .Where(kv => kv.Key.StartsWith("blocks.0.", StringComparison.Ordinal))
+            .Max(kv => kv.Value.Aggregate(1L, (a, n) => a * n));
+        double staging = largest * (double)sourceSize * (model > 1 ? 1 + 1.0 / model : 1);
+        double working = Working(c, batch * (double)c.NumTokens, model);
+        return new MemoryPlan((long)Math.Ceiling(resident + (prefetch ? 2 : 1) * blockPerRank) * size, 0, 0, (long)Math.Ceiling(working) * size)
+        {
+            Staging = (long)Math.Ceiling(staging),
+        };
+    }
+
+    private static long Size(ScalarType dtype, string name) => dtype switch
+    {
+        ScalarType.Float64 => 8,
+        ScalarType.Float32 => 4,
+        ScalarType.BFloat16 or ScalarType.Float16 => 2,
+        _ => throw new ArgumentException($"Not a floating-point dtype: {dtype}.", name),
+    };
+
+    /// <summary>Biases of a block that are split over the model axis with their rows.</summary>
+    private static long SplitBiasesPerBlock(ViTConfig c)
+    {
+        var layout = c.BlockOptions.Layout;
+        long d = c.EmbedDim, f = c.MlpDim;
+        return c.Block == BlockKind.Parallel
+            ? (layout.InProjBias ? layout.InFeatures : layout.SeparateMlpBias ? f : 0)
+            : (c.QkvBias ? 3 * d : 0) + (c.MlpBias ? f : 0);
+    }
+
+    /// <summary>Working set inside one block (elements), for <paramref name="bt"/> images × tokens on a model axis of
+    /// <paramref name="k"/>: block input and output, normed input (all tokens when sharded), the in-projection outputs,
+    /// the attention output and the MLP hidden activation.</summary>
+    private static double Working(ViTConfig c, double bt, double k)
+    {
+        double d = c.EmbedDim, f = c.MlpDim;
+        return c.Block == BlockKind.Parallel
+            ? bt * (2 * d / k + d + (f + 3 * d + d + f) / k)
+            : bt * (2 * d / k + d + Math.Max(3 * d + d, f + f) / k);
     }
 }
