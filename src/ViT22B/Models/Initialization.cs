@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Layers;
 using static TorchSharp.torch;
 
 namespace ViT22B.Models;
@@ -57,10 +58,10 @@ public static class Initialization
             TruncatedNormal(p, std, -2 * std, 2 * std, generator);
         }
         else if (key == "pos_embed") p.normal_(0, 1.0 / Math.Sqrt(d), generator);
-        else if (key == "cls_token") p.zero_();
+        else if (key == "cls_token") Param.Zero(p);
         else if (key == "reg_token") p.normal_(0, 1e-6, generator);                 // timm's init for register tokens
         else if (key == "attn_pool.latent") TruncatedNormal(p, 1.0 / Math.Sqrt(d), -2, 2, generator);
-        else if (key.StartsWith("head.", StringComparison.Ordinal)) p.zero_();
+        else if (key.StartsWith("head.", StringComparison.Ordinal)) Param.Zero(p);
         else if (leaf == "weight" && p.dim() == 2)
         {
             // Sub-blocks (out, in) along an axis of the FULL weight, each xavier-uniform with its own fans.
@@ -84,7 +85,7 @@ public static class Initialization
         {
             bool isMlp = key.Contains("mlp", StringComparison.Ordinal) && !key.Contains("norm", StringComparison.Ordinal);
             if (isMlp) p.normal_(0, 1e-6, generator);
-            else p.zero_();
+            else Param.Zero(p);
         }
         // 1-D "weight" parameters are norm scales: created as ones.
     }

@@ -1,6 +1,7 @@
 using System.Text;
 using TorchSharp;
 using ViT22B.Interop;
+using ViT22B.Layers;
 using static TorchSharp.torch;
 
 namespace ViT22B.Models;
@@ -57,7 +58,7 @@ public sealed class SeededWeights : ITensorSource
         // Values the modules are created with and the rules leave alone: norm scales one, LayerScale init_values.
         if (leaf == "gamma") t.fill_(_config.InitValues ?? 1.0);
         else if (leaf == "weight" && shape.Length == 1) t.fill_(1.0);
-        else t.zero_();
+        else Param.Zero(t);
         Initialization.Apply(_config, name, t, shape, Initialization.FillWhole, generator);
         return t;
     }

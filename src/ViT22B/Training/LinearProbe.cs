@@ -2,6 +2,7 @@ using TorchSharp;
 
 using ViT22B.Data;
 using ViT22B.Models;
+using ViT22B.Layers;
 using static TorchSharp.torch;
 
 namespace ViT22B.Training;
@@ -65,8 +66,8 @@ public static class LinearProbe
         var linear = nn.Linear(d, classes, hasBias: true, dtype: ScalarType.Float32);
         using (torch.no_grad())
         {
-            linear.weight!.zero_();
-            linear.bias!.zero_();
+            Param.Zero(linear.weight!);
+            Param.Zero(linear.bias!);
         }
         var parameters = new[] { new OptimizedParameter("weight", linear.weight!, weightDecay), new OptimizedParameter("bias", linear.bias!, 0) };
         using var optimizer = new AdamW(parameters);

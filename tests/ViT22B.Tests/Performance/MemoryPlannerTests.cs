@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using TorchSharp;
 using ViT22B.Accounting;
+using ViT22B.Interop;
 using ViT22B.Layers;
 using ViT22B.Models;
 using static TorchSharp.torch;
@@ -25,12 +26,16 @@ public class MemoryPlannerTests
 
     private const int MmapThreshold = -3;   // glibc's M_MMAP_THRESHOLD
 
-    /// <summary>Bytes currently allocated through malloc (main arena plus mmapped blocks), after a full GC.</summary>
-    private static long Allocated()
+    /// <summary>Bytes currently allocated through malloc (main arena plus mmapped blocks), after a full GC unless
+    /// <paramref name="collect"/> is false (then tensors that only a finalizer would free still count).</summary>
+    private static long Allocated(bool collect = true)
     {
-        GC.Collect();
-        GC.WaitForPendingFinalizers();
-        GC.Collect();
+        if (collect)
+        {
+            GC.Collect();
+            GC.WaitForPendingFinalizers();
+            GC.Collect();
+        }
         var m = NativeMallInfo2();
         return (long)(m.Uordblks + m.Hblkhd);
     }
@@ -159,6 +164,74 @@ public class MemoryPlannerTests
             Assert.True((double)measuredRecomputed / recomputed.SavedActivations is > 0.9 and < 1.1, ratios);
             Assert.True((double)(measuredKept - measuredRecomputed) / (kept.SavedActivations - recomputed.SavedActivations) is > 0.9 and < 1.1, ratios);
             Assert.True(recomputed.Activations < kept.Activations);
+        }
+        finally
+        {
+            _ = MallOpt(MmapThreshold, 128 * 1024);
+        }
+    }
+
+    /// <summary>Reads through to another source and records the allocated bytes each time a tensor has just been read
+    /// (its staging buffer alive), without collecting garbage.</summary>
+    private sealed class SampledSource(ITensorSource inner, long baseline) : ITensorSource
+    {
+        public long Peak;
+        public string Path => inner.Path;
+        public IReadOnlyList<string> Names => inner.Names;
+        public IReadOnlyDictionary<string, string> Metadata => inner.Metadata;
+        public bool Contains(string name) => inner.Contains(name);
+        public long[] ShapeOf(string name) => inner.ShapeOf(name);
+
+        public Tensor Read(string name)
+        {
+            var t = inner.Read(name);
+            long now = Allocated(collect: false) - baseline;
+            lock (this) Peak = Math.Max(Peak, now);
+            return t;
+        }
+
+        public void Dispose() => inner.Dispose();
+    }
+
+    [Theory]
+    [InlineData(BlockKind.Parallel, true)]
+    [InlineData(BlockKind.Sequential, false)]
+    [InlineData(BlockKind.Parallel, false)]
+    [InlineData(BlockKind.Sequential, true)]
+    public void Streamed_inference_stays_within_its_plan_for_a_model_several_times_larger(BlockKind block, bool prefetch)
+    {
+        Assert.True(HaveMallInfo2(), "needs glibc's mallinfo2 (Linux, glibc 2.33+)");
+        Assert.Equal(1, MallOpt(MmapThreshold, 4096));      // as in Training_memory_matches_measured_allocation
+        try
+        {
+            var c = new ViTConfig
+            {
+                ImgSize = 32, PatchSize = 8, EmbedDim = 512, Depth = 12, NumHeads = 8, MlpDim = 2048, Block = block,
+                GlobalPool = GlobalPool.Gap, NumClasses = 0,
+            };
+            var plan = MemoryPlanner.PlanStreamedInference(c, ScalarType.Float32, batch: 1, prefetch: prefetch);
+            long model = ModelAccounting.ParameterBytes(c, ScalarType.Float32);
+            Assert.True(model > 3 * plan.Total, $"the model ({model:N0} bytes) must be several times the plan ({plan.Total:N0})");
+            using var image = torch.randn(1, 3, 32, 32);
+            long baseline = Allocated();
+            using var source = new SampledSource(new SeededWeights(c, seed: 3), baseline);
+            using (var streamed = new StreamedVisionTransformer(c, source, torch.CPU, ScalarType.Float32, prefetch))
+            {
+                streamed.Forward(image).Dispose();
+                long afterOne = Allocated(collect: false) - baseline;
+                streamed.Forward(image).Dispose();
+                long afterTwo = Allocated(collect: false) - baseline;
+                Assert.True(source.Peak <= 1.1 * plan.Total,
+                    $"peak allocation while reading {source.Peak:N0} bytes, planned {plan.Total:N0} (weights {plan.Weights:N0}, staging {plan.Staging:N0}, activations {plan.Activations:N0}); model {model:N0}");
+                Assert.True(source.Peak >= 0.5 * plan.Total, $"peak {source.Peak:N0} bytes is far below the plan {plan.Total:N0}: the plan is wrong");
+                // What stays allocated after a pass (without a garbage collection): the resident parameters and at most
+                // libtorch's own reusable buffers, less than one block; a staging buffer or block kept alive per block
+                // would add up over the 12 blocks, and over a second pass.
+                var p = ModelAccounting.Parameters(c);
+                long resident = (p.Total - p.Blocks) * 4, oneBlock = p.Blocks / c.Depth * 4;
+                Assert.True(afterOne <= resident + oneBlock, $"after a pass {afterOne:N0} bytes are still allocated; resident parameters {resident:N0}, one block {oneBlock:N0}");
+                Assert.True(afterTwo - afterOne <= 1_000_000, $"a second pass left {afterTwo - afterOne:N0} more bytes allocated than the first");
+            }
         }
         finally
         {
