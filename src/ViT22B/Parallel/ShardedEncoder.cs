@@ -38,12 +38,12 @@ internal sealed class ShardedEncoder : BlockStack<nn.Module<Tensor, long[], Tens
         var comm = _s.Rank.Model;
         long total = x.shape[1];
         var counts = TokenPartition.Counts(total, comm.Size);
-        var h = Regions.ScatterTokens(x.transpose(0, 1), comm, counts);              // [T_r, B, D]
+        var h = Regions.ScatterTokens(x.transpose(0, 1).contiguous(), comm, counts);   // [T_r, B, D], contiguous (see Rings)
         for (int i = 0; i < Count; i++)
         {
             var block = this[i];
             h = RunBlock(i, h, t => block.call(t, counts));   // a recomputed block repeats its collectives in backward
         }
-        return Regions.GatherTokens(h, comm, counts).transpose(0, 1).MoveToOuterDisposeScope();
+        return Regions.GatherTokens(h, comm, counts).transpose(0, 1).contiguous().MoveToOuterDisposeScope();
     }
 }
