@@ -11,7 +11,7 @@ internal static class Launcher
         if (n < 1) throw new ArgumentException($"launch needs at least 1 process, found {n}.");
         var workerArgs = nccl is null
             ? new List<string> { "rendezvous-check" }
-            : new List<string> { "nccl", "--data", $"{nccl.Data}", "--model", $"{nccl.Model}", "--mode", $"{nccl.Mode}", "--batch-size", $"{nccl.Batch}" };
+            : new List<string> { "nccl", "--data", $"{nccl.Data}", "--model", $"{nccl.Model}", "--mode", $"{nccl.Mode}", "--batch-size", $"{nccl.Batch}", "--checkpointing", $"{nccl.Recompute}" };
         if (nccl is { Fsdp: true }) workerArgs.Add("--fsdp");
         string self = Environment.ProcessPath ?? throw new InvalidOperationException("Cannot tell this program's path.");
         var args = new List<string>();

@@ -15,7 +15,7 @@ internal static class OneProcessPerGpu
         var env = LaunchEnvironment.FromEnvironment();
         var ctx = NcclCommunicator.CreateRankContext(env, a.Data, a.Model, TimeSpan.FromMinutes(5));
         var device = ctx.Device;
-        var x = RankCheck.Step(plan, ctx, a.Mode, reference, a.Batch, forwardOnly: false);   // disposes ctx with the shard
+        var x = RankCheck.Step(plan, ctx, a.Mode, reference, a.Batch, forwardOnly: false, a.Recompute);   // disposes ctx with the shard
         Console.WriteLine($"rank {x.Rank} (data {x.DataIndex}, model {x.ModelIndex}) on {device}: parameter MB {x.Bytes / 1e6:F2}, " +
                           $"max rel. err logits {x.OutErr:E1}, grads {x.GradErr:E1}");
         return x.OutErr < RankCheck.GpuTolerance && x.GradErr < RankCheck.GpuTolerance ? 0 : 2;

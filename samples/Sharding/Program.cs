@@ -22,21 +22,23 @@ var mode = new Option<CommMode>("--mode") { Description = "Overlapped (ring loop
 var fsdp = new Option<bool>("--fsdp") { Description = "Also shard the block weights over the data axis (ZeRO-3)." };
 var batch = new Option<int>("--batch-size") { Description = "Global batch (split over the data axis).", DefaultValueFactory = _ => 4 };
 var device = new Option<string>("--device") { Description = "cpu, or cuda (rank r on GPU r mod the GPU count; ranks sharing a GPU check the forward pass only).", DefaultValueFactory = _ => "cpu" };
-MeshArgs Mesh(ParseResult p) => new(p.GetValue(data), p.GetValue(model), p.GetValue(mode), p.GetValue(fsdp), p.GetValue(batch));
+var recompute = new Option<string>("--checkpointing") { Description = "Blocks that recompute their activations (and their collectives) in backward: none, all, every:N or blocks:I,J,…", DefaultValueFactory = _ => "none" };
+MeshArgs Mesh(ParseResult p) => new(p.GetValue(data), p.GetValue(model), p.GetValue(mode), p.GetValue(fsdp), p.GetValue(batch),
+    ViT22B.Layers.ActivationCheckpointing.Parse(p.GetValue(recompute)!));
 
 var root = new RootCommand("Run a ViT-22B-style model on a mesh of threads and check it against the unsharded model.")
 {
-    data, model, mode, fsdp, batch, device,
+    data, model, mode, fsdp, batch, device, recompute,
 };
 root.SetAction(p => Guard(() => Threads.Run(Mesh(p), p.GetValue(device) ?? "cpu")));
 
-var nccl = new Command("nccl", "Run this process's rank of the mesh on its GPU through NCCL (torchrun variables).") { data, model, mode, fsdp, batch };
+var nccl = new Command("nccl", "Run this process's rank of the mesh on its GPU through NCCL (torchrun variables).") { data, model, mode, fsdp, batch, recompute };
 nccl.SetAction(p => Guard(() => OneProcessPerGpu.Run(Mesh(p))));
 root.Subcommands.Add(nccl);
 
 var processes = new Argument<int>("processes") { Description = "How many local processes to start." };
 var ncclWorkers = new Option<bool>("--nccl") { Description = "Each process runs `nccl` (one per GPU); otherwise each runs `rendezvous-check`." };
-var launch = new Command("launch", "Start local processes with the torchrun variables and report each one's outcome.") { processes, ncclWorkers, data, model, mode, fsdp, batch };
+var launch = new Command("launch", "Start local processes with the torchrun variables and report each one's outcome.") { processes, ncclWorkers, data, model, mode, fsdp, batch, recompute };
 launch.SetAction(p => Guard(() => Launcher.Run(p.GetValue(processes), p.GetValue(ncclWorkers) ? Mesh(p) : null)));
 root.Subcommands.Add(launch);
 

@@ -1,10 +1,11 @@
 using TorchSharp;
+using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Parallel;
 using static TorchSharp.torch;
 
 /// <summary>The mesh and step options every mode takes.</summary>
-internal sealed record MeshArgs(int Data, int Model, CommMode Mode, bool Fsdp, int Batch)
+internal sealed record MeshArgs(int Data, int Model, CommMode Mode, bool Fsdp, int Batch, ActivationCheckpointing Recompute)
 {
     /// <summary>ViT-22B's block (parallel, QK-norm, no QKV/norm bias, MAP head) at a laptop size: 65 tokens with the
     /// class token.</summary>
@@ -22,7 +23,7 @@ internal sealed record MeshArgs(int Data, int Model, CommMode Mode, bool Fsdp, i
     }
 }
 
-internal sealed record RankResult(int Rank, int DataIndex, int ModelIndex, long Bytes, long ModelSent, long ModelOps, long DataSent, long DataOps, double OutErr, double GradErr);
+internal sealed record RankResult(int Rank, int DataIndex, int ModelIndex, long Bytes, long ModelSent, long ModelOps, long DataSent, long DataOps, double OutErr, double GradErr, int SyncOps);
 
 internal static class RankCheck
 {
@@ -34,10 +35,12 @@ internal static class RankCheck
     /// One rank's share of the check: build its shard (which takes over <paramref name="rank"/>), load the reference
     /// weights, run forward (and backward with the gradient synchronization), and compare with the unsharded model.
     /// </summary>
-    public static RankResult Step(ShardingPlan plan, RankContext rank, CommMode mode, Reference reference, int batch, bool forwardOnly)
+    public static RankResult Step(ShardingPlan plan, RankContext rank, CommMode mode, Reference reference, int batch, bool forwardOnly,
+        ActivationCheckpointing recompute)
     {
         var dev = rank.Device;
         using var shard = new ShardedVisionTransformer(plan, rank, mode, ScalarType.Float32);
+        shard.Module.Checkpointing = recompute;
         shard.LoadFull(reference.State);
         using var scope = torch.NewDisposeScope();
         long per = batch / rank.Mesh.DataSize;
@@ -45,6 +48,7 @@ internal static class RankCheck
         var labels = reference.Labels.narrow(0, shard.DataIndex * per, per).to(dev);
         Tensor logits;
         double gradErr = 0;
+        int syncOps = 0;
         if (forwardOnly)
         {
             using var noGrad = torch.no_grad();
@@ -54,7 +58,7 @@ internal static class RankCheck
         {
             logits = shard.Forward(images);
             shard.Backward(nn.functional.cross_entropy(logits, labels));
-            shard.SynchronizeGradients();
+            syncOps = shard.SynchronizeGradients().Collectives;
             foreach (var (name, p) in shard.Module.named_parameters())
             {
                 var expected = ShardingPlan.Slice(reference.Grads[name], plan.Spec(name, reference.Grads[name].shape, shard.ModelIndex, shard.DataIndex));
@@ -65,7 +69,7 @@ internal static class RankCheck
         double outErr = ((logits.detach().cpu() - reference.Logits.narrow(0, shard.DataIndex * per, per)).abs().max() / reference.Logits.abs().max()).item<float>();
         var (m, d) = (rank.Model as ThreadedCommunicator, rank.Data as ThreadedCommunicator);
         return new RankResult(rank.Rank, shard.DataIndex, shard.ModelIndex, shard.ParameterBytes, m?.BytesSent ?? 0, m?.Operations ?? 0,
-            d?.BytesSent ?? 0, d?.Operations ?? 0, outErr, gradErr);
+            d?.BytesSent ?? 0, d?.Operations ?? 0, outErr, gradErr, syncOps);
     }
 }
 

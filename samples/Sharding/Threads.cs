@@ -23,22 +23,22 @@ internal static class Threads
         var world = new ThreadedWorld(mesh.WorldSize);
         var contexts = RankContext.CreateThreaded(world, mesh);
         bool forwardOnly = contexts.Any(c => c.SharesGpuInProcess);
-        AnsiConsole.MarkupLine($"[bold]ViT22B sharding[/]: {config.Depth} parallel blocks, D={config.EmbedDim}, {config.NumHeads} heads, F={config.MlpDim}, {config.NumTokens} tokens; mesh data={a.Data} × model={a.Model}, {a.Mode}{(a.Fsdp ? ", FSDP" : "")}, {device}");
+        AnsiConsole.MarkupLine($"[bold]ViT22B sharding[/]: {config.Depth} parallel blocks, D={config.EmbedDim}, {config.NumHeads} heads, F={config.MlpDim}, {config.NumTokens} tokens; mesh data={a.Data} × model={a.Model}, {a.Mode}{(a.Fsdp ? ", FSDP" : "")}, recompute {a.Recompute}, {device}");
         if (forwardOnly)
             AnsiConsole.MarkupLine("[yellow]Ranks share a GPU in this process: checking the forward pass only[/] (libtorch runs a GPU's backward on one thread; train with one GPU per rank).");
         var watch = Stopwatch.StartNew();
         var results = Spmd.Run(world, r =>
         {
             using var bound = contexts[r].UseDevice();
-            return RankCheck.Step(plan, contexts[r], a.Mode, reference, a.Batch, forwardOnly);
+            return RankCheck.Step(plan, contexts[r], a.Mode, reference, a.Batch, forwardOnly, a.Recompute);
         });
         watch.Stop();
 
         var table = new Table().Title(forwardOnly ? "Per rank: one forward pass" : "Per rank: one training step (forward, backward, gradient synchronization)")
-            .AddColumns("rank", "(data, model)", "parameter MB", "model-axis MB sent", "model-axis ops", "data-axis MB sent", "data-axis ops", "max rel. err logits", "max rel. err grads");
+            .AddColumns("rank", "(data, model)", "parameter MB", "model-axis MB sent", "model-axis ops", "data-axis MB sent", "data-axis ops", "gradient all-reduces", "max rel. err logits", "max rel. err grads");
         foreach (var x in results)
             table.AddRow($"{x.Rank}", $"({x.DataIndex}, {x.ModelIndex})", $"{x.Bytes / 1e6:F2}", $"{x.ModelSent / 1e6:F2}", $"{x.ModelOps}",
-                $"{x.DataSent / 1e6:F2}", $"{x.DataOps}", $"{x.OutErr:E1}", forwardOnly ? "-" : $"{x.GradErr:E1}");
+                $"{x.DataSent / 1e6:F2}", $"{x.DataOps}", forwardOnly ? "-" : $"{x.SyncOps}", $"{x.OutErr:E1}", forwardOnly ? "-" : $"{x.GradErr:E1}");
         AnsiConsole.Write(table);
         long fullBytes = ModelAccounting.ParameterBytes(config, ScalarType.Float32);
         AnsiConsole.MarkupLine($"Unsharded parameters: {fullBytes / 1e6:F2} MB. Sharded step took {watch.Elapsed.TotalSeconds:F2} s (model build, load and check included).");

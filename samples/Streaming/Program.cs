@@ -19,15 +19,21 @@ var dtypeOption = new Option<string>("--dtype") { Description = "bfloat16, float
 var modelOption = new Option<int>("--model") { Description = "Model-axis size of the sharded run (ranks are threads of this process).", DefaultValueFactory = _ => 4 }.AtLeast(2);
 var seedOption = new Option<ulong>("--seed") { Description = "Seed of the weights and of the image.", DefaultValueFactory = _ => 0 };
 var noPrefetchOption = new Option<bool>("--no-prefetch") { Description = "Load each block only when it is needed (one block in memory instead of two)." };
+var depthOption = new Option<int?>("--depth") { Description = "Run only this many of the preset's blocks (a shorter check at full width)." };
 var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 }.AtLeast(0);
 var root = new RootCommand("Run a model too large for memory forward block by block, unsharded and on a simulated model axis, and compare.")
 {
-    presetOption, dtypeOption, modelOption, seedOption, noPrefetchOption, threadsOption,
+    presetOption, dtypeOption, modelOption, seedOption, noPrefetchOption, depthOption, threadsOption,
 };
 root.SetAction(parse =>
 {
     if (parse.GetValue(threadsOption) is > 0 and var t) torch.set_num_threads(t);
     var config = ViTConfig.Parse(parse.GetValue(presetOption)!);
+    if (parse.GetValue(depthOption) is { } depth)
+    {
+        if (depth < 1 || depth > config.Depth) throw new ArgumentException($"--depth must be between 1 and the preset's {config.Depth} blocks, found {depth}.");
+        config = config with { Depth = depth };
+    }
     var dtype = ViTConfigJson.ParseDType(parse.GetValue(dtypeOption)!);
     return Run(config, parse.GetValue(presetOption)!, dtype, parse.GetValue(modelOption), parse.GetValue(seedOption), !parse.GetValue(noPrefetchOption));
 });
@@ -72,11 +78,14 @@ static int Run(ViTConfig c, string preset, ScalarType dtype, int k, ulong seed, 
     var world = new ThreadedWorld(k, TimeSpan.FromMinutes(30));
     var ranks = RankContext.CreateThreaded(world, new DeviceMesh(1, k));
     var plan = new ShardingPlan(c, k);
+    // The k ranks share one computed copy of each tensor and cut their slices from it, as ranks on k machines would
+    // each read their slices of a checkpoint file; k independent generators would only add k − 1 copies of the work.
+    using var sharedWeights = new SeededWeights(c, seed, readersPerTensor: k);
     var sharded = Measure(() =>
     {
         var perRankResults = Spmd.Run(world, r =>
         {
-            using var shard = new StreamedShardedVisionTransformer(plan, ranks[r], weights, CommMode.Overlapped, dtype, prefetch);
+            using var shard = new StreamedShardedVisionTransformer(plan, ranks[r], sharedWeights, CommMode.Overlapped, dtype, prefetch);
             var forward = Stopwatch.StartNew();
             using var output = shard.Encode(image);
             forward.Stop();

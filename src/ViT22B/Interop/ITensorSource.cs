@@ -1,3 +1,4 @@
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace ViT22B.Interop;
@@ -28,4 +29,42 @@ public interface ITensorSource : IDisposable
     /// <summary>Reads a tensor into a new CPU tensor of its stored dtype.</summary>
     /// <exception cref="KeyNotFoundException">No tensor of that name (the message names the file).</exception>
     Tensor Read(string name);
+
+    /// <summary>
+    /// Reads part of a tensor: the concatenation along <paramref name="dim"/> of the ranges
+    /// <paramref name="segments"/> (a shard of a tensor-parallel rank, for example), as a new CPU tensor of the stored
+    /// dtype. This default reads the whole tensor and cuts it; <see cref="SafetensorsReader"/> (and so
+    /// <see cref="SafetensorsIndex"/>) copies only the slice's bytes out of a memory mapping of the file.
+    /// </summary>
+    /// <exception cref="KeyNotFoundException">No tensor of that name.</exception>
+    /// <exception cref="ArgumentException">The dimension or a range lies outside the tensor.</exception>
+    Tensor ReadSlice(string name, int dim, IReadOnlyList<(long Start, long Length)> segments)
+    {
+        var shape = ShapeOf(name);
+        TensorSlices.Check(Path, name, shape, dim, segments);
+        using var whole = Read(name);
+        return TensorSlices.Cut(whole, dim, segments);
+    }
+}
+
+/// <summary>Validation and cutting shared by the <see cref="ITensorSource.ReadSlice"/> implementations.</summary>
+internal static class TensorSlices
+{
+    public static void Check(string path, string name, long[] shape, int dim, IReadOnlyList<(long Start, long Length)> segments)
+    {
+        ArgumentNullException.ThrowIfNull(segments);
+        if (dim < 0 || dim >= Math.Max(shape.Length, 1) || shape.Length == 0)
+            throw new ArgumentException($"{path}: '{name}' of shape [{string.Join(", ", shape)}] has no dimension {dim} to slice.");
+        if (segments.Count == 0) throw new ArgumentException($"{path}: no ranges given to read from '{name}'.");
+        foreach (var (start, length) in segments)
+            if (start < 0 || length <= 0 || start + length > shape[dim])
+                throw new ArgumentException($"{path}: range [{start}, {start + length}) is empty or lies outside dimension {dim} (size {shape[dim]}) of '{name}'.");
+    }
+
+    public static Tensor Cut(Tensor whole, int dim, IReadOnlyList<(long Start, long Length)> segments)
+    {
+        using var scope = torch.NewDisposeScope();
+        var parts = segments.Select(g => whole.narrow(dim, g.Start, g.Length)).ToArray();
+        return (parts.Length == 1 ? parts[0].clone() : torch.cat(parts, dim)).DetachFromDisposeScope();
+    }
 }

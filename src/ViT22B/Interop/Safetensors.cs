@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.IO.MemoryMappedFiles;
 using System.Text.Json;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -92,7 +93,8 @@ public sealed class SafetensorsReader : ITensorSource
     public SafetensorsEntry this[string name] => _byName.TryGetValue(name, out var e) ? e
         : throw new KeyNotFoundException($"Safetensors file '{Path}' has no tensor '{name}'.");
 
-    /// <summary>Reads a tensor into a new CPU tensor of the file's dtype.</summary>
+    /// <summary>Reads a tensor into a new CPU tensor of the file's dtype (one reader at a time; safe to call from
+    /// several threads).</summary>
     public Tensor Read(string name)
     {
         var e = this[name];
@@ -101,8 +103,11 @@ public sealed class SafetensorsReader : ITensorSource
         {
             if (e.ByteCount > 0)
             {
-                _stream.Seek(_dataStart + e.Begin, SeekOrigin.Begin);
-                t.ReadBytesFromStream(_stream, 1 << 20);
+                lock (_stream)
+                {
+                    _stream.Seek(_dataStart + e.Begin, SeekOrigin.Begin);
+                    t.ReadBytesFromStream(_stream, 1 << 20);
+                }
             }
             return t;
         }
@@ -113,8 +118,80 @@ public sealed class SafetensorsReader : ITensorSource
         }
     }
 
-    /// <summary>Disposes the file handle.</summary>
-    public void Dispose() => _stream.Dispose();
+    /// <summary>
+    /// Reads part of a tensor (<see cref="ITensorSource.ReadSlice"/>) by copying only its bytes out of a read-only
+    /// memory mapping of the file, created at the first call: a rank of a sharded model reads its shard of a full
+    /// checkpoint without staging the whole tensor. Safe to call from several threads. The header was validated
+    /// when the file was opened; a file truncated while it is open is not supported (as for any memory mapping).
+    /// </summary>
+    /// <exception cref="KeyNotFoundException">No tensor of that name.</exception>
+    /// <exception cref="ArgumentException">The dimension or a range lies outside the tensor.</exception>
+    public unsafe Tensor ReadSlice(string name, int dim, IReadOnlyList<(long Start, long Length)> segments)
+    {
+        var e = this[name];
+        TensorSlices.Check(Path, name, e.Shape, dim, segments);
+        var shape = (long[])e.Shape.Clone();
+        shape[dim] = segments.Sum(g => g.Length);
+        var t = torch.empty(shape, dtype: e.ScalarType, device: torch.CPU);
+        if (t.numel() == 0) return t;
+        long element = e.ByteCount / Math.Max(1, e.Shape.Aggregate(1L, (a, n) => a * n));
+        long outer = e.Shape.Take(dim).Aggregate(1L, (a, n) => a * n);
+        long inner = e.Shape.Skip(dim + 1).Aggregate(1L, (a, n) => a * n) * element;   // bytes of one index along dim
+        long sourceRow = e.Shape[dim] * inner;
+        byte* source = Mapping() + _dataStart + e.Begin;
+        byte* target = (byte*)TensorPointers.DataPointer(t);
+        for (long o = 0; o < outer; o++)
+        {
+            foreach (var (start, length) in segments)
+            {
+                long bytes = length * inner;
+                Buffer.MemoryCopy(source + o * sourceRow + start * inner, target, bytes, bytes);
+                target += bytes;
+            }
+        }
+        return t;
+    }
+
+    private MemoryMappedFile? _map;
+    private MemoryMappedViewAccessor? _view;
+    private unsafe byte* _base;
+
+    private unsafe byte* Mapping()
+    {
+        lock (_byName)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            if (_base is null)
+            {
+                _map = MemoryMappedFile.CreateFromFile(_stream.SafeFileHandle, null, 0, MemoryMappedFileAccess.Read, HandleInheritability.None, leaveOpen: true);
+                _view = _map.CreateViewAccessor(0, 0, MemoryMappedFileAccess.Read);
+                byte* p = null;
+                _view.SafeMemoryMappedViewHandle.AcquirePointer(ref p);
+                _base = p + _view.PointerOffset;
+            }
+            return _base;
+        }
+    }
+
+    private bool _disposed;
+
+    /// <summary>Releases the memory mapping (if any) and the file handle.</summary>
+    public unsafe void Dispose()
+    {
+        lock (_byName)
+        {
+            if (_disposed) return;
+            _disposed = true;
+            if (_base is not null)
+            {
+                _view!.SafeMemoryMappedViewHandle.ReleasePointer();
+                _base = null;
+            }
+            _view?.Dispose();
+            _map?.Dispose();
+        }
+        _stream.Dispose();
+    }
 
     private static (List<SafetensorsEntry>, Dictionary<string, string>, long) ReadHeader(string path, FileStream fs)
     {
@@ -236,8 +313,27 @@ public static class Safetensors
     public static void Save(IEnumerable<KeyValuePair<string, Tensor>> tensors, string path, IReadOnlyDictionary<string, string>? metadata = null)
     {
         ArgumentNullException.ThrowIfNull(tensors);
-        if (!BitConverter.IsLittleEndian) throw new PlatformNotSupportedException("safetensors writing needs a little-endian machine.");
         var list = tensors.ToList();
+        SaveStreamed(path, list.Select(kv => (kv.Key, kv.Value.dtype, kv.Value.shape)).ToList(),
+            emit => { foreach (var (name, t) in list) emit(name, t); }, metadata);
+    }
+
+    /// <summary>
+    /// Writes a safetensors file whose tensors are produced one at a time: the header is written from
+    /// <paramref name="layout"/> (name, dtype, shape, in file order), then <paramref name="produce"/> is called with a
+    /// function that writes the next tensor, which must come in layout order with its declared dtype and shape (a
+    /// sharded model gathers each parameter, writes it and lets it go). Atomic like <see cref="Save"/>: the file
+    /// appears only when every tensor was written.
+    /// </summary>
+    /// <exception cref="ArgumentException">A name is empty, reserved or duplicated, a dtype is not supported, or a
+    /// produced tensor is not the next one of the layout.</exception>
+    /// <exception cref="InvalidOperationException"><paramref name="produce"/> returned before writing every tensor.</exception>
+    public static void SaveStreamed(string path, IReadOnlyList<(string Name, ScalarType DType, long[] Shape)> layout,
+        Action<Action<string, Tensor>> produce, IReadOnlyDictionary<string, string>? metadata = null)
+    {
+        ArgumentNullException.ThrowIfNull(layout);
+        ArgumentNullException.ThrowIfNull(produce);
+        if (!BitConverter.IsLittleEndian) throw new PlatformNotSupportedException("safetensors writing needs a little-endian machine.");
         var names = new HashSet<string>();
         using var ms = new MemoryStream();
         long offset = 0;
@@ -250,18 +346,18 @@ public static class Safetensors
                 foreach (var (k, v) in metadata) w.WriteString(k, v);
                 w.WriteEndObject();
             }
-            foreach (var (name, t) in list)
+            foreach (var (name, dtype, shape) in layout)
             {
                 if (string.IsNullOrEmpty(name) || name == "__metadata__" || !names.Add(name))
-                    throw new ArgumentException($"Cannot save '{path}': tensor name '{name}' is empty, reserved or duplicated.", nameof(tensors));
-                var code = SafetensorsReader.DTypes.FirstOrDefault(kv => kv.Value.Type == t.dtype);
+                    throw new ArgumentException($"Cannot save '{path}': tensor name '{name}' is empty, reserved or duplicated.", nameof(layout));
+                var code = SafetensorsReader.DTypes.FirstOrDefault(kv => kv.Value.Type == dtype);
                 if (code.Key is null)
-                    throw new ArgumentException($"Cannot save '{path}': tensor '{name}' has dtype {t.dtype}, which safetensors does not support here.", nameof(tensors));
-                long bytes = t.numel() * code.Value.Size;
+                    throw new ArgumentException($"Cannot save '{path}': tensor '{name}' has dtype {dtype}, which safetensors does not support here.", nameof(layout));
+                long bytes = shape.Aggregate(1L, (a, n) => a * n) * code.Value.Size;
                 w.WriteStartObject(name);
                 w.WriteString("dtype", code.Key);
                 w.WriteStartArray("shape");
-                foreach (long d in t.shape) w.WriteNumberValue(d);
+                foreach (long d in shape) w.WriteNumberValue(d);
                 w.WriteEndArray();
                 w.WriteStartArray("data_offsets");
                 w.WriteNumberValue(offset);
@@ -282,13 +378,22 @@ public static class Safetensors
             s.Write(len);
             ms.Position = 0;
             ms.CopyTo(s);
-            foreach (var (_, t) in list)
+            int next = 0;
+            produce((name, t) =>
             {
-                if (t.numel() == 0) continue;
+                if (next >= layout.Count)
+                    throw new ArgumentException($"Cannot save '{path}': tensor '{name}' comes after the {layout.Count} tensors of the layout.");
+                var (want, dtype, shape) = layout[next];
+                if (name != want || t.dtype != dtype || !t.shape.SequenceEqual(shape))
+                    throw new ArgumentException($"Cannot save '{path}': expected tensor {next} to be '{want}' {dtype} [{string.Join(", ", shape)}], found '{name}' {t.dtype} [{string.Join(", ", t.shape)}].");
+                next++;
+                if (t.numel() == 0) return;
                 using var scope = torch.NewDisposeScope();
                 var cpu = t.detach().to(torch.CPU).contiguous();
                 cpu.WriteBytesToStream(s, 1 << 20);
-            }
+            });
+            if (next != layout.Count)
+                throw new InvalidOperationException($"Cannot save '{path}': only {next} of the {layout.Count} tensors were written.");
         });
     }
 

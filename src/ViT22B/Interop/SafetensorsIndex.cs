@@ -113,6 +113,9 @@ public sealed class SafetensorsIndex : ITensorSource
     /// <inheritdoc />
     public Tensor Read(string name) => Shard(name).Read(name);
 
+    /// <summary>Reads part of a tensor from its shard's memory mapping (<see cref="SafetensorsReader.ReadSlice"/>).</summary>
+    public Tensor ReadSlice(string name, int dim, IReadOnlyList<(long Start, long Length)> segments) => Shard(name).ReadSlice(name, dim, segments);
+
     private SafetensorsReader Shard(string name) => _shardOf.TryGetValue(name, out var s) ? s
         : throw new KeyNotFoundException($"Safetensors index '{Path}' has no tensor '{name}'.");
 

@@ -18,13 +18,31 @@ public sealed class SeededWeights : ITensorSource
     private readonly ViTConfig _config;
     private readonly ulong _seed;
     private readonly Dictionary<string, long[]> _shapes;
+    private readonly int _readers;
+    private readonly Dictionary<string, Shared> _shared = new();
+
+    private sealed class Shared(Lazy<Tensor> tensor)
+    {
+        public Lazy<Tensor> Tensor { get; } = tensor;
+        public int Handed;      // readers that asked for it
+        public int Aliased;     // readers that hold their handle
+    }
 
     /// <summary>The weights of <paramref name="config"/>'s model for <paramref name="seed"/>.</summary>
-    public SeededWeights(ViTConfig config, ulong seed)
+    /// <param name="config">The model.</param>
+    /// <param name="seed">The seed.</param>
+    /// <param name="readersPerTensor">How many readers will ask for each tensor (the ranks of a model axis simulated in
+    /// one process, which each cut their slice out of every block tensor): the first read computes it, every reader gets
+    /// a handle onto the same storage, and the source forgets it when all have had theirs. With 1 (the default) every
+    /// read computes its own tensor.</param>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="readersPerTensor"/> is less than 1.</exception>
+    public SeededWeights(ViTConfig config, ulong seed, int readersPerTensor = 1)
     {
         ArgumentNullException.ThrowIfNull(config);
+        ArgumentOutOfRangeException.ThrowIfLessThan(readersPerTensor, 1);
         _config = config.Validate();
         _seed = seed;
+        _readers = readersPerTensor;
         _shapes = VisionTransformer.StateShapes(config);
         Names = _shapes.Keys.ToArray();
         Metadata = new Dictionary<string, string> { ["config"] = ViTConfigJson.ToJson(config), ["seed"] = seed.ToString(System.Globalization.CultureInfo.InvariantCulture) };
@@ -46,12 +64,32 @@ public sealed class SeededWeights : ITensorSource
     public long[] ShapeOf(string name) =>
         _shapes.TryGetValue(name, out var shape) ? (long[])shape.Clone() : throw new KeyNotFoundException($"The model of {Path} has no parameter '{name}'.");
 
-    /// <summary>Computes parameter <paramref name="name"/> as a new float32 CPU tensor.</summary>
+    /// <summary>Computes parameter <paramref name="name"/> as a float32 CPU tensor (safe to call from several threads;
+    /// with several readers per tensor, a handle onto the storage the first read computed).</summary>
     /// <exception cref="KeyNotFoundException">The model has no such parameter.</exception>
     public Tensor Read(string name)
     {
+        if (_readers == 1) return Compute(name);
+        _ = ShapeOf(name);
+        Shared entry;
+        lock (_shared)
+        {
+            if (!_shared.TryGetValue(name, out entry!)) _shared[name] = entry = new Shared(new Lazy<Tensor>(() => Compute(name)));
+            if (++entry.Handed == _readers) _shared.Remove(name);
+        }
+        var result = entry.Tensor.Value.alias();         // computed by the first reader; the others wait for it
+        lock (entry)
+        {
+            // The last reader to take its handle releases the source's own; the handles keep the storage.
+            if (++entry.Aliased == _readers) entry.Tensor.Value.Dispose();
+        }
+        return result;
+    }
+
+    private Tensor Compute(string name)
+    {
         var shape = ShapeOf(name);
-        var generator = new torch.Generator(KeySeed(name));
+        using var generator = new torch.Generator(KeySeed(name));
         using var noGrad = torch.no_grad();
         var t = torch.empty(shape, dtype: ScalarType.Float32);
         string leaf = name[(name.LastIndexOf('.') + 1)..];
@@ -72,6 +110,14 @@ public sealed class SeededWeights : ITensorSource
         return h;
     }
 
-    /// <summary>Nothing to release.</summary>
-    public void Dispose() { }
+    /// <summary>Releases tensors computed for readers that never came.</summary>
+    public void Dispose()
+    {
+        lock (_shared)
+        {
+            foreach (var entry in _shared.Values)
+                if (entry.Tensor.IsValueCreated) entry.Tensor.Value.Dispose();
+            _shared.Clear();
+        }
+    }
 }

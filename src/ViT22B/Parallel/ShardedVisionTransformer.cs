@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Interop;
 using ViT22B.Models;
 using static TorchSharp.torch;
 
@@ -96,32 +97,104 @@ public sealed class ShardedVisionTransformer : IDisposable
         BackwardFailures.ThrowIfAny(Rank.Model, Rank.Data);
     }
 
+    /// <summary>The default bucket size of <see cref="SynchronizeGradients"/>: 25 MiB, as PyTorch's DDP.</summary>
+    public const long DefaultBucketBytes = 25L << 20;
+
     /// <summary>
     /// After <see cref="Backward"/>: sums over the model axis the gradients of replicated block parameters that saw
     /// only this rank's tokens or heads (norm scales, QK-norm scales, output biases), then averages over the data
     /// axis the gradients that are not already data-sharded (FSDP gradients were reduce-scattered and averaged in
-    /// backward). The order of collectives is the state-dict order, the same on every rank.
+    /// backward). Gradients are packed into buckets of up to <paramref name="bucketBytes"/> in reverse state-dict order
+    /// (the order backward produces them, last block first; a larger gradient is a bucket of its own), one all-reduce per
+    /// bucket, the next bucket issued before the previous one is waited for; 0 reduces each gradient on its own. Each
+    /// element is summed exactly as without buckets, so the results are the same bit for bit. The buckets are issued
+    /// after backward, not during it: TorchSharp 0.107 has no gradient hooks on tensors (docs/sharding.md).
     /// </summary>
-    public void SynchronizeGradients()
+    /// <returns>The collectives issued and the bytes they reduced, per axis.</returns>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="bucketBytes"/> is negative.</exception>
+    public GradientSync SynchronizeGradients(long bucketBytes = DefaultBucketBytes)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
+        ArgumentOutOfRangeException.ThrowIfNegative(bucketBytes);
         BackwardFailures.ThrowIfAny(Rank.Model, Rank.Data);
         var shapes = Plan.FullShapes();
-        using var noGrad = torch.no_grad();
-        foreach (var (key, p) in Module.named_parameters())
+        var modelAxis = new List<Tensor>();
+        var dataAxis = new List<Tensor>();
+        foreach (var (key, p) in Module.named_parameters().Reverse())
         {
             var g = p.grad ?? throw new InvalidOperationException($"Parameter '{key}' has no gradient; call backward() on every rank first.");
             var full = shapes[key];
-            if (Plan.IsPartialOnModelAxis(key, full))
+            if (Plan.IsPartialOnModelAxis(key, full)) modelAxis.Add(g);
+            if (Rank.Mesh.DataSize > 1 && !Plan.IsFsdpSharded(key, full)) dataAxis.Add(g);
+        }
+        using var noGrad = torch.no_grad();
+        var (modelOps, modelBytes) = AllReduceInBuckets(Rank.Model, modelAxis, bucketBytes, divideBy: 1);
+        var (dataOps, dataBytes) = AllReduceInBuckets(Rank.Data, dataAxis, bucketBytes, divideBy: Rank.Mesh.DataSize);
+        return new GradientSync(modelOps, modelBytes, dataOps, dataBytes);
+    }
+
+    // Sums each tensor over the group in place (then divides), packed into buckets; at most two buckets in flight.
+    private static (int Collectives, long Bytes) AllReduceInBuckets(ICommunicator comm, List<Tensor> grads, long bucketBytes, int divideBy)
+    {
+        var buckets = new List<List<Tensor>>();
+        long filled = 0;
+        foreach (var g in grads)
+        {
+            long bytes = g.numel() * g.element_size();
+            bool fits = buckets.Count > 0 && filled + bytes <= bucketBytes && buckets[^1][0].dtype == g.dtype;
+            if (!fits)
             {
-                using var sum = Rank.Model.AllReduce(g);
-                g.copy_(sum);
+                buckets.Add(new List<Tensor>());
+                filled = 0;
             }
-            if (Rank.Mesh.DataSize > 1 && !Plan.IsFsdpSharded(key, full))
+            buckets[^1].Add(g);
+            filled += bytes;
+        }
+        long total = 0;
+        ICommWork? pending = null;
+        List<Tensor>? pendingBucket = null;
+        Tensor? pendingFlat = null;
+        try
+        {
+            foreach (var bucket in buckets)
             {
-                using var sum = Rank.Data.AllReduce(g);
-                g.copy_(sum.div_(Rank.Mesh.DataSize));
+                var flat = Flatten(bucket);
+                total += flat.numel() * flat.element_size();
+                var work = comm.AllReduceAsync(flat);
+                if (pending is not null) Finish(pending, pendingBucket!, pendingFlat!, divideBy);
+                (pending, pendingBucket, pendingFlat) = (work, bucket, flat);
             }
+            if (pending is not null) Finish(pending, pendingBucket!, pendingFlat!, divideBy);
+            pending = null;
+        }
+        finally
+        {
+            pending?.Dispose();      // an exception left a bucket in flight: wait for it before its buffer goes
+            pendingFlat?.Dispose();
+        }
+        return (buckets.Count, total);
+    }
+
+    private static Tensor Flatten(List<Tensor> bucket)
+    {
+        if (bucket.Count == 1) return bucket[0].reshape(-1).clone();
+        using var scope = torch.NewDisposeScope();
+        return torch.cat(bucket.Select(g => g.reshape(-1)).ToArray()).DetachFromDisposeScope();
+    }
+
+    private static void Finish(ICommWork work, List<Tensor> bucket, Tensor flat, int divideBy)
+    {
+        using var scope = torch.NewDisposeScope();
+        var sum = work.Wait();
+        work.Dispose();
+        flat.Dispose();
+        if (divideBy > 1) sum.div_(divideBy);
+        long offset = 0;
+        foreach (var g in bucket)
+        {
+            long n = g.numel();
+            g.copy_(sum.narrow(0, offset, n).view(g.shape));
+            offset += n;
         }
     }
 
@@ -144,41 +217,100 @@ public sealed class ShardedVisionTransformer : IDisposable
     }
 
     /// <summary>
+    /// Copies this rank's slices of a full checkpoint into its shard, reading only those slices
+    /// (<see cref="ITensorSource.ReadSlice"/>: from a memory mapping for safetensors files and Hugging Face indexes),
+    /// one parameter at a time, so the host memory a load needs beyond the shard is one slice's staging buffer, never
+    /// the checkpoint. Every key and shape is checked before anything is copied. Local; no communication.
+    /// </summary>
+    /// <exception cref="KeyNotFoundException">The checkpoint lacks a parameter (named with the source).</exception>
+    /// <exception cref="ArgumentException">A parameter has another shape in the checkpoint (named, both shapes).</exception>
+    public void LoadFull(ITensorSource source)
+    {
+        ArgumentNullException.ThrowIfNull(source);
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        var shapes = Plan.FullShapes();
+        foreach (var (key, shape) in shapes)
+        {
+            if (!source.Contains(key)) throw new KeyNotFoundException($"{source.Path} has no '{key}'.");
+            var found = source.ShapeOf(key);
+            if (!found.SequenceEqual(shape))
+                throw new ArgumentException($"{source.Path}: '{key}' is [{string.Join(", ", found)}] but the model needs [{string.Join(", ", shape)}].");
+        }
+        using var noGrad = torch.no_grad();
+        foreach (var (key, p) in Module.state_dict())
+        {
+            var spec = Plan.Spec(key, shapes[key], ModelIndex, DataIndex);
+            using var slice = spec.IsWhole ? source.Read(key) : source.ReadSlice(key, spec.Dim, spec.Segments);
+            p.copy_(slice);
+        }
+    }
+
+    /// <summary>
     /// The full (unsharded) state dict on the CPU, on every rank: each parameter's data-axis shards are all-gathered
     /// (FSDP), then its model-axis shards, one parameter at a time in state-dict order.
     /// </summary>
     public Dictionary<string, Tensor> Unshard()
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
-        var shapes = Plan.FullShapes();
         var result = new Dictionary<string, Tensor>();
-        using var noGrad = torch.no_grad();
-        foreach (var (key, p) in Module.state_dict())
-        {
-            using var scope = torch.NewDisposeScope();
-            var full = shapes[key];
-            var t = p.detach();
-            if (Plan.IsFsdpSharded(key, full))
-                t = Rank.Data.AllGatherAlong(t, Plan.FsdpCounts(key, full, ModelIndex), Plan.FsdpDim(key, full));
-            var mine = Plan.ModelSpec(key, full, ModelIndex);
-            Tensor whole;
-            if (mine.IsWhole) whole = t.cpu().clone();
-            else
-            {
-                var specs = Enumerable.Range(0, Plan.ModelSize).Select(m => Plan.ModelSpec(key, full, m)).ToArray();
-                var gathered = Rank.Model.AllGatherAlong(t, specs.Select(sp => sp.LocalShape[sp.Dim]).ToArray(), mine.Dim).cpu();
-                whole = torch.empty(full, dtype: t.dtype, device: torch.CPU);
-                long offset = 0;
-                foreach (var sp in specs)
-                {
-                    long n = sp.LocalShape[sp.Dim];
-                    ShardingPlan.Place(whole, gathered.narrow(sp.Dim, offset, n), sp with { FullShape = full });
-                    offset += n;
-                }
-            }
-            result[key] = whole.DetachFromDisposeScope();
-        }
+        foreach (var (key, whole) in Gathered()) result[key] = whole;
         return result;
+    }
+
+    /// <summary>
+    /// Writes the full (unsharded) model to one safetensors file (timm's keys, this model's dtype), gathering one
+    /// parameter at a time over the mesh and writing it before the next is gathered, so no rank ever holds more than
+    /// its shard and one full parameter. Every rank calls it; the rank at mesh position 0 writes <paramref name="path"/>
+    /// (atomically: the file appears when complete). The file loads into a single-device <see cref="VisionTransformer"/>
+    /// (<see cref="SafetensorsCheckpoint.Load(nn.Module, string, bool, string)"/>) or into any mesh (<see cref="LoadFull(ITensorSource)"/>).
+    /// </summary>
+    public void SaveFull(string path)
+    {
+        ArgumentNullException.ThrowIfNull(path);
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (Rank.Rank != 0)
+        {
+            foreach (var (_, whole) in Gathered()) whole.Dispose();
+            return;
+        }
+        var shapes = Plan.FullShapes();
+        var layout = Module.state_dict().Select(kv => (kv.Key, kv.Value.dtype, shapes[kv.Key])).ToList();
+        var metadata = new Dictionary<string, string> { ["config"] = ViTConfigJson.ToJson(Plan.Config) };
+        Safetensors.SaveStreamed(path, layout, emit =>
+        {
+            foreach (var (key, whole) in Gathered())
+                using (whole) emit(key, whole);
+        }, metadata);
+    }
+
+    // Each parameter gathered whole on the CPU, in state-dict order (a collective per parameter on every rank).
+    private IEnumerable<(string Key, Tensor Whole)> Gathered()
+    {
+        var shapes = Plan.FullShapes();
+        foreach (var (key, p) in Module.state_dict()) yield return (key, Gather(key, p, shapes[key]));
+    }
+
+    // No dispose scope or grad mode may stay open across the iterator's yield, so each gather is a method of its own.
+    private Tensor Gather(string key, Tensor p, long[] full)
+    {
+        using var noGrad = torch.no_grad();
+        using var scope = torch.NewDisposeScope();
+        var t = p.detach();
+        if (Plan.IsFsdpSharded(key, full))
+            t = Rank.Data.AllGatherAlong(t, Plan.FsdpCounts(key, full, ModelIndex), Plan.FsdpDim(key, full));
+        var mine = Plan.ModelSpec(key, full, ModelIndex);
+        if (mine.IsWhole) return t.cpu().clone().DetachFromDisposeScope();
+        var specs = Enumerable.Range(0, Plan.ModelSize).Select(m => Plan.ModelSpec(key, full, m)).ToArray();
+        var gathered = Rank.Model.AllGatherAlong(t, specs.Select(sp => sp.LocalShape[sp.Dim]).ToArray(), mine.Dim).cpu();
+        var whole = torch.empty(full, dtype: t.dtype, device: torch.CPU);
+        long offset = 0;
+        foreach (var sp in specs)
+        {
+            long n = sp.LocalShape[sp.Dim];
+            ShardingPlan.Place(whole, gathered.narrow(sp.Dim, offset, n), sp with { FullShape = full });
+            offset += n;
+        }
+        return whole.DetachFromDisposeScope();
     }
 
     /// <summary>Saves this rank's shard into a sharded checkpoint folder (<see cref="ShardedCheckpoint.Save"/>).</summary>

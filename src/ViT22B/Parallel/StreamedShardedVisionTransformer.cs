@@ -109,10 +109,10 @@ internal sealed class StreamedShardedEncoder : nn.Module, IBlockStack
         using var scope = torch.NewDisposeScope();
         var comm = _s.Rank.Model;
         var counts = TokenPartition.Counts(x.shape[1], comm.Size);
-        var h = Regions.ScatterTokens(x.transpose(0, 1), comm, counts);              // [T_r, B, D]
+        var h = Regions.ScatterTokens(x.transpose(0, 1).contiguous(), comm, counts);   // [T_r, B, D], contiguous (see Rings)
         var (y, stats) = BlockStreaming.Run(_s.Plan.Config.Depth, Load, (block, t) => block.call(t, counts), h, _prefetch);
         LastPass = stats;
-        return Regions.GatherTokens(y, comm, counts).transpose(0, 1).MoveToOuterDisposeScope();
+        return Regions.GatherTokens(y, comm, counts).transpose(0, 1).contiguous().MoveToOuterDisposeScope();
     }
 
     private nn.Module<Tensor, long[], Tensor> Load(int index)

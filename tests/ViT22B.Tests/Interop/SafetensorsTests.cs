@@ -28,6 +28,62 @@ public sealed class SafetensorsTests : IDisposable
         return PathOf(name);
     }
 
+    public static TheoryData<ScalarType, int, string> Slices() => new()
+    {
+        { ScalarType.Float32, 0, "1:2" }, { ScalarType.Float32, 0, "0:1,2:2,1:1" }, { ScalarType.BFloat16, 1, "2:3" },
+        { ScalarType.Float64, 1, "4:1,0:2" }, { ScalarType.Float32, 2, "0:7" }, { ScalarType.Int64, 2, "6:1,1:3" },
+    };
+
+    /// <summary>A memory-mapped slice equals the same ranges cut from the tensor read whole, for every dimension.</summary>
+    [Theory]
+    [MemberData(nameof(Slices))]
+    public void ReadSlice_copies_exactly_the_ranges(ScalarType dtype, int dim, string ranges)
+    {
+        var segments = ranges.Split(',').Select(r => r.Split(':')).Select(p => (long.Parse(p[0], System.Globalization.CultureInfo.InvariantCulture), long.Parse(p[1], System.Globalization.CultureInfo.InvariantCulture))).ToList();
+        using var t = (torch.randn(4, 5, 7, dtype: ScalarType.Float64, generator: new torch.Generator(3)) * 100).to(dtype);
+        using var other = torch.ones(3);
+        string path = PathOf("slices.safetensors");
+        Safetensors.Save(new Dictionary<string, Tensor> { ["first"] = other, ["t"] = t }, path);
+        using var reader = SafetensorsReader.Open(path);
+        using var slice = reader.ReadSlice("t", dim, segments);
+        using var expected = torch.cat(segments.Select(g => t.narrow(dim, g.Item1, g.Item2)).ToArray(), dim);
+        Assert.True(TensorAssert.Same(expected, slice));
+        using var viaDefault = ((ITensorSource)new Whole(reader)).ReadSlice("t", dim, segments);   // the interface's default
+        Assert.True(TensorAssert.Same(expected, viaDefault));
+    }
+
+    /// <summary>A source that only implements Read, so that the interface's default ReadSlice runs.</summary>
+    private sealed class Whole(SafetensorsReader inner) : ITensorSource
+    {
+        public string Path => inner.Path;
+        public IReadOnlyList<string> Names => inner.Names;
+        public IReadOnlyDictionary<string, string> Metadata => inner.Metadata;
+        public bool Contains(string name) => inner.Contains(name);
+        public long[] ShapeOf(string name) => inner.ShapeOf(name);
+        public Tensor Read(string name) => inner.Read(name);
+        public void Dispose() { }
+    }
+
+    [Theory]
+    [InlineData(3, 0, 1, "no dimension 3")]
+    [InlineData(1, 4, 2, "range [4, 6) is empty or lies outside dimension 1 (size 5)")]
+    [InlineData(0, -1, 2, "range [-1, 1) is empty or lies outside dimension 0 (size 4)")]
+    [InlineData(0, 1, 0, "range [1, 1) is empty or lies outside dimension 0 (size 4)")]
+    public void ReadSlice_names_a_bad_range_and_the_file(int dim, long start, long length, string message)
+    {
+        using var t = torch.zeros(4, 5, 7);
+        string path = PathOf("bad-slice.safetensors");
+        Safetensors.Save(new Dictionary<string, Tensor> { ["t"] = t }, path);
+        using var reader = SafetensorsReader.Open(path);
+        var e = Assert.Throws<ArgumentException>(() => reader.ReadSlice("t", dim, new[] { (start, length) }));
+        Assert.Contains(message, e.Message);
+        Assert.Contains("bad-slice.safetensors", e.Message);
+        Assert.Contains("'t'", e.Message);
+        Assert.Throws<KeyNotFoundException>(() => reader.ReadSlice("u", 0, new[] { (0L, 1L) }));
+        reader.Dispose();
+        Assert.Throws<ObjectDisposedException>(() => reader.ReadSlice("t", 0, new[] { (0L, 1L) }));
+    }
+
     [Theory]
     [InlineData(ScalarType.Float32, "F32")]
     [InlineData(ScalarType.Float16, "F16")]

@@ -11,24 +11,26 @@ namespace ViT22B.Tests.Parallel;
 public class StreamedShardedTests
 {
     [Theory]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 1, 2, true)]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 1, 4, false)]
-    [InlineData(Backend.Threaded, BlockKind.Sequential, 1, 4, true)]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 2, 2, true)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 1, 4, true)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Sequential, 2, 2, true)]
-    public void Streamed_shards_give_the_in_memory_outputs(Backend backend, BlockKind block, int data, int model, bool prefetch)
+    [InlineData(Backend.Threaded, BlockKind.Parallel, 1, 2, true, false)]
+    [InlineData(Backend.Threaded, BlockKind.Parallel, 1, 4, false, true)]
+    [InlineData(Backend.Threaded, BlockKind.Sequential, 1, 4, true, true)]
+    [InlineData(Backend.Threaded, BlockKind.Parallel, 2, 2, true, false)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 1, 4, true, false)]
+    [InlineData(Backend.NcclStandIn, BlockKind.Sequential, 2, 2, true, true)]
+    public void Streamed_shards_give_the_in_memory_outputs(Backend backend, BlockKind block, int data, int model, bool prefetch, bool shared)
     {
         var c = ShardedModelTests.Config(block) with { Depth = 3, InitValues = 0.5 };
         const long batch = 4;
-        using var weights = new SeededWeights(c, seed: 21);
+        using var reference = new SeededWeights(c, seed: 21);
+        // Shared: every rank's read of a tensor is a handle onto one computed copy (one reader per rank of the mesh).
+        using var weights = shared ? new SeededWeights(c, seed: 21, readersPerTensor: data * model) : reference;
         using var images = TestUtil.RandomImages(c, batch, seed: 22);
         Tensor expected;
-        using (var reference = new VisionTransformer(c, torch.CPU, ScalarType.Float64))
+        using (var inMemory = new VisionTransformer(c, torch.CPU, ScalarType.Float64))
         using (torch.inference_mode())
         {
-            StreamedVisionTransformer.Load(reference, weights, "");
-            expected = reference.call(images);
+            StreamedVisionTransformer.Load(inMemory, reference, "");
+            expected = inMemory.call(images);
         }
         using var expectedOwner = expected;
         var plan = new ShardingPlan(c, model, data);

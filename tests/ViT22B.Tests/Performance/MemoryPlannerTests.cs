@@ -182,9 +182,12 @@ public class MemoryPlannerTests
         public bool Contains(string name) => inner.Contains(name);
         public long[] ShapeOf(string name) => inner.ShapeOf(name);
 
-        public Tensor Read(string name)
+        public Tensor Read(string name) => Sampled(inner.Read(name));
+
+        public Tensor ReadSlice(string name, int dim, IReadOnlyList<(long Start, long Length)> segments) => Sampled(inner.ReadSlice(name, dim, segments));
+
+        private Tensor Sampled(Tensor t)
         {
-            var t = inner.Read(name);
             long now = Allocated(collect: false) - baseline;
             lock (this) Peak = Math.Max(Peak, now);
             return t;
@@ -217,25 +220,76 @@ public class MemoryPlannerTests
             using var source = new SampledSource(new SeededWeights(c, seed: 3), baseline);
             using (var streamed = new StreamedVisionTransformer(c, source, torch.CPU, ScalarType.Float32, prefetch))
             {
-                streamed.Forward(image).Dispose();
-                long afterOne = Allocated(collect: false) - baseline;
-                streamed.Forward(image).Dispose();
-                long afterTwo = Allocated(collect: false) - baseline;
-                Assert.True(source.Peak <= 1.1 * plan.Total,
-                    $"peak allocation while reading {source.Peak:N0} bytes, planned {plan.Total:N0} (weights {plan.Weights:N0}, staging {plan.Staging:N0}, activations {plan.Activations:N0}); model {model:N0}");
-                Assert.True(source.Peak >= 0.5 * plan.Total, $"peak {source.Peak:N0} bytes is far below the plan {plan.Total:N0}: the plan is wrong");
+                // Other threads of the process (libtorch's pools on first use, the runtime) now and then allocate a few MB
+                // during a pass; a real excess shows in every pass, so the smallest of three peaks is compared.
+                var peaks = new List<long>();
+                var after = new List<long>();
+                for (int pass = 0; pass < 3; pass++)
+                {
+                    source.Peak = 0;
+                    streamed.Forward(image).Dispose();
+                    peaks.Add(source.Peak);
+                    after.Add(Allocated(collect: false) - baseline);
+                }
+                long peak = peaks.Min();
+                string seen = $"peaks while reading {string.Join(", ", peaks.Select(x => x.ToString("N0", System.Globalization.CultureInfo.InvariantCulture)))} bytes, " +
+                              $"planned {plan.Total:N0} (weights {plan.Weights:N0}, staging {plan.Staging:N0}, activations {plan.Activations:N0}); model {model:N0}";
+                Assert.True(peak <= 1.1 * plan.Total, seen);
+                Assert.True(peak >= 0.5 * plan.Total, $"the plan is far above what was measured: {seen}");
                 // What stays allocated after a pass (without a garbage collection): the resident parameters and at most
                 // libtorch's own reusable buffers, less than one block; a staging buffer or block kept alive per block
-                // would add up over the 12 blocks, and over a second pass.
+                // would add up over the 12 blocks of every pass.
                 var p = ModelAccounting.Parameters(c);
                 long resident = (p.Total - p.Blocks) * 4, oneBlock = p.Blocks / c.Depth * 4;
-                Assert.True(afterOne <= resident + oneBlock, $"after a pass {afterOne:N0} bytes are still allocated; resident parameters {resident:N0}, one block {oneBlock:N0}");
-                Assert.True(afterTwo - afterOne <= 1_000_000, $"a second pass left {afterTwo - afterOne:N0} more bytes allocated than the first");
+                Assert.True(after[0] <= resident + oneBlock, $"after a pass {after[0]:N0} bytes are still allocated; resident parameters {resident:N0}, one block {oneBlock:N0}");
+                Assert.True(after[2] - after[0] <= oneBlock, $"two more passes left {after[2] - after[0]:N0} more bytes allocated (one block is {oneBlock:N0})");
             }
         }
         finally
         {
             _ = MallOpt(MmapThreshold, 128 * 1024);
+        }
+    }
+
+    [Fact]
+    public void A_rank_loads_its_shard_of_a_checkpoint_several_times_its_budget_with_one_slice_of_staging()
+    {
+        Assert.True(HaveMallInfo2(), "needs glibc's mallinfo2 (Linux, glibc 2.33+)");
+        var c = new ViTConfig
+        {
+            ImgSize = 32, PatchSize = 8, EmbedDim = 512, Depth = 8, NumHeads = 8, MlpDim = 2048, Block = BlockKind.Parallel,
+            GlobalPool = GlobalPool.Gap, NumClasses = 0,
+        };
+        string dir = Directory.CreateTempSubdirectory("vit22b-load-peak-").FullName;
+        var world = new ViT22B.Parallel.ThreadedWorld(4);
+        var ranks = ViT22B.Parallel.RankContext.CreateThreaded(world, new ViT22B.Parallel.DeviceMesh(1, 4));
+        Assert.Equal(1, MallOpt(MmapThreshold, 4096));      // as in Training_memory_matches_measured_allocation
+        try
+        {
+            string path = Path.Combine(dir, "model.safetensors");
+            using (var model = new VisionTransformer(c, torch.CPU, ScalarType.Float32)) SafetensorsCheckpoint.Save(model, path);
+            var plan = new ViT22B.Parallel.ShardingPlan(c, 4);
+            // Rank 1 alone: building and loading a shard are local (no collectives).
+            using var shard = new ViT22B.Parallel.ShardedVisionTransformer(plan, ranks[1], ViT22B.Parallel.CommMode.Overlapped, ScalarType.Float32);
+            var shapes = plan.FullShapes();
+            long largestSlice = shapes.Max(kv => plan.Spec(kv.Key, kv.Value, 1).LocalShape.Aggregate(1L, (a, n) => a * n)) * 4;
+            long budget = shard.ParameterBytes + largestSlice;
+            long file = new FileInfo(path).Length;
+            Assert.True(file > 3 * budget, $"the checkpoint ({file:N0} bytes) must be several times the rank's budget ({budget:N0})");
+            long baseline = Allocated();
+            var source = new SampledSource(SafetensorsReader.Open(path), baseline);
+            using (source) shard.LoadFull(source);
+            long after = Allocated(collect: false) - baseline;
+            Assert.True(source.Peak <= largestSlice + (1 << 20),
+                $"loading staged {source.Peak:N0} bytes beyond the shard at its peak; one slice is {largestSlice:N0} (the whole checkpoint {file:N0})");
+            Assert.True(source.Peak >= largestSlice / 2, $"peak {source.Peak:N0} bytes: the slices were not measured");
+            Assert.True(after <= 1 << 20, $"{after:N0} bytes still allocated after the load");
+        }
+        finally
+        {
+            _ = MallOpt(MmapThreshold, 128 * 1024);
+            foreach (var r in ranks) r.Dispose();
+            Directory.Delete(dir, recursive: true);
         }
     }
 

@@ -1,0 +1,86 @@
+using TorchSharp;
+using ViT22B.Layers;
+using ViT22B.Models;
+using ViT22B.Parallel;
+using static TorchSharp.torch;
+
+namespace ViT22B.Tests.Parallel;
+
+/// <summary>Bucketed gradient synchronization gives per-parameter synchronization's gradients bit for bit, with one
+/// collective per bucket.</summary>
+public class GradientBucketTests
+{
+    [Theory]
+    [InlineData(Backend.Threaded, 2, 2, false)]
+    [InlineData(Backend.Threaded, 2, 2, true)]
+    [InlineData(Backend.Threaded, 4, 1, false)]
+    [InlineData(Backend.Threaded, 1, 4, false)]
+    [InlineData(Backend.NcclStandIn, 2, 2, false)]
+    public void Buckets_give_the_per_parameter_results_bit_for_bit(Backend backend, int data, int model, bool fsdp)
+    {
+        var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 3 };
+        var plan = new ShardingPlan(c, model, data, fsdp);
+        Dictionary<string, Tensor> full;
+        using (var reference = new VisionTransformer(c, torch.CPU, ScalarType.Float32))
+        {
+            TestUtil.Randomize(reference, seed: 31, scale: 0.3);
+            full = reference.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
+        }
+        using var images = TestUtil.RandomImages(c, 4, seed: 32, ScalarType.Float32);
+        var results = Backends.Run(backend, new DeviceMesh(data, model), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.Float32);
+            shard.LoadFull(full);
+            long per = 4 / data;
+            using (var scope = torch.NewDisposeScope())
+                shard.Backward(shard.Forward(images.narrow(0, shard.DataIndex * per, per)).square().sum());
+            var parameters = shard.Module.named_parameters().ToList();
+            var local = parameters.Select(p => p.parameter.grad!.clone()).ToList();
+            (Dictionary<string, Tensor> Grads, GradientSync Sync) Synchronize(long bucketBytes)
+            {
+                using (torch.no_grad())
+                    for (int i = 0; i < parameters.Count; i++) parameters[i].parameter.grad!.copy_(local[i]);
+                var sync = shard.SynchronizeGradients(bucketBytes);
+                return (parameters.ToDictionary(p => p.name, p => p.parameter.grad!.clone()), sync);
+            }
+            var eachAlone = Synchronize(0);
+            var small = Synchronize(4096);
+            var standard = Synchronize(ShardedVisionTransformer.DefaultBucketBytes);
+            var (modelAxis, dataAxis) = (parameters.Count(p => plan.IsPartialOnModelAxis(p.name, plan.FullShapes()[p.name])),
+                data > 1 ? parameters.Count(p => !plan.IsFsdpSharded(p.name, plan.FullShapes()[p.name])) : 0);
+            return (eachAlone, small, standard, modelAxis, dataAxis, Bytes: parameters.Sum(p => p.parameter.numel() * 4));
+        });
+        foreach (var r in results)
+        {
+            foreach (var (key, g) in r.eachAlone.Grads)
+            {
+                Assert.True(TensorAssert.Same(g, r.small.Grads[key]), $"{key}: 4 KiB buckets differ from per-parameter synchronization");
+                Assert.True(TensorAssert.Same(g, r.standard.Grads[key]), $"{key}: 25 MiB buckets differ from per-parameter synchronization");
+            }
+            Assert.Equal(r.modelAxis, r.eachAlone.Sync.ModelAxisCollectives);
+            Assert.Equal(r.dataAxis, r.eachAlone.Sync.DataAxisCollectives);
+            Assert.Equal(r.modelAxis > 0 ? 1 : 0, r.standard.Sync.ModelAxisCollectives);    // the whole model fits one 25 MiB bucket
+            Assert.Equal(r.dataAxis > 0 ? 1 : 0, r.standard.Sync.DataAxisCollectives);
+            // 4 KiB buckets: the small model-axis gradients (norm scales, biases) share buckets, the data axis's weights need
+            // several.
+            Assert.InRange(r.small.Sync.Collectives, r.standard.Sync.Collectives, r.eachAlone.Sync.Collectives);
+            if (r.dataAxis > 0) Assert.InRange(r.small.Sync.DataAxisCollectives, r.standard.Sync.DataAxisCollectives + 1, r.eachAlone.Sync.DataAxisCollectives - 1);
+            Assert.Equal(r.eachAlone.Sync.ModelAxisBytes, r.standard.Sync.ModelAxisBytes);
+            Assert.Equal(r.eachAlone.Sync.DataAxisBytes, r.small.Sync.DataAxisBytes);
+            Assert.True(r.dataAxis == 0 || r.eachAlone.Sync.DataAxisBytes > 0);
+        }
+        Assert.Contains(results, r => r.modelAxis + r.dataAxis > 0);
+    }
+
+    [Fact]
+    public void A_negative_bucket_size_is_refused()
+    {
+        var c = ShardedModelTests.Config(BlockKind.Parallel);
+        Backends.Run(Backend.Threaded, new DeviceMesh(1, 1), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(new ShardingPlan(c, 1), ctx, CommMode.Overlapped, ScalarType.Float32);
+            Assert.Throws<ArgumentOutOfRangeException>(() => shard.SynchronizeGradients(-1));
+            return 0;
+        });
+    }
+}

@@ -1,0 +1,101 @@
+using TorchSharp;
+using ViT22B.Interop;
+using ViT22B.Layers;
+using ViT22B.Models;
+using ViT22B.Parallel;
+using ViT22B.Tests.Models;
+using static TorchSharp.torch;
+
+namespace ViT22B.Tests.Parallel;
+
+/// <summary>Loading a rank's slices straight from a full checkpoint (one file or a Hugging Face index) gives the
+/// whole-state-dict load bit for bit on every mesh; saving one full file streamed from the shards gives the model back.</summary>
+public sealed class StreamedCheckpointTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("vit22b-streamed-ckpt-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private static Dictionary<string, Tensor> Reference(ViTConfig c, ScalarType dtype)
+    {
+        using var model = new VisionTransformer(c, torch.CPU, dtype);
+        TestUtil.Randomize(model, seed: 41, scale: 0.3);
+        return model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
+    }
+
+    [Theory]
+    [InlineData(BlockKind.Parallel, 1, 2, false, false)]
+    [InlineData(BlockKind.Parallel, 1, 4, false, true)]
+    [InlineData(BlockKind.Sequential, 1, 4, false, false)]
+    [InlineData(BlockKind.Parallel, 2, 2, true, false)]
+    [InlineData(BlockKind.Sequential, 2, 2, true, true)]
+    [InlineData(BlockKind.Parallel, 4, 1, false, false)]
+    public void Slices_read_from_the_file_equal_slices_cut_from_the_state_dict(BlockKind block, int data, int model, bool fsdp, bool index)
+    {
+        var c = ShardedModelTests.Config(block, fused: block == BlockKind.Parallel && !index) with { Depth = 2 };
+        var full = Reference(c, ScalarType.Float32);
+        string path = index ? HomeLayouts.SaveSharded(full, Path.Combine(_dir, "hf"), shards: 3) : Path.Combine(_dir, "model.safetensors");
+        if (!index) Safetensors.Save(full, path);
+        var plan = new ShardingPlan(c, model, data, fsdp);
+        var mismatches = Backends.Run(Backend.Threaded, new DeviceMesh(data, model), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.Float32);
+            shard.LoadFull(full);
+            var fromDict = shard.Module.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.clone());
+            TestUtil.Randomize(shard.Module, seed: 42);          // nothing of the first load may survive unnoticed
+            using (var source = TensorSources.Open(path)) shard.LoadFull(source);
+            return shard.Module.state_dict().Where(kv => !TensorAssert.Same(kv.Value, fromDict[kv.Key])).Select(kv => kv.Key).ToList();
+        });
+        Assert.All(mismatches, Assert.Empty);
+    }
+
+    [Theory]
+    [InlineData(Backend.Threaded, 2, 2, true)]
+    [InlineData(Backend.Threaded, 1, 4, false)]
+    [InlineData(Backend.NcclStandIn, 2, 2, false)]
+    public void A_full_file_saved_from_the_shards_loads_into_one_device(Backend backend, int data, int model, bool fsdp)
+    {
+        var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 2 };
+        var full = Reference(c, ScalarType.BFloat16);
+        var plan = new ShardingPlan(c, model, data, fsdp);
+        string path = Path.Combine(_dir, "saved.safetensors");
+        Backends.Run(backend, new DeviceMesh(data, model), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.BFloat16);
+            shard.LoadFull(full);
+            shard.SaveFull(path);
+            return 0;
+        });
+        using var single = new VisionTransformer(c, torch.CPU, ScalarType.BFloat16);
+        var report = SafetensorsCheckpoint.Load(single, path);
+        Assert.True(report.IsExact);
+        foreach (var (key, value) in single.state_dict())
+            Assert.True(TensorAssert.Same(full[key], value), $"{key} differs after the round trip");
+        using var reader = SafetensorsReader.Open(path);
+        Assert.Equal(ViTConfigJson.ToJson(c), reader.Metadata["config"]);
+        Assert.Empty(Directory.GetFiles(_dir, ".*.tmp"));
+    }
+
+    [Fact]
+    public void A_checkpoint_with_a_missing_or_misshapen_key_is_refused_before_anything_is_copied()
+    {
+        var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 2 };
+        var full = Reference(c, ScalarType.Float32);
+        string missing = Path.Combine(_dir, "missing.safetensors");
+        Safetensors.Save(full.Where(kv => kv.Key != "blocks.1.out_proj.weight"), missing);
+        string wrong = Path.Combine(_dir, "wrong.safetensors");
+        using var odd = torch.zeros(3, 3);
+        Safetensors.Save(new Dictionary<string, Tensor>(full) { ["blocks.0.in_proj.weight"] = odd }, wrong);
+        Backends.Run(Backend.Threaded, new DeviceMesh(1, 2), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(new ShardingPlan(c, 2), ctx, CommMode.Overlapped, ScalarType.Float32);
+            var before = shard.Module.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.clone());
+            using (var s = TensorSources.Open(missing))
+                Assert.Contains("'blocks.1.out_proj.weight'", Assert.Throws<KeyNotFoundException>(() => shard.LoadFull(s)).Message);
+            using (var s = TensorSources.Open(wrong))
+                Assert.Contains("'blocks.0.in_proj.weight' is [3, 3]", Assert.Throws<ArgumentException>(() => shard.LoadFull(s)).Message);
+            foreach (var (key, value) in shard.Module.state_dict()) Assert.True(TensorAssert.Same(before[key], value), key);
+            return 0;
+        });
+    }
+}
