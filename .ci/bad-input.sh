@@ -52,6 +52,10 @@ expect_error TrainFashionMnist --width 130 --heads 4 --epochs 1 --train-limit 10
 expect_error TrainFashionMnist --lr -1
 expect_error TrainFashionMnist --checkpointing every:0 --epochs 1 --train-limit 10 --test-limit 10 --checkpoint "$work/fm.safetensors"
 expect_error Mfu --preset Ti/16 --mode training --checkpointing blocks:12
+expect_error Streaming --model 5
+expect_error Streaming --preset S/16 --depth 0
+expect_error Streaming --preset S/16 --dtype int8
+expect_error Sharding --checkpointing every:x
 
 expect_error Classify --checkpoint /nonexistent.safetensors --labels /nonexistent.txt samples/images
 expect_error Classify --checkpoint "$work/bad.safetensors" --labels /nonexistent.txt --top-k 0 samples/images

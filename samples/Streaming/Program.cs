@@ -20,10 +20,11 @@ var modelOption = new Option<int>("--model") { Description = "Model-axis size of
 var seedOption = new Option<ulong>("--seed") { Description = "Seed of the weights and of the image.", DefaultValueFactory = _ => 0 };
 var noPrefetchOption = new Option<bool>("--no-prefetch") { Description = "Load each block only when it is needed (one block in memory instead of two)." };
 var depthOption = new Option<int?>("--depth") { Description = "Run only this many of the preset's blocks (a shorter check at full width)." };
+var planOption = new Option<bool>("--plan") { Description = "Only print the memory planner's per-GPU table for the preset on 1, 8 and 64 GPUs (inference and training, with and without activation checkpointing), and exit." };
 var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 }.AtLeast(0);
 var root = new RootCommand("Run a model too large for memory forward block by block, unsharded and on a simulated model axis, and compare.")
 {
-    presetOption, dtypeOption, modelOption, seedOption, noPrefetchOption, depthOption, threadsOption,
+    presetOption, dtypeOption, modelOption, seedOption, noPrefetchOption, depthOption, planOption, threadsOption,
 };
 root.SetAction(parse =>
 {
@@ -35,6 +36,7 @@ root.SetAction(parse =>
         config = config with { Depth = depth };
     }
     var dtype = ViTConfigJson.ParseDType(parse.GetValue(dtypeOption)!);
+    if (parse.GetValue(planOption)) return PrintPlan(config, parse.GetValue(presetOption)!, dtype);
     return Run(config, parse.GetValue(presetOption)!, dtype, parse.GetValue(modelOption), parse.GetValue(seedOption), !parse.GetValue(noPrefetchOption));
 });
 return SampleMain.Invoke(root, args);
@@ -117,6 +119,46 @@ static int Run(ViTConfig c, string preset, ScalarType dtype, int k, ulong seed, 
     AnsiConsole.MarkupLine($"Sharded vs unsharded pooled embedding ({string.Join("×", a.shape)}): max |difference| / max |output| = {maxErr:E2} (tolerance {tolerance:E0}), cosine similarity {cosine:F6} (at least {minCosine}): " +
         (ok ? "[green]agree[/]" : "[red]DISAGREE[/]"));
     return ok ? 0 : 1;
+}
+
+// The planner's per-GPU memory for the preset on 1, 8 and 64 GPUs (docs/scale.md).
+static int PrintPlan(ViTConfig c, string preset, ScalarType dtype)
+{
+    static string Gb(long bytes, string format = "F1") => (bytes / 1e9).ToString(format, System.Globalization.CultureInfo.InvariantCulture);
+    Console.WriteLine($"{preset} at {c.ImageShape.Height} px in {ViTConfigJson.DTypeName(dtype)}, per GPU, GB (MemoryPlanner.Plan):");
+    Console.WriteLine("| run | GPUs (data × model) | weights | gradients | optimizer | activations | total per GPU | fits 80 GB |");
+    Console.WriteLine("|---|---|---:|---:|---:|---:|---:|---|");
+    var rows = new (string Run, bool Training, int Batch, int Data, int Model, bool Fsdp, ActivationCheckpointing Recompute)[]
+    {
+        ("inference, batch 1", false, 1, 1, 1, false, ActivationCheckpointing.None),
+        ("inference, batch 1", false, 1, 1, 8, false, ActivationCheckpointing.None),
+        ("inference, batch 64", false, 64, 8, 8, false, ActivationCheckpointing.None),
+        ("training, batch 64", true, 64, 1, 1, false, ActivationCheckpointing.None),
+        ("training, batch 64", true, 64, 1, 1, false, ActivationCheckpointing.AllBlocks),
+        ("training, batch 64", true, 64, 1, 8, false, ActivationCheckpointing.None),
+        ("training, batch 64", true, 64, 1, 8, false, ActivationCheckpointing.AllBlocks),
+        ("training, batch 64", true, 64, 8, 8, true, ActivationCheckpointing.None),
+        ("training, batch 64", true, 64, 8, 8, true, ActivationCheckpointing.AllBlocks),
+        ("training, batch 1024", true, 1024, 8, 8, true, ActivationCheckpointing.None),
+        ("training, batch 1024", true, 1024, 8, 8, true, ActivationCheckpointing.AllBlocks),
+    };
+    foreach (var r in rows)
+    {
+        if (c.NumHeads % r.Model != 0 || c.MlpDim % r.Model != 0) continue;
+        var p = MemoryPlanner.Plan(c, dtype, r.Batch, r.Training, r.Model, r.Data, r.Fsdp, r.Recompute);
+        string run = r.Run + (!r.Training ? "" : r.Recompute == ActivationCheckpointing.None ? ", activations kept" : ", every block recomputed");
+        string grads = r.Training ? Gb(p.Gradients) : "–", opt = r.Training ? Gb(p.OptimizerState) : "–";
+        Console.WriteLine($"| {run} | {r.Data * r.Model} ({r.Data} × {r.Model}{(r.Fsdp ? ", FSDP" : "")}) | {Gb(p.Weights)} | {grads} | {opt} | {Gb(p.Activations, "F2")} | {Gb(p.Total)} | {(p.FitsIn(80_000_000_000) ? "yes" : "no")} |");
+    }
+    var f = ModelAccounting.Flops(c);
+    Console.WriteLine($"Training FLOPs per image: {f.Training / 1e12:F2} T (model), {ModelAccounting.HardwareTrainingFlops(c, ActivationCheckpointing.AllBlocks) / 1e12:F2} T with every block recomputed (hardware).");
+    foreach (int k in new[] { 1, 4 })
+    {
+        if (c.NumHeads % k != 0 || c.MlpDim % k != 0) continue;
+        var s = MemoryPlanner.PlanStreamedInference(c, dtype, 1, k);
+        Console.WriteLine($"Streamed inference, batch 1, model axis {k}, per rank: resident + two blocks {Gb(s.Weights)} GB, staging {Gb(s.Staging)} GB, activations {s.Activations / 1e6:F1} MB, total {Gb(s.Total)} GB.");
+    }
+    return 0;
 }
 
 // Runs one pass after a full collection, with the peak resident size counted from there.

@@ -57,8 +57,8 @@ internal static class TensorSlices
             throw new ArgumentException($"{path}: '{name}' of shape [{string.Join(", ", shape)}] has no dimension {dim} to slice.");
         if (segments.Count == 0) throw new ArgumentException($"{path}: no ranges given to read from '{name}'.");
         foreach (var (start, length) in segments)
-            if (start < 0 || length <= 0 || start + length > shape[dim])
-                throw new ArgumentException($"{path}: range [{start}, {start + length}) is empty or lies outside dimension {dim} (size {shape[dim]}) of '{name}'.");
+            if (start < 0 || length <= 0 || start > shape[dim] || length > shape[dim] - start)
+                throw new ArgumentException($"{path}: range [{start}, {unchecked(start + length)}) is empty or lies outside dimension {dim} (size {shape[dim]}) of '{name}'.");
     }
 
     public static Tensor Cut(Tensor whole, int dim, IReadOnlyList<(long Start, long Length)> segments)

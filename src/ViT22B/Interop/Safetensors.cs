@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.IO.MemoryMappedFiles;
+using System.Runtime.InteropServices;
 using System.Text.Json;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -138,16 +139,36 @@ public sealed class SafetensorsReader : ITensorSource
         long outer = e.Shape.Take(dim).Aggregate(1L, (a, n) => a * n);
         long inner = e.Shape.Skip(dim + 1).Aggregate(1L, (a, n) => a * n) * element;   // bytes of one index along dim
         long sourceRow = e.Shape[dim] * inner;
-        byte* source = Mapping() + _dataStart + e.Begin;
-        byte* target = (byte*)TensorPointers.DataPointer(t);
-        for (long o = 0; o < outer; o++)
+        try
         {
-            foreach (var (start, length) in segments)
+            var (mapped, view) = Mapping();
+            bool added = false;
+            view.DangerousAddRef(ref added);          // a concurrent Dispose cannot unmap the file under the copy
+            try
             {
-                long bytes = length * inner;
-                Buffer.MemoryCopy(source + o * sourceRow + start * inner, target, bytes, bytes);
-                target += bytes;
+                byte* source = (byte*)mapped + _dataStart + e.Begin;
+                byte* target = (byte*)TensorPointers.DataPointer(t);
+                long capacity = t.numel() * element;
+                for (long o = 0; o < outer; o++)
+                {
+                    foreach (var (start, length) in segments)
+                    {
+                        long bytes = length * inner;
+                        Buffer.MemoryCopy(source + o * sourceRow + start * inner, target, capacity, bytes);
+                        target += bytes;
+                        capacity -= bytes;
+                    }
+                }
             }
+            finally
+            {
+                if (added) view.DangerousRelease();
+            }
+        }
+        catch
+        {
+            t.Dispose();
+            throw;
         }
         return t;
     }
@@ -156,7 +177,7 @@ public sealed class SafetensorsReader : ITensorSource
     private MemoryMappedViewAccessor? _view;
     private unsafe byte* _base;
 
-    private unsafe byte* Mapping()
+    private unsafe (nint Base, SafeHandle View) Mapping()
     {
         lock (_byName)
         {
@@ -169,7 +190,7 @@ public sealed class SafetensorsReader : ITensorSource
                 _view.SafeMemoryMappedViewHandle.AcquirePointer(ref p);
                 _base = p + _view.PointerOffset;
             }
-            return _base;
+            return ((nint)_base, _view!.SafeMemoryMappedViewHandle);
         }
     }
 

@@ -29,6 +29,7 @@ internal static class BlockStreaming
     public static (Tensor Output, StreamingStats Stats) Run<TBlock>(int depth, Func<int, TBlock> load, Func<TBlock, Tensor, Tensor> run,
         Tensor x, bool prefetch) where TBlock : nn.Module
     {
+        if (depth < 1) throw new ArgumentOutOfRangeException(nameof(depth), $"A block stack needs at least one block, found {depth}.");
         if (torch.is_grad_enabled())
             throw new InvalidOperationException("A streamed model runs inference only: call it under torch.no_grad() or torch.inference_mode() (each block is released before a backward pass could use it).");
         long loadTicks = 0, largest = 0;

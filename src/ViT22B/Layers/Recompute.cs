@@ -22,7 +22,10 @@ internal static class Recompute
         vars[0] = x;
         vars[1] = new RecomputeArgs(run, trainable, onFailure);
         for (int i = 0; i < trainable.Length; i++) vars[2 + i] = trainable[i];
-        return RecomputeFunction.apply(vars);
+        // TorchSharp's apply also allocates an empty_like(output) per node for its output cache; a scope of its own
+        // frees that at once instead of when the whole block stack returns.
+        using var scope = torch.NewDisposeScope();
+        return RecomputeFunction.apply(vars).MoveToOuterDisposeScope();
     }
 }
 
@@ -54,7 +57,8 @@ internal sealed class RecomputeFunction : torch.autograd.SingleTensorFunction<Re
 
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
     {
-        var x = ctx.get_saved_variables()[0];
+        var saved = ctx.get_saved_variables();      // new handles onto the saved input: released below
+        var x = saved[0];
         var args = (RecomputeArgs)ctx.get_data("args");
         var inputs = new List<Tensor>();
         try
@@ -67,8 +71,10 @@ internal sealed class RecomputeFunction : torch.autograd.SingleTensorFunction<Re
             inputs.AddRange(args.Parameters);
             var y = args.Run(xd);
             var grads = torch.autograd.grad(new[] { y }, inputs, new[] { grad });
-            var result = new List<Tensor>(inputs.Count + 1) { grads[0].DetachFromDisposeScope(), null! };
-            for (int i = 1; i < grads.Count; i++) result.Add(grads[i].DetachFromDisposeScope());
+            // Into the scope of whoever called backward() (the trainer's step), which releases these handles after the
+            // pass; outside any scope they wait for the garbage collector, like the ring functions' gradients.
+            var result = new List<Tensor>(inputs.Count + 1) { grads[0].MoveToOuterDisposeScope(), null! };
+            for (int i = 1; i < grads.Count; i++) result.Add(grads[i].MoveToOuterDisposeScope());
             return result;
         }
         catch (Exception e)
@@ -77,6 +83,10 @@ internal sealed class RecomputeFunction : torch.autograd.SingleTensorFunction<Re
             var result = new List<Tensor> { torch.full_like(x, double.NaN), null! };
             foreach (var p in args.Parameters) result.Add(torch.full_like(p, double.NaN));
             return result;
+        }
+        finally
+        {
+            foreach (var t in saved) t.Dispose();
         }
     }
 }

@@ -33,8 +33,8 @@ public sealed class SeededWeights : ITensorSource
     /// <param name="seed">The seed.</param>
     /// <param name="readersPerTensor">How many readers will ask for each tensor (the ranks of a model axis simulated in
     /// one process, which each cut their slice out of every block tensor): the first read computes it, every reader gets
-    /// a handle onto the same storage, and the source forgets it when all have had theirs. With 1 (the default) every
-    /// read computes its own tensor.</param>
+    /// a handle onto the same storage, and the source forgets it when all have had theirs (a tensor fewer readers ask
+    /// for stays until the source is disposed). With 1 (the default) every read computes its own tensor.</param>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="readersPerTensor"/> is less than 1.</exception>
     public SeededWeights(ViTConfig config, ulong seed, int readersPerTensor = 1)
     {
@@ -91,6 +91,9 @@ public sealed class SeededWeights : ITensorSource
         var shape = ShapeOf(name);
         using var generator = new torch.Generator(KeySeed(name));
         using var noGrad = torch.no_grad();
+        // Owned by the caller, not by a dispose scope of the thread that happens to compute it: with several readers
+        // per tensor the last reader, on another thread, releases it.
+        using var scope = torch.NewDisposeScope();
         var t = torch.empty(shape, dtype: ScalarType.Float32);
         string leaf = name[(name.LastIndexOf('.') + 1)..];
         // Values the modules are created with and the rules leave alone: norm scales one, LayerScale init_values.
@@ -98,7 +101,7 @@ public sealed class SeededWeights : ITensorSource
         else if (leaf == "weight" && shape.Length == 1) t.fill_(1.0);
         else Param.Zero(t);
         Initialization.Apply(_config, name, t, shape, Initialization.FillWhole, generator);
-        return t;
+        return t.DetachFromDisposeScope();
     }
 
     /// <summary>FNV-1a over the seed and the key: a parameter's stream depends on nothing else.</summary>

@@ -151,26 +151,36 @@ public sealed class ShardedVisionTransformer : IDisposable
             filled += bytes;
         }
         long total = 0;
-        ICommWork? pending = null;
-        List<Tensor>? pendingBucket = null;
-        Tensor? pendingFlat = null;
+        var inFlight = new Queue<(ICommWork Work, List<Tensor> Bucket, Tensor Flat)>();
         try
         {
             foreach (var bucket in buckets)
             {
                 var flat = Flatten(bucket);
                 total += flat.numel() * flat.element_size();
-                var work = comm.AllReduceAsync(flat);
-                if (pending is not null) Finish(pending, pendingBucket!, pendingFlat!, divideBy);
-                (pending, pendingBucket, pendingFlat) = (work, bucket, flat);
+                ICommWork work;
+                try
+                {
+                    work = comm.AllReduceAsync(flat);
+                }
+                catch
+                {
+                    flat.Dispose();
+                    throw;
+                }
+                inFlight.Enqueue((work, bucket, flat));
+                if (inFlight.Count > 1) Finish(inFlight.Dequeue(), divideBy);
             }
-            if (pending is not null) Finish(pending, pendingBucket!, pendingFlat!, divideBy);
-            pending = null;
+            while (inFlight.Count > 0) Finish(inFlight.Dequeue(), divideBy);
         }
         finally
         {
-            pending?.Dispose();      // an exception left a bucket in flight: wait for it before its buffer goes
-            pendingFlat?.Dispose();
+            // An exception left buckets in flight: wait for them (Dispose) before their buffers go.
+            foreach (var (work, _, flat) in inFlight)
+            {
+                work.Dispose();
+                flat.Dispose();
+            }
         }
         return (buckets.Count, total);
     }
@@ -182,15 +192,22 @@ public sealed class ShardedVisionTransformer : IDisposable
         return torch.cat(bucket.Select(g => g.reshape(-1)).ToArray()).DetachFromDisposeScope();
     }
 
-    private static void Finish(ICommWork work, List<Tensor> bucket, Tensor flat, int divideBy)
+    private static void Finish((ICommWork Work, List<Tensor> Bucket, Tensor Flat) item, int divideBy)
     {
         using var scope = torch.NewDisposeScope();
-        var sum = work.Wait();
-        work.Dispose();
-        flat.Dispose();
+        Tensor sum;
+        try
+        {
+            sum = item.Work.Wait();
+        }
+        finally
+        {
+            item.Work.Dispose();
+            item.Flat.Dispose();
+        }
         if (divideBy > 1) sum.div_(divideBy);
         long offset = 0;
-        foreach (var g in bucket)
+        foreach (var g in item.Bucket)
         {
             long n = g.numel();
             g.copy_(sum.narrow(0, offset, n).view(g.shape));
@@ -276,11 +293,22 @@ public sealed class ShardedVisionTransformer : IDisposable
         var shapes = Plan.FullShapes();
         var layout = Module.state_dict().Select(kv => (kv.Key, kv.Value.dtype, shapes[kv.Key])).ToList();
         var metadata = new Dictionary<string, string> { ["config"] = ViTConfigJson.ToJson(Plan.Config) };
-        Safetensors.SaveStreamed(path, layout, emit =>
+        using var gathered = Gathered().GetEnumerator();
+        try
         {
-            foreach (var (key, whole) in Gathered())
-                using (whole) emit(key, whole);
-        }, metadata);
+            Safetensors.SaveStreamed(path, layout, emit =>
+            {
+                while (gathered.MoveNext())
+                    using (gathered.Current.Whole) emit(gathered.Current.Key, gathered.Current.Whole);
+            }, metadata);
+        }
+        catch (Exception e) when (e is not CommunicatorException)
+        {
+            // The file could not be written (a missing folder, a full disk): the other ranks are still gathering, so take
+            // part in the remaining collectives before throwing, instead of leaving them to their timeout.
+            while (gathered.MoveNext()) gathered.Current.Whole.Dispose();
+            throw;
+        }
     }
 
     // Each parameter gathered whole on the CPU, in state-dict order (a collective per parameter on every rank).

@@ -128,8 +128,8 @@ internal sealed class StreamedShardedEncoder : nn.Module, IBlockStack
             foreach (var (name, p) in block.named_parameters())
             {
                 string key = prefix + name;
-                using var full = _weights.Read(key);
-                using var slice = ShardingPlan.Slice(full, _s.Plan.Spec(key, full.shape, _s.ModelIndex, _s.DataIndex));
+                var spec = _s.Plan.Spec(key, _s.Plan.FullShapes()[key], _s.ModelIndex, _s.DataIndex);
+                using var slice = spec.IsWhole ? _weights.Read(key) : _weights.ReadSlice(key, spec.Dim, spec.Segments);
                 p.copy_(slice);
             }
             return block;

@@ -6,8 +6,8 @@ using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Parallel;
 
-/// <summary>Bucketed gradient synchronization gives per-parameter synchronization's gradients bit for bit, with one
-/// collective per bucket.</summary>
+/// <summary>Bucketed gradient synchronization gives the gradients of one all-reduce per gradient (written out in the
+/// test) bit for bit, with one collective per bucket.</summary>
 public class GradientBucketTests
 {
     [Theory]
@@ -43,17 +43,33 @@ public class GradientBucketTests
                 var sync = shard.SynchronizeGradients(bucketBytes);
                 return (parameters.ToDictionary(p => p.name, p => p.parameter.grad!.clone()), sync);
             }
+            // The reference, written out with the communicators: each partial gradient summed over the model axis, then
+            // each gradient that is not data-sharded averaged over the data axis, one all-reduce per gradient.
+            var shapes = plan.FullShapes();
+            var reference = new Dictionary<string, Tensor>();
+            using (torch.no_grad())
+            {
+                for (int i = 0; i < parameters.Count; i++)
+                {
+                    var (name, _) = parameters[i];
+                    var g = local[i].clone();
+                    if (plan.IsPartialOnModelAxis(name, shapes[name])) g = ctx.Model.AllReduce(g);
+                    if (data > 1 && !plan.IsFsdpSharded(name, shapes[name])) g = ctx.Data.AllReduce(g).div_(data);
+                    reference[name] = g;
+                }
+            }
             var eachAlone = Synchronize(0);
             var small = Synchronize(4096);
             var standard = Synchronize(ShardedVisionTransformer.DefaultBucketBytes);
             var (modelAxis, dataAxis) = (parameters.Count(p => plan.IsPartialOnModelAxis(p.name, plan.FullShapes()[p.name])),
                 data > 1 ? parameters.Count(p => !plan.IsFsdpSharded(p.name, plan.FullShapes()[p.name])) : 0);
-            return (eachAlone, small, standard, modelAxis, dataAxis, Bytes: parameters.Sum(p => p.parameter.numel() * 4));
+            return (eachAlone, small, standard, modelAxis, dataAxis, Bytes: parameters.Sum(p => p.parameter.numel() * 4), reference);
         });
         foreach (var r in results)
         {
             foreach (var (key, g) in r.eachAlone.Grads)
             {
+                Assert.True(TensorAssert.Same(r.reference[key], g), $"{key}: per-parameter synchronization differs from the written-out reference");
                 Assert.True(TensorAssert.Same(g, r.small.Grads[key]), $"{key}: 4 KiB buckets differ from per-parameter synchronization");
                 Assert.True(TensorAssert.Same(g, r.standard.Grads[key]), $"{key}: 25 MiB buckets differ from per-parameter synchronization");
             }

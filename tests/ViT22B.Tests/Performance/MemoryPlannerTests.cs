@@ -176,15 +176,24 @@ public class MemoryPlannerTests
     private sealed class SampledSource(ITensorSource inner, long baseline) : ITensorSource
     {
         public long Peak;
+        public int Reads, SliceReads;
         public string Path => inner.Path;
         public IReadOnlyList<string> Names => inner.Names;
         public IReadOnlyDictionary<string, string> Metadata => inner.Metadata;
         public bool Contains(string name) => inner.Contains(name);
         public long[] ShapeOf(string name) => inner.ShapeOf(name);
 
-        public Tensor Read(string name) => Sampled(inner.Read(name));
+        public Tensor Read(string name)
+        {
+            Interlocked.Increment(ref Reads);
+            return Sampled(inner.Read(name));
+        }
 
-        public Tensor ReadSlice(string name, int dim, IReadOnlyList<(long Start, long Length)> segments) => Sampled(inner.ReadSlice(name, dim, segments));
+        public Tensor ReadSlice(string name, int dim, IReadOnlyList<(long Start, long Length)> segments)
+        {
+            Interlocked.Increment(ref SliceReads);
+            return Sampled(inner.ReadSlice(name, dim, segments));
+        }
 
         private Tensor Sampled(Tensor t)
         {
@@ -284,6 +293,12 @@ public class MemoryPlannerTests
                 $"loading staged {source.Peak:N0} bytes beyond the shard at its peak; one slice is {largestSlice:N0} (the whole checkpoint {file:N0})");
             Assert.True(source.Peak >= largestSlice / 2, $"peak {source.Peak:N0} bytes: the slices were not measured");
             Assert.True(after <= 1 << 20, $"{after:N0} bytes still allocated after the load");
+            // The peak is sampled when a read returns; that no read staged a whole tensor before cutting it shows in how
+            // the tensors were read: whole only where the rank holds the whole tensor, every split one as a slice.
+            int split = shapes.Count(kv => !plan.Spec(kv.Key, kv.Value, 1).IsWhole);
+            Assert.Equal(split, source.SliceReads);
+            Assert.Equal(shapes.Count - split, source.Reads);
+            Assert.True(split > 0);
         }
         finally
         {
