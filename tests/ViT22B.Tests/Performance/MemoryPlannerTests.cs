@@ -260,8 +260,12 @@ public class MemoryPlannerTests
         }
     }
 
-    [Fact]
-    public void A_rank_loads_its_shard_of_a_checkpoint_several_times_its_budget_with_one_slice_of_staging()
+    [Theory]
+    [InlineData(1, 4, false, 1)]
+    [InlineData(1, 8, false, 6)]
+    [InlineData(2, 2, true, 3)]
+    [InlineData(2, 4, true, 5)]
+    public void A_rank_loads_its_shard_of_a_checkpoint_several_times_its_budget_with_one_slice_of_staging(int data, int modelAxis, bool fsdp, int rank)
     {
         Assert.True(HaveMallInfo2(), "needs glibc's mallinfo2 (Linux, glibc 2.33+)");
         var c = new ViTConfig
@@ -270,18 +274,20 @@ public class MemoryPlannerTests
             GlobalPool = GlobalPool.Gap, NumClasses = 0,
         };
         string dir = Directory.CreateTempSubdirectory("vit22b-load-peak-").FullName;
-        var world = new ViT22B.Parallel.ThreadedWorld(4);
-        var ranks = ViT22B.Parallel.RankContext.CreateThreaded(world, new ViT22B.Parallel.DeviceMesh(1, 4));
+        var mesh = new ViT22B.Parallel.DeviceMesh(data, modelAxis);
+        var world = new ViT22B.Parallel.ThreadedWorld(mesh.WorldSize);
+        var ranks = ViT22B.Parallel.RankContext.CreateThreaded(world, mesh);
+        var (dataIndex, modelIndex) = mesh.Coordinates(rank);
         Assert.Equal(1, MallOpt(MmapThreshold, 4096));      // as in Training_memory_matches_measured_allocation
         try
         {
             string path = Path.Combine(dir, "model.safetensors");
             using (var model = new VisionTransformer(c, torch.CPU, ScalarType.Float32)) SafetensorsCheckpoint.Save(model, path);
-            var plan = new ViT22B.Parallel.ShardingPlan(c, 4);
-            // Rank 1 alone: building and loading a shard are local (no collectives).
-            using var shard = new ViT22B.Parallel.ShardedVisionTransformer(plan, ranks[1], ViT22B.Parallel.CommMode.Overlapped, ScalarType.Float32);
+            var plan = new ViT22B.Parallel.ShardingPlan(c, modelAxis, data, fsdp);
+            // One rank alone: building and loading a shard are local (no collectives).
+            using var shard = new ViT22B.Parallel.ShardedVisionTransformer(plan, ranks[rank], ViT22B.Parallel.CommMode.Overlapped, ScalarType.Float32);
             var shapes = plan.FullShapes();
-            long largestSlice = shapes.Max(kv => plan.Spec(kv.Key, kv.Value, 1).LocalShape.Aggregate(1L, (a, n) => a * n)) * 4;
+            long largestSlice = shapes.Max(kv => plan.Spec(kv.Key, kv.Value, modelIndex, dataIndex).LocalShape.Aggregate(1L, (a, n) => a * n)) * 4;
             long budget = shard.ParameterBytes + largestSlice;
             long file = new FileInfo(path).Length;
             Assert.True(file > 3 * budget, $"the checkpoint ({file:N0} bytes) must be several times the rank's budget ({budget:N0})");
@@ -295,7 +301,7 @@ public class MemoryPlannerTests
             Assert.True(after <= 1 << 20, $"{after:N0} bytes still allocated after the load");
             // The peak is sampled when a read returns; that no read staged a whole tensor before cutting it shows in how
             // the tensors were read: whole only where the rank holds the whole tensor, every split one as a slice.
-            int split = shapes.Count(kv => !plan.Spec(kv.Key, kv.Value, 1).IsWhole);
+            int split = shapes.Count(kv => !plan.Spec(kv.Key, kv.Value, modelIndex, dataIndex).IsWhole);
             Assert.Equal(split, source.SliceReads);
             Assert.Equal(shapes.Count - split, source.Reads);
             Assert.True(split > 0);
