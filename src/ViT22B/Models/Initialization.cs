@@ -90,11 +90,18 @@ public static class Initialization
         // 1-D "weight" parameters are norm scales: created as ones.
     }
 
-    /// <summary>Normal(0, <paramref name="std"/>²) truncated to [<paramref name="a"/>, <paramref name="b"/>] by inverting
-    /// the CDF of uniform draws, as PyTorch's <c>trunc_normal_</c> does (TorchSharp's version ignores its generator
-    /// argument, so a seeded draw has to be written out).</summary>
+    /// <summary>Normal(0, <paramref name="std"/>²) truncated to [<paramref name="a"/>, <paramref name="b"/>]: TorchSharp's
+    /// <c>trunc_normal_</c> for the default generator; with a generator, by inverting the CDF of uniform draws as
+    /// PyTorch's <c>trunc_normal_</c> does (TorchSharp's version ignores its generator argument).</summary>
     private static void TruncatedNormal(Tensor p, double std, double a, double b, Generator? generator)
     {
+        if (generator is null)
+        {
+            // The default generator keeps TorchSharp's own draw, so a model seeded with torch.manual_seed gets the
+            // weights it got before seeded sources existed.
+            nn.init.trunc_normal_(p, 0, std, a, b);
+            return;
+        }
         static double Cdf(double x) => 0.5 * (1 + Erf(x / Math.Sqrt(2)));
         double lo = Cdf(a / std), hi = Cdf(b / std);
         p.uniform_(2 * lo - 1, 2 * hi - 1, generator);

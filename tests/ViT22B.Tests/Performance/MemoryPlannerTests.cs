@@ -240,11 +240,14 @@ public class MemoryPlannerTests
                     peaks.Add(source.Peak);
                     after.Add(Allocated(collect: false) - baseline);
                 }
-                long peak = peaks.Min();
+                long peak = peaks.Min(), highest = peaks.Max();   // how much of the plan a pass reaches depends on thread timing
                 string seen = $"peaks while reading {string.Join(", ", peaks.Select(x => x.ToString("N0", System.Globalization.CultureInfo.InvariantCulture)))} bytes, " +
                               $"planned {plan.Total:N0} (weights {plan.Weights:N0}, staging {plan.Staging:N0}, activations {plan.Activations:N0}); model {model:N0}";
-                Assert.True(peak <= 1.1 * plan.Total, seen);
-                Assert.True(peak >= 0.5 * plan.Total, $"the plan is far above what was measured: {seen}");
+                // 1.5: the smallest peak of three passes came to 1.0-1.45 times the plan depending on which tests ran before in
+                // the same process (garbage awaiting a collection counts here); one block kept alive too many would be
+                // 1.7 times, the staging leak of TorchSharp's zero_() handle 9 times.
+                Assert.True(peak <= 1.5 * plan.Total, seen);
+                Assert.True(highest >= 0.5 * plan.Total, $"the plan is far above what was measured: {seen}");
                 // What stays allocated after a pass (without a garbage collection): the resident parameters and at most
                 // libtorch's own reusable buffers, less than one block; a staging buffer or block kept alive per block
                 // would add up over the 12 blocks of every pass.
@@ -295,7 +298,9 @@ public class MemoryPlannerTests
             var source = new SampledSource(SafetensorsReader.Open(path), baseline);
             using (source) shard.LoadFull(source);
             long after = Allocated(collect: false) - baseline;
-            Assert.True(source.Peak <= largestSlice + (1 << 20),
+            // Alone this measures at most one slice; after the other allocator tests in the same process, up to two (garbage
+            // awaiting a collection counts here). Reading the largest tensor whole would exceed both: it is 4 to 8 slices.
+            Assert.True(source.Peak <= 2 * largestSlice + (1 << 20),
                 $"loading staged {source.Peak:N0} bytes beyond the shard at its peak; one slice is {largestSlice:N0} (the whole checkpoint {file:N0})");
             Assert.True(source.Peak >= largestSlice / 2, $"peak {source.Peak:N0} bytes: the slices were not measured");
             Assert.True(after <= 1 << 20, $"{after:N0} bytes still allocated after the load");
@@ -312,6 +317,21 @@ public class MemoryPlannerTests
             foreach (var r in ranks) r.Dispose();
             Directory.Delete(dir, recursive: true);
         }
+    }
+
+    [Fact]
+    public void Param_Zero_leaves_no_handle_behind()
+    {
+        using var t = torch.ones(1000);
+        long before = Tensor.TotalCount;
+        var alias = t.zero_();                      // TorchSharp 0.107: a new handle onto t's storage
+        bool isNewHandle = !ReferenceEquals(alias, t);
+        if (isNewHandle) alias.Dispose();
+        Assert.Equal(before, Tensor.TotalCount);
+        Assert.True(isNewHandle, "TorchSharp's zero_() returns the tensor itself now: Param.Zero's workaround can go");
+        ViT22B.Layers.Param.Zero(t);
+        Assert.Equal(before, Tensor.TotalCount);
+        Assert.Equal(0f, t.abs().max().item<float>());
     }
 
     /// <summary>Repeats a reading until three of them lie within 0.1% of each other and returns their median; fails,
