@@ -60,7 +60,7 @@ public static class MemoryPlanner
         if (batch < 1 || model < 1 || data < 1) throw new ArgumentException($"batch ({batch}), model ({model}) and data ({data}) must be at least 1.");
         if (c.NumHeads % model != 0 || c.MlpDim % model != 0)
             throw new ArgumentException($"A model axis of {model} must divide num_heads ({c.NumHeads}) and mlp_dim ({c.MlpDim}).");
-        long size = Size(dtype, nameof(dtype));
+        long size = ModelAccounting.BytesPerElement(dtype, nameof(dtype));
         var p = ModelAccounting.Parameters(c);
         long l = c.Depth;
         long splitBiases = l * SplitBiasesPerBlock(c);
@@ -115,7 +115,7 @@ public static class MemoryPlanner
         if (batch < 1 || model < 1) throw new ArgumentException($"batch ({batch}) and model ({model}) must be at least 1.");
         if (c.NumHeads % model != 0 || c.MlpDim % model != 0)
             throw new ArgumentException($"A model axis of {model} must divide num_heads ({c.NumHeads}) and mlp_dim ({c.MlpDim}).");
-        long size = Size(dtype, nameof(dtype)), sourceSize = Size(sourceDtype, nameof(sourceDtype));
+        long size = ModelAccounting.BytesPerElement(dtype, nameof(dtype)), sourceSize = ModelAccounting.BytesPerElement(sourceDtype, nameof(sourceDtype));
         var p = ModelAccounting.Parameters(c);
         double blockParams = (double)p.Blocks / c.Depth;
         double split = (double)p.BlockMatmulWeights / c.Depth + SplitBiasesPerBlock(c);
@@ -131,14 +131,6 @@ public static class MemoryPlanner
             Staging = (long)Math.Ceiling(staging),
         };
     }
-
-    private static long Size(ScalarType dtype, string name) => dtype switch
-    {
-        ScalarType.Float64 => 8,
-        ScalarType.Float32 => 4,
-        ScalarType.BFloat16 or ScalarType.Float16 => 2,
-        _ => throw new ArgumentException($"Not a floating-point dtype: {dtype}.", name),
-    };
 
     /// <summary>Biases of a block that are split over the model axis with their rows.</summary>
     private static long SplitBiasesPerBlock(ViTConfig c)

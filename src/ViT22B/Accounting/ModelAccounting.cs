@@ -115,12 +115,15 @@ public static class ModelAccounting
     }
 
     /// <summary>Bytes of the parameters alone in <paramref name="dtype"/> (no gradients, optimizer state or activations).</summary>
-    public static long ParameterBytes(ViTConfig c, TorchSharp.torch.ScalarType dtype) => Parameters(c).Total * dtype switch
+    public static long ParameterBytes(ViTConfig c, TorchSharp.torch.ScalarType dtype) => Parameters(c).Total * BytesPerElement(dtype, nameof(dtype));
+
+    /// <summary>Bytes of one element of a floating-point dtype.</summary>
+    internal static long BytesPerElement(TorchSharp.torch.ScalarType dtype, string paramName) => dtype switch
     {
         TorchSharp.torch.ScalarType.Float64 => 8,
         TorchSharp.torch.ScalarType.Float32 => 4,
         TorchSharp.torch.ScalarType.BFloat16 or TorchSharp.torch.ScalarType.Float16 => 2,
-        _ => throw new ArgumentException($"Not a floating-point parameter dtype: {dtype}.", nameof(dtype)),
+        _ => throw new ArgumentException($"Not a floating-point dtype: {dtype}.", paramName),
     };
 
     /// <summary>

@@ -65,6 +65,6 @@ internal static class TensorSlices
     {
         using var scope = torch.NewDisposeScope();
         var parts = segments.Select(g => whole.narrow(dim, g.Start, g.Length)).ToArray();
-        return (parts.Length == 1 ? parts[0].clone() : torch.cat(parts, dim)).DetachFromDisposeScope();
+        return (parts.Length == 1 ? parts[0].clone() : torch.cat(parts, dim)).MoveToOuterDisposeScope();
     }
 }

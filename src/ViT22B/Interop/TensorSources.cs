@@ -32,4 +32,14 @@ public static class TensorSources
         if (path.EndsWith(".npz", StringComparison.OrdinalIgnoreCase)) return NpzReader.Open(path);
         throw new ArgumentException($"Checkpoint '{path}' is not a kind this library reads ({Kinds}).", nameof(path));
     }
+
+    /// <summary>Throws when <paramref name="source"/> lacks <paramref name="key"/> or holds it in another shape than
+    /// <paramref name="expected"/>; the message names the source, the key and both shapes.</summary>
+    internal static void CheckShape(ITensorSource source, string key, long[] expected)
+    {
+        if (!source.Contains(key)) throw new KeyNotFoundException($"{source.Path} has no '{key}'.");
+        var found = source.ShapeOf(key);
+        if (!found.SequenceEqual(expected))
+            throw new ArgumentException($"{source.Path}: '{key}' is [{string.Join(", ", found)}] but the model needs [{string.Join(", ", expected)}].");
+    }
 }

@@ -30,7 +30,7 @@ public sealed class StreamedVisionTransformer : IDisposable
         ArgumentNullException.ThrowIfNull(weights);
         config.Validate();
         var shapes = VisionTransformer.StateShapes(config);
-        foreach (var (key, shape) in shapes) CheckShape(weights, key, shape);
+        foreach (var (key, shape) in shapes) TensorSources.CheckShape(weights, key, shape);
         StreamedEncoder? blocks = null;
         _model = new VisionTransformer(config, device, dtype,
             (c, dev, dt) => blocks = new StreamedEncoder(c, weights, dev, dt, prefetch),
@@ -65,14 +65,6 @@ public sealed class StreamedVisionTransformer : IDisposable
     /// <summary>Releases the resident parameters.</summary>
     public void Dispose() => _model.Dispose();
 
-    internal static void CheckShape(ITensorSource weights, string key, long[] expected)
-    {
-        if (!weights.Contains(key)) throw new KeyNotFoundException($"{weights.Path} has no '{key}'.");
-        var found = weights.ShapeOf(key);
-        if (!found.SequenceEqual(expected))
-            throw new ArgumentException($"{weights.Path}: '{key}' is [{string.Join(", ", found)}] but the model needs [{string.Join(", ", expected)}].");
-    }
-
     /// <summary>Copies <paramref name="weights"/>' tensors into <paramref name="module"/>'s parameters named
     /// <paramref name="prefix"/> + their key, converting dtype and device; one staging tensor at a time.</summary>
     internal static void Load(nn.Module module, ITensorSource weights, string prefix)
@@ -90,38 +82,20 @@ public sealed class StreamedVisionTransformer : IDisposable
 
 /// <summary>The block stack of a <see cref="StreamedVisionTransformer"/>: holds no blocks, builds each from the
 /// weight source when the pass reaches it (<see cref="BlockStreaming"/>).</summary>
-internal sealed class StreamedEncoder : nn.Module, IBlockStack
+internal sealed class StreamedEncoder : StreamedBlockStack
 {
     private readonly ViTConfig _config;
     private readonly ITensorSource _weights;
     private readonly Device _device;
     private readonly ScalarType _dtype;
-    private readonly bool _prefetch;
 
-    public StreamedEncoder(ViTConfig config, ITensorSource weights, Device device, ScalarType dtype, bool prefetch) : base(nameof(StreamedEncoder))
+    public StreamedEncoder(ViTConfig config, ITensorSource weights, Device device, ScalarType dtype, bool prefetch)
+        : base(nameof(StreamedEncoder), prefetch)
     {
-        (_config, _weights, _device, _dtype, _prefetch) = (config, weights, device, dtype, prefetch);
+        (_config, _weights, _device, _dtype) = (config, weights, device, dtype);
     }
 
-    public StreamingStats? LastPass { get; private set; }
-
-    public ActivationCheckpointing Checkpointing
-    {
-        get => ActivationCheckpointing.None;
-        set
-        {
-            if (value != ActivationCheckpointing.None) throw new NotSupportedException("A streamed model runs inference only; there is nothing to recompute.");
-        }
-    }
-
-    public void ThrowIfBackwardFailed() { }
-
-    public Tensor forward(Tensor x)
-    {
-        var (y, stats) = BlockStreaming.Run(_config.Depth, Load, (block, h) => block.call(h), x, _prefetch);
-        LastPass = stats;
-        return y;
-    }
+    public override Tensor forward(Tensor x) => Stream(_config.Depth, Load, (block, h) => block.call(h), x);
 
     private nn.Module<Tensor, Tensor> Load(int index)
     {

@@ -246,13 +246,7 @@ public sealed class ShardedVisionTransformer : IDisposable
         ArgumentNullException.ThrowIfNull(source);
         ObjectDisposedException.ThrowIf(_disposed, this);
         var shapes = Plan.FullShapes();
-        foreach (var (key, shape) in shapes)
-        {
-            if (!source.Contains(key)) throw new KeyNotFoundException($"{source.Path} has no '{key}'.");
-            var found = source.ShapeOf(key);
-            if (!found.SequenceEqual(shape))
-                throw new ArgumentException($"{source.Path}: '{key}' is [{string.Join(", ", found)}] but the model needs [{string.Join(", ", shape)}].");
-        }
+        foreach (var (key, shape) in shapes) TensorSources.CheckShape(source, key, shape);
         using var noGrad = torch.no_grad();
         foreach (var (key, p) in Module.state_dict())
         {

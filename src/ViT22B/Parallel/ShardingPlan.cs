@@ -116,10 +116,7 @@ public sealed class ShardingPlan
     /// <summary>Cuts a rank's shard out of a full tensor.</summary>
     public static Tensor Slice(Tensor full, ShardSpec spec)
     {
-        if (spec.IsWhole) return full.alias();
-        using var scope = torch.NewDisposeScope();
-        var parts = spec.Segments.Select(s => full.narrow(spec.Dim, s.Start, s.Length)).ToArray();
-        return (parts.Length == 1 ? parts[0].clone() : torch.cat(parts, spec.Dim)).MoveToOuterDisposeScope();
+        return spec.IsWhole ? full.alias() : Interop.TensorSlices.Cut(full, spec.Dim, spec.Segments);
     }
 
     /// <summary>Writes a shard back into its place in a full tensor.</summary>

@@ -35,7 +35,7 @@ public sealed class StreamedShardedVisionTransformer : IDisposable
         if (plan.ModelSize != rank.Mesh.ModelSize || plan.DataSize != rank.Mesh.DataSize)
             throw new ArgumentException($"The plan is for a {plan.DataSize}×{plan.ModelSize} mesh but the rank belongs to a {rank.Mesh.DataSize}×{rank.Mesh.ModelSize} mesh.");
         if (plan.Fsdp) throw new ArgumentException("Streamed inference splits the blocks over the model axis only; use a plan without FSDP.");
-        foreach (var (key, shape) in plan.FullShapes()) StreamedVisionTransformer.CheckShape(weights, key, shape);
+        foreach (var (key, shape) in plan.FullShapes()) TensorSources.CheckShape(weights, key, shape);
         var s = new ShardContext(plan, rank, mode);
         StreamedShardedEncoder? blocks = null;
         _model = new VisionTransformer(plan.Config, rank.Device, dtype,
@@ -78,40 +78,26 @@ public sealed class StreamedShardedVisionTransformer : IDisposable
 
 /// <summary>The block stack of a <see cref="StreamedShardedVisionTransformer"/>: token chunks as in the sharded
 /// encoder, block shards built from the weight source as the pass reaches them.</summary>
-internal sealed class StreamedShardedEncoder : nn.Module, IBlockStack
+internal sealed class StreamedShardedEncoder : StreamedBlockStack
 {
     private readonly ShardContext _s;
     private readonly ITensorSource _weights;
     private readonly Device _device;
     private readonly ScalarType _dtype;
-    private readonly bool _prefetch;
 
-    public StreamedShardedEncoder(ShardContext s, ITensorSource weights, Device device, ScalarType dtype, bool prefetch) : base(nameof(StreamedShardedEncoder))
+    public StreamedShardedEncoder(ShardContext s, ITensorSource weights, Device device, ScalarType dtype, bool prefetch)
+        : base(nameof(StreamedShardedEncoder), prefetch)
     {
-        (_s, _weights, _device, _dtype, _prefetch) = (s, weights, device, dtype, prefetch);
+        (_s, _weights, _device, _dtype) = (s, weights, device, dtype);
     }
 
-    public StreamingStats? LastPass { get; private set; }
-
-    public ActivationCheckpointing Checkpointing
-    {
-        get => ActivationCheckpointing.None;
-        set
-        {
-            if (value != ActivationCheckpointing.None) throw new NotSupportedException("A streamed model runs inference only; there is nothing to recompute.");
-        }
-    }
-
-    public void ThrowIfBackwardFailed() { }
-
-    public Tensor forward(Tensor x)
+    public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
         var comm = _s.Rank.Model;
         var counts = TokenPartition.Counts(x.shape[1], comm.Size);
         var h = Regions.ScatterTokens(x.transpose(0, 1).contiguous(), comm, counts);   // [T_r, B, D], contiguous (see Rings)
-        var (y, stats) = BlockStreaming.Run(_s.Plan.Config.Depth, Load, (block, t) => block.call(t, counts), h, _prefetch);
-        LastPass = stats;
+        var y = Stream(_s.Plan.Config.Depth, Load, (block, t) => block.call(t, counts), h);
         return Regions.GatherTokens(y, comm, counts).transpose(0, 1).contiguous().MoveToOuterDisposeScope();
     }
 
