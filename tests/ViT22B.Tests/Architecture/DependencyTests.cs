@@ -24,10 +24,18 @@ public class DependencyTests
         ["Parallel"] = new[] { "Models", "Layers", "Interop" },
         ["Cuda"] = new[] { "Parallel", "Interop" },
         ["Imaging"] = new[] { "Data", "Interop" },
+        ["Onnx"] = new[] { "Models", "Layers", "Interop", "Data" },
+        ["OnnxRuntime"] = Array.Empty<string>(),
+    };
+
+    private static readonly System.Reflection.Assembly[] Assemblies =
+    {
+        typeof(VisionTransformer).Assembly, typeof(ViT22B.Imaging.ImageTensors).Assembly,
+        typeof(ViT22B.Onnx.OnnxExport).Assembly, typeof(ViT22B.OnnxRuntime.OnnxVisionTransformer).Assembly,
     };
 
     private static readonly ArchUnitNET.Domain.Architecture Library = new ArchLoader()
-        .LoadAssemblies(typeof(VisionTransformer).Assembly, typeof(ViT22B.Imaging.ImageTensors).Assembly).Build();
+        .LoadAssemblies(Assemblies).Build();
 
     /// <summary>One rule per forbidden arrow between the graph's namespaces below <paramref name="root"/>.</summary>
     internal static IEnumerable<IArchRule> Rules(string root) =>
@@ -53,11 +61,19 @@ public class DependencyTests
     [Fact]
     public void Every_namespace_of_the_library_is_placed_in_the_graph()
     {
-        var namespaces = typeof(VisionTransformer).Assembly.GetTypes().Concat(typeof(ViT22B.Imaging.ImageTensors).Assembly.GetTypes())
+        var namespaces = Assemblies.SelectMany(a => a.GetTypes())
             .Select(t => t.Namespace).Where(n => n is not null && n.StartsWith("ViT22B", StringComparison.Ordinal))
             .Distinct().Order().ToList();
         var unplaced = namespaces.Where(n => !Graph.ContainsKey(n!["ViT22B.".Length..].Split('.')[0])).ToList();
         Assert.True(unplaced.Count == 0, $"Namespaces not in the dependency graph (add them to Graph and docs/architecture.md): {string.Join(", ", unplaced)}");
+    }
+
+    [Fact]
+    public void The_onnx_runner_needs_neither_TorchSharp_nor_the_library()
+    {
+        var references = typeof(ViT22B.OnnxRuntime.OnnxVisionTransformer).Assembly.GetReferencedAssemblies().Select(a => a.Name!).ToList();
+        Assert.Contains("Microsoft.ML.OnnxRuntime", references);
+        Assert.DoesNotContain(references, r => r.StartsWith("TorchSharp", StringComparison.Ordinal) || r.StartsWith("ViT22B", StringComparison.Ordinal));
     }
 
     [Fact]

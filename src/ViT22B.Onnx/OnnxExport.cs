@@ -1,0 +1,127 @@
+using System.Reflection;
+using Google.Protobuf;
+using TorchSharp.Modules;
+using ViT22B.Data;
+using ViT22B.Interop;
+using ViT22B.Layers;
+using ViT22B.Models;
+using ViT22B.Onnx.Proto;
+using static TorchSharp.torch;
+
+namespace ViT22B.Onnx;
+
+/// <summary>How an exported model stores its weights.</summary>
+public enum OnnxWeights
+{
+    /// <summary>float32 weights.</summary>
+    F32,
+    /// <summary>IEEE half-precision weights, cast to float32 once when ONNX Runtime loads the model: half the file, the
+    /// float32 model's speed and memory at run time.</summary>
+    F16,
+    /// <summary>bfloat16 weights, cast to float32 once when ONNX Runtime loads the model.</summary>
+    BF16,
+    /// <summary>Linear layers in int8 (symmetric, one scale per output channel) with inputs quantized per call to
+    /// uint8 (<c>DynamicQuantizeLinear</c> + <c>MatMulInteger</c>, the graph ONNX Runtime's <c>quantize_dynamic</c>
+    /// writes with <c>per_channel=True</c>); the other weights float32.</summary>
+    DynamicInt8,
+}
+
+/// <summary>What <see cref="OnnxExport.Save"/> writes besides the graph.</summary>
+public sealed record OnnxExportOptions
+{
+    /// <summary>Weight storage (default float32).</summary>
+    public OnnxWeights Weights { get; init; } = OnnxWeights.F32;
+
+    /// <summary>The preprocessing the model expects, stored in the model's metadata under
+    /// <see cref="Preprocessing.MetadataKey"/> (null: none stored).</summary>
+    public Preprocessing? Preprocessing { get; init; }
+}
+
+/// <summary>
+/// Exports a <see cref="VisionTransformer"/> to a standard ONNX model (opset 18, default-domain operators only, IR
+/// version 8) that computes what <see cref="VisionTransformer.Encode"/> computes: input <c>images</c> float32
+/// [batch, C, H, W] (H and W symbolic when the model has <see cref="ViTConfig.DynamicImgSize"/>), outputs
+/// <c>features</c> [batch, D] (the pooled embedding), <c>tokens</c> [batch, N, D] (patch tokens) and, with a
+/// classifier, <c>logits</c> [batch, classes]. The model's config (<see cref="ViTConfigJson"/>) is stored in the
+/// metadata under <see cref="ConfigMetadataKey"/>, its preprocessing under <see cref="Preprocessing.MetadataKey"/>.
+/// Run the file with <c>ViT22B.OnnxRuntime.OnnxVisionTransformer</c> or any ONNX runtime. docs/onnx.md has the graph.
+/// </summary>
+public static class OnnxExport
+{
+    /// <summary>The ONNX operator set the graph uses (18: <c>Resize</c> with antialiasing, <c>ReduceMean</c> with
+    /// axes as an input).</summary>
+    public const int Opset = 18;
+
+    /// <summary>The ONNX IR version written (the one that goes with opset 18).</summary>
+    public const int IrVersion = 8;
+
+    /// <summary>The metadata key of the config JSON (as in checkpoints).</summary>
+    public const string ConfigMetadataKey = PretrainedCheckpoint.ConfigMetadataKey;
+
+    /// <summary>Protobuf's limit on one message: a model whose weights come near it cannot be written as one file.</summary>
+    internal const long MaxModelBytes = int.MaxValue - (64L << 20);
+
+    // The module types whose forward pass ViTGraph writes; anything else in a model (a sharded encoder, a module a
+    // caller swapped in) has no ONNX form here.
+    private static readonly HashSet<Type> Supported = new()
+    {
+        typeof(VisionTransformer), typeof(PatchEmbed), typeof(Conv2d), typeof(Linear), typeof(Norm), typeof(Encoder),
+        typeof(ParallelBlock), typeof(SequentialBlock), typeof(Attention), typeof(Mlp), typeof(MapHead), typeof(LayerScale),
+    };
+
+    /// <summary>Writes <paramref name="model"/> to <paramref name="path"/> (atomically: an existing file is replaced only
+    /// when the new one is complete).</summary>
+    /// <exception cref="NotSupportedException">The model contains a module without an ONNX form (named), or its weights
+    /// exceed protobuf's 2 GB message limit.</exception>
+    public static void Save(VisionTransformer model, string path, OnnxExportOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(path);
+        var proto = Build(model, options);
+        AtomicFile.Write(path, s => proto.WriteTo(s));
+    }
+
+    /// <summary>The ONNX model of <paramref name="model"/> as protobuf bytes.</summary>
+    public static byte[] ToBytes(VisionTransformer model, OnnxExportOptions? options = null) => Build(model, options).ToByteArray();
+
+    internal static ModelProto Build(VisionTransformer model, OnnxExportOptions? options, long maxBytes = MaxModelBytes)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        options ??= new OnnxExportOptions();
+        CheckModules(model);
+        var storage = options.Weights switch
+        {
+            OnnxWeights.F16 => ScalarType.Float16,
+            OnnxWeights.BF16 => ScalarType.BFloat16,
+            _ => ScalarType.Float32,
+        };
+        var graph = new OnnxGraph();
+        ViTGraph.Emit(graph, model, storage, options.Weights == OnnxWeights.DynamicInt8);
+        if (graph.InitializerBytes > maxBytes)
+            throw new NotSupportedException($"ONNX export: the weights take {graph.InitializerBytes:N0} bytes, more than one protobuf message can hold ({maxBytes:N0}); export 16-bit or int8 weights, or a smaller model.");
+        var proto = new ModelProto
+        {
+            IrVersion = IrVersion,
+            ProducerName = "ViT22B",
+            ProducerVersion = typeof(OnnxExport).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion ?? "",
+            Domain = "vit22b",
+            DocString = $"ViT22B VisionTransformer ({model.Config.Block} blocks, D = {model.Config.EmbedDim}, depth {model.Config.Depth}), weights {options.Weights}.",
+            Graph = graph.Proto,
+        };
+        proto.OpsetImport.Add(new OperatorSetIdProto { Domain = "", Version = Opset });
+        proto.MetadataProps.Add(new StringStringEntryProto { Key = ConfigMetadataKey, Value = ViTConfigJson.ToJson(model.Config) });
+        proto.MetadataProps.Add(new StringStringEntryProto { Key = "weights", Value = options.Weights.ToString() });
+        if (options.Preprocessing is { } p)
+            proto.MetadataProps.Add(new StringStringEntryProto { Key = Preprocessing.MetadataKey, Value = p.Validate().ToJson() });
+        return proto;
+    }
+
+    private static void CheckModules(VisionTransformer model)
+    {
+        foreach (var (name, module) in model.named_modules())
+        {
+            if (Supported.Contains(module.GetType())) continue;
+            string where = name.Length == 0 ? "the model" : $"'{name}'";
+            throw new NotSupportedException($"ONNX export: {where} is a {module.GetType().Name}, which has no ONNX form (supported: {string.Join(", ", Supported.Select(t => t.Name).Order(StringComparer.Ordinal))}).");
+        }
+    }
+}

@@ -1,0 +1,155 @@
+using Google.Protobuf;
+using TorchSharp;
+using ViT22B.Onnx.Proto;
+using static TorchSharp.torch;
+
+namespace ViT22B.Onnx;
+
+/// <summary>
+/// Builds one ONNX graph node by node: each call adds a node of a standard (default-domain) operator and returns the
+/// name of its output; constants and weights become initializers. Values are float32 unless a method says
+/// otherwise; the caller keeps the nodes in topological order by building them in the order they run.
+/// </summary>
+internal sealed class OnnxGraph
+{
+    private readonly GraphProto _graph = new() { Name = "vit" };
+    private readonly HashSet<string> _names = new(StringComparer.Ordinal);
+    private readonly Dictionary<string, string> _constants = new(StringComparer.Ordinal);
+    private int _counter;
+
+    public GraphProto Proto => _graph;
+
+    /// <summary>Bytes of weight data added so far (the raw data of every initializer).</summary>
+    public long InitializerBytes { get; private set; }
+
+    /// <summary>The operator types used, in first-use order (tests check the set is standard).</summary>
+    public IEnumerable<string> OpTypes => _graph.Node.Select(n => n.OpType).Distinct();
+
+    private string Fresh(string hint)
+    {
+        string name = hint;
+        while (!_names.Add(name)) name = $"{hint}_{++_counter}";
+        return name;
+    }
+
+    /// <summary>Adds a node and returns its first output.</summary>
+    public string Node(string op, IEnumerable<string> inputs, string? output = null, params AttributeProto[] attributes) =>
+        NodeN(op, inputs, 1, output, attributes)[0];
+
+    /// <summary>Adds a node with <paramref name="outputs"/> outputs and returns them.</summary>
+    public string[] NodeN(string op, IEnumerable<string> inputs, int outputs, string? output = null, params AttributeProto[] attributes)
+    {
+        var node = new NodeProto { OpType = op, Name = Fresh($"{op}_{_graph.Node.Count}") };
+        node.Input.AddRange(inputs);
+        var names = Enumerable.Range(0, outputs).Select(i => output is not null && i == 0 ? Fresh(output) : Fresh($"{node.Name}_out{i}")).ToArray();
+        node.Output.AddRange(names);
+        node.Attribute.AddRange(attributes);
+        _graph.Node.Add(node);
+        return names;
+    }
+
+    public static AttributeProto Int(string name, long value) => new() { Name = name, Type = AttributeProto.Types.AttributeType.Int, I = value };
+    public static AttributeProto Float(string name, float value) => new() { Name = name, Type = AttributeProto.Types.AttributeType.Float, F = value };
+    public static AttributeProto Text(string name, string value) => new() { Name = name, Type = AttributeProto.Types.AttributeType.String, S = ByteString.CopyFromUtf8(value) };
+    public static AttributeProto Ints(string name, params long[] values)
+    {
+        var a = new AttributeProto { Name = name, Type = AttributeProto.Types.AttributeType.Ints };
+        a.Ints.AddRange(values);
+        return a;
+    }
+
+    /// <summary>An int64 constant tensor (one initializer per distinct value list).</summary>
+    public string Int64s(params long[] values) => Int64s(values, new long[] { values.Length });
+
+    /// <summary>An int64 scalar constant.</summary>
+    public string Int64Scalar(long value) => Int64s(new[] { value }, Array.Empty<long>());
+
+    private string Int64s(long[] values, long[] dims)
+    {
+        string key = $"i64[{string.Join(",", dims)}]:{string.Join(",", values)}";
+        if (_constants.TryGetValue(key, out var existing)) return existing;
+        var t = new TensorProto { Name = Fresh("const_i64"), DataType = (int)TensorProto.Types.DataType.Int64 };
+        t.Dims.AddRange(dims);
+        t.Int64Data.AddRange(values);
+        _graph.Initializer.Add(t);
+        return _constants[key] = t.Name;
+    }
+
+    /// <summary>A float32 scalar constant.</summary>
+    public string Scalar(double value)
+    {
+        string key = $"f32:{BitConverter.SingleToInt32Bits((float)value)}";
+        if (_constants.TryGetValue(key, out var existing)) return existing;
+        var t = new TensorProto { Name = Fresh("const_f32"), DataType = (int)TensorProto.Types.DataType.Float };
+        t.FloatData.Add((float)value);
+        _graph.Initializer.Add(t);
+        return _constants[key] = t.Name;
+    }
+
+    /// <summary>
+    /// A float initializer named <paramref name="name"/> holding <paramref name="value"/> stored as
+    /// <paramref name="storage"/> (float32, float16 or bfloat16); a 16-bit one is followed by a Cast to float32, whose
+    /// output is returned (ONNX Runtime folds it at session creation).
+    /// </summary>
+    public string Weight(string name, Tensor value, ScalarType storage)
+    {
+        var proto = Tensor(Fresh(name), value, storage);
+        _graph.Initializer.Add(proto);
+        return storage == ScalarType.Float32 ? proto.Name
+            : Node("Cast", new[] { proto.Name }, name + ".float", Int("to", (long)TensorProto.Types.DataType.Float));
+    }
+
+    /// <summary>An initializer of <paramref name="value"/> converted to <paramref name="dtype"/> (float32, float16,
+    /// bfloat16, int8 or uint8), its bytes in raw_data.</summary>
+    public TensorProto Tensor(string name, Tensor value, ScalarType dtype)
+    {
+        var code = dtype switch
+        {
+            ScalarType.Float32 => TensorProto.Types.DataType.Float,
+            ScalarType.Float16 => TensorProto.Types.DataType.Float16,
+            ScalarType.BFloat16 => TensorProto.Types.DataType.Bfloat16,
+            ScalarType.Int8 => TensorProto.Types.DataType.Int8,
+            ScalarType.Byte => TensorProto.Types.DataType.Uint8,
+            _ => throw new ArgumentException($"No ONNX initializer type for {dtype}.", nameof(dtype)),
+        };
+        using var scope = torch.NewDisposeScope();
+        var cpu = value.detach().to(torch.CPU).to(dtype).contiguous();
+        using var ms = new MemoryStream();
+        if (cpu.numel() > 0) cpu.WriteBytesToStream(ms, 1 << 20);
+        var proto = new TensorProto { Name = name, DataType = (int)code, RawData = ByteString.CopyFrom(ms.GetBuffer(), 0, (int)ms.Length) };
+        proto.Dims.AddRange(cpu.shape);
+        InitializerBytes += ms.Length;
+        return proto;
+    }
+
+    /// <summary>Adds an initializer built by <see cref="Tensor(string, torch.Tensor, ScalarType)"/> and returns its name.</summary>
+    public string Initializer(string name, Tensor value, ScalarType dtype)
+    {
+        var proto = Tensor(Fresh(name), value, dtype);
+        _graph.Initializer.Add(proto);
+        return proto.Name;
+    }
+
+    /// <summary>Declares a graph input or output: float32 with the given dimensions (a string is a symbolic one).</summary>
+    public static ValueInfoProto Value(string name, TensorProto.Types.DataType type, params object[] dims)
+    {
+        var shape = new TensorShapeProto();
+        foreach (var d in dims)
+            shape.Dim.Add(d is string s ? new TensorShapeProto.Types.Dimension { DimParam = s } : new TensorShapeProto.Types.Dimension { DimValue = Convert.ToInt64(d, System.Globalization.CultureInfo.InvariantCulture) });
+        return new ValueInfoProto { Name = name, Type = new TypeProto { TensorType = new TypeProto.Types.Tensor { ElemType = (int)type, Shape = shape } } };
+    }
+
+    // The operators the model uses, named as in the ONNX operator list.
+    public string Add(string a, string b) => Node("Add", new[] { a, b });
+    public string Mul(string a, string b) => Node("Mul", new[] { a, b });
+    public string MatMul(string a, string b) => Node("MatMul", new[] { a, b });
+    public string Transpose(string x, params long[] perm) => Node("Transpose", new[] { x }, null, Ints("perm", perm));
+    public string Reshape(string x, params long[] shape) => Node("Reshape", new[] { x, Int64s(shape) });
+    public string Concat(int axis, params string[] xs) => Node("Concat", xs, null, Int("axis", axis));
+    public string Shape(string x) => Node("Shape", new[] { x });
+
+    /// <summary>x[start:end] along <paramref name="axis"/> (an end past the dimension means "to the end").</summary>
+    public string Slice(string x, long start, long end, long axis) => Node("Slice", new[] { x, Int64s(start), Int64s(end), Int64s(axis) });
+
+    public string[] Split(string x, int axis, params long[] sizes) => NodeN("Split", new[] { x, Int64s(sizes) }, sizes.Length, null, Int("axis", axis));
+}

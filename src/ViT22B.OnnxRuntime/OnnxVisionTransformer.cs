@@ -1,0 +1,207 @@
+using System.Globalization;
+using System.Text.Json;
+using Microsoft.ML.OnnxRuntime;
+
+namespace ViT22B.OnnxRuntime;
+
+/// <summary>A float32 array with its shape (row-major).</summary>
+/// <param name="Data">The elements.</param>
+/// <param name="Shape">The dimensions.</param>
+public sealed record OnnxArray(float[] Data, long[] Shape)
+{
+    /// <summary>The <paramref name="index"/>-th entry along the first dimension (one image's values).</summary>
+    public ReadOnlySpan<float> this[int index]
+    {
+        get
+        {
+            long row = Shape.Skip(1).Aggregate(1L, (a, n) => a * n);
+            if (index < 0 || index >= Shape[0]) throw new ArgumentOutOfRangeException(nameof(index), $"Index {index} outside [0, {Shape[0]}).");
+            return Data.AsSpan((int)(index * row), (int)row);
+        }
+    }
+}
+
+/// <summary>The outputs of <see cref="OnnxVisionTransformer.Encode(float[], long[])"/>, as ViT22B's <c>ViTOutput</c>.</summary>
+/// <param name="Pooled">The pooled embedding [B, D] (output <c>features</c>).</param>
+/// <param name="PatchTokens">The patch tokens [B, N, D] (output <c>tokens</c>).</param>
+/// <param name="Logits">Classifier outputs [B, classes] (output <c>logits</c>), or null when the model has none.</param>
+public sealed record OnnxViTOutput(OnnxArray Pooled, OnnxArray PatchTokens, OnnxArray? Logits);
+
+/// <summary>How <see cref="OnnxVisionTransformer.Load"/> sets up ONNX Runtime.</summary>
+public sealed record OnnxRunnerOptions
+{
+    /// <summary>Threads of one inference (ONNX Runtime's intra-op threads); null = ONNX Runtime's default (one per
+    /// physical core).</summary>
+    public int? Threads { get; init; }
+
+    /// <summary>Run on the CUDA execution provider when the ONNX Runtime in use has it (the
+    /// <c>Microsoft.ML.OnnxRuntime.Gpu</c> package); otherwise, and by default, on the CPU.</summary>
+    public bool UseCuda { get; init; }
+
+    /// <summary>The CUDA device when <see cref="UseCuda"/> is set.</summary>
+    public int CudaDevice { get; init; }
+}
+
+/// <summary>
+/// A vision transformer exported by <c>ViT22B.Onnx</c>, run by ONNX Runtime: the same <c>Encode</c> as ViT22B's
+/// <c>VisionTransformer</c> on float arrays, without TorchSharp or libtorch.
+/// <code>
+/// using var vit = OnnxVisionTransformer.Load("model.onnx");
+/// var output = vit.Encode(pixels, new long[] { 1, 3, 224, 224 });   // output.Pooled, .PatchTokens, .Logits
+/// </code>
+/// The images are normalized as the model expects (<see cref="Mean"/>, <see cref="Std"/> from its metadata).
+/// </summary>
+public sealed class OnnxVisionTransformer : IDisposable
+{
+    private readonly InferenceSession _session;
+    private readonly string[] _outputs;
+    private readonly long[] _inputDims;
+    private static readonly string[] OutputNames = { "features", "tokens", "logits" }, InputNames = { "images" };
+
+    private OnnxVisionTransformer(InferenceSession session, string path, string provider)
+    {
+        _session = session;
+        ExecutionProvider = provider;
+        if (!session.InputMetadata.TryGetValue("images", out var input) || input.ElementDataType != Microsoft.ML.OnnxRuntime.Tensors.TensorElementType.Float || input.Dimensions.Length != 4)
+            throw new InvalidDataException($"ONNX model '{path}' is not a ViT22B export: it needs a float input 'images' [batch, C, H, W]; found inputs {Describe(session.InputMetadata)}.");
+        foreach (var name in new[] { "features", "tokens" })
+            if (!session.OutputMetadata.ContainsKey(name))
+                throw new InvalidDataException($"ONNX model '{path}' is not a ViT22B export: it has no output '{name}'; found outputs {Describe(session.OutputMetadata)}.");
+        _outputs = OutputNames.Where(session.OutputMetadata.ContainsKey).ToArray();
+        _inputDims = input.Dimensions.Select(d => (long)d).ToArray();
+        Metadata = session.ModelMetadata.CustomMetadataMap;
+        Channels = (int)_inputDims[1];
+        ImageSize = _inputDims[2] > 0 && _inputDims[3] > 0 ? ((int)_inputDims[2], (int)_inputDims[3]) : null;
+        if (Metadata.TryGetValue("preprocessing", out var json)) (Mean, Std) = ParseNormalization(json, path);
+    }
+
+    /// <summary>The model's metadata: <c>config</c> (ViT22B's config JSON), <c>preprocessing</c> (when exported with
+    /// one), <c>weights</c>.</summary>
+    public IReadOnlyDictionary<string, string> Metadata { get; }
+
+    /// <summary>Input channels.</summary>
+    public int Channels { get; }
+
+    /// <summary>The input (height, width) the model takes, or null when it takes any multiple of its patch size.</summary>
+    public (int Height, int Width)? ImageSize { get; }
+
+    /// <summary>Per-channel mean the pixels ([0, 1]) are normalized with, from the metadata (null when not stored).</summary>
+    public float[]? Mean { get; }
+
+    /// <summary>Per-channel standard deviation, from the metadata (null when not stored).</summary>
+    public float[]? Std { get; }
+
+    /// <summary>"CPU" or "CUDA".</summary>
+    public string ExecutionProvider { get; }
+
+    /// <summary>Opens an exported model.</summary>
+    /// <exception cref="FileNotFoundException">No such file.</exception>
+    /// <exception cref="InvalidDataException">The file is not an ONNX model (truncated, another format) or not one this
+    /// library exported (the message names the file and what is missing).</exception>
+    public static OnnxVisionTransformer Load(string path, OnnxRunnerOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(path);
+        options ??= new OnnxRunnerOptions();
+        if (!File.Exists(path)) throw new FileNotFoundException($"ONNX model '{path}' does not exist.", path);
+        if (options.Threads is < 1) throw new ArgumentOutOfRangeException(nameof(options), $"Threads must be at least 1, found {options.Threads}.");
+        using var so = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL };
+        if (options.Threads is int threads) so.IntraOpNumThreads = threads;
+        string provider = "CPU";
+        if (options.UseCuda && OrtEnv.Instance().GetAvailableProviders().Contains("CUDAExecutionProvider"))
+        {
+            so.AppendExecutionProvider_CUDA(options.CudaDevice);
+            provider = "CUDA";
+        }
+        InferenceSession session;
+        try
+        {
+            session = new InferenceSession(path, so);
+        }
+        catch (OnnxRuntimeException e)
+        {
+            throw new InvalidDataException($"ONNX model '{path}' cannot be loaded (truncated, or not an ONNX model): {e.Message}", e);
+        }
+        try
+        {
+            return new OnnxVisionTransformer(session, path, provider);
+        }
+        catch
+        {
+            session.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>One pass over images [B, C, H, W] (row-major, normalized as the model expects).</summary>
+    /// <exception cref="ArgumentException">The shape does not match the data's length or the model's input (named).</exception>
+    public OnnxViTOutput Encode(float[] images, long[] shape)
+    {
+        ArgumentNullException.ThrowIfNull(images);
+        ArgumentNullException.ThrowIfNull(shape);
+        string Shape(IEnumerable<long> s) => "[" + string.Join(", ", s.Select(d => d < 0 ? "?" : d.ToString(CultureInfo.InvariantCulture))) + "]";
+        if (shape.Length != 4 || shape.Any(d => d < 1))
+            throw new ArgumentException($"Expected images [B, C, H, W] with positive sizes, found shape {Shape(shape)}.", nameof(shape));
+        if (shape.Aggregate(1L, (a, n) => a * n) != images.LongLength)
+            throw new ArgumentException($"Image data holds {images.LongLength} values, but shape {Shape(shape)} needs {shape.Aggregate(1L, (a, n) => a * n)}.", nameof(images));
+        for (int i = 1; i < 4; i++)
+            if (_inputDims[i] > 0 && shape[i] != _inputDims[i])
+                throw new ArgumentException($"The model takes images {Shape(_inputDims)}, found {Shape(shape)}.", nameof(shape));
+        using var input = OrtValue.CreateTensorValueFromMemory(images, shape);
+        using var run = new RunOptions();
+        IDisposableReadOnlyCollection<OrtValue> results;
+        try
+        {
+            results = _session.Run(run, InputNames, new[] { input }, _outputs);
+        }
+        catch (OnnxRuntimeException e)
+        {
+            throw new ArgumentException($"ONNX Runtime rejected images {Shape(shape)}: {e.Message}", nameof(images), e);
+        }
+        using (results)
+        {
+            OnnxArray Read(OrtValue v) => new(v.GetTensorDataAsSpan<float>().ToArray(), v.GetTensorTypeAndShape().Shape);
+            var list = results.ToList();
+            return new OnnxViTOutput(Read(list[0]), Read(list[1]), list.Count > 2 ? Read(list[2]) : null);
+        }
+    }
+
+    /// <summary>Normalizes pixels in [0, 1] (layout [B, C, H, W]) in place with <see cref="Mean"/> and <see cref="Std"/>.</summary>
+    /// <exception cref="InvalidOperationException">The model stores no preprocessing.</exception>
+    public void Normalize(float[] pixels, long[] shape)
+    {
+        ArgumentNullException.ThrowIfNull(pixels);
+        ArgumentNullException.ThrowIfNull(shape);
+        if (Mean is null || Std is null) throw new InvalidOperationException("The model was exported without its preprocessing; normalize the pixels yourself.");
+        if (shape.Length != 4 || shape[1] != Mean.Length || shape.Aggregate(1L, (a, n) => a * n) != pixels.LongLength)
+            throw new ArgumentException($"Expected pixels [B, {Mean.Length}, H, W] matching the data's {pixels.LongLength} values.", nameof(shape));
+        long plane = shape[2] * shape[3];
+        for (long i = 0; i < pixels.LongLength; i++)
+        {
+            int ch = (int)(i / plane % shape[1]);
+            pixels[i] = (pixels[i] - Mean[ch]) / Std[ch];
+        }
+    }
+
+    /// <inheritdoc />
+    public void Dispose() => _session.Dispose();
+
+    private static string Describe(IReadOnlyDictionary<string, NodeMetadata> values) => values.Count == 0 ? "none"
+        : string.Join(", ", values.Select(kv => $"'{kv.Key}' {kv.Value.ElementDataType} [{string.Join(", ", kv.Value.Dimensions)}]"));
+
+    // The "mean" and "std" of ViT22B's preprocessing JSON.
+    private static (float[], float[]) ParseNormalization(string json, string path)
+    {
+        try
+        {
+            using var doc = JsonDocument.Parse(json);
+            float[] Triple(string name) => doc.RootElement.GetProperty(name).EnumerateArray().Select(e => (float)e.GetDouble()).ToArray();
+            var (mean, std) = (Triple("mean"), Triple("std"));
+            if (mean.Length != std.Length || std.Any(s => !(s > 0))) throw new FormatException("mean and std must have one entry per channel, std positive");
+            return (mean, std);
+        }
+        catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException or FormatException)
+        {
+            throw new InvalidDataException($"ONNX model '{path}': metadata 'preprocessing' is malformed ({e.Message}).", e);
+        }
+    }
+}

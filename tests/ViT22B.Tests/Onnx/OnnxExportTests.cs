@@ -1,0 +1,244 @@
+using TorchSharp;
+using ViT22B.Data;
+using ViT22B.Layers;
+using ViT22B.Models;
+using ViT22B.Onnx;
+using ViT22B.Onnx.Proto;
+using ViT22B.OnnxRuntime;
+using static TorchSharp.torch;
+
+namespace ViT22B.Tests.Onnx;
+
+/// <summary>
+/// Exported models run by ONNX Runtime compute what the library computes. Every config of the numerics tests'
+/// matrix (both block kinds; MAP, GAP and class-token heads; learned and sin-cos positions; LayerNorm and RMSNorm;
+/// with and without biases, QK-norm, LayerScale, registers, pre-norm, fused or unfused out-projections; three
+/// activations) is exported once and run at batch 1 and 3.
+/// </summary>
+public sealed class OnnxExportTests : IDisposable
+{
+    // Bounds chosen before running, as max |onnx − library| / max |library| over each output:
+    private const double Float32Bound = 1e-5;     // the same float32 arithmetic in another order
+    private const double LowPrecisionBound = 5e-2; // 16-bit weights against the library computing in that dtype
+    private const double Int8Bound = 0.1;          // int8 linear layers against float32 (plus cosine ≥ 0.99 per image)
+
+    private readonly string _dir = Directory.CreateTempSubdirectory("vit22b-onnx-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    public static TheoryData<string> Variants() => new(TestUtil.Variants().Select(v => v.Name));
+
+    private static VisionTransformer Model(ViTConfig c, long seed = 1, ScalarType dtype = ScalarType.Float32)
+    {
+        var model = new VisionTransformer(c, torch.CPU, dtype);
+        TestUtil.Randomize(model, seed);
+        model.eval();
+        return model;
+    }
+
+    private string Export(VisionTransformer model, OnnxExportOptions? options = null, string name = "model.onnx")
+    {
+        string path = Path.Combine(_dir, name);
+        OnnxExport.Save(model, path, options);
+        return path;
+    }
+
+    private static (float[] Data, long[] Shape) Pixels(Tensor images)
+    {
+        using var f = images.to(ScalarType.Float32).contiguous();
+        return (f.data<float>().ToArray(), f.shape);
+    }
+
+    private static Tensor AsTensor(OnnxArray a) => torch.tensor(a.Data, dtype: ScalarType.Float32).reshape(a.Shape);
+
+    private static void AssertClose(ViTOutput expected, OnnxViTOutput actual, double bound, string what)
+    {
+        using var scope = torch.NewDisposeScope();
+        double pooled = TestUtil.RelErr(AsTensor(actual.Pooled), expected.Pooled);
+        double tokens = TestUtil.RelErr(AsTensor(actual.PatchTokens), expected.PatchTokens);
+        Assert.True(pooled <= bound, $"{what}: features differ by {pooled:E2} (bound {bound:E0})");
+        Assert.True(tokens <= bound, $"{what}: tokens differ by {tokens:E2} (bound {bound:E0})");
+        Assert.Equal(expected.Logits is null, actual.Logits is null);
+        if (expected.Logits is null) return;
+        double logits = TestUtil.RelErr(AsTensor(actual.Logits!), expected.Logits);
+        Assert.True(logits <= bound, $"{what}: logits differ by {logits:E2} (bound {bound:E0})");
+    }
+
+    [Theory]
+    [MemberData(nameof(Variants))]
+    public void An_export_computes_what_the_library_computes_at_two_batch_sizes(string variant)
+    {
+        var c = TestUtil.Variants().Single(v => v.Name == variant).Config;
+        using var model = Model(c);
+        using var vit = OnnxVisionTransformer.Load(Export(model), new OnnxRunnerOptions { Threads = 1 });
+        foreach (long batch in new[] { 1L, 3L })
+        {
+            using var images = TestUtil.RandomImages(c, batch, seed: 7, ScalarType.Float32);
+            using var inference = torch.inference_mode();
+            using var expected = model.Encode(images);
+            var (data, shape) = Pixels(images);
+            AssertClose(expected, vit.Encode(data, shape), Float32Bound, $"{variant}, batch {batch}");
+        }
+    }
+
+    [Theory]
+    [InlineData(PosEmbedKind.Learn, false, false)]
+    [InlineData(PosEmbedKind.Learn, true, false)]
+    [InlineData(PosEmbedKind.Learn, true, true)]
+    [InlineData(PosEmbedKind.SinCos2d, true, false)]
+    public void A_dynamic_size_export_takes_other_image_sizes(PosEmbedKind pos, bool classToken, bool noEmbedClass)
+    {
+        var c = TestUtil.Tiny(BlockKind.Parallel) with
+        {
+            DynamicImgSize = true, PosEmbed = pos, ClassToken = classToken, NoEmbedClass = noEmbedClass,
+            GlobalPool = classToken ? GlobalPool.Token : GlobalPool.Map,
+        };
+        using var model = Model(c);
+        string path = Export(model);
+        var input = ModelProto.Parser.ParseFrom(File.ReadAllBytes(path)).Graph.Input.Single();
+        Assert.Equal(new[] { "batch", "", "height", "width" }, input.Type.TensorType.Shape.Dim.Select(d => d.DimParam));
+        using var vit = OnnxVisionTransformer.Load(path, new OnnxRunnerOptions { Threads = 1 });
+        Assert.Null(vit.ImageSize);
+        // The trained grid (4 × 4), a larger one, a smaller one and a non-square one.
+        foreach (var (h, w) in new[] { (16L, 16L), (28L, 24L), (8L, 8L), (12L, 20L) })
+        {
+            using var images = TestUtil.RandomImages(c, 2, seed: 3, ScalarType.Float32, h, w);
+            using var inference = torch.inference_mode();
+            using var expected = model.Encode(images);
+            var (data, shape) = Pixels(images);
+            AssertClose(expected, vit.Encode(data, shape), Float32Bound, $"{pos} at {h}×{w}");
+        }
+    }
+
+    [Theory]
+    [InlineData(OnnxWeights.F16, ScalarType.Float16)]
+    [InlineData(OnnxWeights.BF16, ScalarType.BFloat16)]
+    public void Sixteen_bit_weights_are_the_rounded_weights_run_in_float32(OnnxWeights weights, ScalarType dtype)
+    {
+        var c = TestUtil.Variants().Single(v => v.Name == "Parallel-vit22b").Config with { EmbedDim = 64, NumHeads = 4, MlpDim = 128 };
+        using var model = Model(c);
+        string path = Export(model, new OnnxExportOptions { Weights = weights });
+        Assert.True(new FileInfo(path).Length < new FileInfo(Export(model, name: "f32.onnx")).Length * 0.6, "16-bit weights should halve the file");
+        // The library's model with the same rounded weights, in float32: the same numbers.
+        using var rounded = Model(c);
+        using (torch.no_grad())
+            foreach (var (name, p) in rounded.named_parameters()) p.copy_(p.to(dtype).to(ScalarType.Float32));
+        // The library computing in the 16-bit dtype itself: close, within the low-precision bound.
+        using var low = Model(c, dtype: dtype);
+        using var vit = OnnxVisionTransformer.Load(path, new OnnxRunnerOptions { Threads = 1 });
+        using var images = TestUtil.RandomImages(c, 3, seed: 5, ScalarType.Float32);
+        var (data, shape) = Pixels(images);
+        var actual = vit.Encode(data, shape);
+        using var inference = torch.inference_mode();
+        using (var expected = rounded.Encode(images)) AssertClose(expected, actual, Float32Bound, $"{weights} vs rounded float32");
+        using (var lowOut = low.Encode(images.to(dtype))) AssertClose(lowOut, actual, LowPrecisionBound, $"{weights} vs the library in {dtype}");
+    }
+
+    [Theory]
+    [InlineData(BlockKind.Parallel)]
+    [InlineData(BlockKind.Sequential)]
+    public void Int8_linear_layers_stay_close_to_float32(BlockKind block)
+    {
+        var c = TestUtil.Tiny(block) with { EmbedDim = 64, NumHeads = 4, MlpDim = 128 };
+        using var model = Model(c);
+        TestUtil.Randomize(model, 1, scale: 0.1);
+        string path = Export(model, new OnnxExportOptions { Weights = OnnxWeights.DynamicInt8 });
+        var graph = ModelProto.Parser.ParseFrom(File.ReadAllBytes(path)).Graph;
+        int linears = model.named_modules().Count(m => m.module is TorchSharp.Modules.Linear);
+        Assert.Equal(linears, graph.Node.Count(n => n.OpType == "MatMulInteger"));
+        using var vit = OnnxVisionTransformer.Load(path, new OnnxRunnerOptions { Threads = 1 });
+        using var images = TestUtil.RandomImages(c, 3, seed: 5, ScalarType.Float32);
+        var (data, shape) = Pixels(images);
+        var actual = vit.Encode(data, shape);
+        using var inference = torch.inference_mode();
+        using var expected = model.Encode(images);
+        AssertClose(expected, actual, Int8Bound, "int8");
+        using var a = AsTensor(actual.Pooled);
+        double cosine = nn.functional.cosine_similarity(a, expected.Pooled, 1).min().item<float>();
+        Assert.True(cosine >= 0.99, $"int8 features: cosine {cosine:F4} < 0.99");
+    }
+
+    [Fact]
+    public void The_graph_is_standard_opset_18_with_named_outputs_and_round_trips_its_metadata()
+    {
+        var c = TestUtil.Variants().Single(v => v.Name == "Sequential-classic").Config;
+        using var model = Model(c);
+        var preprocessing = new Preprocessing(Preprocessing.ImageNetMean, Preprocessing.ImageNetStd, ResizeMode.CenterCrop, 0.9, Resampling.Bicubic);
+        string path = Export(model, new OnnxExportOptions { Preprocessing = preprocessing });
+        var proto = ModelProto.Parser.ParseFrom(File.ReadAllBytes(path));
+        Assert.Equal(18, proto.OpsetImport.Single().Version);
+        Assert.Equal("", proto.OpsetImport.Single().Domain);
+        Assert.All(proto.Graph.Node, n => Assert.Equal("", n.Domain));
+        Assert.Equal(new[] { "features", "tokens", "logits" }, proto.Graph.Output.Select(o => o.Name));
+        Assert.Equal("batch", proto.Graph.Input.Single().Type.TensorType.Shape.Dim[0].DimParam);
+
+        using var vit = OnnxVisionTransformer.Load(path);
+        Assert.Equal(c with { DType = ScalarType.Float32 }, ViTConfigJson.FromJson(vit.Metadata[OnnxExport.ConfigMetadataKey]));
+        Assert.Equal(preprocessing, Preprocessing.FromJson(vit.Metadata[Preprocessing.MetadataKey]));
+        Assert.Equal(new[] { 0.485f, 0.456f, 0.406f }, vit.Mean);
+        Assert.Equal(new[] { 0.229f, 0.224f, 0.225f }, vit.Std);
+        Assert.Equal((16, 16), vit.ImageSize);
+        Assert.Equal(3, vit.Channels);
+
+        var pixels = new float[] { 0.5f, 0.5f, 0.5f, 0.5f };
+        Assert.Throws<ArgumentException>(() => vit.Normalize(pixels, new long[] { 1, 1, 2, 2 }));
+        var rgb = Enumerable.Repeat(0.5f, 3).ToArray();
+        vit.Normalize(rgb, new long[] { 1, 3, 1, 1 });
+        Assert.Equal((0.5f - 0.456f) / 0.224f, rgb[1], 6);
+    }
+
+    private sealed class CustomStack : BlockStack<nn.Module<Tensor, Tensor>>
+    {
+        public CustomStack() : base(nn.Identity()) { }
+        public override Tensor forward(Tensor x) => this[0].call(x);
+    }
+
+    [Fact]
+    public void A_module_without_an_onnx_form_is_named_and_an_existing_file_is_kept()
+    {
+        var c = TestUtil.Tiny(BlockKind.Parallel);
+        using var model = new VisionTransformer(c, torch.CPU, ScalarType.Float32, (_, _, _) => new CustomStack(), _ => { });
+        string path = Path.Combine(_dir, "keep.onnx");
+        File.WriteAllText(path, "previous export");
+        var e = Assert.Throws<NotSupportedException>(() => OnnxExport.Save(model, path));
+        Assert.Contains("'blocks' is a CustomStack", e.Message, StringComparison.Ordinal);
+        Assert.Equal("previous export", File.ReadAllText(path));
+    }
+
+    [Fact]
+    public void The_runner_rejects_truncated_foreign_and_unrelated_files_and_wrong_images_with_clear_errors()
+    {
+        var c = TestUtil.Tiny(BlockKind.Parallel);
+        using var model = Model(c);
+        var bytes = OnnxExport.ToBytes(model);
+        string truncated = Path.Combine(_dir, "truncated.onnx");
+        File.WriteAllBytes(truncated, bytes[..(bytes.Length / 2)]);
+        var e = Assert.Throws<InvalidDataException>(() => OnnxVisionTransformer.Load(truncated));
+        Assert.Contains(truncated, e.Message, StringComparison.Ordinal);
+
+        string foreign = Path.Combine(_dir, "weights.onnx");
+        File.WriteAllText(foreign, "{\"__metadata__\": {}} not a protobuf at all");
+        Assert.Contains(foreign, Assert.Throws<InvalidDataException>(() => OnnxVisionTransformer.Load(foreign)).Message, StringComparison.Ordinal);
+
+        // A valid ONNX model that is not a ViT: y = Identity(x).
+        var other = new ModelProto { IrVersion = 8, Graph = new GraphProto { Name = "identity" } };
+        other.OpsetImport.Add(new OperatorSetIdProto { Version = 18 });
+        other.Graph.Node.Add(new NodeProto { OpType = "Identity", Input = { "x" }, Output = { "y" } });
+        other.Graph.Input.Add(OnnxGraph.Value("x", TensorProto.Types.DataType.Float, 2));
+        other.Graph.Output.Add(OnnxGraph.Value("y", TensorProto.Types.DataType.Float, 2));
+        string unrelated = Path.Combine(_dir, "identity.onnx");
+        File.WriteAllBytes(unrelated, Google.Protobuf.MessageExtensions.ToByteArray(other));
+        var u = Assert.Throws<InvalidDataException>(() => OnnxVisionTransformer.Load(unrelated));
+        Assert.Contains("'images'", u.Message, StringComparison.Ordinal);
+        Assert.Contains("'x'", u.Message, StringComparison.Ordinal);
+
+        Assert.Throws<FileNotFoundException>(() => OnnxVisionTransformer.Load(Path.Combine(_dir, "missing.onnx")));
+
+        string good = Export(model);
+        using var vit = OnnxVisionTransformer.Load(good);
+        var wrongSize = Assert.Throws<ArgumentException>(() => vit.Encode(new float[3 * 20 * 20], new long[] { 1, 3, 20, 20 }));
+        Assert.Contains("[?, 3, 16, 16]", wrongSize.Message, StringComparison.Ordinal);
+        var wrongLength = Assert.Throws<ArgumentException>(() => vit.Encode(new float[10], new long[] { 1, 3, 16, 16 }));
+        Assert.Contains("768", wrongLength.Message, StringComparison.Ordinal);
+    }
+}
