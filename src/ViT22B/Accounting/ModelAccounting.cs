@@ -144,11 +144,9 @@ public static class ModelAccounting
 
     /// <summary>
     /// Model FLOPs utilization (PaLM §4.1): achieved model FLOP/s over peak FLOP/s, where the model FLOPs of a
-    /// training step are <see cref="FlopsCount.Training"/> per image and of inference <see cref="FlopsCount.Forward"/>.
+    /// training step are <see cref="FlopsCount.Training"/> per image and of inference <see cref="FlopsCount.Forward"/>;
+    /// null when the achieved rate exceeds the peak (<see cref="Utilization.Of"/>).
     /// </summary>
-    public static double Mfu(double modelFlopsPerImage, double imagesPerSecond, double peakFlopsPerSecond)
-    {
-        if (peakFlopsPerSecond <= 0) throw new ArgumentOutOfRangeException(nameof(peakFlopsPerSecond), "peak FLOP/s must be positive.");
-        return modelFlopsPerImage * imagesPerSecond / peakFlopsPerSecond;
-    }
+    public static double? Mfu(double modelFlopsPerImage, double imagesPerSecond, double peakFlopsPerSecond) =>
+        Utilization.Of(modelFlopsPerImage * imagesPerSecond, peakFlopsPerSecond);
 }

@@ -25,8 +25,12 @@ public sealed record TrainerOptions
     public int CheckpointEverySteps { get; init; }
     /// <summary>Log training metrics every this many steps.</summary>
     public int LogEverySteps { get; init; } = 50;
-    /// <summary>Peak FLOP/s of the device, to log MFU (null = log achieved FLOP/s only).</summary>
+    /// <summary>Peak FLOP/s of the device from its datasheet, to log MFU against (null = use <see cref="PeakMeter"/>).</summary>
     public double? PeakFlopsPerSecond { get; init; }
+    /// <summary>Measures the peak during the run when no <see cref="PeakFlopsPerSecond"/> is given: at every log line one
+    /// GEMM of each of its shapes is timed (outside the timed window) and MFU is taken against the best GEMM so far
+    /// (<see cref="MfuMeter"/>). The caller owns and disposes it. Null with no datasheet peak = log achieved FLOP/s only.</summary>
+    public MfuMeter? PeakMeter { get; init; }
     /// <summary>Blocks that recompute their activations in backward, set on the model when the trainer is created
     /// (null = leave <see cref="VisionTransformer.Checkpointing"/> as it is). With recomputation the log adds the
     /// hardware FLOPs utilization (recomputed forward passes counted) beside the MFU (model FLOPs only).</summary>
@@ -97,6 +101,8 @@ public sealed class Trainer
         _logger = logger ?? NullLogger.Instance;
         if (model.Config.NumClasses <= 0) throw new ArgumentException("The model has no classifier (num_classes = 0); set NumClasses to train it.", nameof(model));
         if (Options.LogEverySteps <= 0) throw new ArgumentOutOfRangeException(nameof(options), $"LogEverySteps must be positive, found {Options.LogEverySteps}.");
+        if (Options.PeakFlopsPerSecond is { } peak && !(peak > 0 && double.IsFinite(peak)))
+            throw new ArgumentOutOfRangeException(nameof(options), $"PeakFlopsPerSecond must be positive, found {peak}.");
         if (Options.CheckpointEverySteps < 0) throw new ArgumentOutOfRangeException(nameof(options), $"CheckpointEverySteps must be ≥ 0, found {Options.CheckpointEverySteps}.");
         _parameters = optimizer.Parameters.Select(p => (Tensor)p.Value).ToList();
         if (Options.Checkpointing is { } checkpointing) model.Checkpointing = checkpointing;
@@ -270,13 +276,19 @@ public sealed class Trainer
     private void LogStep(StepResult r, int epoch, double imagesPerSecond, double flopsPerImage, double hardwareFlopsPerImage)
     {
         double achieved = imagesPerSecond * flopsPerImage;
-        if (hardwareFlopsPerImage > flopsPerImage && Options.PeakFlopsPerSecond is { } hwPeak)
-            _logger.LogInformation("step {Step} epoch {Epoch}: loss {Loss:F4}, top-1 {Top1:P1}, lr {Lr:E3}, grad norm {GradNorm:F3}, {Ips:F0} img/s, {Tflops:F3} TFLOP/s, MFU {Mfu:P1}, HFU {Hfu:P1}",
-                r.Step, epoch + 1, r.Loss, (double)r.Correct / r.Count, r.LearningRate, r.GradNorm, imagesPerSecond, achieved / 1e12, achieved / hwPeak,
-                imagesPerSecond * hardwareFlopsPerImage / hwPeak);
-        else if (Options.PeakFlopsPerSecond is { } peak)
-            _logger.LogInformation("step {Step} epoch {Epoch}: loss {Loss:F4}, top-1 {Top1:P1}, lr {Lr:E3}, grad norm {GradNorm:F3}, {Ips:F0} img/s, {Tflops:F3} TFLOP/s, MFU {Mfu:P1}",
-                r.Step, epoch + 1, r.Loss, (double)r.Correct / r.Count, r.LearningRate, r.GradNorm, imagesPerSecond, achieved / 1e12, achieved / peak);
+        double? peak = Options.PeakFlopsPerSecond;
+        if (peak is null && Options.PeakMeter is { } meter)
+        {
+            for (int i = 0; i < meter.Shapes.Count; i++) meter.SamplePeak();
+            peak = meter.PeakFlopsPerSecond;
+        }
+        if (peak is { } p && hardwareFlopsPerImage > flopsPerImage)
+            _logger.LogInformation("step {Step} epoch {Epoch}: loss {Loss:F4}, top-1 {Top1:P1}, lr {Lr:E3}, grad norm {GradNorm:F3}, {Ips:F0} img/s, {Tflops:F3} TFLOP/s, MFU {Mfu}, HFU {Hfu}",
+                r.Step, epoch + 1, r.Loss, (double)r.Correct / r.Count, r.LearningRate, r.GradNorm, imagesPerSecond, achieved / 1e12, Utilization.Format(achieved, p),
+                Utilization.Format(imagesPerSecond * hardwareFlopsPerImage, p));
+        else if (peak is { } q)
+            _logger.LogInformation("step {Step} epoch {Epoch}: loss {Loss:F4}, top-1 {Top1:P1}, lr {Lr:E3}, grad norm {GradNorm:F3}, {Ips:F0} img/s, {Tflops:F3} TFLOP/s, MFU {Mfu}",
+                r.Step, epoch + 1, r.Loss, (double)r.Correct / r.Count, r.LearningRate, r.GradNorm, imagesPerSecond, achieved / 1e12, Utilization.Format(achieved, q));
         else
             _logger.LogInformation("step {Step} epoch {Epoch}: loss {Loss:F4}, top-1 {Top1:P1}, lr {Lr:E3}, grad norm {GradNorm:F3}, {Ips:F0} img/s, {Tflops:F3} TFLOP/s",
                 r.Step, epoch + 1, r.Loss, (double)r.Correct / r.Count, r.LearningRate, r.GradNorm, imagesPerSecond, achieved / 1e12);

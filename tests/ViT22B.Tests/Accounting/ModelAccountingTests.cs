@@ -84,7 +84,7 @@ public class ModelAccountingTests
         var c = ViTConfig.Parse("22B/14");
         double perToken = 3 * (f.BlockMatmuls + f.Attention) / c.NumTokens;
         Assert.Equal(1.3137e11, perToken, 1.3137e11 * 1e-4);
-        Assert.Equal(0.5493, ModelAccounting.Mfu(perToken, 1150, 275e12), 4);
+        Assert.Equal(0.5493, ModelAccounting.Mfu(perToken, 1150, 275e12)!.Value, 4);
     }
 
     public static TheoryData<string> VariantNames() => new(TestUtil.Variants().Select(v => v.Name));

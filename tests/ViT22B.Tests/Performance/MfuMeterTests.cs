@@ -7,10 +7,12 @@ namespace ViT22B.Tests.Performance;
 /// <summary>The mechanics of the same-run MFU measurement (not speed: the timings themselves live in the benchmarks).</summary>
 public class MfuMeterTests
 {
+    private static readonly (long, long, long)[] Small = { (32, 32, 32), (16, 64, 32) };
+
     [Fact]
     public void Interleaved_steps_run_in_rounds_and_keep_their_round_times()
     {
-        using var meter = new MfuMeter(torch.CPU, ScalarType.Float32, gemmSize: 32);
+        using var meter = new MfuMeter(torch.CPU, ScalarType.Float32, Small);
         var calls = new List<string>();
         var results = meter.MeasureInterleaved(new (Action, double)[]
         {
@@ -24,20 +26,50 @@ public class MfuMeterTests
         Assert.All(results[1].StepSamples, t => Assert.True(t >= 0.020, $"a 20 ms step recorded as {t * 1e3:F2} ms"));
         Assert.Equal(MfuMeter.Median(results[1].StepSamples), results[1].StepSeconds);
         Assert.Equal(new[] { 100.0, 300.0 }, results.Select(r => r.StepFlops));
-        Assert.Equal(results[0].PeakSeconds, results[1].PeakSeconds);             // one peak: the median of all the run's GEMMs
-        Assert.Equal(2.0 * 32 * 32 * 32, results[0].PeakGemmFlops);
-        Assert.Equal(results[1].StepFlops / results[1].StepSeconds / (results[1].PeakGemmFlops / results[1].PeakSeconds), results[1].Mfu, 12);
+        Assert.Equal(10, meter.PeakSamples);                                        // one GEMM before every step, warm-up included
+        Assert.Equal(results[0].PeakFlopsPerSecond, results[1].PeakFlopsPerSecond); // one peak: the best of the run's GEMMs
+        Assert.Equal(meter.PeakFlopsPerSecond, results[0].PeakFlopsPerSecond);
+        Assert.Equal(Utilization.Of(results[1].StepFlops / results[1].StepSeconds, results[1].PeakFlopsPerSecond), results[1].Mfu);
     }
 
     [Fact]
     public void Single_measurement_is_the_one_step_case()
     {
-        using var meter = new MfuMeter(torch.CPU, ScalarType.Float32, gemmSize: 32);
+        using var meter = new MfuMeter(torch.CPU, ScalarType.Float32, Small);
         int calls = 0;
         var m = meter.Measure(() => calls++, 10.0, samples: 4, warmup: 1);
         Assert.Equal(5, calls);
         Assert.Equal(4, m.Samples);
         Assert.Equal(4, m.StepSamples.Count);
+    }
+
+    [Fact]
+    public void The_peak_is_the_best_gemm_of_all_shapes_in_turn()
+    {
+        using var meter = new MfuMeter(torch.CPU, ScalarType.Float32, Small);
+        Assert.Throws<InvalidOperationException>(() => meter.PeakFlopsPerSecond);
+        var rates = Enumerable.Range(0, 6).Select(_ => meter.SamplePeak()).ToList();
+        Assert.Equal(rates.Max(), meter.PeakFlopsPerSecond);
+        Assert.Equal(6, meter.PeakSamples);
+        Assert.Equal(Small, meter.Shapes);
+        Assert.Throws<ArgumentException>(() => new MfuMeter(torch.CPU, ScalarType.Float32, new (long, long, long)[] { (0, 4, 4) }));
+    }
+
+    [Fact]
+    public void A_utilization_above_the_peak_is_never_a_number()
+    {
+        Assert.Equal(0.5, Utilization.Of(50, 100));
+        Assert.Equal(1.0, Utilization.Of(100, 100));
+        Assert.Null(Utilization.Of(141.9, 100));
+        Assert.Equal("43.2 %", Utilization.Format(43.2e12, 100e12));
+        string over = Utilization.Format(141.9e12, 100e12);
+        Assert.StartsWith("n/a", over, StringComparison.Ordinal);
+        Assert.Contains("141.9 TFLOP/s exceeds the peak 100 TFLOP/s", over, StringComparison.Ordinal);
+        Assert.DoesNotContain("%", over, StringComparison.Ordinal);
+        Assert.Throws<ArgumentOutOfRangeException>(() => Utilization.Of(1, 0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => Utilization.Of(1, double.NaN));
+        Assert.Throws<ArgumentOutOfRangeException>(() => Utilization.Of(-1, 1));
+        Assert.Null(ModelAccounting.Mfu(2, 100, 100));   // 200 FLOP/s on a 100 FLOP/s peak
     }
 
     [Fact]
@@ -53,7 +85,7 @@ public class MfuMeterTests
     [Fact]
     public void Bad_arguments_are_refused()
     {
-        using var meter = new MfuMeter(torch.CPU, ScalarType.Float32, gemmSize: 32);
+        using var meter = new MfuMeter(torch.CPU, ScalarType.Float32, Small);
         Assert.Throws<ArgumentException>(() => meter.MeasureInterleaved(Array.Empty<(Action, double)>()));
         Assert.Throws<ArgumentOutOfRangeException>(() => meter.MeasureInterleaved(new (Action, double)[] { (() => { }, 1.0) }, samples: 0));
         Assert.Throws<ArgumentOutOfRangeException>(() => meter.MeasureInterleaved(new (Action, double)[] { (() => { }, 1.0) }, warmup: -1));

@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Accounting;
 using ViT22B.Data;
 using ViT22B.Interop;
 using ViT22B.Models;
@@ -211,5 +212,38 @@ public sealed class TrainerTests : IDisposable
         Assert.True(double.IsFinite(r[0].TrainLoss));
         Assert.All(opt.State.Where(kv => kv.Key.EndsWith(".master", StringComparison.Ordinal)), kv => Assert.Equal(ScalarType.Float32, kv.Value.dtype));
         Assert.Equal(model.parameters().Count(), opt.State.Count(kv => kv.Key.EndsWith(".master", StringComparison.Ordinal)));
+    }
+
+    private sealed class ListLogger : Microsoft.Extensions.Logging.ILogger
+    {
+        public List<string> Lines { get; } = new();
+        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
+        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
+            Lines.Add(formatter(state, exception));
+    }
+
+    [Fact]
+    public void The_log_never_prints_a_utilization_above_100_percent()
+    {
+        using var train = Quadrants(48, 0);
+        torch.manual_seed(1);
+        using var model = new VisionTransformer(Config, torch.CPU, ScalarType.Float32);
+        using var opt = new AdamW(Optimizer.WithWeightDecay(model, 0, 0));
+        var schedule = new LearningRateSchedule { PeakLr = 1e-3, TotalSteps = 4, Decay = DecayKind.Constant };
+        // A "datasheet" peak of 1 FLOP/s: every step runs faster than it.
+        var slow = new ListLogger();
+        new Trainer(model, opt, schedule, new TrainerOptions { LogEverySteps = 1, PeakFlopsPerSecond = 1 }, slow).Fit(Loader(train), epochs: 1);
+        var steps = slow.Lines.Where(l => l.StartsWith("step", StringComparison.Ordinal)).ToList();
+        Assert.NotEmpty(steps);
+        Assert.All(steps, l => Assert.Contains("MFU n/a (achieved", l, StringComparison.Ordinal));
+        // A peak measured during the run (MfuMeter): a percentage, sampled at every log line.
+        using var meter = new MfuMeter(torch.CPU, ScalarType.Float32);
+        var measured = new ListLogger();
+        new Trainer(model, opt, schedule, new TrainerOptions { LogEverySteps = 1, PeakMeter = meter }, measured).Fit(Loader(train), epochs: 1);
+        var lines = measured.Lines.Where(l => l.StartsWith("step", StringComparison.Ordinal)).ToList();
+        Assert.All(lines, l => Assert.Matches(@"MFU \d+\.\d %", l));
+        Assert.Equal(lines.Count * meter.Shapes.Count, meter.PeakSamples);
+        Assert.Throws<ArgumentOutOfRangeException>(() => new Trainer(model, opt, schedule, new TrainerOptions { PeakFlopsPerSecond = 0 }));
     }
 }
