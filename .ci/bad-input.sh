@@ -61,6 +61,16 @@ expect_error Classify --checkpoint /nonexistent.safetensors --labels /nonexisten
 expect_error Classify --checkpoint "$work/bad.safetensors" --labels /nonexistent.txt --top-k 0 samples/images
 expect_error LinearProbe --checkpoint /nonexistent.safetensors
 expect_error Mfu --preset nonsense
+# ONNX: a truncated export, a file that is not ONNX, a bad backend or weight type, a training mode on ONNX Runtime.
+head -c 3000 fashion-mnist-vit.safetensors > "$work/truncated.onnx"
+expect_error Classify --backend onnx --checkpoint "$work/truncated.onnx" --labels fashion-mnist-vit.labels.txt samples/images
+expect_error Classify --backend onnx --checkpoint fashion-mnist-vit.safetensors --labels fashion-mnist-vit.labels.txt samples/images
+expect_error Classify --backend tensorflow --checkpoint fashion-mnist-vit.safetensors --labels fashion-mnist-vit.labels.txt samples/images
+expect_error ExportOnnx --checkpoint fashion-mnist-vit.safetensors --output "$work/m.onnx" --weights int4
+expect_error ExportOnnx --checkpoint /nonexistent.safetensors --output "$work/m.onnx"
+expect_error ExportOnnx --checkpoint "$work/bad.safetensors" --output "$work/m.onnx"
+expect_error Features --config Ti/16 --input samples/images --output "$work/o.safetensors" --backend onnx --layers 2
+expect_error Mfu --preset Ti/16 --backend onnx --mode training
 expect_error Mfu --preset Ti/16 --batch-size 0
 expect_error Quickstart --preset nonsense
 expect_error Quickstart --images /nonexistent

@@ -4,7 +4,7 @@
 // them: the preprocessing stored in the checkpoint, else the timm name's, else --normalization.
 //
 //   dotnet run --project samples/Features -- --config <preset|timm name|file.json> [--weights <checkpoint>]
-//       --input <dir|file.safetensors> --output <file.safetensors> [--img-size N] [--layers 4|0,5,-1]
+//       --input <dir|file.safetensors> --output <file.safetensors> [--img-size N] [--layers 4|0,5,-1] [--backend onnx]
 using System.CommandLine;
 using System.Text.Json;
 using TorchSharp;
@@ -13,6 +13,8 @@ using ViT22B.Data;
 using ViT22B.Imaging;
 using ViT22B.Interop;
 using ViT22B.Models;
+using ViT22B.Onnx;
+using ViT22B.OnnxRuntime;
 using static TorchSharp.torch;
 
 var configOption = new Option<string>("--config") { Description = "Preset (e.g. B/16, 22B/14, So400m/14), timm model name (e.g. vit_so400m_patch14_siglip_224) or a config JSON file.", Required = true };
@@ -28,11 +30,12 @@ var imgSizeOption = new Option<int?>("--img-size") { Description = "Run at this 
 var layersOption = new Option<string?>("--layers") { Description = "Also write block outputs (patch tokens, before the final norm): a count n for the last n blocks, or block indices such as 0,5,-1." };
 var resetHeadOption = new Option<bool>("--reset-head") { Description = "Load a checkpoint whose classifier has another class count (or none), keeping a freshly initialised one." };
 var resizePatchOption = new Option<bool>("--resize-patch-embed") { Description = "Load a checkpoint of another patch size, resizing its patch embedding (FlexiViT)." };
+var backendOption = new Option<string>("--backend") { Description = "torch (this library) or onnx (the model exported to ONNX and run by ONNX Runtime; no --layers)." , DefaultValueFactory = _ => "torch" };
 var saveWeightsOption = new Option<FileInfo?>("--save-weights") { Description = "Also write the model that ran (timm keys, at the image size it ran at, with its config and preprocessing in the metadata): converts a Hugging Face, OpenCLIP or big_vision checkpoint into this library's layout." };
 var root = new RootCommand("Extract ViT features (pooled embedding, patch tokens, logits, block outputs) into a safetensors file.")
 {
     configOption, weightsOption, inputOption, outputOption, seedOption, batchOption, deviceOption, dtypeOption, normOption,
-    imgSizeOption, layersOption, resetHeadOption, resizePatchOption, saveWeightsOption,
+    imgSizeOption, layersOption, resetHeadOption, resizePatchOption, saveWeightsOption, backendOption,
 };
 imgSizeOption.Validators.Add(r =>
 {
@@ -43,14 +46,16 @@ root.SetAction(parse =>
     var options = new PretrainedLoadOptions { ResetHead = parse.GetValue(resetHeadOption), ResizePatchEmbed = parse.GetValue(resizePatchOption) };
     Run(parse.GetValue(configOption)!, parse.GetValue(weightsOption), parse.GetValue(inputOption)!, parse.GetValue(outputOption)!,
         parse.GetValue(seedOption), parse.GetValue(batchOption), parse.GetValue(deviceOption)!, parse.GetValue(dtypeOption), parse.GetValue(normOption),
-        parse.GetValue(imgSizeOption), parse.GetValue(layersOption), options, parse.GetValue(saveWeightsOption));
+        parse.GetValue(imgSizeOption), parse.GetValue(layersOption), options, parse.GetValue(saveWeightsOption), parse.GetValue(backendOption)!);
     return 0;
 });
 return SampleMain.Invoke(root, args);
 
 static void Run(string configArg, string? weights, string input, FileInfo output, long seed, int batchSize, string deviceArg, string? dtypeArg,
-    PixelNormalization? norm, int? imgSize, string? layersArg, PretrainedLoadOptions loadOptions, FileInfo? saveWeights)
+    PixelNormalization? norm, int? imgSize, string? layersArg, PretrainedLoadOptions loadOptions, FileInfo? saveWeights, string backend)
 {
+    if (backend is not ("torch" or "onnx")) throw new ArgumentException($"--backend must be torch or onnx, found '{backend}'.");
+    if (backend == "onnx" && layersArg is not null) throw new ArgumentException("--layers needs --backend torch: the ONNX export has the features, tokens and logits outputs only.");
     bool timmName = ViTConfig.TimmNames.Contains(configArg);
     var config = File.Exists(configArg) ? ViTConfigJson.Load(configArg) : timmName ? ViTConfig.FromTimm(configArg) : ViTConfig.Parse(configArg);
     if (imgSize is int size) config = (config with { ImgSize = size }).Validate();
@@ -83,6 +88,9 @@ static void Run(string configArg, string? weights, string input, FileInfo output
     }
     else Console.WriteLine($"No --weights: random init with seed {seed}.");
 
+    // --backend onnx: the same weights exported to ONNX (float32) and run by ONNX Runtime.
+    using var onnx = backend == "onnx" ? ExportAndLoad(model, preprocessing, device.type == DeviceType.CUDA) : null;
+    if (onnx is not null) Console.WriteLine($"Running on ONNX Runtime ({onnx.ExecutionProvider}).");
     long count = images.shape[0];
     var outputs = new Dictionary<string, List<Tensor>>();
     void Add(string key, Tensor t) => (outputs.TryGetValue(key, out var list) ? list : outputs[key] = new List<Tensor>()).Add(t.to(ScalarType.Float32).cpu().MoveToOuterDisposeScope());
@@ -90,6 +98,15 @@ static void Run(string configArg, string? weights, string input, FileInfo output
     {
         using var inference = torch.inference_mode();
         using var scope = torch.NewDisposeScope();
+        if (onnx is not null)
+        {
+            var pixels = images.narrow(0, start, Math.Min(batchSize, count - start)).contiguous();
+            var r = onnx.Encode(pixels.data<float>().ToArray(), pixels.shape);
+            Add("features", torch.tensor(r.Pooled.Data).reshape(r.Pooled.Shape));
+            Add("tokens", torch.tensor(r.PatchTokens.Data).reshape(r.PatchTokens.Shape));
+            if (r.Logits is not null) Add("logits", torch.tensor(r.Logits.Data).reshape(r.Logits.Shape));
+            continue;
+        }
         var batch = images.narrow(0, start, Math.Min(batchSize, count - start)).to(device).to(dtype);
         using var o = model.Encode(batch);
         Add("features", o.Pooled);
@@ -103,15 +120,33 @@ static void Run(string configArg, string? weights, string input, FileInfo output
     {
         ["config"] = ViTConfigJson.ToJson(config),
         ["weights"] = weights ?? $"random init, seed {seed}",
+        ["backend"] = backend,
         ["inputs"] = JsonSerializer.Serialize(names),
         [Preprocessing.MetadataKey] = preprocessing.ToJson(),
     };
     Safetensors.Save(result, output.FullName, metadata);
     Console.WriteLine($"Wrote {output.FullName}: " + string.Join(", ", result.Select(kv => $"{kv.Key} [{string.Join(", ", kv.Value.shape)}]")));
     foreach (var t in result.Values.Concat(outputs.Values.SelectMany(l => l))) t.Dispose();
+
     if (saveWeights is null) return;
     PretrainedCheckpoint.Save(model, saveWeights.FullName, preprocessing);
     Console.WriteLine($"Wrote the model's weights to {saveWeights.FullName} (timm keys, {config.ImgSize} px).");
+}
+
+// The model exported to a temporary file, which is gone once ONNX Runtime has read it.
+static OnnxVisionTransformer ExportAndLoad(VisionTransformer model, Preprocessing preprocessing, bool cuda)
+{
+    string folder = Directory.CreateTempSubdirectory("vit22b-features-").FullName;
+    try
+    {
+        string path = Path.Combine(folder, "model.onnx");
+        OnnxExport.Save(model, path, new OnnxExportOptions { Preprocessing = preprocessing });
+        return OnnxVisionTransformer.Load(path, new OnnxRunnerOptions { Threads = torch.get_num_threads(), UseCuda = cuda });
+    }
+    finally
+    {
+        Directory.Delete(folder, recursive: true);
+    }
 }
 
 // "4" → the last 4 blocks; "0,5,-1" → those blocks (negative from the end).

@@ -73,6 +73,7 @@ public sealed class OnnxVisionTransformer : IDisposable
         Channels = (int)_inputDims[1];
         ImageSize = _inputDims[2] > 0 && _inputDims[3] > 0 ? ((int)_inputDims[2], (int)_inputDims[3]) : null;
         if (Metadata.TryGetValue("preprocessing", out var json)) (Mean, Std) = ParseNormalization(json, path);
+        if (session.OutputMetadata.TryGetValue("logits", out var logits) && logits.Dimensions.Length == 2 && logits.Dimensions[1] > 0) Classes = logits.Dimensions[1];
     }
 
     /// <summary>The model's metadata: <c>config</c> (ViT22B's config JSON), <c>preprocessing</c> (when exported with
@@ -84,6 +85,9 @@ public sealed class OnnxVisionTransformer : IDisposable
 
     /// <summary>The input (height, width) the model takes, or null when it takes any multiple of its patch size.</summary>
     public (int Height, int Width)? ImageSize { get; }
+
+    /// <summary>Classifier outputs, or null when the model has no classifier.</summary>
+    public int? Classes { get; }
 
     /// <summary>Per-channel mean the pixels ([0, 1]) are normalized with, from the metadata (null when not stored).</summary>
     public float[]? Mean { get; }
