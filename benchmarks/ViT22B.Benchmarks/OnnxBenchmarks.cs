@@ -4,6 +4,7 @@ using BenchmarkDotNet.Configs;
 using BenchmarkDotNet.Reports;
 using BenchmarkDotNet.Running;
 using TorchSharp;
+using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Onnx;
 using ViT22B.OnnxRuntime;
@@ -14,8 +15,9 @@ namespace ViT22B.Benchmarks;
 /// <summary>
 /// The same model, same weights, in one process: this library in float32 (the baseline) and bfloat16, and the ONNX
 /// export run by ONNX Runtime with float32 and with int8 linear layers; batch 8 at 224 px, ONNX Runtime on as many
-/// threads as libtorch. Models: timm's <c>vit_base_patch16_224</c> (classic blocks) and the ViT-22B-style B/16
-/// preset (parallel blocks, QK-norm, MAP head). Columns: images/s, and BenchmarkDotNet's ratio to the baseline.
+/// threads as libtorch. Models: timm's <c>vit_base_patch16_224</c> (classic blocks) and the B/16 preset with parallel
+/// blocks (<c>samples/Mfu --preset B/16 --block parallel</c>). Columns: images/s, and BenchmarkDotNet's ratio to the
+/// baseline.
 /// </summary>
 [Config(typeof(ImagesPerSecondConfig))]
 public class OnnxBenchmarks
@@ -28,14 +30,14 @@ public class OnnxBenchmarks
     private long[] _shape = null!;
     private string _folder = null!;
 
-    /// <summary>timm name or preset.</summary>
-    [Params("vit_base_patch16_224", "B/16")] public string Model { get; set; } = "";
+    /// <summary>timm's classic ViT-B/16, or the B/16 preset with parallel blocks.</summary>
+    [Params("vit_base_patch16_224", "B/16 parallel")] public string Model { get; set; } = "";
 
     /// <summary>Builds the four runners from one set of weights.</summary>
     [GlobalSetup]
     public void Setup()
     {
-        var c = Model.StartsWith("vit_", StringComparison.Ordinal) ? ViTConfig.FromTimm(Model) : ViTConfig.Parse(Model);
+        var c = Model == "B/16 parallel" ? ViTConfig.Parse("B/16") with { Block = BlockKind.Parallel } : ViTConfig.FromTimm(Model);
         torch.manual_seed(0);
         _f32 = new VisionTransformer(c, torch.CPU, ScalarType.Float32);
         _f32.eval();

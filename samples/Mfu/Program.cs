@@ -19,7 +19,7 @@ using ViT22B.OnnxRuntime;
 using ViT22B.Training;
 using static TorchSharp.torch;
 
-var presetOption = new Option<string>("--preset") { Description = "Preset, e.g. B/16, S/16, So400m/14, 22B/14.", DefaultValueFactory = _ => "B/16" };
+var presetOption = new Option<string>("--preset") { Description = "Preset (e.g. B/16, S/16, So400m/14, 22B/14) or timm name (e.g. vit_base_patch16_224).", DefaultValueFactory = _ => "B/16" };
 var blockOption = new Option<string?>("--block") { Description = "Override the block kind: parallel or sequential, or both (the two models measured interleaved in one run, with their speed ratio)." };
 var batchOption = new Option<int>("--batch-size") { Description = "Images per step.", DefaultValueFactory = _ => 8 }.AtLeast(1);
 var dtypeOption = new Option<string>("--dtype") { Description = "float32 or bfloat16 (float16, float64 also accepted).", DefaultValueFactory = _ => "float32" };
@@ -43,7 +43,8 @@ root.SetAction(parse =>
     try
     {
         if (parse.GetValue(threadsOption) is > 0 and var t) torch.set_num_threads(t);
-        var config = ViTConfig.Parse(parse.GetValue(presetOption)!);
+        string presetArg = parse.GetValue(presetOption)!;
+        var config = ViTConfig.TimmNames.Contains(presetArg) ? ViTConfig.FromTimm(presetArg) : ViTConfig.Parse(presetArg);
         var configs = parse.GetValue(blockOption) switch
         {
             null => new[] { config },

@@ -34,9 +34,9 @@ public sealed record OnnxRunnerOptions
     /// physical core).</summary>
     public int? Threads { get; init; }
 
-    /// <summary>Run on the CUDA execution provider when the ONNX Runtime in use has it (the
-    /// <c>Microsoft.ML.OnnxRuntime.Gpu</c> package); otherwise, and by default, on the CPU.</summary>
-    public bool UseCuda { get; init; }
+    /// <summary>Run on the CUDA execution provider when the ONNX Runtime in use has it (the application references
+    /// <c>Microsoft.ML.OnnxRuntime.Gpu</c>) and it starts (default); otherwise on the CPU. False = always the CPU.</summary>
+    public bool UseCuda { get; init; } = true;
 
     /// <summary>The CUDA device when <see cref="UseCuda"/> is set.</summary>
     public int CudaDevice { get; init; }
@@ -102,19 +102,36 @@ public sealed class OnnxVisionTransformer : IDisposable
     /// <exception cref="FileNotFoundException">No such file.</exception>
     /// <exception cref="InvalidDataException">The file is not an ONNX model (truncated, another format) or not one this
     /// library exported (the message names the file and what is missing).</exception>
+    /// <exception cref="InvalidOperationException">ONNX Runtime's native library is missing.</exception>
     public static OnnxVisionTransformer Load(string path, OnnxRunnerOptions? options = null)
     {
         ArgumentNullException.ThrowIfNull(path);
         options ??= new OnnxRunnerOptions();
         if (!File.Exists(path)) throw new FileNotFoundException($"ONNX model '{path}' does not exist.", path);
         if (options.Threads is < 1) throw new ArgumentOutOfRangeException(nameof(options), $"Threads must be at least 1, found {options.Threads}.");
-        using var so = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL };
+        SessionOptions created;
+        try
+        {
+            created = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL };
+        }
+        catch (Exception e) when (e is DllNotFoundException or TypeInitializationException or EntryPointNotFoundException)
+        {
+            throw new InvalidOperationException("ONNX Runtime's native library (libonnxruntime) cannot be loaded: reference the Microsoft.ML.OnnxRuntime package (or its GPU build) in the application.", e);
+        }
+        using var so = created;
         if (options.Threads is int threads) so.IntraOpNumThreads = threads;
         string provider = "CPU";
         if (options.UseCuda && OrtEnv.Instance().GetAvailableProviders().Contains("CUDAExecutionProvider"))
         {
-            so.AppendExecutionProvider_CUDA(options.CudaDevice);
-            provider = "CUDA";
+            try
+            {
+                so.AppendExecutionProvider_CUDA(options.CudaDevice);
+                provider = "CUDA";
+            }
+            catch (OnnxRuntimeException)
+            {
+                // The GPU build without a usable GPU or CUDA libraries: the CPU, as ExecutionProvider then says.
+            }
         }
         InferenceSession session;
         try

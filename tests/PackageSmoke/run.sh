@@ -9,11 +9,12 @@ version="0.1.0-smoke.$(date +%s)"
 cleanup() {
   rm -rf "$work"
   # The unique smoke version was extracted into the package cache by restore; drop it again.
-  rm -rf "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b/$version"
+  rm -rf "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b/$version" "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b.onnxruntime/$version"
 }
 trap cleanup EXIT
 
 dotnet pack "$root/src/ViT22B/ViT22B.csproj" -c Release -o "$work/feed" -p:Version="$version" --nologo -v quiet
+dotnet pack "$root/src/ViT22B.OnnxRuntime/ViT22B.OnnxRuntime.csproj" -c Release -o "$work/feed" -p:Version="$version" --nologo -v quiet
 ls "$work/feed"
 if command -v unzip >/dev/null; then
   unzip -l "$work/feed/ViT22B.$version.nupkg" | grep -q "buildTransitive/ViT22B.targets" \
@@ -59,4 +60,27 @@ if [ -n "$cache_sum_before" ] && [ "$(sha256sum "$cache_lib")" != "$cache_sum_be
   echo "the NuGet cache copy of libLibTorchSharp.so was modified" >&2
   exit 1
 fi
+# A deployment: an app that references ViT22B.OnnxRuntime alone runs a model exported by samples/ExportOnnx, and its
+# output folder holds no TorchSharp or libtorch file.
+dotnet run --project "$root/samples/ExportOnnx" -c Release -- --checkpoint "$root/fashion-mnist-vit.safetensors" --output "$work/fm.onnx"
+mkdir "$work/deploy"
+cp "$root/tests/PackageSmoke/Deploy.cs.txt" "$work/deploy/Program.cs"
+cp "$work/app/nuget.config" "$work/deploy/"
+cat > "$work/deploy/Deploy.csproj" <<XML
+<Project Sdk="Microsoft.NET.Sdk">
+  <PropertyGroup>
+    <OutputType>Exe</OutputType>
+    <TargetFramework>net10.0</TargetFramework>
+    <ImplicitUsings>enable</ImplicitUsings>
+    <Nullable>enable</Nullable>
+  </PropertyGroup>
+  <ItemGroup>
+    <PackageReference Include="ViT22B.OnnxRuntime" Version="$version" />
+  </ItemGroup>
+</Project>
+XML
+cd "$work/deploy"
+dotnet build -c Release --nologo -v quiet -o "$work/deploy-bin"
+if ls "$work/deploy-bin" | grep -iE 'torch|ViT22B\.dll'; then echo "the ONNX deployment carries TorchSharp or the library" >&2; exit 1; fi
+dotnet "$work/deploy-bin/Deploy.dll" "$work/fm.onnx"
 echo "package smoke test passed"

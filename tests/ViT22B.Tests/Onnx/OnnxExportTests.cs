@@ -111,6 +111,24 @@ public sealed class OnnxExportTests : IDisposable
     }
 
     [Theory]
+    [InlineData(BlockKind.Parallel)]
+    [InlineData(BlockKind.Sequential)]
+    public void Non_square_images_with_a_remainder_export(BlockKind block)
+    {
+        // 18 × 26 pixels of 4 × 4 patches: a 4 × 6 grid, the last 2 rows and columns dropped by the convolution.
+        var c = TestUtil.Tiny(block) with { ImgSize = 18, ImgWidth = 26, ClassToken = true, RegTokens = 1, GlobalPool = GlobalPool.Token };
+        using var model = Model(c);
+        using var vit = OnnxVisionTransformer.Load(Export(model), new OnnxRunnerOptions { Threads = 1 });
+        Assert.Equal((18, 26), vit.ImageSize);
+        using var images = TestUtil.RandomImages(c, 2, seed: 4, ScalarType.Float32);
+        using var inference = torch.inference_mode();
+        using var expected = model.Encode(images);
+        Assert.Equal(24, expected.PatchTokens.shape[1]);
+        var (data, shape) = Pixels(images);
+        AssertClose(expected, vit.Encode(data, shape), Float32Bound, $"{block} 18×26");
+    }
+
+    [Theory]
     [InlineData(OnnxWeights.F16, ScalarType.Float16)]
     [InlineData(OnnxWeights.BF16, ScalarType.BFloat16)]
     public void Sixteen_bit_weights_are_the_rounded_weights_run_in_float32(OnnxWeights weights, ScalarType dtype)
@@ -179,6 +197,8 @@ public sealed class OnnxExportTests : IDisposable
         Assert.Equal(new[] { 0.229f, 0.224f, 0.225f }, vit.Std);
         Assert.Equal((16, 16), vit.ImageSize);
         Assert.Equal(3, vit.Channels);
+        Assert.Equal(c.NumClasses, vit.Classes);
+        Assert.Equal("CPU", vit.ExecutionProvider);   // the CPU build of ONNX Runtime: no CUDA provider to use
 
         var pixels = new float[] { 0.5f, 0.5f, 0.5f, 0.5f };
         Assert.Throws<ArgumentException>(() => vit.Normalize(pixels, new long[] { 1, 1, 2, 2 }));
