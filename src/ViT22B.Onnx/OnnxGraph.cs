@@ -130,7 +130,8 @@ internal sealed class OnnxGraph
         return proto.Name;
     }
 
-    /// <summary>Declares a graph input or output: float32 with the given dimensions (a string is a symbolic one).</summary>
+    /// <summary>Declares a graph input or output of element type <paramref name="type"/> with the given dimensions (a
+    /// string is a symbolic one).</summary>
     public static ValueInfoProto Value(string name, TensorProto.Types.DataType type, params object[] dims)
     {
         var shape = new TensorShapeProto();

@@ -72,7 +72,7 @@ public sealed class OnnxVisionTransformer : IDisposable
         Metadata = session.ModelMetadata.CustomMetadataMap;
         Channels = (int)_inputDims[1];
         ImageSize = _inputDims[2] > 0 && _inputDims[3] > 0 ? ((int)_inputDims[2], (int)_inputDims[3]) : null;
-        if (Metadata.TryGetValue("preprocessing", out var json)) (Mean, Std) = ParseNormalization(json, path);
+        if (Metadata.TryGetValue("preprocessing", out var json)) (Mean, Std) = ParseNormalization(json, path, Channels);
         if (session.OutputMetadata.TryGetValue("logits", out var logits) && logits.Dimensions.Length == 2 && logits.Dimensions[1] > 0) Classes = logits.Dimensions[1];
     }
 
@@ -89,7 +89,9 @@ public sealed class OnnxVisionTransformer : IDisposable
     /// <summary>Classifier outputs, or null when the model has no classifier.</summary>
     public int? Classes { get; }
 
-    /// <summary>Per-channel mean the pixels ([0, 1]) are normalized with, from the metadata (null when not stored).</summary>
+    /// <summary>Per-channel mean the pixels ([0, 1]) are normalized with, from the metadata (null when not stored); a
+    /// model of other than 3 channels uses the mean of the stored RGB values for each channel, as the library's
+    /// <c>Transforms.Normalize</c> does.</summary>
     public float[]? Mean { get; }
 
     /// <summary>Per-channel standard deviation, from the metadata (null when not stored).</summary>
@@ -209,16 +211,16 @@ public sealed class OnnxVisionTransformer : IDisposable
     private static string Describe(IReadOnlyDictionary<string, NodeMetadata> values) => values.Count == 0 ? "none"
         : string.Join(", ", values.Select(kv => $"'{kv.Key}' {kv.Value.ElementDataType} [{string.Join(", ", kv.Value.Dimensions)}]"));
 
-    // The "mean" and "std" of ViT22B's preprocessing JSON.
-    private static (float[], float[]) ParseNormalization(string json, string path)
+    // The "mean" and "std" of ViT22B's preprocessing JSON (RGB), per model channel.
+    private static (float[], float[]) ParseNormalization(string json, string path, int channels)
     {
         try
         {
             using var doc = JsonDocument.Parse(json);
             float[] Triple(string name) => doc.RootElement.GetProperty(name).EnumerateArray().Select(e => (float)e.GetDouble()).ToArray();
             var (mean, std) = (Triple("mean"), Triple("std"));
-            if (mean.Length != std.Length || std.Any(s => !(s > 0))) throw new FormatException("mean and std must have one entry per channel, std positive");
-            return (mean, std);
+            if (mean.Length != 3 || std.Length != 3 || std.Any(s => !(s > 0))) throw new FormatException("mean and std must have 3 entries (R, G, B), std positive");
+            return channels == 3 ? (mean, std) : (Enumerable.Repeat(mean.Average(), channels).ToArray(), Enumerable.Repeat(std.Average(), channels).ToArray());
         }
         catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException or FormatException)
         {

@@ -200,6 +200,16 @@ public sealed class OnnxExportTests : IDisposable
         Assert.Equal(c.NumClasses, vit.Classes);
         Assert.Equal("CPU", vit.ExecutionProvider);   // the CPU build of ONNX Runtime: no CUDA provider to use
 
+        // A one-channel model normalizes with the mean of the RGB statistics, as Transforms.Normalize does.
+        using (var gray = Model(c with { InChans = 1 }))
+        using (var grayVit = OnnxVisionTransformer.Load(Export(gray, new OnnxExportOptions { Preprocessing = preprocessing }, "gray.onnx")))
+        {
+            Assert.Equal(new[] { (float)((0.485 + 0.456 + 0.406) / 3) }, grayVit.Mean);
+            var one = new float[] { 0.25f };
+            grayVit.Normalize(one, new long[] { 1, 1, 1, 1 });
+            using var expected = Transforms.Normalize(Preprocessing.ImageNetMean, Preprocessing.ImageNetStd)(torch.full(1, 1, 1, 0.25f), new Random(0));
+            Assert.Equal(expected.item<float>(), one[0], 5);
+        }
         var pixels = new float[] { 0.5f, 0.5f, 0.5f, 0.5f };
         Assert.Throws<ArgumentException>(() => vit.Normalize(pixels, new long[] { 1, 1, 2, 2 }));
         var rgb = Enumerable.Repeat(0.5f, 3).ToArray();
