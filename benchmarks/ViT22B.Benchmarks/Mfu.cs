@@ -75,7 +75,7 @@ public sealed class MfuColumn : ComputedColumn
     /// <summary>Model GFLOP/s achieved.</summary>
     public static readonly IColumn Achieved = new MfuColumn("GFLOP/s",
         "Model FLOPs (docs/model.md: 2 per MAC, matmuls only, training = 3 × forward) per second", 0);
-    /// <summary>Median same-run GEMM GFLOP/s.</summary>
+    /// <summary>Best same-run GEMM GFLOP/s.</summary>
     public static readonly IColumn Peak = new MfuColumn("Peak GFLOP/s",
         "Best of the same-dtype GEMMs (MfuMeter's shapes) timed after every iteration of the same case", 1);
     /// <summary>Achieved over same-run peak.</summary>

@@ -6,7 +6,7 @@
 //   dotnet run --project samples/ExportOnnx -c Release -- --checkpoint fashion-mnist-vit.safetensors --output fm-int8.onnx --weights int8 --fashion-mnist
 //   dotnet run --project samples/ExportOnnx -c Release -- --config vit_base_patch16_224 --checkpoint model.safetensors --output vit.onnx
 //
-// Deployment needs only ViT22B.OnnxRuntime (no TorchSharp, no libtorch):
+// Deployment needs only ViT22B.OnnxRuntime and ONNX Runtime's native package (no TorchSharp, no libtorch):
 //   using var vit = OnnxVisionTransformer.Load("fm.onnx");
 //   var output = vit.Encode(pixels, new long[] { 1, 1, 28, 28 });   // output.Logits, output.Pooled, output.PatchTokens
 using System.CommandLine;

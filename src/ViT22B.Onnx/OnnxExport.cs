@@ -94,10 +94,13 @@ public static class OnnxExport
             OnnxWeights.BF16 => ScalarType.BFloat16,
             _ => ScalarType.Float32,
         };
+        // Checked before any weight is copied (an int8 export stores at least one byte per parameter), then exactly.
+        long parameters = model.parameters().Sum(p => p.numel());
+        long atLeast = parameters * (options.Weights == OnnxWeights.DynamicInt8 ? 1 : storage == ScalarType.Float32 ? 4 : 2);
+        if (atLeast > maxBytes) throw TooLarge(atLeast, maxBytes);
         var graph = new OnnxGraph();
         ViTGraph.Emit(graph, model, storage, options.Weights == OnnxWeights.DynamicInt8);
-        if (graph.InitializerBytes > maxBytes)
-            throw new NotSupportedException($"ONNX export: the weights take {graph.InitializerBytes:N0} bytes, more than one protobuf message can hold ({maxBytes:N0}); export 16-bit or int8 weights, or a smaller model.");
+        if (graph.InitializerBytes > maxBytes) throw TooLarge(graph.InitializerBytes, maxBytes);
         var proto = new ModelProto
         {
             IrVersion = IrVersion,
@@ -114,6 +117,9 @@ public static class OnnxExport
             proto.MetadataProps.Add(new StringStringEntryProto { Key = Preprocessing.MetadataKey, Value = p.Validate().ToJson() });
         return proto;
     }
+
+    private static NotSupportedException TooLarge(long bytes, long maxBytes) =>
+        new($"ONNX export: the weights take {bytes:N0} bytes or more, more than one protobuf message can hold ({maxBytes:N0}); export 16-bit or int8 weights, or a smaller model.");
 
     private static void CheckModules(VisionTransformer model)
     {

@@ -99,13 +99,14 @@ internal sealed class OnnxGraph
             : Node("Cast", new[] { proto.Name }, name + ".float", Int("to", (long)TensorProto.Types.DataType.Float));
     }
 
-    /// <summary>An initializer of <paramref name="value"/> converted to <paramref name="dtype"/> (float32, float16,
-    /// bfloat16, int8 or uint8), its bytes in raw_data.</summary>
+    /// <summary>An initializer of <paramref name="value"/> converted to <paramref name="dtype"/> (float32, float64,
+    /// float16, bfloat16, int8 or uint8), its bytes in raw_data.</summary>
     public TensorProto Tensor(string name, Tensor value, ScalarType dtype)
     {
         var code = dtype switch
         {
             ScalarType.Float32 => TensorProto.Types.DataType.Float,
+            ScalarType.Float64 => TensorProto.Types.DataType.Double,
             ScalarType.Float16 => TensorProto.Types.DataType.Float16,
             ScalarType.BFloat16 => TensorProto.Types.DataType.Bfloat16,
             ScalarType.Int8 => TensorProto.Types.DataType.Int8,

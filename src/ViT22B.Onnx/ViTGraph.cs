@@ -127,8 +127,7 @@ internal sealed class ViTGraph
     private string SinCosTable(string map)
     {
         long quarter = _c.EmbedDim / 4;
-        var omega = _g.Initializer("pos_embed_omega", torch.exp(torch.arange(quarter, dtype: ScalarType.Float64) / Math.Max(1, quarter - 1) * -Math.Log(10_000.0)).to(ScalarType.Float32), ScalarType.Float32);
-        omega = _g.Node("Cast", new[] { omega }, null, OnnxGraph.Int("to", (long)TensorProto.Types.DataType.Double));
+        var omega = _g.Initializer("pos_embed_omega", torch.exp(torch.arange(quarter, dtype: ScalarType.Float64) / Math.Max(1, quarter - 1) * -Math.Log(10_000.0)), ScalarType.Float64);
         var shape = _g.Shape(map);
         var gh = _g.Slice(shape, 2L, 3L, 0L);
         var gw = _g.Slice(shape, 3L, 4L, 0L);

@@ -111,38 +111,26 @@ public sealed class OnnxVisionTransformer : IDisposable
         options ??= new OnnxRunnerOptions();
         if (!File.Exists(path)) throw new FileNotFoundException($"ONNX model '{path}' does not exist.", path);
         if (options.Threads is < 1) throw new ArgumentOutOfRangeException(nameof(options), $"Threads must be at least 1, found {options.Threads}.");
-        SessionOptions created;
+        bool cuda;
         try
         {
-            created = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL };
+            cuda = options.UseCuda && OrtEnv.Instance().GetAvailableProviders().Contains("CUDAExecutionProvider");
         }
         catch (Exception e) when (e is DllNotFoundException or TypeInitializationException or EntryPointNotFoundException)
         {
-            throw new InvalidOperationException("ONNX Runtime's native library (libonnxruntime) cannot be loaded: reference the Microsoft.ML.OnnxRuntime package (or its GPU build) in the application.", e);
+            throw NativeLibraryMissing(e);
         }
-        using var so = created;
-        if (options.Threads is int threads) so.IntraOpNumThreads = threads;
-        string provider = "CPU";
-        if (options.UseCuda && OrtEnv.Instance().GetAvailableProviders().Contains("CUDAExecutionProvider"))
-        {
-            try
-            {
-                so.AppendExecutionProvider_CUDA(options.CudaDevice);
-                provider = "CUDA";
-            }
-            catch (OnnxRuntimeException)
-            {
-                // The GPU build without a usable GPU or CUDA libraries: the CPU, as ExecutionProvider then says.
-            }
-        }
+        string provider = cuda ? "CUDA" : "CPU";
         InferenceSession session;
         try
         {
-            session = new InferenceSession(path, so);
+            session = Open(path, options, cuda);
         }
-        catch (OnnxRuntimeException e)
+        catch (OnnxRuntimeException) when (cuda)
         {
-            throw new InvalidDataException($"ONNX model '{path}' cannot be loaded (truncated, or not an ONNX model): {e.Message}", e);
+            provider = "CPU";
+            // The GPU build without a usable GPU or CUDA libraries (the CUDA provider starts with the session): the CPU.
+            session = Open(path, options, cuda: false);
         }
         try
         {
@@ -178,7 +166,7 @@ public sealed class OnnxVisionTransformer : IDisposable
         }
         catch (OnnxRuntimeException e)
         {
-            throw new ArgumentException($"ONNX Runtime rejected images {Shape(shape)}: {e.Message}", nameof(images), e);
+            throw new InvalidOperationException($"ONNX Runtime failed on images {Shape(shape)}: {e.Message}", e);
         }
         using (results)
         {
@@ -207,6 +195,33 @@ public sealed class OnnxVisionTransformer : IDisposable
 
     /// <inheritdoc />
     public void Dispose() => _session.Dispose();
+
+    private static InvalidOperationException NativeLibraryMissing(Exception e) =>
+        new("ONNX Runtime's native library (libonnxruntime) cannot be loaded: reference Microsoft.ML.OnnxRuntime (CPU) or Microsoft.ML.OnnxRuntime.Gpu in the application.", e);
+
+    private static InferenceSession Open(string path, OnnxRunnerOptions options, bool cuda)
+    {
+        SessionOptions created;
+        try
+        {
+            created = new SessionOptions { GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL };
+        }
+        catch (Exception e) when (e is DllNotFoundException or TypeInitializationException or EntryPointNotFoundException)
+        {
+            throw NativeLibraryMissing(e);
+        }
+        using var so = created;
+        if (options.Threads is int threads) so.IntraOpNumThreads = threads;
+        if (cuda) so.AppendExecutionProvider_CUDA(options.CudaDevice);
+        try
+        {
+            return new InferenceSession(path, so);
+        }
+        catch (OnnxRuntimeException e) when (!cuda)
+        {
+            throw new InvalidDataException($"ONNX model '{path}' cannot be loaded (truncated, or not an ONNX model): {e.Message}", e);
+        }
+    }
 
     private static string Describe(IReadOnlyDictionary<string, NodeMetadata> values) => values.Count == 0 ? "none"
         : string.Join(", ", values.Select(kv => $"'{kv.Key}' {kv.Value.ElementDataType} [{string.Join(", ", kv.Value.Dimensions)}]"));

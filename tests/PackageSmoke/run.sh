@@ -60,7 +60,7 @@ if [ -n "$cache_sum_before" ] && [ "$(sha256sum "$cache_lib")" != "$cache_sum_be
   echo "the NuGet cache copy of libLibTorchSharp.so was modified" >&2
   exit 1
 fi
-# A deployment: an app that references ViT22B.OnnxRuntime alone runs a model exported by samples/ExportOnnx, and its
+# A deployment: an app that references ViT22B.OnnxRuntime and ONNX Runtime's CPU build alone runs a model exported by samples/ExportOnnx, and its
 # output folder holds no TorchSharp or libtorch file.
 dotnet run --project "$root/samples/ExportOnnx" -c Release -- --checkpoint "$root/fashion-mnist-vit.safetensors" --output "$work/fm.onnx"
 mkdir "$work/deploy"
@@ -76,6 +76,7 @@ cat > "$work/deploy/Deploy.csproj" <<XML
   </PropertyGroup>
   <ItemGroup>
     <PackageReference Include="ViT22B.OnnxRuntime" Version="$version" />
+    <PackageReference Include="Microsoft.ML.OnnxRuntime" Version="1.31.1" />
   </ItemGroup>
 </Project>
 XML

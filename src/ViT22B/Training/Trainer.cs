@@ -214,7 +214,9 @@ public sealed class Trainer
                 if (Step % Options.LogEverySteps == 0)
                 {
                     double ips = windowImages / window.Elapsed.TotalSeconds;
+                    sw.Stop();   // the peak GEMMs LogStep may time count in neither the window nor the epoch
                     LogStep(r, epoch, ips, flopsPerImage, hardwareFlopsPerImage);
+                    sw.Start();
                     window.Restart();
                     windowImages = 0;
                 }

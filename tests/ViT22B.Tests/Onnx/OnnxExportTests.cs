@@ -236,6 +236,17 @@ public sealed class OnnxExportTests : IDisposable
     }
 
     [Fact]
+    public void A_model_beyond_one_protobuf_message_is_refused_before_its_weights_are_copied()
+    {
+        using var model = Model(TestUtil.Tiny(BlockKind.Parallel));
+        long parameters = model.parameters().Sum(p => p.numel());
+        // Below 4 bytes per parameter: float32 is refused by the check before any copy, 16-bit fits.
+        var e = Assert.Throws<NotSupportedException>(() => OnnxExport.Build(model, null, maxBytes: parameters * 3));
+        Assert.Contains("16-bit or int8", e.Message, StringComparison.Ordinal);
+        Assert.NotNull(OnnxExport.Build(model, new OnnxExportOptions { Weights = OnnxWeights.BF16 }, maxBytes: parameters * 3));
+    }
+
+    [Fact]
     public void The_runner_rejects_truncated_foreign_and_unrelated_files_and_wrong_images_with_clear_errors()
     {
         var c = TestUtil.Tiny(BlockKind.Parallel);
