@@ -35,6 +35,11 @@ public sealed record OnnxExportOptions
     /// <summary>The preprocessing the model expects, stored in the model's metadata under
     /// <see cref="Preprocessing.MetadataKey"/> (null: none stored).</summary>
     public Preprocessing? Preprocessing { get; init; }
+
+    /// <summary>Write the weights (each of 1 KiB or more) to an ONNX external-data file <c>&lt;path&gt;.data</c> beside the
+    /// model. <see cref="OnnxExport.Save"/> does so anyway when the weights would not fit in one protobuf message
+    /// (2 GB: float32 models above about 500 M parameters).</summary>
+    public bool ExternalData { get; init; }
 }
 
 /// <summary>
@@ -69,21 +74,46 @@ public static class OnnxExport
         typeof(ParallelBlock), typeof(SequentialBlock), typeof(Attention), typeof(Mlp), typeof(MapHead), typeof(LayerScale),
     };
 
-    /// <summary>Writes <paramref name="model"/> to <paramref name="path"/> (atomically: an existing file is replaced only
-    /// when the new one is complete).</summary>
-    /// <exception cref="NotSupportedException">The model contains a module without an ONNX form (named), or its weights
-    /// exceed protobuf's 2 GB message limit.</exception>
-    public static void Save(VisionTransformer model, string path, OnnxExportOptions? options = null)
+    /// <summary>
+    /// Writes <paramref name="model"/> to <paramref name="path"/>, and with external data its weights to
+    /// <c>&lt;path&gt;.data</c> (<see cref="OnnxExportOptions.ExternalData"/>), streamed one tensor at a time. Each file is
+    /// written atomically (an existing one is replaced only when the new one is complete); with external data the data
+    /// file is replaced first, so a failure while writing the small model file after it leaves a pair that does not
+    /// match: export again.
+    /// </summary>
+    /// <exception cref="NotSupportedException">The model contains a module without an ONNX form (named).</exception>
+    public static void Save(VisionTransformer model, string path, OnnxExportOptions? options = null) => SaveWithLimit(model, path, options, MaxModelBytes);
+
+    internal static void SaveWithLimit(VisionTransformer model, string path, OnnxExportOptions? options, long maxBytes)
     {
+        ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(path);
-        var proto = Build(model, options);
-        AtomicFile.Write(path, s => proto.WriteTo(s));
+        options ??= new OnnxExportOptions();
+        if (!options.ExternalData && LeastBytes(model, options) <= maxBytes)
+        {
+            var proto = Build(model, options, maxBytes);
+            AtomicFile.Write(path, s => proto.WriteTo(s));
+            return;
+        }
+        string dataName = Path.GetFileName(path) + ".data";
+        AtomicFile.Write(path, modelStream =>
+        {
+            ModelProto? built = null;
+            AtomicFile.Write(path + ".data", dataStream => built = Build(model, options, maxBytes, dataStream, dataName));
+            built.WriteTo(modelStream);
+        });
     }
 
-    /// <summary>The ONNX model of <paramref name="model"/> as protobuf bytes.</summary>
+    /// <summary>The ONNX model of <paramref name="model"/> as protobuf bytes (weights inside).</summary>
+    /// <exception cref="NotSupportedException">A module without an ONNX form, or weights beyond one protobuf message
+    /// (use <see cref="Save"/>, which writes them as external data).</exception>
     public static byte[] ToBytes(VisionTransformer model, OnnxExportOptions? options = null) => Build(model, options).ToByteArray();
 
-    internal static ModelProto Build(VisionTransformer model, OnnxExportOptions? options, long maxBytes = MaxModelBytes)
+    // An int8 export stores at least one byte per parameter, the others 2 or 4.
+    private static long LeastBytes(VisionTransformer model, OnnxExportOptions options) =>
+        model.parameters().Sum(p => p.numel()) * (options.Weights switch { OnnxWeights.DynamicInt8 => 1, OnnxWeights.F32 => 4, _ => 2 });
+
+    internal static ModelProto Build(VisionTransformer model, OnnxExportOptions? options, long maxBytes = MaxModelBytes, Stream? external = null, string? externalName = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         options ??= new OnnxExportOptions();
@@ -94,13 +124,11 @@ public static class OnnxExport
             OnnxWeights.BF16 => ScalarType.BFloat16,
             _ => ScalarType.Float32,
         };
-        // Checked before any weight is copied (an int8 export stores at least one byte per parameter), then exactly.
-        long parameters = model.parameters().Sum(p => p.numel());
-        long atLeast = parameters * (options.Weights == OnnxWeights.DynamicInt8 ? 1 : storage == ScalarType.Float32 ? 4 : 2);
-        if (atLeast > maxBytes) throw TooLarge(atLeast, maxBytes);
-        var graph = new OnnxGraph();
+        // Without external data: checked before any weight is copied, then exactly.
+        if (external is null && LeastBytes(model, options) > maxBytes) throw TooLarge(LeastBytes(model, options), maxBytes);
+        var graph = new OnnxGraph(external, externalName);
         ViTGraph.Emit(graph, model, storage, options.Weights == OnnxWeights.DynamicInt8);
-        if (graph.InitializerBytes > maxBytes) throw TooLarge(graph.InitializerBytes, maxBytes);
+        if (external is null && graph.InitializerBytes > maxBytes) throw TooLarge(graph.InitializerBytes, maxBytes);
         var proto = new ModelProto
         {
             IrVersion = IrVersion,
@@ -119,7 +147,7 @@ public static class OnnxExport
     }
 
     private static NotSupportedException TooLarge(long bytes, long maxBytes) =>
-        new($"ONNX export: the weights take {bytes:N0} bytes or more, more than one protobuf message can hold ({maxBytes:N0}); export 16-bit or int8 weights, or a smaller model.");
+        new($"ONNX export: the weights take {bytes:N0} bytes or more, more than one protobuf message can hold ({maxBytes:N0}); save to a file (OnnxExport.Save writes them as external data), or export 16-bit or int8 weights.");
 
     private static void CheckModules(VisionTransformer model)
     {

@@ -16,6 +16,16 @@ internal sealed class OnnxGraph
     private readonly HashSet<string> _names = new(StringComparer.Ordinal);
     private readonly Dictionary<string, string> _constants = new(StringComparer.Ordinal);
     private int _counter;
+    private readonly Stream? _external;
+    private readonly string? _externalName;
+
+    /// <summary>A graph whose weights of at least <see cref="ExternalThreshold"/> bytes go to <paramref name="external"/>
+    /// (ONNX external data, file name <paramref name="externalName"/> beside the model) when it is given.</summary>
+    public OnnxGraph(Stream? external = null, string? externalName = null) => (_external, _externalName) = (external, externalName);
+
+    /// <summary>Weights this large or larger go to the external-data file, each at an offset that is a multiple of 4096
+    /// (the page size, so that a runtime can map them).</summary>
+    public const int ExternalThreshold = 1024;
 
     public GraphProto Proto => _graph;
 
@@ -115,11 +125,24 @@ internal sealed class OnnxGraph
         };
         using var scope = torch.NewDisposeScope();
         var cpu = value.detach().to(torch.CPU).to(dtype).contiguous();
-        using var ms = new MemoryStream();
-        if (cpu.numel() > 0) cpu.WriteBytesToStream(ms, 1 << 20);
-        var proto = new TensorProto { Name = name, DataType = (int)code, RawData = ByteString.CopyFrom(ms.GetBuffer(), 0, (int)ms.Length) };
+        long bytes = cpu.numel() * cpu.element_size();
+        var proto = new TensorProto { Name = name, DataType = (int)code };
         proto.Dims.AddRange(cpu.shape);
-        InitializerBytes += ms.Length;
+        InitializerBytes += bytes;
+        if (_external is not null && bytes >= ExternalThreshold)
+        {
+            long offset = (_external.Position + 4095) / 4096 * 4096;
+            _external.Write(new byte[offset - _external.Position]);
+            cpu.WriteBytesToStream(_external, 1 << 20);
+            proto.DataLocation = TensorProto.Types.DataLocation.External;
+            proto.ExternalData.Add(new StringStringEntryProto { Key = "location", Value = _externalName });
+            proto.ExternalData.Add(new StringStringEntryProto { Key = "offset", Value = offset.ToString(System.Globalization.CultureInfo.InvariantCulture) });
+            proto.ExternalData.Add(new StringStringEntryProto { Key = "length", Value = bytes.ToString(System.Globalization.CultureInfo.InvariantCulture) });
+            return proto;
+        }
+        using var ms = new MemoryStream();
+        if (bytes > 0) cpu.WriteBytesToStream(ms, 1 << 20);
+        proto.RawData = ByteString.CopyFrom(ms.GetBuffer(), 0, (int)ms.Length);
         return proto;
     }
 

@@ -242,8 +242,34 @@ public sealed class OnnxExportTests : IDisposable
         long parameters = model.parameters().Sum(p => p.numel());
         // Below 4 bytes per parameter: float32 is refused by the check before any copy, 16-bit fits.
         var e = Assert.Throws<NotSupportedException>(() => OnnxExport.Build(model, null, maxBytes: parameters * 3));
-        Assert.Contains("16-bit or int8", e.Message, StringComparison.Ordinal);
+        Assert.Contains("external data", e.Message, StringComparison.Ordinal);
         Assert.NotNull(OnnxExport.Build(model, new OnnxExportOptions { Weights = OnnxWeights.BF16 }, maxBytes: parameters * 3));
+    }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void Weights_beyond_one_message_go_to_an_external_data_file_that_onnx_runtime_reads(bool asked)
+    {
+        var c = TestUtil.Variants().Single(v => v.Name == "Sequential-classic").Config with { EmbedDim = 64, NumHeads = 4, MlpDim = 128 };
+        using var model = Model(c);
+        long parameters = model.parameters().Sum(p => p.numel());
+        string path = Path.Combine(_dir, "external.onnx");
+        // Asked for, or forced by a message limit below the weights' size.
+        OnnxExport.SaveWithLimit(model, path, new OnnxExportOptions { ExternalData = asked }, maxBytes: asked ? OnnxExport.MaxModelBytes : parameters * 2);
+        Assert.True(File.Exists(path + ".data"));
+        var proto = ModelProto.Parser.ParseFrom(File.ReadAllBytes(path));
+        var external = proto.Graph.Initializer.Where(t => t.DataLocation == TensorProto.Types.DataLocation.External).ToList();
+        Assert.NotEmpty(external);
+        Assert.All(external, t => Assert.Equal("external.onnx.data", t.ExternalData.Single(e => e.Key == "location").Value));
+        Assert.All(external, t => Assert.Equal(0, long.Parse(t.ExternalData.Single(e => e.Key == "offset").Value, System.Globalization.CultureInfo.InvariantCulture) % 4096));
+        Assert.True(new FileInfo(path).Length < new FileInfo(path + ".data").Length / 4, "the weights should live in the data file");
+        using var vit = OnnxVisionTransformer.Load(path, new OnnxRunnerOptions { Threads = 1 });
+        using var images = TestUtil.RandomImages(c, 2, seed: 9, ScalarType.Float32);
+        using var inference = torch.inference_mode();
+        using var expected = model.Encode(images);
+        var (data, shape) = Pixels(images);
+        AssertClose(expected, vit.Encode(data, shape), Float32Bound, "external data");
     }
 
     [Fact]
