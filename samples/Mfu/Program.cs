@@ -150,13 +150,9 @@ static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int 
         {
             var k = cases[i];
             bool onnx = k.Backend != "torch";
-            // ONNX Runtime's own GEMM peak is not measured: its rows report throughput only, no utilization.
-            double? peak = onnx ? null : datasheetTflops * 1e12 ?? m.PeakFlopsPerSecond;
             return new MfuResult(preset, k.Config.Block.ToString().ToLowerInvariant(), k.Backend, mode, onnx ? "float32" : ViTConfigJson.DTypeName(dtype), device.ToString(), batch,
                 torch.get_num_threads(), batch * k.Config.NumTokens / m.StepSeconds, batch / m.StepSeconds, m.AchievedFlopsPerSecond / 1e12,
                 k.HardwareFlops / m.StepSeconds / 1e12, onnx ? null : m.PeakFlopsPerSecond / 1e12, datasheetTflops,
-                peak is { } p ? Utilization.Of(m.AchievedFlopsPerSecond, p) : null, peak is { } q ? Utilization.Of(k.HardwareFlops / m.StepSeconds, q) : null,
-                peak is { } r ? Utilization.Format(m.AchievedFlopsPerSecond, r) : "-", peak is { } h ? Utilization.Format(k.HardwareFlops / m.StepSeconds, h) : "-",
                 mode == "inference" ? "none" : recompute.ToString(), m.StepSeconds, samples,
                 i == 0 ? null : MfuMeter.MedianRatio(measured[0].StepSamples, m.StepSamples));
         }).ToArray();
@@ -189,10 +185,19 @@ static void Print(IReadOnlyList<MfuResult> results)
 /// <summary>One MFU measurement, as printed and as written to JSON/CSV.</summary>
 /// <param name="SpeedupOverFirst">With several blocks measured in one run: how many times as fast as the first
 /// (median over rounds of the first step's time over this step's); null for the first.</param>
+/// <param name="PeakTflops">The best same-dtype GEMM of the run; null for ONNX Runtime rows (its own GEMM peak is not
+/// measured, so they report throughput only).</param>
 internal sealed record MfuResult(string Preset, string Block, string Backend, string Mode, string DType, string Device, int Batch, int Threads,
     double TokensPerSecond, double ImagesPerSecond, double AchievedTflops, double HardwareTflops, double? PeakTflops, double? DatasheetPeakTflops,
-    double? Mfu, double? Hfu, string MfuText, string HfuText, string Recompute, double StepSeconds, int Samples, double? SpeedupOverFirst)
+    string Recompute, double StepSeconds, int Samples, double? SpeedupOverFirst)
 {
+    /// <summary>The peak the utilization is taken against: the datasheet's when given, else the best GEMM of the run.</summary>
+    public double? UtilizationPeakTflops => PeakTflops is null ? null : DatasheetPeakTflops ?? PeakTflops;
+    public double? Mfu => UtilizationPeakTflops is { } p ? Utilization.Of(AchievedTflops, p) : null;
+    public double? Hfu => UtilizationPeakTflops is { } p ? Utilization.Of(HardwareTflops, p) : null;
+    public string MfuText => UtilizationPeakTflops is { } p ? Utilization.Format(AchievedTflops * 1e12, p * 1e12) : "-";
+    public string HfuText => UtilizationPeakTflops is { } p ? Utilization.Format(HardwareTflops * 1e12, p * 1e12) : "-";
+
     public const string CsvHeader = "preset,block,backend,mode,dtype,device,batch,threads,tokens_per_s,images_per_s,achieved_tflops,hardware_tflops,best_gemm_tflops,datasheet_peak_tflops,mfu,hfu,recompute,step_s,samples,speedup_over_first\n";
 
     public string ToCsvRow()

@@ -109,25 +109,27 @@ public static class OnnxExport
     /// (use <see cref="Save"/>, which writes them as external data).</exception>
     public static byte[] ToBytes(VisionTransformer model, OnnxExportOptions? options = null) => Build(model, options).ToByteArray();
 
-    // An int8 export stores at least one byte per parameter, the others 2 or 4.
+    // The dtype the weights are stored in (int8 keeps its other weights in float32).
+    private static ScalarType Storage(OnnxWeights weights) => weights switch
+    {
+        OnnxWeights.F16 => ScalarType.Float16,
+        OnnxWeights.BF16 => ScalarType.BFloat16,
+        _ => ScalarType.Float32,
+    };
+
+    // An int8 export stores at least one byte per parameter, the others the size of their stored dtype.
     private static long LeastBytes(VisionTransformer model, OnnxExportOptions options) =>
-        model.parameters().Sum(p => p.numel()) * (options.Weights switch { OnnxWeights.DynamicInt8 => 1, OnnxWeights.F32 => 4, _ => 2 });
+        model.parameters().Sum(p => p.numel()) * (options.Weights == OnnxWeights.DynamicInt8 ? 1 : Storage(options.Weights) == ScalarType.Float32 ? 4 : 2);
 
     internal static ModelProto Build(VisionTransformer model, OnnxExportOptions? options, long maxBytes = MaxModelBytes, Stream? external = null, string? externalName = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         options ??= new OnnxExportOptions();
         CheckModules(model);
-        var storage = options.Weights switch
-        {
-            OnnxWeights.F16 => ScalarType.Float16,
-            OnnxWeights.BF16 => ScalarType.BFloat16,
-            _ => ScalarType.Float32,
-        };
         // Without external data: checked before any weight is copied, then exactly.
-        if (external is null && LeastBytes(model, options) > maxBytes) throw TooLarge(LeastBytes(model, options), maxBytes);
+        if (external is null && LeastBytes(model, options) is var least && least > maxBytes) throw TooLarge(least, maxBytes);
         var graph = new OnnxGraph(external, externalName);
-        ViTGraph.Emit(graph, model, storage, options.Weights == OnnxWeights.DynamicInt8);
+        ViTGraph.Emit(graph, model, Storage(options.Weights), options.Weights == OnnxWeights.DynamicInt8);
         if (external is null && graph.InitializerBytes > maxBytes) throw TooLarge(graph.InitializerBytes, maxBytes);
         var proto = new ModelProto
         {

@@ -32,9 +32,6 @@ internal sealed class OnnxGraph
     /// <summary>Bytes of weight data added so far (the raw data of every initializer).</summary>
     public long InitializerBytes { get; private set; }
 
-    /// <summary>The operator types used, in first-use order (tests check the set is standard).</summary>
-    public IEnumerable<string> OpTypes => _graph.Node.Select(n => n.OpType).Distinct();
-
     private string Fresh(string hint)
     {
         string name = hint;
@@ -103,15 +100,14 @@ internal sealed class OnnxGraph
     /// </summary>
     public string Weight(string name, Tensor value, ScalarType storage)
     {
-        var proto = Tensor(Fresh(name), value, storage);
-        _graph.Initializer.Add(proto);
-        return storage == ScalarType.Float32 ? proto.Name
-            : Node("Cast", new[] { proto.Name }, name + ".float", Int("to", (long)TensorProto.Types.DataType.Float));
+        var stored = Initializer(name, value, storage);
+        return storage == ScalarType.Float32 ? stored : Cast(stored, TensorProto.Types.DataType.Float, name + ".float");
     }
 
     /// <summary>An initializer of <paramref name="value"/> converted to <paramref name="dtype"/> (float32, float64,
-    /// float16, bfloat16, int8 or uint8), its bytes in raw_data.</summary>
-    public TensorProto Tensor(string name, Tensor value, ScalarType dtype)
+    /// float16, bfloat16, int8 or uint8): its bytes in raw_data, or in the external-data file when the graph has one
+    /// and the tensor is large enough.</summary>
+    private TensorProto Tensor(string name, Tensor value, ScalarType dtype)
     {
         var code = dtype switch
         {
@@ -146,7 +142,7 @@ internal sealed class OnnxGraph
         return proto;
     }
 
-    /// <summary>Adds an initializer built by <see cref="Tensor(string, torch.Tensor, ScalarType)"/> and returns its name.</summary>
+    /// <summary>Adds an initializer of <paramref name="value"/> in <paramref name="dtype"/> (see <c>Tensor</c>) and returns its name.</summary>
     public string Initializer(string name, Tensor value, ScalarType dtype)
     {
         var proto = Tensor(Fresh(name), value, dtype);
@@ -172,6 +168,7 @@ internal sealed class OnnxGraph
     public string Reshape(string x, params long[] shape) => Node("Reshape", new[] { x, Int64s(shape) });
     public string Concat(int axis, params string[] xs) => Node("Concat", xs, null, Int("axis", axis));
     public string Shape(string x) => Node("Shape", new[] { x });
+    public string Cast(string x, TensorProto.Types.DataType to, string? output = null) => Node("Cast", new[] { x }, output, Int("to", (long)to));
 
     /// <summary>x[start:end] along <paramref name="axis"/> (an end past the dimension means "to the end").</summary>
     public string Slice(string x, long start, long end, long axis) => Node("Slice", new[] { x, Int64s(start), Int64s(end), Int64s(axis) });

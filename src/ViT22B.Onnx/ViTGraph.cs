@@ -137,13 +137,12 @@ internal sealed class ViTGraph
             var range = _g.Node("Range", new[] { _g.Int64Scalar(0), _g.Node("Squeeze", new[] { n, _g.Int64s(0) }), _g.Int64Scalar(1) });
             var shaped = _g.Node("Unsqueeze", new[] { range, _g.Int64s(axis) });                           // [gh, 1] or [1, gw]
             var full = _g.Reshape(_g.Node("Expand", new[] { shaped, grid }), -1, 1);                          // [gh·gw, 1]
-            return _g.Mul(_g.Node("Cast", new[] { full }, null, OnnxGraph.Int("to", (long)TensorProto.Types.DataType.Double)), omega);
+            return _g.Mul(_g.Cast(full, TensorProto.Types.DataType.Double), omega);
         }
         var oy = Coordinates(gh, 1);
         var ox = Coordinates(gw, 0);
         var table = _g.Concat(1, _g.Node("Sin", new[] { ox }), _g.Node("Cos", new[] { ox }), _g.Node("Sin", new[] { oy }), _g.Node("Cos", new[] { oy }));
-        var f = _g.Node("Cast", new[] { table }, null, OnnxGraph.Int("to", (long)TensorProto.Types.DataType.Float));
-        return _g.Node("Unsqueeze", new[] { f, _g.Int64s(0) });
+        return _g.Node("Unsqueeze", new[] { _g.Cast(table, TensorProto.Types.DataType.Float), _g.Int64s(0) });
     }
 
     // Norm: LayerNorm over the last axis (shift when the key has one), or RMSNorm x / sqrt(mean(x²) + eps) · weight.
@@ -182,8 +181,7 @@ internal sealed class ViTGraph
         var ws = _g.Initializer(prefix + ".weight_scale", scale, ScalarType.Float32);
         var dq = _g.NodeN("DynamicQuantizeLinear", new[] { x }, 3);                             // uint8, scale, zero point
         var acc = _g.Node("MatMulInteger", new[] { dq[0], wq, dq[2], wzp });
-        var f = _g.Node("Cast", new[] { acc }, null, OnnxGraph.Int("to", (long)TensorProto.Types.DataType.Float));
-        return _g.Mul(f, _g.Mul(dq[1], ws));
+        return _g.Mul(_g.Cast(acc, TensorProto.Types.DataType.Float), _g.Mul(dq[1], ws));
     }
 
     // AttentionOps.Attend: heads split, optional per-head QK-norm, softmax(q·kᵀ/√d)·v, heads joined. A query of batch 1

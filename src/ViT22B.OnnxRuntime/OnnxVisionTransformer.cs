@@ -62,9 +62,9 @@ public sealed class OnnxVisionTransformer : IDisposable
     {
         _session = session;
         ExecutionProvider = provider;
-        if (!session.InputMetadata.TryGetValue("images", out var input) || input.ElementDataType != Microsoft.ML.OnnxRuntime.Tensors.TensorElementType.Float || input.Dimensions.Length != 4)
+        if (!session.InputMetadata.TryGetValue(InputNames[0], out var input) || input.ElementDataType != Microsoft.ML.OnnxRuntime.Tensors.TensorElementType.Float || input.Dimensions.Length != 4)
             throw new InvalidDataException($"ONNX model '{path}' is not a ViT22B export: it needs a float input 'images' [batch, C, H, W]; found inputs {Describe(session.InputMetadata)}.");
-        foreach (var name in new[] { "features", "tokens" })
+        foreach (var name in OutputNames[..2])   // features, tokens; logits only with a classifier
             if (!session.OutputMetadata.ContainsKey(name))
                 throw new InvalidDataException($"ONNX model '{path}' is not a ViT22B export: it has no output '{name}'; found outputs {Describe(session.OutputMetadata)}.");
         _outputs = OutputNames.Where(session.OutputMetadata.ContainsKey).ToArray();

@@ -23,9 +23,12 @@ fi
 cache_lib="${NUGET_PACKAGES:-$HOME/.nuget/packages}/torchsharp/0.107.0/runtimes/linux-x64/native/libLibTorchSharp.so"
 cache_sum_before="$(sha256sum "$cache_lib" 2>/dev/null || true)"
 
-mkdir "$work/app"
-cp "$root/tests/PackageSmoke/Program.cs.txt" "$work/app/Program.cs"
-cat > "$work/app/nuget.config" <<XML
+# console_app <folder> <name> <source> <package reference>...: a net10.0 console app that restores from the local feed.
+console_app() {
+  local dir="$1" name="$2" source="$3"; shift 3
+  mkdir "$dir"
+  cp "$source" "$dir/Program.cs"
+  cat > "$dir/nuget.config" <<XML
 <?xml version="1.0" encoding="utf-8"?>
 <configuration>
   <packageSources>
@@ -33,7 +36,8 @@ cat > "$work/app/nuget.config" <<XML
   </packageSources>
 </configuration>
 XML
-cat > "$work/app/SmokeApp.csproj" <<XML
+  {
+    cat <<XML
 <Project Sdk="Microsoft.NET.Sdk">
   <PropertyGroup>
     <OutputType>Exe</OutputType>
@@ -43,11 +47,15 @@ cat > "$work/app/SmokeApp.csproj" <<XML
     <NoWarn>\$(NoWarn);NU1603</NoWarn>
   </PropertyGroup>
   <ItemGroup>
-    <PackageReference Include="ViT22B" Version="$version" />
-    <PackageReference Include="libtorch-cpu-linux-x64" Version="2.10.0" />
-  </ItemGroup>
-</Project>
 XML
+    for reference in "$@"; do echo "    $reference"; done
+    printf '  </ItemGroup>\n</Project>\n'
+  } > "$dir/$name.csproj"
+}
+
+console_app "$work/app" SmokeApp "$root/tests/PackageSmoke/Program.cs.txt" \
+  "<PackageReference Include=\"ViT22B\" Version=\"$version\" />" \
+  '<PackageReference Include="libtorch-cpu-linux-x64" Version="2.10.0" />'
 cd "$work/app"
 dotnet build -c Release --nologo -v quiet
 dotnet run -c Release --no-build
@@ -63,23 +71,9 @@ fi
 # A deployment: an app that references ViT22B.OnnxRuntime and ONNX Runtime's CPU build alone runs a model exported by samples/ExportOnnx, and its
 # output folder holds no TorchSharp or libtorch file.
 dotnet run --project "$root/samples/ExportOnnx" -c Release -- --checkpoint "$root/fashion-mnist-vit.safetensors" --output "$work/fm.onnx"
-mkdir "$work/deploy"
-cp "$root/tests/PackageSmoke/Deploy.cs.txt" "$work/deploy/Program.cs"
-cp "$work/app/nuget.config" "$work/deploy/"
-cat > "$work/deploy/Deploy.csproj" <<XML
-<Project Sdk="Microsoft.NET.Sdk">
-  <PropertyGroup>
-    <OutputType>Exe</OutputType>
-    <TargetFramework>net10.0</TargetFramework>
-    <ImplicitUsings>enable</ImplicitUsings>
-    <Nullable>enable</Nullable>
-  </PropertyGroup>
-  <ItemGroup>
-    <PackageReference Include="ViT22B.OnnxRuntime" Version="$version" />
-    <PackageReference Include="Microsoft.ML.OnnxRuntime" Version="1.31.1" />
-  </ItemGroup>
-</Project>
-XML
+console_app "$work/deploy" Deploy "$root/tests/PackageSmoke/Deploy.cs.txt" \
+  "<PackageReference Include=\"ViT22B.OnnxRuntime\" Version=\"$version\" />" \
+  '<PackageReference Include="Microsoft.ML.OnnxRuntime" Version="1.31.1" />'
 cd "$work/deploy"
 dotnet build -c Release --nologo -v quiet -o "$work/deploy-bin"
 if ls "$work/deploy-bin" | grep -iE 'torch|ViT22B\.dll'; then echo "the ONNX deployment carries TorchSharp or the library" >&2; exit 1; fi
