@@ -263,7 +263,7 @@ public class MemoryPlannerTests
         }
     }
 
-    [Theory(Skip = "Flaky in a full test run: after the other allocator tests of the process, 1.6-3.7 MB more than one slice stays allocated at a read (also after a collection and a warm-up load), never when this test runs alone; unexplained, see the issue 14 note. Run it alone: dotnet test --filter A_rank_loads")]
+    [Theory]
     [InlineData(1, 4, false, 1)]
     [InlineData(2, 2, true, 3)]
     [InlineData(2, 4, true, 5)]
@@ -293,21 +293,32 @@ public class MemoryPlannerTests
             long budget = shard.ParameterBytes + largestSlice;
             long file = new FileInfo(path).Length;
             Assert.True(file > 3 * budget, $"the checkpoint ({file:N0} bytes) must be several times the rank's budget ({budget:N0})");
-            long baseline = Allocated();
-            var source = new SampledSource(SafetensorsReader.Open(path), baseline);
-            using (source) shard.LoadFull(source);
-            long after = Allocated(collect: false) - baseline;
-            // Alone this measures at most one slice; after the other allocator tests in the same process, up to two (garbage
-            // awaiting a collection counts here). Reading the largest tensor whole would exceed both: it is 4 to 8 slices.
-            Assert.True(source.Peak <= 2 * largestSlice + (1 << 20),
-                $"loading staged {source.Peak:N0} bytes beyond the shard at its peak; one slice is {largestSlice:N0} (the whole checkpoint {file:N0})");
-            Assert.True(source.Peak >= largestSlice / 2, $"peak {source.Peak:N0} bytes: the slices were not measured");
-            Assert.True(after <= 1 << 20, $"{after:N0} bytes still allocated after the load");
+            // Other threads of the process (the runtime's background compiler, libtorch's pools) now and then allocate, and
+            // keep, up to a few MB while a load runs (measured: 1-3 MB in one load of three, in a full test run); a real excess
+            // shows in every load. So the shard is loaded five times, each load measured from its own starting point, and
+            // the smallest peak and remainder are compared.
+            var loads = new List<(long Peak, long After, int Reads, int SliceReads)>();
+            for (int pass = 0; pass < 5; pass++)
+            {
+                long baseline = Allocated();
+                using var source = new SampledSource(SafetensorsReader.Open(path), baseline);
+                shard.LoadFull(source);
+                loads.Add((source.Peak, Allocated(collect: false) - baseline, source.Reads, source.SliceReads));
+            }
+            long peak = loads.Min(l => l.Peak), after = loads.Min(l => l.After);
+            string seen = $"peaks {string.Join(", ", loads.Select(l => l.Peak.ToString("N0", System.Globalization.CultureInfo.InvariantCulture)))} bytes " +
+                          $"beyond the shard; one slice is {largestSlice:N0} (the whole checkpoint {file:N0})";
+            // One slice of staging at a time; reading the largest tensor whole before cutting it would stage 4 to 8 slices,
+            // and a slice copied once more on its way, two.
+            Assert.True(peak <= largestSlice + (1 << 19), $"loading staged more than one slice: {seen}");
+            Assert.True(peak >= largestSlice / 2, $"the slices were not measured: {seen}");
+            Assert.True(after <= 1 << 20,
+                $"{after:N0} bytes still allocated after a load (after each: {string.Join(", ", loads.Select(l => l.After.ToString("N0", System.Globalization.CultureInfo.InvariantCulture)))})");
             // The peak is sampled when a read returns; that no read staged a whole tensor before cutting it shows in how
             // the tensors were read: whole only where the rank holds the whole tensor, every split one as a slice.
             int split = shapes.Count(kv => !plan.Spec(kv.Key, kv.Value, modelIndex, dataIndex).IsWhole);
-            Assert.Equal(split, source.SliceReads);
-            Assert.Equal(shapes.Count - split, source.Reads);
+            Assert.All(loads, l => Assert.Equal(split, l.SliceReads));
+            Assert.All(loads, l => Assert.Equal(shapes.Count - split, l.Reads));
             Assert.True(split > 0);
         }
         finally
