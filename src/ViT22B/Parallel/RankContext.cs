@@ -8,7 +8,7 @@ namespace ViT22B.Parallel;
 /// <param name="Rank">World rank.</param>
 /// <param name="Model">Communicator of this rank's tensor-parallel group (rank = model index).</param>
 /// <param name="Data">Communicator of this rank's data-parallel group (rank = data index).</param>
-/// <remarks>Disposing it disposes the communicators that are disposable (NCCL's); a <see cref="ShardedVisionTransformer"/>
+/// <remarks>Disposing it disposes its communicators that are disposable (both of the library's are, and refuse use afterwards); a <see cref="ShardedVisionTransformer"/>
 /// built on it owns it and disposes it with itself.</remarks>
 public sealed record RankContext(DeviceMesh Mesh, int Rank, ICommunicator Model, ICommunicator Data) : IDisposable
 {

@@ -241,10 +241,11 @@ internal sealed class ThreadedGroup
 /// host does not wait for them (<see cref="IGpuTransport"/>, implemented in <c>ViT22B.Cuda</c>; give each rank its own compute stream with
 /// <see cref="RankContext.UseDevice"/>). Use each instance from its rank's thread only.
 /// </summary>
-public sealed class ThreadedCommunicator : ICommunicator
+public sealed class ThreadedCommunicator : ICommunicator, IDisposable
 {
     private readonly ThreadedGroup _group;
     private long _seq;
+    private volatile bool _disposed;
     private readonly Dictionary<int, nint> _commStreams = new();   // per CUDA device, from libtorch's pool on first use
 
     internal ThreadedCommunicator(ThreadedGroup group, int rank) => (_group, Rank) = (group, rank);
@@ -305,8 +306,13 @@ public sealed class ThreadedCommunicator : ICommunicator
     }
 
     // Copies the input now (the caller may reuse it) and delivers it, after the injected delay, on a pool thread.
+    /// <summary>Ends this rank's use of the group, as destroying an NCCL communicator does: every later operation
+    /// throws <see cref="ObjectDisposedException"/> (peers still waiting for this rank time out).</summary>
+    public void Dispose() => _disposed = true;
+
     private ICommWork Start(string op, Tensor? input, object? arg, Func<Tensor?[], object?[], Tensor> compute)
     {
+        ObjectDisposedException.ThrowIf(_disposed, this);
         long seq = _seq++;
         _group.World.ThrowIfPoisoned($"Group '{Name}', rank {Rank}, {op} #{seq}");
         Count(op, input, arg is int root && op == "Broadcast" ? root : -1);

@@ -1,6 +1,8 @@
+using System.Reflection;
 using ViT22B.Cuda;
 using ViT22B.Parallel;
 using ViT22B.Tests.Fakes;
+using Xunit.Sdk;
 
 namespace ViT22B.Tests.Parallel;
 
@@ -63,4 +65,16 @@ internal static class Backends
     public static T[] RunGroup<T>(Backend backend, int k, Func<ICommunicator, T> body, TimeSpan? timeout = null,
         Func<int, TimeSpan>? delay = null, NcclStandIn? standIn = null) =>
         Run(backend, new DeviceMesh(1, k), ctx => body(ctx.Model), timeout, delay, standIn);
+}
+
+/// <summary>
+/// One case of a sharded-model test, run on every <see cref="Backend"/>: the backend is passed first, then
+/// <paramref name="data"/>. Sharded-model tests take their cases through this attribute only, so that none runs on the
+/// in-process backend alone.
+/// </summary>
+[AttributeUsage(AttributeTargets.Method, AllowMultiple = true)]
+public sealed class OnEveryBackendAttribute(params object[] data) : DataAttribute
+{
+    public override IEnumerable<object[]> GetData(MethodInfo testMethod) =>
+        Backends.All.Select(b => new object[] { b }.Concat(data).ToArray());
 }

@@ -11,11 +11,10 @@ namespace ViT22B.Tests.Parallel;
 public class GradientBucketTests
 {
     [Theory]
-    [InlineData(Backend.Threaded, 2, 2, false)]
-    [InlineData(Backend.Threaded, 2, 2, true)]
-    [InlineData(Backend.Threaded, 4, 1, false)]
-    [InlineData(Backend.Threaded, 1, 4, false)]
-    [InlineData(Backend.NcclStandIn, 2, 2, false)]
+    [OnEveryBackend(2, 2, false)]
+    [OnEveryBackend(2, 2, true)]
+    [OnEveryBackend(4, 1, false)]
+    [OnEveryBackend(1, 4, false)]
     public void Buckets_give_the_per_parameter_results_bit_for_bit(Backend backend, int data, int model, bool fsdp)
     {
         var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 3 };
@@ -88,11 +87,12 @@ public class GradientBucketTests
         Assert.Contains(results, r => r.modelAxis + r.dataAxis > 0);
     }
 
-    [Fact]
-    public void A_negative_bucket_size_is_refused()
+    [Theory]
+    [OnEveryBackend]
+    public void A_negative_bucket_size_is_refused(Backend backend)
     {
         var c = ShardedModelTests.Config(BlockKind.Parallel);
-        Backends.Run(Backend.Threaded, new DeviceMesh(1, 1), ctx =>
+        Backends.Run(backend, new DeviceMesh(1, 1), ctx =>
         {
             using var shard = new ShardedVisionTransformer(new ShardingPlan(c, 1), ctx, CommMode.Overlapped, ScalarType.Float32);
             Assert.Throws<ArgumentOutOfRangeException>(() => shard.SynchronizeGradients(-1));

@@ -83,8 +83,7 @@ public class RingTests
     }
 
     [Theory]
-    [InlineData(Backend.Threaded)]
-    [InlineData(Backend.NcclStandIn)]
+    [OnEveryBackend]
     public void Overlapped_ring_is_deterministic_under_random_delays(Backend backend)
     {
         const int k = 4;

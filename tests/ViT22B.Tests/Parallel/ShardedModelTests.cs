@@ -79,40 +79,29 @@ public class ShardedModelTests
     }
 
     [Theory]
-    [InlineData(Backend.Threaded, 1, CommMode.Overlapped)]
-    [InlineData(Backend.Threaded, 2, CommMode.Overlapped)]
-    [InlineData(Backend.Threaded, 4, CommMode.Overlapped)]
-    [InlineData(Backend.Threaded, 2, CommMode.Plain)]
-    [InlineData(Backend.Threaded, 4, CommMode.Plain)]
-    [InlineData(Backend.NcclStandIn, 1, CommMode.Overlapped)]
-    [InlineData(Backend.NcclStandIn, 2, CommMode.Overlapped)]
-    [InlineData(Backend.NcclStandIn, 4, CommMode.Overlapped)]
-    [InlineData(Backend.NcclStandIn, 2, CommMode.Plain)]
-    [InlineData(Backend.NcclStandIn, 4, CommMode.Plain)]
+    [OnEveryBackend(1, CommMode.Overlapped)]
+    [OnEveryBackend(2, CommMode.Overlapped)]
+    [OnEveryBackend(4, CommMode.Overlapped)]
+    [OnEveryBackend(2, CommMode.Plain)]
+    [OnEveryBackend(4, CommMode.Plain)]
     public void Parallel_block_model_matches_single_rank(Backend backend, int model, CommMode mode) =>
         AssertShardedMatches(backend, Config(BlockKind.Parallel), 1, model, mode);
 
     [Theory]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 2)]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 4)]
-    [InlineData(Backend.Threaded, BlockKind.Sequential, 4)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 2)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 4)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Sequential, 4)]
+    [OnEveryBackend(BlockKind.Parallel, 2)]
+    [OnEveryBackend(BlockKind.Parallel, 4)]
+    [OnEveryBackend(BlockKind.Sequential, 4)]
     public void Single_block_matches_single_rank(Backend backend, BlockKind block, int model) =>
         AssertShardedMatches(backend, Config(block) with { Depth = 1 }, 1, model, CommMode.Overlapped);
 
     [Theory]
-    [InlineData(Backend.Threaded, BlockKind.Parallel)]
-    [InlineData(Backend.Threaded, BlockKind.Sequential)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Parallel)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Sequential)]
+    [OnEveryBackend(BlockKind.Parallel)]
+    [OnEveryBackend(BlockKind.Sequential)]
     public void LayerScale_quick_gelu_and_register_models_match_single_rank(Backend backend, BlockKind block) =>
         AssertShardedMatches(backend, Config(block) with { InitValues = 0.3, Act = Activation.QuickGelu, RegTokens = 2 }, 2, 2, CommMode.Overlapped, fsdp: true);
 
     [Theory]
-    [InlineData(Backend.Threaded)]
-    [InlineData(Backend.NcclStandIn)]
+    [OnEveryBackend]
     public void Random_communication_delays_change_no_result(Backend backend)
     {
         var rng = new Random(17);
@@ -121,44 +110,35 @@ public class ShardedModelTests
     }
 
     [Theory]
-    [InlineData(Backend.Threaded, 2)]
-    [InlineData(Backend.Threaded, 4)]
-    [InlineData(Backend.NcclStandIn, 2)]
-    [InlineData(Backend.NcclStandIn, 4)]
+    [OnEveryBackend(2)]
+    [OnEveryBackend(4)]
     public void Unfused_parallel_block_model_matches_single_rank(Backend backend, int model) =>
         AssertShardedMatches(backend, Config(BlockKind.Parallel, fused: false), 1, model, CommMode.Overlapped);
 
     [Theory]
-    [InlineData(Backend.Threaded, 1)]
-    [InlineData(Backend.Threaded, 2)]
-    [InlineData(Backend.Threaded, 4)]
-    [InlineData(Backend.NcclStandIn, 1)]
-    [InlineData(Backend.NcclStandIn, 2)]
-    [InlineData(Backend.NcclStandIn, 4)]
+    [OnEveryBackend(1)]
+    [OnEveryBackend(2)]
+    [OnEveryBackend(4)]
     public void Sequential_block_model_matches_single_rank(Backend backend, int model) =>
         AssertShardedMatches(backend, Config(BlockKind.Sequential), 1, model, CommMode.Overlapped);
 
     [Theory]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, false)]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, true)]
-    [InlineData(Backend.Threaded, BlockKind.Sequential, true)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, false)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, true)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Sequential, true)]
+    [OnEveryBackend(BlockKind.Parallel, false)]
+    [OnEveryBackend(BlockKind.Parallel, true)]
+    [OnEveryBackend(BlockKind.Sequential, true)]
     public void Two_by_two_data_model_mesh_matches_single_rank(Backend backend, BlockKind block, bool fsdp) =>
         AssertShardedMatches(backend, Config(block), 2, 2, CommMode.Overlapped, fsdp);
 
-    [Fact]
-    public void Plans_that_cannot_work_are_rejected()
+    [Theory]
+    [OnEveryBackend]
+    public void Plans_that_cannot_work_are_rejected(Backend backend)
     {
         var c = Config(BlockKind.Parallel);
         Assert.Contains("Cannot shard 4 heads over a model axis of 3", Assert.Throws<ArgumentException>(() => new ShardingPlan(c, 3)).Message);
         Assert.Contains("Cannot shard mlp_dim 50 over a model axis of 4", Assert.Throws<ArgumentException>(() => new ShardingPlan(c with { MlpDim = 50 }, 4)).Message);
-        var mesh = new DeviceMesh(1, 2);
-        var world = new ThreadedWorld(2);
-        var ctx = RankContext.CreateThreaded(world, mesh);
-        var e = Assert.Throws<ArgumentException>(() => new ShardedVisionTransformer(new ShardingPlan(c, 4), ctx[0]));
-        Assert.Contains("plan is for a 1×4 mesh but the rank belongs to a 1×2 mesh", e.Message);
+        var messages = Backends.Run(backend, new DeviceMesh(1, 2), ctx =>
+            Assert.Throws<ArgumentException>(() => new ShardedVisionTransformer(new ShardingPlan(c, 4), ctx)).Message);
+        Assert.All(messages, m => Assert.Contains("plan is for a 1×4 mesh but the rank belongs to a 1×2 mesh", m));
     }
 
     [Fact]
@@ -178,11 +158,11 @@ public class ShardedModelTests
     }
 
     [Theory]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 2, 2, true, true)]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 1, 4, false, true)]
-    [InlineData(Backend.Threaded, BlockKind.Sequential, 1, 4, false, true)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 2, 2, true, false)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 1, 2, false, true)]
+    [OnEveryBackend(BlockKind.Parallel, 2, 2, true, true)]
+    [OnEveryBackend(BlockKind.Parallel, 1, 4, false, true)]
+    [OnEveryBackend(BlockKind.Sequential, 1, 4, false, true)]
+    [OnEveryBackend(BlockKind.Parallel, 2, 2, true, false)]
+    [OnEveryBackend(BlockKind.Parallel, 1, 2, false, true)]
     public void Unshard_over_the_mesh_gives_back_the_full_state_dict_on_every_rank(Backend backend, BlockKind block, int data, int model, bool fsdp, bool fused)
     {
         var c = Config(block, fused);
@@ -204,13 +184,14 @@ public class ShardedModelTests
         }
     }
 
-    [Fact]
-    public void Disposing_a_shard_disposes_its_rank_context_and_nothing_reaches_the_communicator_afterwards()
+    [Theory]
+    [OnEveryBackend]
+    public void Disposing_a_shard_disposes_its_rank_context_and_nothing_reaches_the_communicator_afterwards(Backend backend)
     {
         var c = Config(BlockKind.Parallel);
         var plan = new ShardingPlan(c, 2);
         using var images = TestUtil.RandomImages(c, 1, seed: 3, ScalarType.Float32);
-        Backends.Run(Backend.NcclStandIn, new DeviceMesh(1, 2), ctx =>
+        Backends.Run(backend, new DeviceMesh(1, 2), ctx =>
         {
             var shard = new ShardedVisionTransformer(plan, ctx);
             shard.Dispose();
@@ -223,13 +204,14 @@ public class ShardedModelTests
         });
     }
 
-    [Fact]
-    public void Ranks_allocate_only_their_shards()
+    [Theory]
+    [OnEveryBackend]
+    public void Ranks_allocate_only_their_shards(Backend backend)
     {
         var c = Config(BlockKind.Parallel) with { Depth = 4 };
         long fullBytes = ModelAccounting.ParameterBytes(c, ScalarType.Float32);
         var plan = new ShardingPlan(c, 4);
-        var bytes = Backends.Run(Backend.Threaded, new DeviceMesh(1, 4), ctx =>
+        var bytes = Backends.Run(backend, new DeviceMesh(1, 4), ctx =>
         {
             using var shard = new ShardedVisionTransformer(plan, ctx);
             return shard.ParameterBytes;
@@ -240,8 +222,7 @@ public class ShardedModelTests
     }
 
     [Theory]
-    [InlineData(Backend.Threaded)]
-    [InlineData(Backend.NcclStandIn)]
+    [OnEveryBackend]
     public void A_peer_failing_during_backward_is_an_exception_on_the_other_ranks_not_a_crash(Backend backend)
     {
         // libtorch calls the ring functions' backward from native code, where an escaping .NET exception would end
@@ -275,7 +256,7 @@ public sealed class ShardedCheckpointTests : IDisposable
 
     public void Dispose() => Directory.Delete(_dir, recursive: true);
 
-    private static T[] OnMesh<T>(int data, int model, ShardingPlan plan, Func<ShardedVisionTransformer, T> body, Backend backend = Backend.Threaded) =>
+    private static T[] OnMesh<T>(int data, int model, ShardingPlan plan, Func<ShardedVisionTransformer, T> body, Backend backend) =>
         Backends.Run(backend, new DeviceMesh(data, model), ctx =>
         {
             using var shard = new ShardedVisionTransformer(plan, ctx);
@@ -283,7 +264,7 @@ public sealed class ShardedCheckpointTests : IDisposable
         });
 
     /// <summary>On every rank: build a shard, save it to (or load it from) the checkpoint folder, run a forward.</summary>
-    private Tensor[] SaveOrLoadThenForward(int data, int model, ShardingPlan plan, bool save, Tensor images, Backend backend = Backend.Threaded) =>
+    private Tensor[] SaveOrLoadThenForward(int data, int model, ShardingPlan plan, bool save, Tensor images, Backend backend) =>
         OnMesh(data, model, plan, shard =>
         {
             if (save) shard.Save(_dir);
@@ -294,8 +275,7 @@ public sealed class ShardedCheckpointTests : IDisposable
         }, backend);
 
     [Theory]
-    [InlineData(Backend.Threaded)]
-    [InlineData(Backend.NcclStandIn)]
+    [OnEveryBackend]
     public void Save_at_model_axis_4_load_at_2_and_at_1_gives_equal_outputs(Backend backend)
     {
         var c = ShardedModelTests.Config(BlockKind.Parallel);
@@ -316,8 +296,7 @@ public sealed class ShardedCheckpointTests : IDisposable
     }
 
     [Theory]
-    [InlineData(Backend.Threaded)]
-    [InlineData(Backend.NcclStandIn)]
+    [OnEveryBackend]
     public void Fsdp_checkpoint_reshards_to_a_plain_mesh(Backend backend)
     {
         var c = ShardedModelTests.Config(BlockKind.Sequential);
@@ -327,8 +306,9 @@ public sealed class ShardedCheckpointTests : IDisposable
         Assert.True(TestUtil.RelErr(after[0], before[0]) < 1e-5);
     }
 
-    [Fact]
-    public void Incomplete_or_foreign_checkpoints_are_rejected()
+    [Theory]
+    [OnEveryBackend]
+    public void Incomplete_or_foreign_checkpoints_are_rejected(Backend backend)
     {
         var e = Assert.Throws<FileNotFoundException>(() => ShardedCheckpoint.LoadFull(_dir));
         Assert.Contains("has no index.json", e.Message);
@@ -339,7 +319,7 @@ public sealed class ShardedCheckpointTests : IDisposable
         {
             ShardedCheckpoint.Save(shard, _dir);
             return 0;
-        });
+        }, backend);
         File.Delete(Directory.GetFiles(_dir, "rank-00001-*").Single());
         Assert.Contains("which is missing", Assert.Throws<FileNotFoundException>(() => ShardedCheckpoint.LoadFull(_dir)).Message);
     }

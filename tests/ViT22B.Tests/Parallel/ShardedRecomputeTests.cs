@@ -14,13 +14,13 @@ public class ShardedRecomputeTests
     private static ViTConfig Config(BlockKind block) => ShardedModelTests.Config(block) with { Depth = 3, InitValues = 0.5 };
 
     [Theory]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 1, 2, false, "all")]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 1, 4, false, "every:2")]
-    [InlineData(Backend.Threaded, BlockKind.Sequential, 1, 4, false, "all")]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 2, 2, true, "blocks:1")]
-    [InlineData(Backend.Threaded, BlockKind.Sequential, 2, 2, true, "all")]
-    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 1, 4, false, "all")]
-    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 2, 2, true, "all")]
+    [OnEveryBackend(BlockKind.Parallel, 1, 2, false, "all")]
+    [OnEveryBackend(BlockKind.Parallel, 1, 4, false, "every:2")]
+    [OnEveryBackend(BlockKind.Sequential, 1, 4, false, "all")]
+    [OnEveryBackend(BlockKind.Parallel, 2, 2, true, "blocks:1")]
+    [OnEveryBackend(BlockKind.Sequential, 2, 2, true, "all")]
+    [OnEveryBackend(BlockKind.Parallel, 1, 4, false, "all")]
+    [OnEveryBackend(BlockKind.Parallel, 2, 2, true, "all")]
     public void Checkpointed_shards_give_the_gradients_of_kept_activations(Backend backend, BlockKind block, int data, int model, bool fsdp, string set)
     {
         var c = Config(block);
@@ -70,8 +70,7 @@ public class ShardedRecomputeTests
     }
 
     [Theory]
-    [InlineData(Backend.Threaded)]
-    [InlineData(Backend.NcclStandIn)]
+    [OnEveryBackend]
     public void A_failed_recomputation_is_thrown_by_Backward_on_every_rank(Backend backend)
     {
         var c = Config(BlockKind.Parallel);

@@ -24,20 +24,20 @@ public sealed class StreamedCheckpointTests : IDisposable
     }
 
     [Theory]
-    [InlineData(BlockKind.Parallel, 1, 2, false, false)]
-    [InlineData(BlockKind.Parallel, 1, 4, false, true)]
-    [InlineData(BlockKind.Sequential, 1, 4, false, false)]
-    [InlineData(BlockKind.Parallel, 2, 2, true, false)]
-    [InlineData(BlockKind.Sequential, 2, 2, true, true)]
-    [InlineData(BlockKind.Parallel, 4, 1, false, false)]
-    public void Slices_read_from_the_file_equal_slices_cut_from_the_state_dict(BlockKind block, int data, int model, bool fsdp, bool index)
+    [OnEveryBackend(BlockKind.Parallel, 1, 2, false, false)]
+    [OnEveryBackend(BlockKind.Parallel, 1, 4, false, true)]
+    [OnEveryBackend(BlockKind.Sequential, 1, 4, false, false)]
+    [OnEveryBackend(BlockKind.Parallel, 2, 2, true, false)]
+    [OnEveryBackend(BlockKind.Sequential, 2, 2, true, true)]
+    [OnEveryBackend(BlockKind.Parallel, 4, 1, false, false)]
+    public void Slices_read_from_the_file_equal_slices_cut_from_the_state_dict(Backend backend, BlockKind block, int data, int model, bool fsdp, bool index)
     {
         var c = ShardedModelTests.Config(block, fused: block == BlockKind.Parallel && !index) with { Depth = 2 };
         var full = Reference(c, ScalarType.Float32);
         string path = index ? HomeLayouts.SaveSharded(full, Path.Combine(_dir, "hf"), shards: 3) : Path.Combine(_dir, "model.safetensors");
         if (!index) Safetensors.Save(full, path);
         var plan = new ShardingPlan(c, model, data, fsdp);
-        var mismatches = Backends.Run(Backend.Threaded, new DeviceMesh(data, model), ctx =>
+        var mismatches = Backends.Run(backend, new DeviceMesh(data, model), ctx =>
         {
             using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.Float32);
             shard.LoadFull(full);
@@ -50,9 +50,9 @@ public sealed class StreamedCheckpointTests : IDisposable
     }
 
     [Theory]
-    [InlineData(Backend.Threaded, 2, 2, true)]
-    [InlineData(Backend.Threaded, 1, 4, false)]
-    [InlineData(Backend.NcclStandIn, 2, 2, false)]
+    [OnEveryBackend(2, 2, true)]
+    [OnEveryBackend(1, 4, false)]
+    [OnEveryBackend(2, 2, false)]
     public void A_full_file_saved_from_the_shards_loads_into_one_device(Backend backend, int data, int model, bool fsdp)
     {
         var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 2 };
@@ -76,8 +76,9 @@ public sealed class StreamedCheckpointTests : IDisposable
         Assert.Empty(Directory.GetFiles(_dir, ".*.tmp"));
     }
 
-    [Fact]
-    public void A_checkpoint_with_a_missing_or_misshapen_key_is_refused_before_anything_is_copied()
+    [Theory]
+    [OnEveryBackend]
+    public void A_checkpoint_with_a_missing_or_misshapen_key_is_refused_before_anything_is_copied(Backend backend)
     {
         var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 2 };
         var full = Reference(c, ScalarType.Float32);
@@ -86,7 +87,7 @@ public sealed class StreamedCheckpointTests : IDisposable
         string wrong = Path.Combine(_dir, "wrong.safetensors");
         using var odd = torch.zeros(3, 3);
         Safetensors.Save(new Dictionary<string, Tensor>(full) { ["blocks.0.in_proj.weight"] = odd }, wrong);
-        Backends.Run(Backend.Threaded, new DeviceMesh(1, 2), ctx =>
+        Backends.Run(backend, new DeviceMesh(1, 2), ctx =>
         {
             using var shard = new ShardedVisionTransformer(new ShardingPlan(c, 2), ctx, CommMode.Overlapped, ScalarType.Float32);
             var before = shard.Module.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.clone());

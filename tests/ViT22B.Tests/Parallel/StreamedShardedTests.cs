@@ -11,12 +11,12 @@ namespace ViT22B.Tests.Parallel;
 public class StreamedShardedTests
 {
     [Theory]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 1, 2, true, false)]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 1, 4, false, true)]
-    [InlineData(Backend.Threaded, BlockKind.Sequential, 1, 4, true, true)]
-    [InlineData(Backend.Threaded, BlockKind.Parallel, 2, 2, true, false)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Parallel, 1, 4, true, false)]
-    [InlineData(Backend.NcclStandIn, BlockKind.Sequential, 2, 2, true, true)]
+    [OnEveryBackend(BlockKind.Parallel, 1, 2, true, false)]
+    [OnEveryBackend(BlockKind.Parallel, 1, 4, false, true)]
+    [OnEveryBackend(BlockKind.Sequential, 1, 4, true, true)]
+    [OnEveryBackend(BlockKind.Parallel, 2, 2, true, false)]
+    [OnEveryBackend(BlockKind.Parallel, 1, 4, true, false)]
+    [OnEveryBackend(BlockKind.Sequential, 2, 2, true, true)]
     public void Streamed_shards_give_the_in_memory_outputs(Backend backend, BlockKind block, int data, int model, bool prefetch, bool shared)
     {
         var c = ShardedModelTests.Config(block) with { Depth = 3, InitValues = 0.5 };
@@ -52,21 +52,17 @@ public class StreamedShardedTests
         }
     }
 
-    [Fact]
-    public void FSDP_plans_and_foreign_meshes_are_refused()
+    [Theory]
+    [OnEveryBackend]
+    public void FSDP_plans_and_foreign_meshes_are_refused(Backend backend)
     {
         var c = ShardedModelTests.Config(BlockKind.Parallel);
         using var weights = new SeededWeights(c, seed: 1);
-        var world = new ThreadedWorld(4);
-        var ranks = RankContext.CreateThreaded(world, new DeviceMesh(2, 2));
-        try
+        Backends.Run(backend, new DeviceMesh(2, 2), ctx =>
         {
-            Assert.Contains("FSDP", Assert.Throws<ArgumentException>(() => new StreamedShardedVisionTransformer(new ShardingPlan(c, 2, 2, fsdp: true), ranks[0], weights)).Message);
-            Assert.Contains("1×4 mesh", Assert.Throws<ArgumentException>(() => new StreamedShardedVisionTransformer(new ShardingPlan(c, 4), ranks[0], weights)).Message);
-        }
-        finally
-        {
-            foreach (var r in ranks) r.Dispose();
-        }
+            Assert.Contains("FSDP", Assert.Throws<ArgumentException>(() => new StreamedShardedVisionTransformer(new ShardingPlan(c, 2, 2, fsdp: true), ctx, weights)).Message);
+            Assert.Contains("1×4 mesh", Assert.Throws<ArgumentException>(() => new StreamedShardedVisionTransformer(new ShardingPlan(c, 4), ctx, weights)).Message);
+            return 0;
+        });
     }
 }
