@@ -3,7 +3,7 @@
 # PyTorch (its libtorch under torch/lib, NCCL under nvidia/nccl/lib) and timm, but no .NET SDK: the bundle built by
 # tests/Gpu/bundle.sh carries everything .NET, and this script points TorchSharp at the machine's libtorch.
 #
-#   tests/Gpu/run.sh [--bundle FILE] [--out DIR]          # GPU mode (about 8 minutes at most)
+#   tests/Gpu/run.sh [--bundle FILE] [--out DIR]          # GPU mode (step limits of 480 s in all)
 #   tests/Gpu/run.sh --cpu [--bundle FILE] [--out DIR]    # CPU mode (CI): the same route, against the NuGet libtorch-cpu
 #
 # Steps, each with its own time limit, output in DIR/<step>.log: the symbol check (stops the run when libtorch lacks
@@ -80,24 +80,26 @@ step() {
 skip() { printf '%s\tskipped\t0\t0\t%s\n' "$1" "$2" >> "$out/steps.tsv"; echo "== $1 skipped: $2"; }
 summary() { python3 "$root/tests/Gpu/summary.py" "$out" || echo "run.sh: summary.py failed" >&2; }
 
-if ! step symbols 60 bash "$root/tests/Gpu/check_symbols.sh" "$app/libLibTorchSharp.so" "$torchlib" "$out/symbols.txt"; then
+if ! step symbols 45 bash "$root/tests/Gpu/check_symbols.sh" "$app/libLibTorchSharp.so" "$torchlib" "$out/symbols.txt"; then
   echo "run.sh: stopping: this libtorch does not define what TorchSharp's glue imports (see $out/symbols.txt)" >&2
   summary
   exit 1
 fi
 
 if [ "$mode" = gpu ]; then
-  step gpu-tests 150 "$app/ViT22B.GpuTests" -parallel none -xml "$out/gpu-tests.xml"
+  # The limits add up to 480 s, so that the run, with the unpacking and the 10 s a step may take to be killed, fits
+  # one 600-s device call.
+  step gpu-tests 135 "$app/ViT22B.GpuTests" -parallel none -xml "$out/gpu-tests.xml"
   step sharding-threads 60 "$app/Sharding" --device cuda --data 1 --model 2
   nccl_ok="$(python3 -c 'import torch; v = torch.cuda.nccl.version(); v = v if isinstance(v, tuple) else (v // 10000, v // 100 % 100); print(int(v >= (2, 30)))' 2>/dev/null || echo 0)"
   if [ "$nccl_ok" = 1 ]; then
-    step sharding-nccl 90 env NCCL_MULTI_RANK_GPU_ENABLE=1 "$app/Sharding" launch 2 --nccl --data 1 --model 2
+    step sharding-nccl 75 env NCCL_MULTI_RANK_GPU_ENABLE=1 "$app/Sharding" launch 2 --nccl --data 1 --model 2
   else
     skip sharding-nccl "two NCCL ranks on one GPU need NCCL >= 2.30 with NCCL_MULTI_RANK_GPU_ENABLE=1; this PyTorch's NCCL is older"
   fi
-  step mfu 120 "$app/Mfu" --preset B/16 --block both --mode forward-backward --dtype bfloat16 --device cuda \
+  step mfu 110 "$app/Mfu" --preset B/16 --block both --mode forward-backward --dtype bfloat16 --device cuda \
     --batch-size 64 --samples 10 --warmup 3 --json "$out/mfu.json"
-  step pytorch 60 python3 "$root/benchmarks/pytorch/blocks.py" --preset B/16 --batch-size 64 --mode forward-backward \
+  step pytorch 55 python3 "$root/benchmarks/pytorch/blocks.py" --preset B/16 --batch-size 64 --mode forward-backward \
     --dtype bfloat16 --device cuda --samples 10 --warmup 3 --json "$out/pytorch.json"
 else
   step gpu-tests 150 "$app/ViT22B.GpuTests" -parallel none -xml "$out/gpu-tests.xml"

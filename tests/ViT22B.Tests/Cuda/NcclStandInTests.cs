@@ -249,6 +249,7 @@ public sealed unsafe class NcclStandInTests
     {
         var (nccl, comms, streams) = Pair();
         using var _ = nccl;
+        for (int r = 0; r < 2; r++) AllReduce(nccl, comms, streams, r, torch.ones(2), torch.empty(2));   // launch #0 matches
         for (int r = 0; r < 2; r++)
         {
             var x = torch.ones(4);
@@ -261,7 +262,10 @@ public sealed unsafe class NcclStandInTests
             NcclResult state;
             nccl.CommGetAsyncError(c, &state);
             Assert.Equal(NcclResult.InvalidUsage, state);
+            Assert.Contains("launch #1 does not match", nccl.LastError(c));
             Assert.Contains("rank 0 issued AllGather(4 × Float32); rank 1 issued AllGather(3 × Float32)", nccl.LastError(c));
+            // Both sequences, so the call that went astray can be found.
+            Assert.Contains("rank 0: [AllReduce(Sum, 2 × Float32), AllGather(4 × Float32)]; rank 1: [AllReduce(Sum, 2 × Float32), AllGather(3 × Float32)]", nccl.LastError(c));
         }
     }
 
@@ -282,5 +286,134 @@ public sealed unsafe class NcclStandInTests
         NcclResult state;
         Assert.Equal(NcclResult.InvalidArgument, nccl.CommGetAsyncError(comms[0], &state));
         Assert.Contains(nccl.Violations, v => v.Contains("already aborted or destroyed"));
+    }
+
+    [Fact]
+    public void A_communicator_used_from_a_second_thread_is_a_violation()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        using var x = torch.ones(4);
+        using var y = torch.empty(4);
+        using var y2 = torch.empty(4);
+        AllReduce(nccl, comms, streams, 0, x, y);                  // the test thread now uses rank 0's communicator
+        Assert.Empty(nccl.Violations);
+        var other = new Thread(() => AllReduce(nccl, comms, streams, 0, x, y2));
+        other.Start();
+        other.Join();
+        Assert.Contains(nccl.Violations, v => v.Contains("from a second thread"));
+    }
+
+    [Fact]
+    public void Destroying_a_communicator_with_launches_pending_is_a_violation()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        using var x = torch.ones(4);
+        using var y = torch.empty(4);
+        AllReduce(nccl, comms, streams, 1, x, y);                  // rank 0 never calls: the launch stays pending
+        Assert.Empty(nccl.Violations);
+        Assert.Equal(NcclResult.Success, nccl.CommDestroy(comms[1]));
+        Assert.Contains(nccl.Violations, v => v.Contains("ncclCommDestroy") && v.Contains("still pending"));
+    }
+
+    [Fact]
+    public void A_group_mixing_initialization_with_collectives_is_refused_and_launches_nothing()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        using var x = torch.ones(4);
+        using var y = torch.empty(4);
+        Ready(nccl, 0, streams[0]);
+        nint bx = Buffer(nccl, 0, x), by = Buffer(nccl, 0, y);
+        var id = Nccl.GetUniqueId(nccl);
+        var config = NcclConfig.NonBlocking();
+        nint extra;
+        Assert.Equal(NcclResult.Success, nccl.GroupStart());
+        Assert.Equal(NcclResult.InProgress, nccl.CommInitRankConfig(&extra, 1, id, 0, &config));
+        Assert.Equal(NcclResult.Success, nccl.AllReduce(bx, by, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
+        Assert.Equal(NcclResult.InvalidUsage, nccl.GroupEnd());
+        Assert.Contains(nccl.Violations, v => v.Contains("both communicator initialization and collectives"));
+        Assert.Empty(nccl.LaunchesOf(0));
+    }
+
+    [Fact]
+    public void A_group_mixing_blocking_and_non_blocking_communicators_is_refused_and_launches_nothing()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        var id = Nccl.GetUniqueId(nccl);
+        var blocking = NcclConfig.NonBlocking() with { Blocking = 1 };
+        nccl.MakeCurrent(0);
+        nint solo;
+        Assert.Equal(NcclResult.Success, nccl.CommInitRankConfig(&solo, 1, id, 0, &blocking));   // one rank: complete at once
+        nint soloStream = nccl.CreateCommStream(0, false);
+        using var x = torch.ones(4);
+        using var y = torch.empty(4);
+        using var x2 = torch.ones(4);
+        using var y2 = torch.empty(4);
+        Ready(nccl, 0, streams[0]);
+        Ready(nccl, 0, soloStream);
+        nint bx = Buffer(nccl, 0, x), by = Buffer(nccl, 0, y), bx2 = Buffer(nccl, 0, x2), by2 = Buffer(nccl, 0, y2);
+        Assert.Equal(NcclResult.Success, nccl.GroupStart());
+        Assert.Equal(NcclResult.Success, nccl.AllReduce(bx, by, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
+        Assert.Equal(NcclResult.Success, nccl.AllReduce(bx2, by2, 4, NcclDataType.Float32, NcclRedOp.Sum, solo, soloStream));
+        Assert.Equal(NcclResult.InvalidArgument, nccl.GroupEnd());
+        Assert.Empty(nccl.LaunchesOf(0));
+        Assert.Equal(NcclResult.Success, nccl.CommDestroy(solo));
+    }
+
+    [Fact]
+    public void An_error_other_than_invalid_argument_inside_a_group_fails_the_whole_group()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        using var x = torch.ones(4);
+        using var y = torch.empty(4);
+        Ready(nccl, 0, streams[0]);
+        nint bx = Buffer(nccl, 0, x), by = Buffer(nccl, 0, y);
+        // "Invalid argument" only: that call had no effect, the rest of the group is launched.
+        nccl.FailNextCall(0, "ncclSend", NcclResult.InvalidArgument);
+        Assert.Equal(NcclResult.Success, nccl.GroupStart());
+        Assert.Equal(NcclResult.InvalidArgument, nccl.Send(bx, 4, NcclDataType.Float32, 1, comms[0], streams[0]));
+        Assert.Equal(NcclResult.Success, nccl.Recv(by, 4, NcclDataType.Float32, 1, comms[0], streams[0]));
+        Assert.NotEqual(NcclResult.InvalidArgument, nccl.GroupEnd());
+        Assert.Single(nccl.LaunchesOf(0));
+        Poll(nccl, comms[0]);
+        // Any other error: nothing of the group is launched, and ncclGroupEnd reports it.
+        using var y2 = torch.empty(4);
+        Ready(nccl, 0, streams[0]);
+        nint by2 = Buffer(nccl, 0, y2);
+        nccl.FailNextCall(0, "ncclSend", NcclResult.SystemError);
+        Assert.Equal(NcclResult.Success, nccl.GroupStart());
+        Assert.Equal(NcclResult.SystemError, nccl.Send(bx, 4, NcclDataType.Float32, 1, comms[0], streams[0]));
+        Assert.Equal(NcclResult.Success, nccl.Recv(by2, 4, NcclDataType.Float32, 1, comms[0], streams[0]));
+        Assert.Equal(NcclResult.SystemError, nccl.GroupEnd());
+        Assert.Single(nccl.LaunchesOf(0));
+        Assert.Equal(0, nccl.GroupDepth);
+    }
+
+    [Fact]
+    public void A_buffer_smaller_than_its_count_the_legacy_stream_and_a_group_on_two_streams_are_violations()
+    {
+        var (nccl, comms, streams) = Pair();
+        using var _ = nccl;
+        using var x = torch.ones(4);
+        using var y = torch.empty(4);
+        Ready(nccl, 0, streams[0]);
+        nint bx = Buffer(nccl, 0, x), by = Buffer(nccl, 0, y);
+        Assert.Equal(NcclResult.InvalidArgument, nccl.AllReduce(bx, by, 5, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
+        Assert.Contains(nccl.Violations, v => v.Contains("is not a live buffer of that size"));
+        Assert.Equal(NcclResult.InvalidArgument, nccl.AllReduce(bx, by, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], 0));
+        Assert.Contains(nccl.Violations, v => v.Contains("legacy default stream"));
+        nint second = nccl.CreateCommStream(0, false);
+        Ready(nccl, 0, second);
+        using var y2 = torch.empty(4);
+        nint by2 = Buffer(nccl, 0, y2);
+        Assert.Equal(NcclResult.Success, nccl.GroupStart());
+        nccl.Send(bx, 4, NcclDataType.Float32, 1, comms[0], streams[0]);
+        nccl.Recv(by2, 4, NcclDataType.Float32, 1, comms[0], second);
+        nccl.GroupEnd();
+        Assert.Contains(nccl.Violations, v => v.Contains("used several streams"));
     }
 }

@@ -637,6 +637,8 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         clique.Broken.Add(index);
         string message = $"NCCL stand-in: launch #{index} does not match across the ranks of communicator {clique.Key[..8]} ({problem}): " +
                          string.Join("; ", launches.Select((l, r) => $"rank {r} issued {l.Describe()}")) +
+                         $". Each rank's launches from #{Math.Max(0, index - 3)} on: " +
+                         string.Join("; ", clique.Issued.Select((l, r) => $"rank {r}: [{string.Join(", ", l.Skip(Math.Max(0, index - 3)).Take(8).Select(x => x.Describe()))}]")) +
                          " (real NCCL would hang or exchange the wrong data).";
         _mismatches.Add(message);
         foreach (var m in clique.Members) if (m is not null) (m.AsyncError, m.LastError) = (NcclResult.InvalidUsage, message);
