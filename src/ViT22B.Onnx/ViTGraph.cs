@@ -242,7 +242,7 @@ internal sealed class ViTGraph
     // SequentialBlock: x + ls1(Attn(norm1(x))), then + ls2(Mlp(norm2(·))).
     private string SequentialBlock(string x, string p)
     {
-        var qkv = _g.Split(Linear(Norm(x, p + ".norm1"), p + ".attn.qkv"), -1, _c.EmbedDim, _c.EmbedDim, _c.EmbedDim);
+        var qkv = _g.Split(Linear(Norm(x, p + ".norm1"), p + ".attn.qkv"), -1, _c.BlockOptions.Layout.QkvSplitOf(1));
         var a = Linear(Attend(qkv[0], qkv[1], qkv[2], QkNorm(p + ".attn", "q_norm"), QkNorm(p + ".attn", "k_norm")), p + ".attn.proj");
         var x1 = _g.Add(x, Scale(a, p + ".ls1.gamma"));
         var m = Mlp(Norm(x1, p + ".norm2"), p + ".mlp");

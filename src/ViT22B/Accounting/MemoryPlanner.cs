@@ -136,10 +136,10 @@ public static class MemoryPlanner
     private static long SplitBiasesPerBlock(ViTConfig c)
     {
         var layout = c.BlockOptions.Layout;
-        long d = c.EmbedDim, f = c.MlpDim;
+        long f = c.MlpDim;
         return c.Block == BlockKind.Parallel
             ? (layout.InProjBias ? layout.InFeatures : layout.SeparateMlpBias ? f : 0)
-            : (c.QkvBias ? 3 * d : 0) + (c.MlpBias ? f : 0);
+            : (c.QkvBias ? layout.QkvFeatures : 0) + (c.MlpBias ? f : 0);
     }
 
     /// <summary>Working set inside one block (elements), for <paramref name="bt"/> images × tokens on a model axis of

@@ -58,7 +58,7 @@ public static class ModelAccounting
         long layerScales = c.InitValues is null ? 0 : (c.Block == BlockKind.Sequential ? 2 * d : d);
         long block = layerScales + (c.Block == BlockKind.Sequential
             ? 2 * Norm(d)
-              + 3 * d * d + (c.QkvBias ? 3 * d : 0) + qkNorms
+              + fl.QkvFeatures * d + (c.QkvBias ? fl.QkvFeatures : 0) + qkNorms
               + d * d + (c.ProjBias ? d : 0)
               + d * f + (c.MlpBias ? f : 0) + f * d + (c.MlpBias ? d : 0)
             : Norm(d)

@@ -23,7 +23,7 @@ public sealed class Attention : nn.Module<Tensor, Tensor>
         ArgumentNullException.ThrowIfNull(options);
         options.Check();
         _heads = options.NumHeads;
-        qkv = nn.Linear(options.Dim, 3L * options.Dim, hasBias: options.QkvBias, device: device, dtype: dtype);
+        qkv = nn.Linear(options.Dim, options.Layout.QkvFeatures, hasBias: options.QkvBias, device: device, dtype: dtype);
         if (options.QkNorm)
         {
             q_norm = options.NewNorm(options.HeadDim, device, dtype);

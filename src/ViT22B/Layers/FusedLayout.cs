@@ -1,3 +1,5 @@
+using static TorchSharp.torch;
+
 namespace ViT22B.Layers;
 
 /// <summary>
@@ -51,6 +53,14 @@ public sealed record FusedLayout(long Dim, long MlpDim, bool QkvBias, bool MlpBi
     /// <summary>Columns of the fused <c>out_proj</c> that take the MLP's hidden activation.</summary>
     public (long Start, long Length) OutMlpColumns => (Dim, MlpDim);
 
+    /// <summary>Why the parallel block cannot have these biases: its one <c>in_proj.bias</c> covers all F+3D rows, so
+    /// <c>qkv_bias</c> without <c>mlp_bias</c> has no fused form.</summary>
+    internal const string ParallelBiasRule =
+        "a parallel block with qkv_bias = true has one in_proj bias over all F+3D rows, so mlp_bias must be true.";
+
+    /// <summary>Whether the parallel block can have these biases (<see cref="ParallelBiasRule"/>).</summary>
+    internal bool ParallelBiasesAgree => !QkvBias || MlpBias;
+
     /// <summary><c>in_proj.bias</c> exists (over all rows).</summary>
     public bool InProjBias => QkvBias;
 
@@ -71,6 +81,21 @@ public sealed record FusedLayout(long Dim, long MlpDim, bool QkvBias, bool MlpBi
 
     /// <summary>The fused out-projection's sub-matrices (out, in) in column order: attention-out, MLP-out.</summary>
     public (long Out, long In)[] OutBlocks => new[] { (Dim, Dim), (Dim, MlpDim) };
+
+    /// <summary>Rows of the classic block's <c>qkv</c>, 3D.</summary>
+    public long QkvFeatures => 3 * Dim;
+
+    /// <summary>The output split of one rank's <c>qkv</c> shard when <paramref name="ranks"/> ranks share the block
+    /// (1: the whole <c>qkv</c>): its heads' q, k and v.</summary>
+    public long[] QkvSplitOf(int ranks)
+    {
+        var (_, a) = PerRank(0, ranks);
+        return new[] { a, a, a };
+    }
+
+    /// <summary>The fused <c>out_proj.bias</c> of unfused biases: their sum, or the one that exists, or none.</summary>
+    internal static Tensor? FuseOutBias(Tensor? attnOutBias, Tensor? mlpOutBias) =>
+        attnOutBias is null ? mlpOutBias : mlpOutBias is null ? attnOutBias : attnOutBias + mlpOutBias;
 
     /// <summary>The classic block's <c>qkv</c> sub-matrices (out, in) in row order: q, k, v.</summary>
     public (long Out, long In)[] QkvBlocks => new[] { (Dim, Dim), (Dim, Dim), (Dim, Dim) };

@@ -35,6 +35,7 @@ public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
     {
         ArgumentNullException.ThrowIfNull(options);
         options.Check();
+        if (!options.Layout.ParallelBiasesAgree) throw new ArgumentException($"Block options: {FusedLayout.ParallelBiasRule}", nameof(options));
         (_heads, _layout, _act) = (options.NumHeads, options.Layout, options.Act);
         var l = _layout;
         in_norm = options.NewNorm(options.Dim, device, dtype);
@@ -106,7 +107,7 @@ public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
             {
                 string prefix = key[..^"attn_out_proj.bias".Length];
                 using (torch.no_grad())
-                    result[prefix + "out_proj.bias"] = stateDict.TryGetValue(prefix + "mlp_out_proj.bias", out var mb) ? value + mb : value.clone();
+                    result[prefix + "out_proj.bias"] = stateDict.TryGetValue(prefix + "mlp_out_proj.bias", out var mb) ? FusedLayout.FuseOutBias(value, mb)! : value.clone();
                 continue;
             }
             result[key] = value;

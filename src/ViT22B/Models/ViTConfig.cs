@@ -155,8 +155,8 @@ public sealed record ViTConfig
         Require(!(Norm == NormKind.RmsNorm && NormBias), "norm_bias requires norm \"layernorm\" (RMSNorm has no bias).");
         Require(!(GlobalPool == GlobalPool.Token && !ClassToken), "global_pool \"token\" requires class_token = true.");
         Require(RegTokens >= 0, $"reg_tokens must be >= 0, found {RegTokens}.");
-        Require(!(Block == BlockKind.Parallel && QkvBias && !MlpBias),
-            "a parallel block with qkv_bias = true has one in_proj bias over all F+3D rows, so mlp_bias must be true.");
+        Require(Block != BlockKind.Parallel || new FusedLayout(EmbedDim, MlpDim, QkvBias, MlpBias, ProjBias, FuseOutProj).ParallelBiasesAgree,
+            FusedLayout.ParallelBiasRule);
         Require(PosEmbed != PosEmbedKind.SinCos2d || EmbedDim % 4 == 0, $"pos_embed \"sincos2d\" needs embed_dim divisible by 4, found {EmbedDim}.");
         Require(PosEmbed != PosEmbedKind.SinCos2d || EmbedDim >= 8, $"pos_embed \"sincos2d\" needs embed_dim >= 8, found {EmbedDim}.");
         Require(DType is torch.ScalarType.Float32 or torch.ScalarType.BFloat16 or torch.ScalarType.Float16 or torch.ScalarType.Float64,

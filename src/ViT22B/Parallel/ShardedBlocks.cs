@@ -95,7 +95,7 @@ internal sealed class ShardedParallelBlock : nn.Module<Tensor, long[], Tensor>
         else
         {
             w = torch.cat(new[] { attn_out_proj!.Weight(_s), mlp_out_proj!.Weight(_s) }, 1);
-            bias = attn_out_proj.Bias is null ? mlp_out_proj.Bias : mlp_out_proj.Bias is null ? attn_out_proj.Bias : attn_out_proj.Bias + mlp_out_proj.Bias;
+            bias = FusedLayout.FuseOutBias(attn_out_proj.Bias, mlp_out_proj.Bias);
         }
         var y = Regions.MatmulReduceScatter(h, w, comm, counts, _s.Mode);                              // [T_r, B, D]
         if (bias is not null) y = y + bias;
@@ -117,6 +117,7 @@ internal sealed class ShardedSequentialBlock : nn.Module<Tensor, long[], Tensor>
     private readonly LayerScale? ls1, ls2;
     private readonly ShardContext _s;
     private readonly Activation _act;
+    private readonly FusedLayout _layout;
 
     internal sealed class AttnShard : nn.Module
     {
@@ -126,7 +127,7 @@ internal sealed class ShardedSequentialBlock : nn.Module<Tensor, long[], Tensor>
         public AttnShard(BlockOptions o, ShardContext s, string prefix, Device device, ScalarType dtype) : base(nameof(AttnShard))
         {
             long d = o.Dim;
-            qkv = new LinearShard(s, prefix + "qkv.", 3 * d, d, o.QkvBias, dtype, device);
+            qkv = new LinearShard(s, prefix + "qkv.", o.Layout.QkvFeatures, d, o.QkvBias, dtype, device);
             if (o.QkNorm)
             {
                 q_norm = o.NewNorm(o.HeadDim, device, dtype);
@@ -152,7 +153,7 @@ internal sealed class ShardedSequentialBlock : nn.Module<Tensor, long[], Tensor>
     /// <summary>Creates block <paramref name="index"/>'s shard (parameters uninitialized).</summary>
     public ShardedSequentialBlock(BlockOptions o, int index, ShardContext s, Device device, ScalarType dtype) : base(nameof(ShardedSequentialBlock))
     {
-        (_s, _act) = (s, o.Act);
+        (_s, _act, _layout) = (s, o.Act, o.Layout);
         string prefix = $"blocks.{index}.";
         norm1 = o.NewNorm(o.Dim, device, dtype);
         attn = new AttnShard(o, s, prefix + "attn.", device, dtype);
@@ -169,10 +170,9 @@ internal sealed class ShardedSequentialBlock : nn.Module<Tensor, long[], Tensor>
         _s.CheckChunk(x, counts);
         using var scope = torch.NewDisposeScope();
         var comm = _s.Rank.Model;
-        long a = _s.Plan.AttnPerRank;
         var qkv = Regions.AllGatherMatmul(norm1.call(x), attn.qkv.Weight(_s), comm, counts, _s.Mode);    // [T, B, 3A]
         if (attn.qkv.Bias is not null) qkv = qkv + attn.qkv.Bias;
-        var parts = qkv.split(new[] { a, a, a }, -1);
+        var parts = qkv.split(_layout.QkvSplitOf(_s.Plan.ModelSize), -1);
         var z = AttentionOps.Attend(parts[0].transpose(0, 1), parts[1].transpose(0, 1), parts[2].transpose(0, 1),
             _s.Plan.HeadsPerRank, attn.q_norm, attn.k_norm).transpose(0, 1);
         var y = Regions.MatmulReduceScatter(z, attn.proj.Weight(_s), comm, counts, _s.Mode);

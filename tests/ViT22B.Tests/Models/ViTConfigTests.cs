@@ -135,6 +135,16 @@ public class ViTConfigTests
     }
 
     [Fact]
+    public void A_parallel_block_built_from_layer_options_refuses_qkv_bias_without_mlp_bias_as_the_config_does()
+    {
+        var options = new BlockOptions(32, 4, 64) { QkvBias = true, MlpBias = false };
+        var e = Assert.Throws<ArgumentException>(() => new ParallelBlock(options, CPU, ScalarType.Float32));
+        Assert.Contains("mlp_bias must be true", e.Message);
+        using var classic = new SequentialBlock(options, CPU, ScalarType.Float32);   // separate biases: fine
+        using var parallel = new ParallelBlock(options with { MlpBias = true }, CPU, ScalarType.Float32);
+    }
+
+    [Fact]
     public void Dtype_and_block_names_parse_as_in_json()
     {
         Assert.Equal(ScalarType.BFloat16, ViTConfigJson.ParseDType("bfloat16"));
