@@ -43,7 +43,7 @@ expect_error Features --config Ti/16 --img-size 0 --input samples/images --outpu
 expect_error Features --config Ti/16 --layers x --input samples/images --output "$work/o.safetensors"
 expect_error Features --config Ti/16 --layers 99 --input samples/images --output "$work/o.safetensors"
 
-# TrainFashionMnist's options (issue 13's list) and a missing dataset.
+# TrainFashionMnist's options and a missing dataset.
 expect_error TrainFashionMnist --epochs 0
 expect_error TrainFashionMnist --batch-size 0
 expect_error TrainFashionMnist --data /nonexistent

@@ -4,51 +4,6 @@ using ViT22B.Interop;
 
 namespace ViT22B.Cuda;
 
-/// <summary>The <c>CUresult</c> codes the library distinguishes (cuda.h); others are reported by number.</summary>
-public enum CudaResult
-{
-    /// <summary>CUDA_SUCCESS.</summary>
-    Success = 0,
-    /// <summary>CUDA_ERROR_INVALID_VALUE.</summary>
-    InvalidValue = 1,
-    /// <summary>CUDA_ERROR_OUT_OF_MEMORY.</summary>
-    OutOfMemory = 2,
-    /// <summary>CUDA_ERROR_NOT_INITIALIZED.</summary>
-    NotInitialized = 3,
-    /// <summary>CUDA_ERROR_DEINITIALIZED.</summary>
-    Deinitialized = 4,
-    /// <summary>CUDA_ERROR_NO_DEVICE.</summary>
-    NoDevice = 100,
-    /// <summary>CUDA_ERROR_INVALID_DEVICE.</summary>
-    InvalidDevice = 101,
-    /// <summary>CUDA_ERROR_INVALID_CONTEXT.</summary>
-    InvalidContext = 201,
-    /// <summary>CUDA_ERROR_INVALID_HANDLE.</summary>
-    InvalidHandle = 400,
-    /// <summary>CUDA_ERROR_NOT_READY: the event or stream has pending work (not an error for queries).</summary>
-    NotReady = 600,
-    /// <summary>CUDA_ERROR_ILLEGAL_ADDRESS.</summary>
-    IllegalAddress = 700,
-    /// <summary>CUDA_ERROR_LAUNCH_FAILED.</summary>
-    LaunchFailed = 719,
-    /// <summary>CUDA_ERROR_UNKNOWN.</summary>
-    Unknown = 999,
-}
-
-/// <summary>A CUDA driver call failed.</summary>
-public sealed class CudaException : InvalidOperationException
-{
-    /// <summary>Creates the exception.</summary>
-    public CudaException(string operation, CudaResult result, string detail)
-        : base($"{operation} failed: {result} ({(int)result}){(detail.Length > 0 ? $": {detail}" : "")}.")
-        => (Operation, Result) = (operation, result);
-
-    /// <summary>The driver function that failed.</summary>
-    public string Operation { get; }
-    /// <summary>The driver's result code.</summary>
-    public CudaResult Result { get; }
-}
-
 /// <summary>
 /// The CUDA driver API (<c>libcuda.so.1</c>, installed with the NVIDIA driver) for what TorchSharp lacks: events
 /// and the per-thread current context. Loaded on first use only; every symbol is resolved by name when the function

@@ -1,5 +1,3 @@
-using TorchSharp;
-using ViT22B.Interop;
 using static TorchSharp.torch;
 
 namespace ViT22B.Cuda;
@@ -47,61 +45,4 @@ internal interface ICommDevice
     /// <summary>Reads a small int64 tensor on the host: a host synchronization (it waits for everything queued before
     /// it). Only the exchange of sizes the caller did not pass uses it.</summary>
     long[] ReadToHost(Tensor values);
-}
-
-/// <summary>A device event: record it after work on a stream, make another stream wait for it, ask whether it has
-/// passed (never blocks).</summary>
-internal interface IDeviceEvent : IDisposable
-{
-    /// <summary>Captures the work queued on <paramref name="stream"/> so far.</summary>
-    void Record(nint stream);
-
-    /// <summary>Makes <paramref name="stream"/> wait (on the device) for the captured work.</summary>
-    void Wait(nint stream);
-
-    /// <summary>Whether the captured work has finished.</summary>
-    bool IsComplete { get; }
-}
-
-/// <summary>The GPU behind <see cref="ICommDevice"/>: libtorch's streams, driver events and tensor pointers.</summary>
-internal sealed class CudaCommDevice : ICommDevice
-{
-    public static readonly CudaCommDevice Instance = new();
-
-    private CudaCommDevice() { }
-
-    public Device TorchDevice(int ordinal) => new(DeviceType.CUDA, ordinal);
-
-    public int DeviceCount => (int)torch.cuda.device_count();
-
-    public void MakeCurrent(int ordinal) => CudaDriver.MakeCurrent(ordinal);
-
-    public nint CurrentStream(int ordinal) => CudaStreams.Current(ordinal);
-
-    public IDisposable KeepCurrentDevice() => new KeptContext(CudaDriver.CurrentContext());
-
-    public nint CreateCommStream(int ordinal, bool highPriority) => CudaStreams.FromPool(ordinal, highPriority);
-
-    public void ReleaseCommStream(int ordinal, nint stream) => CudaStreams.Release(stream);
-
-    public IDeviceEvent CreateEvent(int ordinal) => new CudaEvent(ordinal);
-
-    public nint DataPointer(Tensor buffer)
-    {
-        if (buffer.device.type != DeviceType.CUDA) throw new ArgumentException($"NCCL buffers must be CUDA tensors; found one on {buffer.device}.");
-        return TensorPointers.DataPointer(buffer);
-    }
-
-    public void Release(Tensor buffer) => buffer.Dispose();
-
-    public long[] ReadToHost(Tensor values)
-    {
-        using var host = values.cpu();
-        return host.data<long>().ToArray();
-    }
-
-    private sealed unsafe class KeptContext(nint context) : IDisposable
-    {
-        public void Dispose() => CudaDriver.Check(CudaDriver.F.CtxSetCurrent(context), "cuCtxSetCurrent");
-    }
 }

@@ -2,19 +2,6 @@ using static TorchSharp.torch;
 
 namespace ViT22B.Parallel;
 
-/// <summary>An operation in flight; <see cref="Wait"/> blocks until its result is available on the calling rank.
-/// Disposing it without waiting (a rank leaving a ring loop on an exception, say) waits for the operation all the
-/// same, so that no buffer it uses is freed early, and never throws; a failure found then makes the communicator fail
-/// every later call.</summary>
-public interface ICommWork : IDisposable
-{
-    /// <summary>Waits for the operation and returns its result, registered in the caller's current dispose scope.
-    /// Call at most once, on the rank's own thread.</summary>
-    /// <exception cref="CommunicatorException">A peer failed, the call did not match the peers' calls, or the
-    /// peers did not arrive within the timeout.</exception>
-    Tensor Wait();
-}
-
 /// <summary>
 /// Collectives over one group of ranks (a mesh axis). Every rank of the group calls the same operations in the same
 /// order. A call may read its input until <see cref="ICommWork.Wait"/> returns (the NCCL backend sends the caller's
@@ -67,41 +54,4 @@ public interface ICommunicator
 
     /// <summary>Blocks until every rank of the group has called it.</summary>
     void Barrier();
-}
-
-/// <summary>Blocking forms of the <see cref="ICommunicator"/> operations.</summary>
-public static class CommunicatorExtensions
-{
-    /// <summary>All-gather along dimension 0 (<paramref name="counts"/>: every rank's dimension 0, if known).</summary>
-    public static Tensor AllGather(this ICommunicator c, Tensor local, IReadOnlyList<long>? counts = null) => c.AllGatherAsync(local, counts).Wait();
-
-    /// <summary>Reduce-scatter (sum) along dimension 0.</summary>
-    public static Tensor ReduceScatter(this ICommunicator c, Tensor full, IReadOnlyList<long> counts) => c.ReduceScatterAsync(full, counts).Wait();
-
-    /// <summary>All-reduce (sum).</summary>
-    public static Tensor AllReduce(this ICommunicator c, Tensor tensor) => c.AllReduceAsync(tensor).Wait();
-
-    /// <summary>Broadcast from <paramref name="root"/>.</summary>
-    public static Tensor Broadcast(this ICommunicator c, Tensor tensor, int root) => c.BroadcastAsync(tensor, root).Wait();
-
-    /// <summary>All-gather along dimension <paramref name="dim"/>: the ranks' tensors concatenated there in rank
-    /// order (<paramref name="counts"/>: every rank's size along it); contiguous.</summary>
-    internal static Tensor AllGatherAlong(this ICommunicator c, Tensor local, IReadOnlyList<long> counts, int dim)
-    {
-        if (dim == 0) return c.AllGather(local, counts);
-        using var scope = TorchSharp.torch.NewDisposeScope();
-        var gathered = c.AllGather(local.transpose(0, dim).contiguous(), counts);
-        return gathered.transpose(0, dim).contiguous().MoveToOuterDisposeScope();
-    }
-
-    /// <summary>Ring permute by <paramref name="shift"/> (see <see cref="ICommunicator.PermuteAsync"/>).</summary>
-    public static Tensor Permute(this ICommunicator c, Tensor send, int shift, long receiveRows = -1) => c.PermuteAsync(send, shift, receiveRows).Wait();
-}
-
-/// <summary>A collective failed: a peer raised, the ranks' calls did not match, or a peer did not arrive in time.
-/// Every rank of the world sees one.</summary>
-public sealed class CommunicatorException : Exception
-{
-    /// <summary>Creates the exception.</summary>
-    public CommunicatorException(string message, Exception? inner = null) : base(message, inner) { }
 }

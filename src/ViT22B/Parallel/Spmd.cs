@@ -1,15 +1,5 @@
 namespace ViT22B.Parallel;
 
-/// <summary>One rank's failure, as collected by <see cref="Spmd"/>.</summary>
-public sealed class RankFailedException : Exception
-{
-    /// <summary>Creates the exception.</summary>
-    public RankFailedException(int rank, Exception inner) : base($"Rank {rank} failed: {inner.Message}", inner) => Rank = rank;
-
-    /// <summary>The failed rank.</summary>
-    public int Rank { get; }
-}
-
 /// <summary>
 /// Runs one function per rank, each on its own dedicated OS thread (TorchSharp's dispose scopes, grad mode and
 /// the current CUDA stream are per thread, so ranks never share a thread and never use async/await).

@@ -37,24 +37,34 @@ public class DependencyTests
     private static readonly ArchUnitNET.Domain.Architecture Library = new ArchLoader()
         .LoadAssemblies(Assemblies).Build();
 
-    /// <summary>One rule per forbidden arrow between the graph's namespaces below <paramref name="root"/>.</summary>
-    internal static IEnumerable<IArchRule> Rules(string root) =>
-        from source in Graph.Keys
-        from target in Graph.Keys
-        where target != source && !Graph[source].Contains(target)
-        select (IArchRule)Types().That().ResideInNamespaceOrBelow($"{root}.{source}")
-            .Should().NotDependOnAny(Types().That().ResideInNamespaceOrBelow($"{root}.{target}"))
-            .Because($"{source} may use only {(Graph[source].Length == 0 ? "TorchSharp and .NET" : string.Join(", ", Graph[source]))}")
-            .WithoutRequiringPositiveResults();
+    /// <summary>The GPU seam: the internal types of <c>Parallel</c> that <c>Cuda</c> implements or registers with.</summary>
+    private static readonly System.Type[] GpuSeam =
+        { typeof(ViT22B.Parallel.IGpuTransport), typeof(ViT22B.Parallel.ITransferEvent), typeof(ViT22B.Parallel.GpuTransport) };
+
+    /// <summary>One rule per forbidden arrow between the graph's namespaces below <paramref name="root"/>, and one
+    /// that keeps <c>Cuda</c> to <c>Parallel</c>'s public types and its GPU seam (<paramref name="seam"/>): both live in
+    /// one assembly, so nothing else would stop <c>Cuda</c> from reaching into <c>Parallel</c>'s internals.</summary>
+    internal static IEnumerable<IArchRule> Rules(string root, System.Type[] seam) =>
+        (from source in Graph.Keys
+         from target in Graph.Keys
+         where target != source && !Graph[source].Contains(target)
+         select (IArchRule)Types().That().ResideInNamespaceOrBelow($"{root}.{source}")
+             .Should().NotDependOnAny(Types().That().ResideInNamespaceOrBelow($"{root}.{target}"))
+             .Because($"{source} may use only {(Graph[source].Length == 0 ? "TorchSharp and .NET" : string.Join(", ", Graph[source]))}")
+             .WithoutRequiringPositiveResults())
+        .Append(Types().That().ResideInNamespaceOrBelow($"{root}.Cuda")
+            .Should().NotDependOnAny(Types().That().ResideInNamespaceOrBelow($"{root}.Parallel").And().AreNotPublic().And().AreNot(seam))
+            .Because("Cuda uses Parallel's public API and implements its GPU seam, never its internals")
+            .WithoutRequiringPositiveResults());
 
     /// <summary>The failures of the rules on <paramref name="architecture"/>, one line each.</summary>
-    internal static List<string> Violations(ArchUnitNET.Domain.Architecture architecture, string root) =>
-        Rules(root).SelectMany(r => r.Evaluate(architecture)).Where(e => !e.Passed).Select(e => e.Description).ToList();
+    internal static List<string> Violations(ArchUnitNET.Domain.Architecture architecture, string root, System.Type[] seam) =>
+        Rules(root, seam).SelectMany(r => r.Evaluate(architecture)).Where(e => !e.Passed).Select(e => e.Description).ToList();
 
     [Fact]
     public void The_library_follows_the_graph()
     {
-        var violations = Violations(Library, "ViT22B");
+        var violations = Violations(Library, "ViT22B", GpuSeam);
         Assert.True(violations.Count == 0, string.Join("\n", violations));
     }
 
@@ -80,12 +90,14 @@ public class DependencyTests
     public void An_arrow_against_the_graph_fails_the_rules()
     {
         // The same rules on a miniature of the library in this test assembly, where Layers uses Models (the cycle
-        // this graph removed) and Parallel uses Cuda (a device-specific dependency the graph forbids).
+        // this graph removed), Parallel uses Cuda (a device-specific dependency the graph forbids) and Cuda uses an
+        // internal helper of Parallel that is not part of its GPU seam.
         const string root = "ViT22B.Tests.Architecture.Fixture";
         var fixture = new ArchLoader().LoadNamespacesWithinAssembly(typeof(DependencyTests).Assembly, root).Build();
-        var violations = Violations(fixture, root);
-        Assert.Equal(2, violations.Count);
+        var violations = Violations(fixture, root, new[] { typeof(Fixture.Parallel.IFixtureTransport) });
+        Assert.Equal(3, violations.Count);
         Assert.Contains(violations, v => v.Contains("BadLayer") && v.Contains("Fixture.Models.FixtureConfig"));
         Assert.Contains(violations, v => v.Contains("BadRing") && v.Contains("Fixture.Cuda.FixtureStream"));
+        Assert.Contains(violations, v => v.Contains("BadCommunicator") && v.Contains("Fixture.Parallel.FixtureRows"));
     }
 }

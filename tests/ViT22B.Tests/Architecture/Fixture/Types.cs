@@ -1,4 +1,4 @@
-// A miniature of the library's namespaces with two arrows against the dependency graph, for
+// A miniature of the library's namespaces with three arrows against the dependency graph, for
 // DependencyTests.An_arrow_against_the_graph_fails_the_rules. Nothing else uses these types.
 namespace ViT22B.Tests.Architecture.Fixture.Models
 {
@@ -32,10 +32,37 @@ namespace ViT22B.Tests.Architecture.Fixture.Cuda
     {
         public nint Handle { get; init; }
     }
+
+    // Uses Parallel's public API and implements its seam: allowed.
+    internal sealed class GoodTransport(Parallel.FixtureMesh mesh) : Parallel.IFixtureTransport
+    {
+        public int Size { get; } = mesh.Size;
+    }
+
+    // Uses an internal helper of Parallel: forbidden.
+    internal sealed class BadCommunicator
+    {
+        public long Rows { get; } = Parallel.FixtureRows.Total(new long[] { 1, 2 });
+    }
 }
 
 namespace ViT22B.Tests.Architecture.Fixture.Parallel
 {
+    public sealed class FixtureMesh
+    {
+        public int Size { get; init; }
+    }
+
+    internal interface IFixtureTransport
+    {
+        int Size { get; }
+    }
+
+    internal static class FixtureRows
+    {
+        public static long Total(long[] counts) => counts.Sum();
+    }
+
     internal sealed class BadRing(Cuda.FixtureStream stream)
     {
         public nint Handle { get; } = stream.Handle;
