@@ -35,7 +35,7 @@ internal static class Threads
         watch.Stop();
 
         var table = new Table().Title(forwardOnly ? "Per rank: one forward pass" : "Per rank: one training step (forward, backward, gradient synchronization)")
-            .AddColumns("rank", "(data, model)", "parameter MB", "model-axis MB sent", "model-axis ops", "data-axis MB sent", "data-axis ops", "gradient all-reduces", "max rel. err logits", "max rel. err grads");
+            .AddColumns("rank", "(data, model)", "parameter MB", "model-axis MB sent", "model-axis ops", "data-axis MB sent", "data-axis ops", "gradient collectives", "max rel. err logits", "max rel. err grads");
         foreach (var x in results)
             table.AddRow($"{x.Rank}", $"({x.DataIndex}, {x.ModelIndex})", $"{x.Bytes / 1e6:F2}", $"{x.ModelSent / 1e6:F2}", $"{x.ModelOps}",
                 $"{x.DataSent / 1e6:F2}", $"{x.DataOps}", forwardOnly ? "-" : $"{x.SyncOps}", $"{x.OutErr:E1}", forwardOnly ? "-" : $"{x.GradErr:E1}");

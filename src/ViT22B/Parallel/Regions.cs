@@ -23,6 +23,6 @@ internal static class Regions
 
     /// <summary>All-gather a data-sharded parameter along <paramref name="dim"/> (forward), reduce-scatter and average
     /// its gradient (backward).</summary>
-    public static Tensor FsdpGather(Tensor shard, ICommunicator dataComm, long[] counts, int dim) =>
-        dataComm.Size == 1 ? shard : FsdpGatherFunction.apply(shard, dataComm, counts, dim);
+    public static Tensor FsdpGather(Tensor shard, ICommunicator dataComm, long[] counts, int dim, FsdpGradientBuckets buckets) =>
+        dataComm.Size == 1 ? shard : FsdpGatherFunction.apply(shard, dataComm, counts, dim, buckets);
 }

@@ -23,8 +23,11 @@ internal sealed record ShardContext(ShardingPlan Plan, RankContext Rank, CommMod
     /// all-gather of its data-axis shards (whose backward reduce-scatters the gradient).</summary>
     public Tensor Use(string key, Tensor stored, long[] fullShape) =>
         Plan.IsFsdpSharded(key, fullShape)
-            ? Regions.FsdpGather(stored, Rank.Data, Plan.FsdpCounts(key, fullShape, ModelIndex), Plan.FsdpDim(key, fullShape))
+            ? Regions.FsdpGather(stored, Rank.Data, Plan.FsdpCounts(key, fullShape, ModelIndex), Plan.FsdpDim(key, fullShape), FsdpBuckets)
             : stored;
+
+    /// <summary>This rank's FSDP gradient buckets (filled in backward).</summary>
+    public FsdpGradientBuckets FsdpBuckets { get; } = new();
 
     /// <summary>Checks that this rank's token chunk <paramref name="x"/> [T_r, …] is the one the token partition
     /// <paramref name="counts"/> gives it.</summary>

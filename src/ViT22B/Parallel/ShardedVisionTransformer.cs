@@ -93,8 +93,48 @@ public sealed class ShardedVisionTransformer : IDisposable
     {
         ArgumentNullException.ThrowIfNull(loss);
         ObjectDisposedException.ThrowIf(_disposed, this);
-        loss.backward();
+        try
+        {
+            loss.backward();
+            FlushFsdpBuckets();
+        }
+        finally
+        {
+            _s.FsdpBuckets.Discard();
+        }
         BackwardFailures.ThrowIfAny(Rank.Model, Rank.Data);
+    }
+
+    /// <summary>
+    /// FSDP only: the size of the buckets in which backward reduce-scatters the gradients of data-sharded parameters
+    /// (default <see cref="DefaultBucketBytes"/>): a bucket is reduced as soon as backward has produced that many bytes
+    /// of such gradients, the last one by <see cref="Backward"/> after the pass; 0 reduce-scatters each gradient on its
+    /// own as backward produces it. Results are the same bit for bit. Set it between steps.
+    /// </summary>
+    public long FsdpBucketBytes
+    {
+        get => _s.FsdpBuckets.BucketBytes;
+        set
+        {
+            ArgumentOutOfRangeException.ThrowIfNegative(value);
+            _s.FsdpBuckets.BucketBytes = value;
+        }
+    }
+
+    // The last FSDP bucket of a backward pass; a failure is recorded like one inside backward. After a failed
+    // collective the peers may never issue this one, so it is dropped instead.
+    private void FlushFsdpBuckets()
+    {
+        if (BackwardFailures.HasFailed(Rank.Data) || BackwardFailures.HasFailed(Rank.Model)) return;
+        try
+        {
+            using var noGrad = torch.no_grad();
+            _s.FsdpBuckets.Flush(Rank.Data);
+        }
+        catch (Exception e)
+        {
+            BackwardFailures.Record(Rank.Data, e);
+        }
     }
 
     /// <summary>The default bucket size of <see cref="SynchronizeGradients"/>: 25 MiB, as PyTorch's DDP.</summary>
@@ -116,6 +156,8 @@ public sealed class ShardedVisionTransformer : IDisposable
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         ArgumentOutOfRangeException.ThrowIfNegative(bucketBytes);
+        FlushFsdpBuckets();                        // when backward was run without Backward()
+        _s.FsdpBuckets.Discard();
         BackwardFailures.ThrowIfAny(Rank.Model, Rank.Data);
         var shapes = Plan.FullShapes();
         var modelAxis = new List<Tensor>();
@@ -130,7 +172,8 @@ public sealed class ShardedVisionTransformer : IDisposable
         using var noGrad = torch.no_grad();
         var (modelOps, modelBytes) = AllReduceInBuckets(Rank.Model, modelAxis, bucketBytes, divideBy: 1);
         var (dataOps, dataBytes) = AllReduceInBuckets(Rank.Data, dataAxis, bucketBytes, divideBy: Rank.Mesh.DataSize);
-        return new GradientSync(modelOps, modelBytes, dataOps, dataBytes);
+        var (fsdpOps, fsdpBytes) = _s.FsdpBuckets.TakeCounts();
+        return new GradientSync(modelOps, modelBytes, dataOps, dataBytes, fsdpOps, fsdpBytes);
     }
 
     // Sums each tensor over the group in place (then divides), packed into buckets; at most two buckets in flight.

@@ -88,6 +88,59 @@ public class GradientBucketTests
     }
 
     [Theory]
+    [OnEveryBackend(2, 1, BlockKind.Parallel, "none")]
+    [OnEveryBackend(2, 2, BlockKind.Parallel, "none")]
+    [OnEveryBackend(2, 2, BlockKind.Sequential, "all")]
+    public void Fsdp_buckets_give_the_per_gradient_reduce_scatters_results_bit_for_bit(Backend backend, int data, int model, BlockKind block, string recompute)
+    {
+        var c = ShardedModelTests.Config(block) with { Depth = 3 };
+        var plan = new ShardingPlan(c, model, data, fsdp: true);
+        Dictionary<string, Tensor> full;
+        using (var reference = new VisionTransformer(c, torch.CPU, ScalarType.Float32))
+        {
+            TestUtil.Randomize(reference, seed: 33, scale: 0.3);
+            full = reference.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
+        }
+        using var images = TestUtil.RandomImages(c, 4, seed: 34, ScalarType.Float32);
+        var results = Backends.Run(backend, new DeviceMesh(data, model), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.Float32);
+            shard.LoadFull(full);
+            shard.Module.Checkpointing = ActivationCheckpointing.Parse(recompute);
+            long per = 4 / data;
+            var isSharded = shard.Module.named_parameters().Where(p => plan.IsFsdpSharded(p.name, plan.FullShapes()[p.name])).ToList();
+            long fsdpBytes = isSharded.Sum(p => p.parameter.numel() * 4 * data);     // the gradients before reduce-scatter
+            var steps = new List<(Dictionary<string, Tensor> Grads, GradientSync Sync)>();
+            foreach (long bytes in new[] { 0, fsdpBytes / 3, ShardedVisionTransformer.DefaultBucketBytes })
+            {
+                shard.FsdpBucketBytes = bytes;
+                foreach (var p in shard.Module.parameters()) p.grad = null;
+                using (var scope = torch.NewDisposeScope())
+                    shard.Backward(shard.Forward(images.narrow(0, shard.DataIndex * per, per)).square().sum());
+                var sync = shard.SynchronizeGradients();
+                steps.Add((shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone()), sync));
+            }
+            return (Steps: steps, Sharded: isSharded.Count);
+        });
+        foreach (var (steps, sharded) in results)
+        {
+            var (eachAlone, small, standard) = (steps[0], steps[1], steps[2]);
+            foreach (var (key, g) in eachAlone.Grads)
+            {
+                Assert.True(TensorAssert.Same(g, small.Grads[key]), $"{key}: FSDP buckets of a third of the gradients differ from one reduce-scatter per gradient");
+                Assert.True(TensorAssert.Same(g, standard.Grads[key]), $"{key}: 25 MiB FSDP buckets differ from one reduce-scatter per gradient");
+            }
+            Assert.True(sharded > 1);
+            Assert.Equal(sharded, eachAlone.Sync.FsdpReduceScatters);
+            Assert.Equal(1, standard.Sync.FsdpReduceScatters);                              // the whole model fits one bucket
+            Assert.InRange(small.Sync.FsdpReduceScatters, 2, Math.Min(4, sharded - 1));     // a bucket closes at a third or more
+            // A gradient is reduced once, by itself or in a bucket (recomputation does not repeat it).
+            Assert.Equal(eachAlone.Sync.FsdpBytes, standard.Sync.FsdpBytes);
+            Assert.Equal(eachAlone.Sync.FsdpBytes, small.Sync.FsdpBytes);
+        }
+    }
+
+    [Theory]
     [OnEveryBackend]
     public void A_negative_bucket_size_is_refused(Backend backend)
     {
@@ -96,6 +149,7 @@ public class GradientBucketTests
         {
             using var shard = new ShardedVisionTransformer(new ShardingPlan(c, 1), ctx, CommMode.Overlapped, ScalarType.Float32);
             Assert.Throws<ArgumentOutOfRangeException>(() => shard.SynchronizeGradients(-1));
+            Assert.Throws<ArgumentOutOfRangeException>(() => shard.FsdpBucketBytes = -1);
             return 0;
         });
     }
