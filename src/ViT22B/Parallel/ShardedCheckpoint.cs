@@ -1,7 +1,6 @@
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
-using TorchSharp;
 using ViT22B.Interop;
 using ViT22B.Models;
 using static TorchSharp.torch;
@@ -13,8 +12,7 @@ namespace ViT22B.Parallel;
 /// rank's shard state dict under the full model's keys) and <c>index.json</c> (format, config, mesh shape, FSDP flag,
 /// file list). The index is written last, after every rank has written its file, so its presence means the
 /// checkpoint is complete; every file is written atomically. A checkpoint written with one mesh loads into any
-/// other mesh (resharding) or into an unsharded model: each parameter is reassembled from the source shards, one
-/// parameter at a time, and cut again with the target plan.
+/// other mesh (resharding), each rank reading only the parts of the rank files it holds, or into an unsharded model.
 /// </summary>
 public static class ShardedCheckpoint
 {
@@ -80,57 +78,50 @@ public static class ShardedCheckpoint
         }
     }
 
-    /// <summary>Reassembles one full parameter (CPU) from the source shard files, reading each distinct part once.</summary>
-    private static Tensor Reassemble(string key, long[] fullShape, ShardingPlan plan, SafetensorsReader[] readers)
+    /// <summary>
+    /// Opens a checkpoint folder as one checkpoint of full tensors: the full model's keys and shapes, each tensor
+    /// reassembled from the rank files on <c>Read</c>, and on <c>ReadSlice</c> only the parts of the memory-mapped rank
+    /// files that the slice covers (what a rank of another mesh holds), so loading never stages a whole parameter the
+    /// rank does not keep. Its metadata holds the config.
+    /// </summary>
+    /// <exception cref="FileNotFoundException">No index, or a rank file it lists is missing.</exception>
+    /// <exception cref="FormatException">The index is not a ViT22B sharded-checkpoint index.</exception>
+    public static ITensorSource Open(string folder)
     {
-        for (int rank = 0; rank < readers.Length; rank++)
-            _ = readers[rank][key];                    // every file must hold the key (names file and key if not)
-        using var scope = torch.NewDisposeScope();     // the parts read from the files
-        return plan.Reassemble(key, fullShape, rank => readers[rank].Read(key)).MoveToOuterDisposeScope();
+        ArgumentNullException.ThrowIfNull(folder);
+        return new ShardedCheckpointSource(folder);
     }
 
-    /// <summary>Loads a checkpoint written with any mesh into this rank's shard (a different mesh reshards). Every
-    /// rank may call it independently; it reads only.</summary>
+    /// <summary>Loads a checkpoint written with any mesh into this rank's shard (a different mesh reshards), reading
+    /// only the parts of the rank files that this rank holds (<see cref="Open"/>). Every rank may call it
+    /// independently; it reads only.</summary>
     /// <exception cref="ArgumentException">The checkpoint's config differs from the model's.</exception>
     public static void Load(ShardedVisionTransformer model, string folder)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(folder);
-        var s = model;
-        var (source, files) = ReadIndex(folder);
-        if (source.Config with { DType = s.Plan.Config.DType } != s.Plan.Config with { DType = s.Plan.Config.DType })
-            throw new ArgumentException($"Sharded checkpoint '{folder}' holds a different model: {ViTConfigJson.ToJson(source.Config)}");
-        var readers = files.Select(SafetensorsReader.Open).ToArray();
-        try
-        {
-            var shapes = s.Plan.FullShapes();
-            using var noGrad = torch.no_grad();
-            foreach (var (key, p) in model.Module.state_dict())
-            {
-                using var full = Reassemble(key, shapes[key], source, readers);
-                using var slice = ShardingPlan.Slice(full, s.Plan.Spec(key, shapes[key], s.ModelIndex, s.DataIndex));
-                p.copy_(slice);
-            }
-        }
-        finally
-        {
-            foreach (var r in readers) r.Dispose();
-        }
+        var config = model.Plan.Config;
+        using var source = new ShardedCheckpointSource(folder);
+        if (source.Plan.Config with { DType = config.DType } != config)
+            throw new ArgumentException($"Sharded checkpoint '{folder}' holds a different model: {ViTConfigJson.ToJson(source.Plan.Config)}");
+        model.LoadFull(source);
     }
 
     /// <summary>Reassembles the full (unsharded) state dict on the CPU, e.g. to load into a single-device
     /// <see cref="VisionTransformer"/> or to export one safetensors file.</summary>
     public static Dictionary<string, Tensor> LoadFull(string folder)
     {
-        var (plan, files) = ReadIndex(folder);
-        var readers = files.Select(SafetensorsReader.Open).ToArray();
+        using var source = new ShardedCheckpointSource(folder);
+        var result = new Dictionary<string, Tensor>();
         try
         {
-            return plan.FullShapes().ToDictionary(kv => kv.Key, kv => Reassemble(kv.Key, kv.Value, plan, readers));
+            foreach (var key in source.Names) result[key] = source.Read(key);
+            return result;
         }
-        finally
+        catch
         {
-            foreach (var r in readers) r.Dispose();
+            foreach (var t in result.Values) t.Dispose();
+            throw;
         }
     }
 }

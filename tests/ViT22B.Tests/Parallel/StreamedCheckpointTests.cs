@@ -50,6 +50,70 @@ public sealed class StreamedCheckpointTests : IDisposable
     }
 
     [Theory]
+    [OnEveryBackend(BlockKind.Parallel, 1, 4, false)]
+    [OnEveryBackend(BlockKind.Parallel, 2, 2, true)]
+    [OnEveryBackend(BlockKind.Sequential, 2, 1, true)]
+    [OnEveryBackend(BlockKind.Sequential, 1, 2, false)]
+    public void A_sharded_checkpoint_opened_as_one_gives_every_tensor_and_every_slice_any_mesh_reads(Backend backend, BlockKind block, int data, int model, bool fsdp)
+    {
+        var c = ShardedModelTests.Config(block) with { Depth = 2 };
+        var full = Reference(c, ScalarType.Float32);
+        string folder = Path.Combine(_dir, "sharded");
+        var plan = new ShardingPlan(c, model, data, fsdp);
+        Backends.Run(backend, new DeviceMesh(data, model), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.Float32);
+            shard.LoadFull(full);
+            ShardedCheckpoint.Save(shard, folder);
+            return 0;
+        });
+        using var source = ShardedCheckpoint.Open(folder);
+        Assert.Equal(full.Keys.Order(), source.Names.Order());
+        Assert.Equal(ViTConfigJson.ToJson(c), source.Metadata["config"]);
+        foreach (var (key, value) in full)
+        {
+            Assert.Equal(value.shape, source.ShapeOf(key));
+            using var whole = source.Read(key);
+            Assert.True(TensorAssert.Same(value, whole), $"{key} read whole differs");
+        }
+        int slices = 0;
+        foreach (var (td, tm, tf) in new[] { (1, 2, false), (1, 4, false), (2, 2, true), (2, 1, true), (4, 1, false), (2, 4, true) })
+        {
+            var target = new ShardingPlan(c, tm, td, tf);
+            for (int di = 0; di < td; di++)
+                for (int mi = 0; mi < tm; mi++)
+                    foreach (var (key, value) in full)
+                    {
+                        var spec = target.Spec(key, value.shape, mi, di);
+                        if (spec.IsWhole) continue;
+                        using var got = source.ReadSlice(key, spec.Dim, spec.Segments);
+                        using var want = ShardingPlan.Slice(value, spec);
+                        Assert.True(TensorAssert.Same(want, got), $"{key}: the slice of model rank {mi}, data rank {di} of a {td}×{tm}{(tf ? " FSDP" : "")} mesh differs");
+                        slices++;
+                    }
+        }
+        Assert.True(slices > 50, $"only {slices} slices compared");
+        // A rank of another mesh that loads from the folder copies out of the rank files exactly the bytes it holds:
+        // its slices only (replicated tensors once), never a whole parameter it then cuts.
+        foreach (var (td, tm, tf, rank) in new[] { (1, 4, false, 1), (2, 2, true, 3), (2, 1, true, 0) })
+        {
+            var target = new ShardingPlan(c, tm, td, tf);
+            var contexts = RankContext.CreateThreaded(new ThreadedWorld(td * tm), new DeviceMesh(td, tm));
+            using var shard = new ShardedVisionTransformer(target, contexts[rank], CommMode.Overlapped, ScalarType.Float32);
+            using var reader = (ShardedCheckpointSource)ShardedCheckpoint.Open(folder);
+            shard.LoadFull(reader);
+            Assert.Equal(shard.ParameterBytes, reader.BytesRead);
+            foreach (var (key, p) in shard.Module.state_dict())
+            {
+                using var want = ShardingPlan.Slice(full[key], target.Spec(key, full[key].shape, shard.ModelIndex, shard.DataIndex));
+                Assert.True(TensorAssert.Same(want, p), $"{key} of rank {rank} of a {td}×{tm} mesh differs after loading");
+            }
+            foreach (var r in contexts) r.Dispose();
+        }
+        Assert.Contains("'no.such.key'", Assert.Throws<KeyNotFoundException>(() => source.ShapeOf("no.such.key")).Message);
+    }
+
+    [Theory]
     [OnEveryBackend(2, 2, true)]
     [OnEveryBackend(1, 4, false)]
     [OnEveryBackend(2, 2, false)]

@@ -264,11 +264,14 @@ public class MemoryPlannerTests
     }
 
     [Theory]
-    [InlineData(1, 4, false, 1)]
-    [InlineData(2, 2, true, 3)]
-    [InlineData(2, 4, true, 5)]
-    public void A_rank_loads_its_shard_of_a_checkpoint_several_times_its_budget_with_one_slice_of_staging(int data, int modelAxis, bool fsdp, int rank)
+    [InlineData(1, 4, false, 1, "file")]
+    [InlineData(2, 2, true, 3, "file")]
+    [InlineData(2, 4, true, 5, "file")]
+    [InlineData(1, 4, false, 1, "2x2 fsdp")]
+    [InlineData(2, 4, true, 5, "1x2")]
+    public void A_rank_loads_its_shard_of_a_checkpoint_several_times_its_budget_with_one_slice_of_staging(int data, int modelAxis, bool fsdp, int rank, string source)
     {
+        // source: one safetensors file, or a sharded checkpoint written by a mesh of another shape ("1x2", "2x2 fsdp").
         Assert.True(HaveMallInfo2(), "needs glibc's mallinfo2 (Linux, glibc 2.33+)");
         var c = new ViTConfig
         {
@@ -283,8 +286,27 @@ public class MemoryPlannerTests
         Assert.Equal(1, MallOpt(MmapThreshold, 4096));      // as in Training_memory_matches_measured_allocation
         try
         {
-            string path = Path.Combine(dir, "model.safetensors");
-            using (var model = new VisionTransformer(c, torch.CPU, ScalarType.Float32)) SafetensorsCheckpoint.Save(model, path);
+            string path = Path.Combine(dir, "model.safetensors"), folder = Path.Combine(dir, "sharded");
+            using (var model = new VisionTransformer(c, torch.CPU, ScalarType.Float32))
+            {
+                SafetensorsCheckpoint.Save(model, path);
+                if (source != "file")
+                {
+                    int sourceData = source[0] - '0', sourceModel = source[2] - '0';
+                    var sourceMesh = new ViT22B.Parallel.DeviceMesh(sourceData, sourceModel);
+                    var sourceWorld = new ViT22B.Parallel.ThreadedWorld(sourceMesh.WorldSize);
+                    var writers = ViT22B.Parallel.RankContext.CreateThreaded(sourceWorld, sourceMesh);
+                    var sourcePlan = new ViT22B.Parallel.ShardingPlan(c, sourceModel, sourceData, source.EndsWith("fsdp", StringComparison.Ordinal));
+                    var weights = model.state_dict();
+                    ViT22B.Parallel.Spmd.Run(sourceWorld, r =>
+                    {
+                        using var writer = new ViT22B.Parallel.ShardedVisionTransformer(sourcePlan, writers[r], ViT22B.Parallel.CommMode.Overlapped, ScalarType.Float32);
+                        writer.LoadFull(weights);
+                        ViT22B.Parallel.ShardedCheckpoint.Save(writer, folder);
+                        return 0;
+                    });
+                }
+            }
             var plan = new ViT22B.Parallel.ShardingPlan(c, modelAxis, data, fsdp);
             // One rank alone: building and loading a shard are local (no collectives).
             using var shard = new ViT22B.Parallel.ShardedVisionTransformer(plan, ranks[rank], ViT22B.Parallel.CommMode.Overlapped, ScalarType.Float32);
@@ -301,9 +323,9 @@ public class MemoryPlannerTests
             for (int pass = 0; pass < 5; pass++)
             {
                 long baseline = Allocated();
-                using var source = new SampledSource(SafetensorsReader.Open(path), baseline);
-                shard.LoadFull(source);
-                loads.Add((source.Peak, Allocated(collect: false) - baseline, source.Reads, source.SliceReads));
+                using var sampled = new SampledSource(source == "file" ? SafetensorsReader.Open(path) : ViT22B.Parallel.ShardedCheckpoint.Open(folder), baseline);
+                shard.LoadFull(sampled);
+                loads.Add((sampled.Peak, Allocated(collect: false) - baseline, sampled.Reads, sampled.SliceReads));
             }
             long peak = loads.Min(l => l.Peak), after = loads.Min(l => l.After);
             string seen = $"peaks {string.Join(", ", loads.Select(l => l.Peak.ToString("N0", System.Globalization.CultureInfo.InvariantCulture)))} bytes " +

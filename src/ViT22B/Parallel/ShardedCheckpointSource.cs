@@ -1,0 +1,157 @@
+using TorchSharp;
+using ViT22B.Interop;
+using static TorchSharp.torch;
+
+namespace ViT22B.Parallel;
+
+/// <summary>
+/// A sharded checkpoint folder read as one checkpoint of full tensors (<see cref="ShardedCheckpoint.Open"/>): the
+/// full model's keys and shapes; <see cref="ReadSlice"/> copies out of the memory-mapped rank files only the parts of
+/// the source shards that the requested slice covers, so a rank of another mesh reads its shard and never a whole
+/// parameter it does not hold; <see cref="Read"/> reassembles a full tensor.
+/// </summary>
+internal sealed class ShardedCheckpointSource : ITensorSource
+{
+    private readonly ShardingPlan _plan;
+    private readonly SafetensorsReader[] _readers;
+    private readonly IReadOnlyDictionary<string, long[]> _shapes;
+
+    public ShardedCheckpointSource(string folder)
+    {
+        var (plan, files) = ShardedCheckpoint.ReadIndex(folder);
+        _plan = plan;
+        _shapes = plan.FullShapes();
+        Path = folder;
+        Names = _shapes.Keys.ToList();
+        Metadata = new Dictionary<string, string> { ["config"] = ViTConfigJsonText(plan) };
+        _readers = new SafetensorsReader[files.Count];
+        try
+        {
+            for (int r = 0; r < files.Count; r++) _readers[r] = SafetensorsReader.Open(files[r]);
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
+    }
+
+    private static string ViTConfigJsonText(ShardingPlan plan) => Models.ViTConfigJson.ToJson(plan.Config);
+
+    /// <summary>Bytes copied out of the rank files so far (tests check that a rank reads only what it holds).</summary>
+    internal long BytesRead => Interlocked.Read(ref _bytesRead);
+
+    private long _bytesRead;
+
+    /// <summary>The plan the checkpoint was written with.</summary>
+    public ShardingPlan Plan => _plan;
+
+    public string Path { get; }
+
+    public IReadOnlyList<string> Names { get; }
+
+    public IReadOnlyDictionary<string, string> Metadata { get; }
+
+    public bool Contains(string name) => _shapes.ContainsKey(name);
+
+    public long[] ShapeOf(string name) =>
+        _shapes.TryGetValue(name, out var shape) ? shape.ToArray()
+            : throw new KeyNotFoundException($"Sharded checkpoint '{Path}' has no tensor '{name}'.");
+
+    public Tensor Read(string name)
+    {
+        var shape = ShapeOf(name);
+        if (shape.Length > 0) return ReadSlice(name, 0, new[] { (0L, shape[0]) });
+        var scalar = _readers[0].Read(name);
+        Interlocked.Add(ref _bytesRead, scalar.element_size());
+        return scalar;
+    }
+
+    public Tensor ReadSlice(string name, int dim, IReadOnlyList<(long Start, long Length)> segments)
+    {
+        var shape = ShapeOf(name);
+        TensorSlices.Check(Path, name, shape, dim, segments);
+        var outShape = shape.ToArray();
+        outShape[dim] = segments.Sum(g => g.Length);
+        // Each distinct part of the tensor once: replicas (the same spec on several ranks) are read from the first.
+        var mesh = new DeviceMesh(_plan.DataSize, _plan.ModelSize);
+        var parts = new List<(int Rank, ShardSpec Spec)>();
+        for (int r = 0; r < _readers.Length; r++)
+        {
+            var (data, model) = mesh.Coordinates(r);
+            var spec = _plan.Spec(name, shape, model, data);
+            if (!parts.Any(p => p.Spec.Dim == spec.Dim && p.Spec.Segments.SequenceEqual(spec.Segments))) parts.Add((r, spec));
+        }
+        Tensor? result = null;
+        try
+        {
+            using var noGrad = torch.no_grad();
+            foreach (var (rank, spec) in parts)
+            {
+                var reader = Part(name, rank, spec);
+                if (spec.Dim == dim)
+                {
+                    // The shard is split along the requested dimension: copy the overlap of each requested range with
+                    // each stored segment, reading only that overlap.
+                    long local = 0;                                    // where each stored segment starts in the shard
+                    foreach (var (s, m) in spec.Segments)
+                    {
+                        long q = 0;                                    // where each requested range starts in the result
+                        foreach (var (a, l) in segments)
+                        {
+                            long from = Math.Max(a, s), to = Math.Min(a + l, s + m);
+                            if (from < to)
+                            {
+                                using var piece = reader.ReadSlice(name, dim, new[] { (local + from - s, to - from) });
+                                Interlocked.Add(ref _bytesRead, piece.numel() * piece.element_size());
+                                result ??= torch.empty(outShape, dtype: piece.dtype);
+                                using var target = result.narrow(dim, q + from - a, to - from);
+                                target.copy_(piece);
+                            }
+                            q += l;
+                        }
+                        local += m;
+                    }
+                }
+                else
+                {
+                    // Split along another dimension: the shard holds all of the requested ranges for its own ranges of
+                    // that dimension; read the requested ranges of the shard once and place its segments.
+                    using var piece = reader.ReadSlice(name, dim, segments);
+                    Interlocked.Add(ref _bytesRead, piece.numel() * piece.element_size());
+                    result ??= torch.empty(outShape, dtype: piece.dtype);
+                    long local = 0;
+                    foreach (var (s, m) in spec.Segments)
+                    {
+                        using var source = piece.narrow(spec.Dim, local, m);
+                        using var target = result.narrow(spec.Dim, s, m);
+                        target.copy_(source);
+                        local += m;
+                    }
+                }
+            }
+            return result ?? throw new InvalidOperationException($"Sharded checkpoint '{Path}': no shard holds '{name}'.");
+        }
+        catch
+        {
+            result?.Dispose();
+            throw;
+        }
+    }
+
+    // The rank file, checked to hold the key with the shard shape the index's plan gives it.
+    private SafetensorsReader Part(string name, int rank, ShardSpec spec)
+    {
+        var reader = _readers[rank];
+        var expected = spec.LocalShape;
+        var found = reader.ShapeOf(name);
+        if (!found.SequenceEqual(expected))
+            throw new ArgumentException($"{reader.Path}: '{name}' is [{string.Join(", ", found)}], but the checkpoint's index gives rank {rank} a shard of [{string.Join(", ", expected)}].");
+        return reader;
+    }
+
+    public void Dispose()
+    {
+        foreach (var r in _readers) r?.Dispose();
+    }
+}
