@@ -9,8 +9,9 @@ namespace ViT22B.Parallel;
 /// autograd; once the bucket holds <see cref="BucketBytes"/> or more (or a gradient of another dtype arrives), one
 /// reduce-scatter over the data axis sums it, and each parameter's averaged shard is added to its <c>grad</c>. The
 /// last, partly filled bucket is reduced by <see cref="Flush"/> after backward. Every element is summed and divided
-/// exactly as by a reduce-scatter of its own, so the gradients equal the per-parameter ones bit for bit; ranks close
-/// buckets at the same points because backward produces the same gradients in the same order on every rank.
+/// as by a reduce-scatter of its own, so on the in-process backend the gradients equal the per-parameter ones bit for
+/// bit (NCCL may pick another summation order for a larger message); ranks close buckets at the same points because
+/// backward produces the same gradients in the same order on every rank.
 /// </summary>
 internal sealed class FsdpGradientBuckets
 {
@@ -41,7 +42,15 @@ internal sealed class FsdpGradientBuckets
     /// reduce-scatters the bucket once it is full.</summary>
     public void Add(ICommunicator comm, Tensor parameter, Tensor rows, long[] counts, int dim)
     {
-        if (_open.Count > 0 && _open[0].Rows.dtype != rows.dtype) Flush(comm);
+        try
+        {
+            if (_open.Count > 0 && _open[0].Rows.dtype != rows.dtype) Flush(comm);
+        }
+        catch
+        {
+            rows.Dispose();
+            throw;
+        }
         _open.Add(new Entry(parameter, rows, counts, dim));
         _openBytes += rows.numel() * rows.element_size();
         if (_openBytes >= BucketBytes) Flush(comm);

@@ -28,11 +28,34 @@ internal sealed class ShardedCheckpointSource : ITensorSource
         try
         {
             for (int r = 0; r < files.Count; r++) _readers[r] = SafetensorsReader.Open(files[r]);
+            CheckFiles();
         }
         catch
         {
             Dispose();
             throw;
+        }
+    }
+
+    // Every rank file holds every key, with the shard shape the index's plan gives that rank and one dtype per key,
+    // checked from the headers before anything is read.
+    private void CheckFiles()
+    {
+        var mesh = new DeviceMesh(_plan.DataSize, _plan.ModelSize);
+        foreach (var (name, shape) in _shapes)
+        {
+            ScalarType? dtype = null;
+            for (int r = 0; r < _readers.Length; r++)
+            {
+                var (data, model) = mesh.Coordinates(r);
+                var expected = _plan.Spec(name, shape, model, data).LocalShape;
+                var entry = _readers[r][name];                  // names the file and the key when it is missing
+                if (!entry.Shape.SequenceEqual(expected))
+                    throw new ArgumentException($"{_readers[r].Path}: '{name}' is [{string.Join(", ", entry.Shape)}], but the checkpoint's index gives rank {r} a shard of [{string.Join(", ", expected)}].");
+                if (dtype is not null && entry.ScalarType != dtype)
+                    throw new ArgumentException($"{_readers[r].Path}: '{name}' is stored as {entry.ScalarType}, but rank 0 stores it as {dtype}.");
+                dtype = entry.ScalarType;
+            }
         }
     }
 
@@ -76,11 +99,12 @@ internal sealed class ShardedCheckpointSource : ITensorSource
         // Each distinct part of the tensor once: replicas (the same spec on several ranks) are read from the first.
         var mesh = new DeviceMesh(_plan.DataSize, _plan.ModelSize);
         var parts = new List<(int Rank, ShardSpec Spec)>();
+        var seen = new HashSet<string>();
         for (int r = 0; r < _readers.Length; r++)
         {
             var (data, model) = mesh.Coordinates(r);
             var spec = _plan.Spec(name, shape, model, data);
-            if (!parts.Any(p => p.Spec.Dim == spec.Dim && p.Spec.Segments.SequenceEqual(spec.Segments))) parts.Add((r, spec));
+            if (seen.Add($"{spec.Dim}:{string.Join(",", spec.Segments)}")) parts.Add((r, spec));
         }
         Tensor? result = null;
         try
@@ -88,7 +112,7 @@ internal sealed class ShardedCheckpointSource : ITensorSource
             using var noGrad = torch.no_grad();
             foreach (var (rank, spec) in parts)
             {
-                var reader = Part(name, rank, spec);
+                var reader = _readers[rank];
                 if (spec.Dim == dim)
                 {
                     // The shard is split along the requested dimension: copy the overlap of each requested range with
@@ -137,17 +161,6 @@ internal sealed class ShardedCheckpointSource : ITensorSource
             result?.Dispose();
             throw;
         }
-    }
-
-    // The rank file, checked to hold the key with the shard shape the index's plan gives it.
-    private SafetensorsReader Part(string name, int rank, ShardSpec spec)
-    {
-        var reader = _readers[rank];
-        var expected = spec.LocalShape;
-        var found = reader.ShapeOf(name);
-        if (!found.SequenceEqual(expected))
-            throw new ArgumentException($"{reader.Path}: '{name}' is [{string.Join(", ", found)}], but the checkpoint's index gives rank {rank} a shard of [{string.Join(", ", expected)}].");
-        return reader;
     }
 
     public void Dispose()

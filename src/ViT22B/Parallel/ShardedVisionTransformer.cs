@@ -109,7 +109,9 @@ public sealed class ShardedVisionTransformer : IDisposable
     /// FSDP only: the size of the buckets in which backward reduce-scatters the gradients of data-sharded parameters
     /// (default <see cref="DefaultBucketBytes"/>): a bucket is reduced as soon as backward has produced that many bytes
     /// of such gradients, the last one by <see cref="Backward"/> after the pass; 0 reduce-scatters each gradient on its
-    /// own as backward produces it. Results are the same bit for bit. Set it between steps.
+    /// own as backward produces it. Every element is summed as by its own reduce-scatter (the same bit for bit on the
+    /// in-process backend; NCCL may choose another summation order for a larger message). Set it between steps, to the
+    /// same value on every rank: the ranks of the data axis must close their buckets at the same gradients.
     /// </summary>
     public long FsdpBucketBytes
     {
@@ -122,10 +124,12 @@ public sealed class ShardedVisionTransformer : IDisposable
     }
 
     // The last FSDP bucket of a backward pass; a failure is recorded like one inside backward. After a failed
-    // collective the peers may never issue this one, so it is dropped instead.
+    // data-axis collective the data peers may never issue this one, so it is dropped instead. A model-axis failure
+    // does not stop it: the data peers (in other model groups) are healthy and will issue it, and reducing a bucket of
+    // unusable gradients does no harm (Backward throws the failure right after).
     private void FlushFsdpBuckets()
     {
-        if (BackwardFailures.HasFailed(Rank.Data) || BackwardFailures.HasFailed(Rank.Model)) return;
+        if (BackwardFailures.HasFailed(Rank.Data)) return;
         try
         {
             using var noGrad = torch.no_grad();
@@ -399,6 +403,7 @@ public sealed class ShardedVisionTransformer : IDisposable
         _disposed = true;
         try
         {
+            _s.FsdpBuckets.Discard();          // a bucket left by a backward that was never synchronized
             Module.Dispose();
         }
         finally

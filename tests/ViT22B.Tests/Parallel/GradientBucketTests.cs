@@ -89,6 +89,7 @@ public class GradientBucketTests
 
     [Theory]
     [OnEveryBackend(2, 1, BlockKind.Parallel, "none")]
+    [OnEveryBackend(3, 1, BlockKind.Parallel, "none")]
     [OnEveryBackend(2, 2, BlockKind.Parallel, "none")]
     [OnEveryBackend(2, 2, BlockKind.Sequential, "all")]
     public void Fsdp_buckets_give_the_per_gradient_reduce_scatters_results_bit_for_bit(Backend backend, int data, int model, BlockKind block, string recompute)
@@ -109,7 +110,10 @@ public class GradientBucketTests
             shard.Module.Checkpointing = ActivationCheckpointing.Parse(recompute);
             long per = 4 / data;
             var isSharded = shard.Module.named_parameters().Where(p => plan.IsFsdpSharded(p.name, plan.FullShapes()[p.name])).ToList();
-            long fsdpBytes = isSharded.Sum(p => p.parameter.numel() * 4 * data);     // the gradients before reduce-scatter
+            // The gradients before reduce-scatter (model-axis shards), the same on every data rank: every rank must
+            // use the same bucket size (a data rank's own shards differ in size when the rows do not divide evenly).
+            var modelOnly = new ShardingPlan(c, model);
+            long fsdpBytes = isSharded.Sum(p => modelOnly.Spec(p.name, plan.FullShapes()[p.name], shard.ModelIndex, 0).LocalShape.Aggregate(4L, (a, n) => a * n));
             var steps = new List<(Dictionary<string, Tensor> Grads, GradientSync Sync)>();
             foreach (long bytes in new[] { 0, fsdpBytes / 3, ShardedVisionTransformer.DefaultBucketBytes })
             {

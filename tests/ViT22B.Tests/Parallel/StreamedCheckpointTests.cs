@@ -98,17 +98,24 @@ public sealed class StreamedCheckpointTests : IDisposable
         foreach (var (td, tm, tf, rank) in new[] { (1, 4, false, 1), (2, 2, true, 3), (2, 1, true, 0) })
         {
             var target = new ShardingPlan(c, tm, td, tf);
+            // One rank alone (loading is local: no collectives, so no backend is involved).
             var contexts = RankContext.CreateThreaded(new ThreadedWorld(td * tm), new DeviceMesh(td, tm));
-            using var shard = new ShardedVisionTransformer(target, contexts[rank], CommMode.Overlapped, ScalarType.Float32);
-            using var reader = (ShardedCheckpointSource)ShardedCheckpoint.Open(folder);
-            shard.LoadFull(reader);
-            Assert.Equal(shard.ParameterBytes, reader.BytesRead);
-            foreach (var (key, p) in shard.Module.state_dict())
+            try
             {
-                using var want = ShardingPlan.Slice(full[key], target.Spec(key, full[key].shape, shard.ModelIndex, shard.DataIndex));
-                Assert.True(TensorAssert.Same(want, p), $"{key} of rank {rank} of a {td}×{tm} mesh differs after loading");
+                using var shard = new ShardedVisionTransformer(target, contexts[rank], CommMode.Overlapped, ScalarType.Float32);
+                using var reader = (ShardedCheckpointSource)ShardedCheckpoint.Open(folder);
+                shard.LoadFull(reader);
+                Assert.Equal(shard.ParameterBytes, reader.BytesRead);
+                foreach (var (key, p) in shard.Module.state_dict())
+                {
+                    using var want = ShardingPlan.Slice(full[key], target.Spec(key, full[key].shape, shard.ModelIndex, shard.DataIndex));
+                    Assert.True(TensorAssert.Same(want, p), $"{key} of rank {rank} of a {td}×{tm} mesh differs after loading");
+                }
             }
-            foreach (var r in contexts) r.Dispose();
+            finally
+            {
+                foreach (var r in contexts) r.Dispose();
+            }
         }
         Assert.Contains("'no.such.key'", Assert.Throws<KeyNotFoundException>(() => source.ShapeOf("no.such.key")).Message);
     }
@@ -162,5 +169,36 @@ public sealed class StreamedCheckpointTests : IDisposable
             foreach (var (key, value) in shard.Module.state_dict()) Assert.True(TensorAssert.Same(before[key], value), key);
             return 0;
         });
+    }
+
+    [Theory]
+    [OnEveryBackend]
+    public void A_rank_file_that_disagrees_with_the_index_is_refused_when_the_checkpoint_is_opened(Backend backend)
+    {
+        var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 2 };
+        var full = Reference(c, ScalarType.Float32);
+        string folder = Path.Combine(_dir, "sharded");
+        var plan = new ShardingPlan(c, 2, 2, fsdp: true);
+        Backends.Run(backend, new DeviceMesh(2, 2), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.Float32);
+            shard.LoadFull(full);
+            ShardedCheckpoint.Save(shard, folder);
+            return 0;
+        });
+        // Rank 3's file: a replicated tensor (the final norm) of the wrong shape, then without it. Rank 0 holds the
+        // same replica, so only a check of every file finds it.
+        string file = Directory.GetFiles(folder, "rank-00003-*").Single();
+        Dictionary<string, Tensor> stored;
+        using (var reader = SafetensorsReader.Open(file)) stored = reader.Names.ToDictionary(n => n, n => reader.Read(n));
+        using var odd = torch.zeros(3);
+        Safetensors.Save(new Dictionary<string, Tensor>(stored) { ["norm.weight"] = odd }, file);
+        var e = Assert.Throws<ArgumentException>(() => ShardedCheckpoint.Open(folder));
+        Assert.Contains(Path.GetFileName(file), e.Message);
+        Assert.Contains("'norm.weight' is [3]", e.Message);
+        Safetensors.Save(stored.Where(kv => kv.Key != "norm.weight"), file);
+        var missing = Assert.Throws<KeyNotFoundException>(() => ShardedCheckpoint.Open(folder));
+        Assert.Contains("norm.weight", missing.Message);
+        Assert.Contains(Path.GetFileName(file), missing.Message);
     }
 }
