@@ -23,6 +23,14 @@ internal static class TestUtil
         }
     }
 
+    /// <summary>The state dict (CPU copies) of a model of <paramref name="c"/> randomized by <see cref="Randomize"/>.</summary>
+    public static Dictionary<string, Tensor> RandomState(ViTConfig c, long seed, double scale, ScalarType dtype)
+    {
+        using var model = new VisionTransformer(c, torch.CPU, dtype);
+        Randomize(model, seed, scale);
+        return model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
+    }
+
     public static Tensor RandomImages(ViTConfig c, long batch, long seed, ScalarType dtype = ScalarType.Float64, long? h = null, long? w = null)
     {
         var g = new torch.Generator((ulong)seed);

@@ -17,18 +17,16 @@ internal sealed class FsdpGradientBuckets
 {
     private readonly List<Entry> _open = new();
     private long _openBytes;
+    private int _collectives;                  // reduce-scatters since the last TakeCounts, and the bytes they reduced
+    private long _bytes;
 
     private sealed record Entry(Tensor Parameter, Tensor Rows, long[] Counts, int Dim);
 
     /// <summary>Bucket size; 0 reduce-scatters each gradient on its own, in backward (no bucketing).</summary>
     public long BucketBytes { get; set; } = ShardedVisionTransformer.DefaultBucketBytes;
 
-    /// <summary>Reduce-scatters issued since the last <see cref="TakeCounts"/>, and the bytes they reduced.</summary>
-    private int _collectives;
-    private long _bytes;
-
-    /// <summary>The data-axis shard of a gradient reduce-scattered on its own: rows of <paramref name="rows"/>
-    /// (the gradient with the sharded dimension moved first, contiguous) summed over the group and averaged.</summary>
+    /// <summary>This rank's part of <paramref name="rows"/> (a gradient with the sharded dimension moved first,
+    /// contiguous, or a bucket's flat rank-major copy) summed over the group and averaged: one reduce-scatter.</summary>
     public Tensor ReduceOne(ICommunicator comm, Tensor rows, long[] counts)
     {
         var mine = comm.ReduceScatter(rows, counts).div_(comm.Size);
@@ -80,10 +78,7 @@ internal sealed class FsdpGradientBuckets
                     flatCounts[r] += e.Counts[r] * rowElements;
                 }
             }
-            var flat = torch.cat(pieces.ToArray());
-            var mine = comm.ReduceScatter(flat, flatCounts).div_(k);
-            Interlocked.Increment(ref _collectives);
-            Interlocked.Add(ref _bytes, flat.numel() * flat.element_size());
+            var mine = ReduceOne(comm, torch.cat(pieces.ToArray()), flatCounts);
             long offset = 0;
             foreach (var e in entries)
             {

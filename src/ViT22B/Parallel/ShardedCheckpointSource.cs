@@ -12,23 +12,25 @@ namespace ViT22B.Parallel;
 /// </summary>
 internal sealed class ShardedCheckpointSource : ITensorSource
 {
-    private readonly ShardingPlan _plan;
     private readonly SafetensorsReader[] _readers;
     private readonly IReadOnlyDictionary<string, long[]> _shapes;
+    // Per key, each distinct part of the tensor once: replicas (the same spec on several ranks) come from the first.
+    private readonly Dictionary<string, List<(int Rank, ShardSpec Spec)>> _parts = new();
+    private long _bytesRead;
 
     public ShardedCheckpointSource(string folder)
     {
         var (plan, files) = ShardedCheckpoint.ReadIndex(folder);
-        _plan = plan;
+        Plan = plan;
         _shapes = plan.FullShapes();
         Path = folder;
         Names = _shapes.Keys.ToList();
-        Metadata = new Dictionary<string, string> { ["config"] = ViTConfigJsonText(plan) };
+        Metadata = new Dictionary<string, string> { ["config"] = Models.ViTConfigJson.ToJson(plan.Config) };
         _readers = new SafetensorsReader[files.Count];
         try
         {
             for (int r = 0; r < files.Count; r++) _readers[r] = SafetensorsReader.Open(files[r]);
-            CheckFiles();
+            CheckFilesAndFindParts();
         }
         catch
         {
@@ -38,17 +40,21 @@ internal sealed class ShardedCheckpointSource : ITensorSource
     }
 
     // Every rank file holds every key, with the shard shape the index's plan gives that rank and one dtype per key,
-    // checked from the headers before anything is read.
-    private void CheckFiles()
+    // checked from the headers before anything is read; and which ranks' parts make up each tensor.
+    private void CheckFilesAndFindParts()
     {
-        var mesh = new DeviceMesh(_plan.DataSize, _plan.ModelSize);
+        var mesh = new DeviceMesh(Plan.DataSize, Plan.ModelSize);
         foreach (var (name, shape) in _shapes)
         {
             ScalarType? dtype = null;
+            var parts = _parts[name] = new List<(int Rank, ShardSpec Spec)>();
+            var seen = new HashSet<string>();
             for (int r = 0; r < _readers.Length; r++)
             {
                 var (data, model) = mesh.Coordinates(r);
-                var expected = _plan.Spec(name, shape, model, data).LocalShape;
+                var spec = Plan.Spec(name, shape, model, data);
+                if (seen.Add($"{spec.Dim}:{string.Join(",", spec.Segments)}")) parts.Add((r, spec));
+                var expected = spec.LocalShape;
                 var entry = _readers[r][name];                  // names the file and the key when it is missing
                 if (!entry.Shape.SequenceEqual(expected))
                     throw new ArgumentException($"{_readers[r].Path}: '{name}' is [{string.Join(", ", entry.Shape)}], but the checkpoint's index gives rank {r} a shard of [{string.Join(", ", expected)}].");
@@ -59,15 +65,11 @@ internal sealed class ShardedCheckpointSource : ITensorSource
         }
     }
 
-    private static string ViTConfigJsonText(ShardingPlan plan) => Models.ViTConfigJson.ToJson(plan.Config);
-
     /// <summary>Bytes copied out of the rank files so far (tests check that a rank reads only what it holds).</summary>
     internal long BytesRead => Interlocked.Read(ref _bytesRead);
 
-    private long _bytesRead;
-
     /// <summary>The plan the checkpoint was written with.</summary>
-    public ShardingPlan Plan => _plan;
+    public ShardingPlan Plan { get; }
 
     public string Path { get; }
 
@@ -96,21 +98,11 @@ internal sealed class ShardedCheckpointSource : ITensorSource
         TensorSlices.Check(Path, name, shape, dim, segments);
         var outShape = shape.ToArray();
         outShape[dim] = segments.Sum(g => g.Length);
-        // Each distinct part of the tensor once: replicas (the same spec on several ranks) are read from the first.
-        var mesh = new DeviceMesh(_plan.DataSize, _plan.ModelSize);
-        var parts = new List<(int Rank, ShardSpec Spec)>();
-        var seen = new HashSet<string>();
-        for (int r = 0; r < _readers.Length; r++)
-        {
-            var (data, model) = mesh.Coordinates(r);
-            var spec = _plan.Spec(name, shape, model, data);
-            if (seen.Add($"{spec.Dim}:{string.Join(",", spec.Segments)}")) parts.Add((r, spec));
-        }
         Tensor? result = null;
         try
         {
             using var noGrad = torch.no_grad();
-            foreach (var (rank, spec) in parts)
+            foreach (var (rank, spec) in _parts[name])
             {
                 var reader = _readers[rank];
                 if (spec.Dim == dim)

@@ -1,6 +1,5 @@
 using TorchSharp;
 using ViT22B.Layers;
-using ViT22B.Models;
 using ViT22B.Parallel;
 using static TorchSharp.torch;
 
@@ -19,12 +18,7 @@ public class GradientBucketTests
     {
         var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 3 };
         var plan = new ShardingPlan(c, model, data, fsdp);
-        Dictionary<string, Tensor> full;
-        using (var reference = new VisionTransformer(c, torch.CPU, ScalarType.Float32))
-        {
-            TestUtil.Randomize(reference, seed: 31, scale: 0.3);
-            full = reference.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
-        }
+        var full = TestUtil.RandomState(c, seed: 31, scale: 0.3, ScalarType.Float32);
         using var images = TestUtil.RandomImages(c, 4, seed: 32, ScalarType.Float32);
         var results = Backends.Run(backend, new DeviceMesh(data, model), ctx =>
         {
@@ -96,12 +90,7 @@ public class GradientBucketTests
     {
         var c = ShardedModelTests.Config(block) with { Depth = 3 };
         var plan = new ShardingPlan(c, model, data, fsdp: true);
-        Dictionary<string, Tensor> full;
-        using (var reference = new VisionTransformer(c, torch.CPU, ScalarType.Float32))
-        {
-            TestUtil.Randomize(reference, seed: 33, scale: 0.3);
-            full = reference.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
-        }
+        var full = TestUtil.RandomState(c, seed: 33, scale: 0.3, ScalarType.Float32);
         using var images = TestUtil.RandomImages(c, 4, seed: 34, ScalarType.Float32);
         var results = Backends.Run(backend, new DeviceMesh(data, model), ctx =>
         {

@@ -26,12 +26,7 @@ public class ShardedRecomputeTests
         var c = Config(block);
         const long batch = 4;
         var plan = new ShardingPlan(c, model, data, fsdp);
-        Dictionary<string, Tensor> full;
-        using (var reference = new VisionTransformer(c, torch.CPU, ScalarType.Float64))
-        {
-            TestUtil.Randomize(reference, seed: 11, scale: 0.3);
-            full = reference.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
-        }
+        var full = TestUtil.RandomState(c, seed: 11, scale: 0.3, ScalarType.Float64);
         using var images = TestUtil.RandomImages(c, batch, seed: 12);
         using var probe = torch.randn(new long[] { batch, c.NumClasses }, dtype: ScalarType.Float64, generator: new torch.Generator(13));
 

@@ -16,12 +16,17 @@ public sealed class StreamedCheckpointTests : IDisposable
 
     public void Dispose() => Directory.Delete(_dir, recursive: true);
 
-    private static Dictionary<string, Tensor> Reference(ViTConfig c, ScalarType dtype)
-    {
-        using var model = new VisionTransformer(c, torch.CPU, dtype);
-        TestUtil.Randomize(model, seed: 41, scale: 0.3);
-        return model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
-    }
+    private static Dictionary<string, Tensor> Reference(ViTConfig c, ScalarType dtype) => TestUtil.RandomState(c, seed: 41, scale: 0.3, dtype);
+
+    /// <summary>Writes <paramref name="full"/> as a per-rank checkpoint of <paramref name="plan"/>'s mesh (float32).</summary>
+    internal static void SaveSharded(Backend backend, ShardingPlan plan, IReadOnlyDictionary<string, Tensor> full, string folder) =>
+        Backends.Run(backend, new DeviceMesh(plan.DataSize, plan.ModelSize), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.Float32);
+            shard.LoadFull(full);
+            ShardedCheckpoint.Save(shard, folder);
+            return 0;
+        });
 
     [Theory]
     [OnEveryBackend(BlockKind.Parallel, 1, 2, false, false)]
@@ -59,14 +64,7 @@ public sealed class StreamedCheckpointTests : IDisposable
         var c = ShardedModelTests.Config(block) with { Depth = 2 };
         var full = Reference(c, ScalarType.Float32);
         string folder = Path.Combine(_dir, "sharded");
-        var plan = new ShardingPlan(c, model, data, fsdp);
-        Backends.Run(backend, new DeviceMesh(data, model), ctx =>
-        {
-            using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.Float32);
-            shard.LoadFull(full);
-            ShardedCheckpoint.Save(shard, folder);
-            return 0;
-        });
+        SaveSharded(backend, new ShardingPlan(c, model, data, fsdp), full, folder);
         using var source = ShardedCheckpoint.Open(folder);
         Assert.Equal(full.Keys.Order(), source.Names.Order());
         Assert.Equal(ViTConfigJson.ToJson(c), source.Metadata["config"]);
@@ -178,14 +176,7 @@ public sealed class StreamedCheckpointTests : IDisposable
         var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 2 };
         var full = Reference(c, ScalarType.Float32);
         string folder = Path.Combine(_dir, "sharded");
-        var plan = new ShardingPlan(c, 2, 2, fsdp: true);
-        Backends.Run(backend, new DeviceMesh(2, 2), ctx =>
-        {
-            using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.Float32);
-            shard.LoadFull(full);
-            ShardedCheckpoint.Save(shard, folder);
-            return 0;
-        });
+        SaveSharded(backend, new ShardingPlan(c, 2, 2, fsdp: true), full, folder);
         // Rank 3's file: a replicated tensor (the final norm) of the wrong shape, then without it. Rank 0 holds the
         // same replica, so only a check of every file finds it.
         string file = Directory.GetFiles(folder, "rank-00003-*").Single();

@@ -292,19 +292,8 @@ public class MemoryPlannerTests
                 SafetensorsCheckpoint.Save(model, path);
                 if (source != "file")
                 {
-                    int sourceData = source[0] - '0', sourceModel = source[2] - '0';
-                    var sourceMesh = new ViT22B.Parallel.DeviceMesh(sourceData, sourceModel);
-                    var sourceWorld = new ViT22B.Parallel.ThreadedWorld(sourceMesh.WorldSize);
-                    var writers = ViT22B.Parallel.RankContext.CreateThreaded(sourceWorld, sourceMesh);
-                    var sourcePlan = new ViT22B.Parallel.ShardingPlan(c, sourceModel, sourceData, source.EndsWith("fsdp", StringComparison.Ordinal));
-                    var weights = model.state_dict();
-                    ViT22B.Parallel.Spmd.Run(sourceWorld, r =>
-                    {
-                        using var writer = new ViT22B.Parallel.ShardedVisionTransformer(sourcePlan, writers[r], ViT22B.Parallel.CommMode.Overlapped, ScalarType.Float32);
-                        writer.LoadFull(weights);
-                        ViT22B.Parallel.ShardedCheckpoint.Save(writer, folder);
-                        return 0;
-                    });
+                    var sourcePlan = new ViT22B.Parallel.ShardingPlan(c, modelSize: source[2] - '0', dataSize: source[0] - '0', source.EndsWith("fsdp", StringComparison.Ordinal));
+                    ViT22B.Tests.Parallel.StreamedCheckpointTests.SaveSharded(ViT22B.Tests.Parallel.Backend.Threaded, sourcePlan, model.state_dict(), folder);
                 }
             }
             var plan = new ViT22B.Parallel.ShardingPlan(c, modelAxis, data, fsdp);
