@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Shows that the NCCL path's tests catch what they claim to: reverts, one at a time, each review fix of the NCCL
-code (defects 1-7 and 12 of docs/gpu.md's table) and removes each NCCL rule of the stand-in that has its own raw-call
+code (defects 1-7 and 12 of docs/gpu.md's table, and the later fixes: no host poll in Wait, ncclInProgress inside
+a group, a failed backward region aborting its communicator) and removes each NCCL rule of the stand-in that has its own raw-call
 test, then runs the tests that claim to catch it. Every line must say "caught" (for defect 5 the test then waits
 forever for a peer and is stopped). The working tree is restored after each mutation; exit code 1 if one is missed.
 
@@ -13,17 +14,17 @@ os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
 STAND_IN = 'tests/ViT22B.Tests/Fakes/NcclStandIn.cs'
 MUTATIONS = [
  ('1 ring sizes',[('src/ViT22B/Parallel/Rings.cs','receiveRows: counts[(c - 1 + k) % k]','receiveRows: -1'),('src/ViT22B/Parallel/Rings.cs','receiveRows: counts[(r + 1 + s) % k]','receiveRows: -1')],'A_ring_step_exchanges_no_sizes_and_reads_nothing_on_the_host|A_sharded_training_step_never_exchanges_sizes'),
- ('2 group finally',[('src/ViT22B/Interop/NcclComm.cs','''        try
-        {
-            sent = _api.Send(send.Pointer, send.Count, send.Type, next, h, stream);
-            if (sent == NcclResult.Success) received = _api.Recv(recv.Pointer, recv.Count, recv.Type, previous, h, stream);
-        }
-        finally
-        {
-            end = _api.GroupEnd();   // a group's errors surface here
-        }''','''        { sent = _api.Send(send.Pointer, send.Count, send.Type, next, h, stream);
-        if (sent == NcclResult.Success) received = _api.Recv(recv.Pointer, recv.Count, recv.Type, previous, h, stream);
-        end = _api.GroupEnd(); }'''),('src/ViT22B/Interop/NcclComm.cs','NcclResult sent = NcclResult.InvalidUsage, received','NcclResult sent, received')],'An_exception_inside_a_send_receive_group_closes_the_group_and_aborts'),
+ ('2 group finally',[('src/ViT22B/Interop/NcclComm.cs','''            try
+            {
+                sent = _api.Send(send.Pointer, send.Count, send.Type, next, h, stream);
+                if (Accepted(sent)) received = _api.Recv(recv.Pointer, recv.Count, recv.Type, previous, h, stream);
+            }
+            finally
+            {
+                end = _api.GroupEnd();   // a group's errors surface here
+            }''','''            { sent = _api.Send(send.Pointer, send.Count, send.Type, next, h, stream);
+            if (Accepted(sent)) received = _api.Recv(recv.Pointer, recv.Count, recv.Type, previous, h, stream);
+            end = _api.GroupEnd(); }'''),('src/ViT22B/Interop/NcclComm.cs','NcclResult sent = NcclResult.InvalidUsage, received','NcclResult sent, received')],'An_exception_inside_a_send_receive_group_closes_the_group_and_aborts'),
  ('3 abort on invalid argument',[('src/ViT22B/Interop/NcclComm.cs','''        string last = _comm != 0 && !IsAborted ? _api.LastError(_comm) : "";
         Abort();''','''        string last = _comm != 0 && !IsAborted ? _api.LastError(_comm) : "";
         if (result != NcclResult.InvalidArgument) Abort();'''),('src/ViT22B/Cuda/NcclCommunicator.cs','var failure = e as CommunicatorException ?? Fail($"{op} could not be issued: {e.Message}", e);','var failure = e as CommunicatorException ?? new CommunicatorException($"{op} could not be issued: {e.Message}", e);')],'A_failed_call_aborts_so_that_no_later_call_pairs_with_the_wrong_peer_call'),
@@ -33,16 +34,17 @@ MUTATIONS = [
         var c = d.contiguous();''','''        if (d.is_contiguous()) return d;
         var c = d.clone();''')],'Non_contiguous_inputs_are_sent_as_contiguous_copies'),
  ('7 known counts',[('src/ViT22B/Cuda/NcclCommunicator.cs','if (counts is null) rows = ExchangeRows(local.shape[0]);','if (counts is null || local.shape[0] >= 0) rows = ExchangeRows(local.shape[0]);')],'Unknown_sizes_cost_a_collective_and_a_host_read_known_ones_nothing'),
- ('12 wait wraps',[('src/ViT22B/Cuda/NcclCommunicator.cs','''        catch (Exception e)
-        {
-            throw Fail($"{w.Op} failed: {e.Message}", e);
-        }''','''        catch (Exception e) when (e is OutOfMemoryException)
-        {
-            throw Fail($"{w.Op} failed: {e.Message}", e);
-        }'''),('src/ViT22B/Cuda/NcclCommunicator.cs','''    private void WaitForDone(Work w)
-    {
-        ThrowIfFailed(w.Op);''','''    private void WaitForDone(Work w)
-    {''')],'Every_wait_after_a_failure_throws_a_communicator_exception'),
+ ('12 wait throws after a failure',[('src/ViT22B/Cuda/NcclCommunicator.cs','''            ThrowIfFailed(w.Op);
+            w.Done!.Wait(_dev.CurrentStream(Device));
+            waited = true;
+            ThrowIfFailed(w.Op);''','''            w.Done!.Wait(_dev.CurrentStream(Device));
+            waited = true;''')],'Every_wait_after_a_failure_throws_a_communicator_exception'),
+ ('host sync: Wait polls the done event',[('src/ViT22B/Cuda/NcclCommunicator.cs','''            ThrowIfFailed(w.Op);
+            w.Done!.Wait(_dev.CurrentStream(Device));''','''            ThrowIfFailed(w.Op);
+            while (!w.Done!.IsComplete) Thread.Yield();
+            w.Done!.Wait(_dev.CurrentStream(Device));''')],'A_ring_step_exchanges_no_sizes_and_reads_nothing_on_the_host|A_sharded_training_step_never_exchanges_sizes'),
+ ('in-group ncclInProgress refused',[('src/ViT22B/Interop/NcclComm.cs','static bool Accepted(NcclResult r) => r is NcclResult.Success or NcclResult.InProgress;','static bool Accepted(NcclResult r) => r is NcclResult.Success;')],'A_ring_step_exchanges_no_sizes_and_reads_nothing_on_the_host'),
+ ('backward failure leaves the communicator usable',[('src/ViT22B/Parallel/BackwardFailures.cs','if (e is not CommunicatorException) comm.Abort(e);','')],'A_failure_inside_a_backward_region_takes_the_rank_out_of_the_group'),
     ('thread: a communicator used from a second thread', [(STAND_IN, 'else if (c.OwnerThread != thread) Violation(', 'else if (c.OwnerThread == -99) Violation(')],
      'A_communicator_used_from_a_second_thread_is_a_violation'),
     ('destroy: destroying with launches pending', [(STAND_IN, 'if (pending.Count > 0)\n                Violation(', 'if (pending.Count < 0)\n                Violation(')],

@@ -19,19 +19,24 @@ namespace ViT22B.Cuda;
 /// non-blocking communicator); a done event is recorded after it. Sizes the caller passes (the token partition) are
 /// used as they are; only a size nobody passed is exchanged first, which costs a collective and a host
 /// synchronization.</item>
-/// <item><see cref="ICommWork.Wait"/> polls the done event together with <c>ncclCommGetAsyncError</c> until the
-/// collective has finished, a failure is reported, or the timeout passes; then makes the compute stream wait on the
-/// done event and returns the result. The wait comes after the caller has queued its own work (in the ring loops, the
-/// step's matmul), which runs on the GPU meanwhile.</item>
-/// <item>The buffers are dropped only once the done event has passed. Work that is disposed without being waited for
-/// is waited for then (and on failure the communicator is aborted); after a failure whose event has not passed, the
-/// buffers are kept rather than freed while NCCL might still use them.</item>
+/// <item><see cref="ICommWork.Wait"/> makes the compute stream wait for the done event and returns the result: the
+/// host does not wait, so it keeps queuing work (in the ring loops, the next steps' matmuls and permutes) while the
+/// collective runs. The buffers go back to the compute stream's allocator at once: anything that reuses them is queued
+/// behind that wait. Work disposed without being waited for is waited for the same way.</item>
+/// <item>A watchdog (a timer thread) watches the collectives in flight: when one has not finished within
+/// <see cref="Timeout"/> of its issue, or <c>ncclCommGetAsyncError</c> reports an error, it aborts the communicator.
+/// NCCL then ends the collectives (a compute stream waiting for them resumes, their results meaningless) and every
+/// later call throws, so the failure surfaces at the next call on this communicator, or at
+/// <see cref="Synchronize"/>, which blocks the host until everything issued has finished (<see cref="Barrier"/> and
+/// disposal use it). After a failure whose event never passes, the buffers are kept rather than freed while NCCL
+/// might still use them.</item>
 /// </list>
 /// Any failure once a collective has been issued — an error code (even "invalid argument"), an asynchronous error, a
 /// timeout, any exception — aborts the communicator and surfaces as <see cref="CommunicatorException"/>: the ranks
 /// issue collectives in lockstep, and a rank that missed one would pair its later calls with the wrong ones of its
 /// peers. Unlike <see cref="ThreadedCommunicator"/>, shapes are not compared across ranks; a mismatch shows up as a
-/// timeout (or, in the NCCL stand-in of the tests, an error naming both sides). Use each instance from one thread.
+/// timeout (or, in the NCCL stand-in of the tests, an error naming both sides). Issue collectives from one thread
+/// (only the watchdog reads the communicator's state or aborts it from another).
 /// </summary>
 public sealed class NcclCommunicator : ICommunicator, IDisposable
 {
@@ -39,8 +44,11 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
     private readonly NcclComm _comm;
     private readonly ICommDevice _dev;
     private readonly nint _stream;
-    private readonly List<Work> _outstanding = new();
-    private readonly List<Work> _quarantined = new();
+    private readonly Lock _lock = new();                        // guards the lists and _failure
+    private readonly object _observing = new();                 // one observer of the in-flight events at a time
+    private readonly List<Work> _outstanding = new();           // issued, not yet waited for or disposed
+    private readonly List<Work> _inFlight = new();              // issued, not yet seen finished on the device
+    private readonly Timer _watchdog;
     private CommunicatorException? _failure;
 
     internal NcclCommunicator(NcclComm comm, ICommDevice dev, int device, string name, TimeSpan timeout, bool highPriorityStream)
@@ -48,6 +56,8 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         if (timeout <= TimeSpan.Zero) throw new ArgumentOutOfRangeException(nameof(timeout), "The timeout must be positive.");
         (_comm, _dev, Device, Name, Timeout) = (comm, dev, device, name, timeout);
         _stream = dev.CreateCommStream(device, highPriorityStream);
+        var period = TimeSpan.FromMilliseconds(Math.Clamp(timeout.TotalMilliseconds / 20, 1, 50));
+        _watchdog = new Timer(_ => Watch(), null, period, period);
     }
 
     /// <summary>The variable NCCL 2.30 reads to allow two ranks on one GPU.</summary>
@@ -56,7 +66,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
     /// <summary>One communicator per listed local device, in one process (one NCCL group of non-blocking
     /// initializations); drive each from its own thread.</summary>
     /// <param name="devices">CUDA ordinals, one per rank (distinct: NCCL refuses two ranks of one process on a GPU).</param>
-    /// <param name="timeout">How long initialization and each <see cref="ICommWork.Wait"/> may take.</param>
+    /// <param name="timeout">How long initialization and each collective may take.</param>
     /// <param name="name">Prefix of the communicators' names.</param>
     /// <param name="highPriorityStream">Put the communication on a high-priority stream (as TransformerEngine does;
     /// not yet measured here).</param>
@@ -214,7 +224,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
 
     /// <summary>The CUDA device of this rank.</summary>
     public int Device { get; }
-    /// <summary>How long <see cref="ICommWork.Wait"/> waits before aborting.</summary>
+    /// <summary>How long a collective may run, from its issue, before the watchdog aborts the communicator.</summary>
     public TimeSpan Timeout { get; }
     /// <inheritdoc />
     public int Rank => _comm.Rank;
@@ -226,7 +236,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
     public bool IsAborted => _comm.IsAborted;
 
     /// <summary>Collectives issued and not yet waited for or disposed.</summary>
-    internal int Outstanding => _outstanding.Count;
+    internal int Outstanding { get { lock (_lock) return _outstanding.Count; } }
 
     /// <inheritdoc />
     public ICommWork AllGatherAsync(Tensor local, IReadOnlyList<long>? counts = null)
@@ -317,6 +327,24 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
     {
         using var one = torch.ones(1, device: _dev.TorchDevice(Device));
         AllReduceAsync(one).Wait().Dispose();
+        Synchronize();
+    }
+
+    /// <summary>Blocks the calling thread until every collective issued so far has finished on the device (a host
+    /// synchronization: <see cref="Barrier"/> and disposal use it, a ring step never does); throws
+    /// <see cref="CommunicatorException"/> if one failed or did not finish within <see cref="Timeout"/> of its issue.</summary>
+    public void Synchronize()
+    {
+        ThrowIfFailed("Synchronize");
+        var watch = Stopwatch.StartNew();
+        var spin = new SpinWait();
+        while (true)
+        {
+            Observe();
+            ThrowIfFailed("Synchronize");
+            lock (_lock) if (_inFlight.Count == 0) return;
+            NcclComm.Pause(ref spin, watch.Elapsed);
+        }
     }
 
     /// <summary>Waits for (or, after a failure, abandons) what is still outstanding, then destroys the NCCL
@@ -327,17 +355,34 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         _disposed = true;
         try
         {
-            foreach (var w in _outstanding.ToArray()) w.Dispose();
-            // After an abort NCCL stops the collectives; give their events a moment to pass before the buffers go.
+            using (var stopped = new ManualResetEvent(false))
+                if (_watchdog.Dispose(stopped)) stopped.WaitOne();   // no tick runs after this
+            Work[] open;
+            lock (_lock) open = _outstanding.ToArray();
+            foreach (var w in open) w.Dispose();
+            // Destroying a communicator with collectives pending would block inside NCCL: wait for them (after an
+            // abort NCCL stops them, so their events pass quickly), and abort instead if they do not finish in time.
+            var limit = _comm.IsAborted ? TimeSpan.FromSeconds(5) : Timeout;
             var watch = Stopwatch.StartNew();
             var spin = new SpinWait();
-            while (_quarantined.Any(w => !w.KeptForever) && watch.Elapsed < TimeSpan.FromSeconds(5))
+            while (true)
             {
-                ReleaseQuarantined();
-                if (_quarantined.Count > 0) NcclComm.Pause(ref spin, watch.Elapsed);
+                Observe();
+                lock (_lock) if (_inFlight.Count == 0) break;
+                if (watch.Elapsed > limit)
+                {
+                    if (!_comm.IsAborted) Fail("collectives were still running when the communicator was disposed");
+                    else break;
+                }
+                NcclComm.Pause(ref spin, watch.Elapsed);
             }
-            lock (KeptForever) KeptForever.AddRange(_quarantined);
-            _quarantined.Clear();
+            lock (_lock)
+            {
+                // Work the device never finished keeps its buffers and events for the life of the process.
+                foreach (var w in _inFlight) w.KeepForever();
+                lock (KeptForever) KeptForever.AddRange(_inFlight);
+                _inFlight.Clear();
+            }
         }
         finally
         {
@@ -392,12 +437,15 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
 
     private void ThrowIfFailed(string op)
     {
-        if (_comm.IsAborted)
-            throw new CommunicatorException($"{Name}, rank {Rank}: {op}: the NCCL communicator was aborted after an earlier failure{(_failure is null ? "" : $" ({_failure.Message})")}.", _failure);
+        CommunicatorException? failure;
+        lock (_lock) failure = _failure;
+        if (failure is not null || _comm.IsAborted)
+            throw new CommunicatorException($"{Name}, rank {Rank}: {op}: the NCCL communicator was aborted after an earlier failure{(failure is null ? "" : $" ({failure.Message})")}.", failure);
     }
 
     // Orders the collective between the compute stream and the communication stream with events. The work item owns
-    // the buffers (detached from the caller's dispose scope) until the collective's done event has passed.
+    // the buffers (detached from the caller's dispose scope) until the compute stream has been made to wait for its
+    // done event (or, if it never is, until the event has passed).
     private Work Enqueue(string op, Tensor input, Tensor output, Action<nint, DateTime> issue, Func<Tensor, Tensor> finish)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);    // the NCCL communicator is gone: nothing may reach it
@@ -412,8 +460,9 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
             w.Done = _dev.CreateEvent(Device);
             w.Ready.Record(compute);
             w.Ready.Wait(_stream);
+            w.Deadline = DateTime.UtcNow + Timeout;
             w.Issued = true;
-            issue(_stream, DateTime.UtcNow + Timeout);
+            issue(_stream, w.Deadline);
             w.Done.Record(_stream);
             w.DoneRecorded = true;
         }
@@ -426,20 +475,30 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
                 try { w.Done.Record(_stream); w.DoneRecorded = true; }
                 catch (Exception) { /* the buffers are then kept for good */ }
             }
-            Retire(w);
+            lock (_lock) if (w.DoneRecorded) _inFlight.Add(w);   // the watchdog frees its buffers once the event passes
+            Settle(w, streamWaited: false);
             throw failure;
         }
-        _outstanding.Add(w);
-        ReleaseQuarantined();
+        lock (_lock)
+        {
+            _outstanding.Add(w);
+            _inFlight.Add(w);
+        }
         return w;
     }
 
+    // Wait(): the compute stream waits for the collective on the device; the host does not. A failure the watchdog
+    // finds later (a timeout, an asynchronous NCCL error) aborts the communicator, which makes the collective end
+    // (its data then meaningless) and every later call throw.
     private Tensor Complete(Work w)
     {
+        bool waited = false;
         try
         {
-            WaitForDone(w);
+            ThrowIfFailed(w.Op);
             w.Done!.Wait(_dev.CurrentStream(Device));
+            waited = true;
+            ThrowIfFailed(w.Op);
             return w.Finish(w.Output);
         }
         catch (CommunicatorException)
@@ -452,44 +511,124 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         }
         finally
         {
-            Retire(w);
+            Settle(w, waited);
         }
     }
 
-    // Work disposed without Wait(): wait for it all the same (the buffers must outlive it); never throws, since the
-    // caller is usually unwinding another exception. A failure aborts the communicator, so later calls report it.
+    // Work disposed without Wait() (a ring loop left by an exception): the compute stream still waits for it, so that
+    // its buffers can go back to the compute stream's allocator; never throws, since the caller is usually unwinding
+    // another exception. A failure aborts the communicator, so later calls report it.
     private void Abandon(Work w)
     {
+        bool waited = false;
         try
         {
-            WaitForDone(w);
+            if (w.DoneRecorded)
+            {
+                w.Done!.Wait(_dev.CurrentStream(Device));
+                waited = true;
+            }
         }
         catch (Exception e)
         {
-            if (e is not CommunicatorException) Fail($"{w.Op} failed while it was being abandoned: {e.Message}", e);
+            Fail($"{w.Op} failed while it was being abandoned: {e.Message}", e);
         }
         finally
         {
-            Retire(w);
+            Settle(w, waited);
         }
     }
 
-    private void WaitForDone(Work w)
+    // The owner is done with the work: its buffers go if nothing on the device can still use them before the compute
+    // stream's next work (never issued, or the compute stream waits for its done event); otherwise they stay with the
+    // work until the watchdog sees the event pass (or for good).
+    private void Settle(Work w, bool streamWaited)
     {
-        ThrowIfFailed(w.Op);
-        var watch = Stopwatch.StartNew();
-        var spin = new SpinWait();
-        while (!w.Done!.IsComplete)
+        lock (_lock)
+        {
+            _outstanding.Remove(w);
+            w.OwnerDone = true;
+            if (!w.Issued || streamWaited) w.ReleaseBuffers(_dev);
+            if (!w.Issued || w.SeenFinished) w.ReleaseAll(_dev);
+            if (w.Issued && !w.DoneRecorded) w.KeepForever();
+        }
+    }
+
+    // The watchdog's tick (a timer thread): sees in-flight collectives finish, and aborts the communicator when one
+    // passes its deadline or NCCL reports an asynchronous error. Aborting makes NCCL end the collectives, so a compute
+    // stream waiting for them resumes and the next call on this communicator throws.
+    private void Watch()
+    {
+        if (!Monitor.TryEnter(_observing)) return;
+        try
+        {
+            ObserveLocked();
+        }
+        catch (Exception)
+        {
+            // ObserveLocked records failures itself; a timer callback must not throw.
+        }
+        finally
+        {
+            Monitor.Exit(_observing);
+        }
+    }
+
+    private void Observe()
+    {
+        lock (_observing) ObserveLocked();
+    }
+
+    private void ObserveLocked()
+    {
+        Work[] pending;
+        lock (_lock)
+        {
+            if (_failure is not null && _inFlight.Count == 0) return;
+            pending = _inFlight.ToArray();
+        }
+        if (pending.Length == 0) return;
+        var now = DateTime.UtcNow;
+        foreach (var w in pending)
+        {
+            bool finished;
+            try
+            {
+                finished = w.DoneRecorded && w.Done!.IsComplete;
+            }
+            catch (Exception e)
+            {
+                lock (_lock) { _inFlight.Remove(w); w.KeepForever(); }
+                Fail($"{w.Op} failed: {e.Message}", e);
+                continue;
+            }
+            if (finished)
+            {
+                lock (_lock)
+                {
+                    _inFlight.Remove(w);
+                    w.SeenFinished = true;
+                    if (w.OwnerDone) w.ReleaseAll(_dev);
+                }
+            }
+            else if (now > w.Deadline && !_comm.IsAborted)
+            {
+                Fail($"{w.Op} did not finish within {Timeout.TotalSeconds:0.###} s (a peer is missing, failed, or issued a different collective)");
+            }
+        }
+        if (_comm.IsAborted) return;
+        try
         {
             var state = _comm.AsyncError();
             if (state is not (NcclResult.Success or NcclResult.InProgress))
             {
                 string last = _comm.LastError();
-                throw Fail($"{w.Op} failed: NCCL reported {state}{(last.Length > 0 ? $" ({last})" : "")}");
+                Fail($"{pending[0].Op} failed: NCCL reported {state}{(last.Length > 0 ? $" ({last})" : "")}");
             }
-            if (watch.Elapsed > Timeout)
-                throw Fail($"{w.Op} did not finish within {Timeout.TotalSeconds:0.###} s (a peer is missing, failed, or issued a different collective)");
-            NcclComm.Pause(ref spin, watch.Elapsed);
+        }
+        catch (Exception e)
+        {
+            Fail($"{pending[0].Op} failed: {e.Message}", e);
         }
     }
 
@@ -497,23 +636,20 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
     {
         _comm.Abort();
         var e = new CommunicatorException($"{Name}, rank {Rank}: {what}; the NCCL communicator was aborted.", inner);
-        _failure ??= e;
+        lock (_lock) _failure ??= e;
         return e;
     }
 
-    // A finished (or failed) work item gives its buffers back once the device no longer uses them; until then they
-    // stay referenced, so neither the caller's dispose scope nor a finalizer can free them.
-    private void Retire(Work w)
+    /// <inheritdoc />
+    public void Abort(Exception reason)
     {
-        _outstanding.Remove(w);
-        if (!w.Release(_dev)) _quarantined.Add(w);
+        ArgumentNullException.ThrowIfNull(reason);
+        Fail($"a failure on this rank left the collective sequence: {reason.Message}", reason);
     }
-
-    private void ReleaseQuarantined() => _quarantined.RemoveAll(w => w.Release(_dev));
 
     private sealed class Work(NcclCommunicator owner, string op, Tensor input, Tensor output, Func<Tensor, Tensor> finish) : ICommWork
     {
-        private bool _finished, _released;
+        private bool _finished, _buffersReleased, _eventsReleased;
 
         /// <summary>The device could not say whether the buffers are still in use: they are never released.</summary>
         public bool KeptForever { get; private set; }
@@ -523,8 +659,11 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         public Func<Tensor, Tensor> Finish { get; } = finish;
         public IDeviceEvent? Ready { get; set; }
         public IDeviceEvent? Done { get; set; }
+        public DateTime Deadline { get; set; }
         public bool Issued { get; set; }
         public bool DoneRecorded { get; set; }
+        public bool OwnerDone { get; set; }
+        public bool SeenFinished { get; set; }
 
         public Tensor Wait()
         {
@@ -540,34 +679,37 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
             owner.Abandon(this);
         }
 
-        // Drops the buffers if nothing on the device can still use them: not issued, or its done event has passed.
-        // Never throws: when the device cannot say (a CUDA error), the buffers are kept for good instead.
-        public bool Release(ICommDevice dev)
+        public void KeepForever() => KeptForever = true;
+
+        // Never throws: the buffers were no longer in use, so a failure to free them leaves nothing to protect.
+        public void ReleaseBuffers(ICommDevice dev)
         {
-            if (_released) return true;
-            if (KeptForever) return false;
-            try
-            {
-                if (Issued && !(DoneRecorded && Done!.IsComplete)) return false;
-            }
-            catch (Exception)
-            {
-                KeptForever = true;
-                return false;
-            }
-            _released = true;
+            if (_buffersReleased || KeptForever) return;
+            _buffersReleased = true;
             try
             {
                 dev.Release(input);
                 dev.Release(Output);
+            }
+            catch (Exception)
+            {
+            }
+        }
+
+        public void ReleaseAll(ICommDevice dev)
+        {
+            if (KeptForever) return;
+            ReleaseBuffers(dev);
+            if (_eventsReleased) return;
+            _eventsReleased = true;
+            try
+            {
                 Ready?.Dispose();
                 Done?.Dispose();
             }
             catch (Exception)
             {
-                // The buffers were no longer in use; a failure to free them leaves nothing to protect.
             }
-            return true;
         }
     }
 

@@ -19,12 +19,15 @@ internal readonly record struct NcclBuffer(nint Pointer, nuint Count, NcclDataTy
 /// between <c>ncclGroupStart</c> and it. NCCL's group depth is per thread; a group left open would make every later
 /// NCCL call on the thread queue without launching.</item>
 /// </list>
-/// Use one communicator from one thread (NCCL's rule). Calls go through <see cref="INcclApi"/>: libnccl, or the
+/// Use one communicator from one thread (NCCL's rule), except that <see cref="AsyncError"/>, <see cref="LastError"/>
+/// and <see cref="Abort"/> may come from a watchdog thread, as NCCL allows; a lock keeps them from overlapping a call
+/// in progress (an abort frees the communicator). Calls go through <see cref="INcclApi"/>: libnccl, or the
 /// tests' stand-in.
 /// </summary>
 internal sealed unsafe class NcclComm : IDisposable
 {
     private readonly INcclApi _api;
+    private readonly Lock _gate = new();     // a call in progress and an abort from the watchdog never overlap
     private nint _comm;
 
     private NcclComm(INcclApi api, nint comm, int rank, int size) => (_api, _comm, Rank, Size) = (api, comm, rank, size);
@@ -34,7 +37,9 @@ internal sealed unsafe class NcclComm : IDisposable
     /// <summary>Ranks in the communicator.</summary>
     public int Size { get; }
     /// <summary>Whether the communicator was aborted after a failure.</summary>
-    public bool IsAborted { get; private set; }
+    public bool IsAborted { get => _aborted; private set => _aborted = value; }
+
+    private volatile bool _aborted;
 
     /// <summary>
     /// <c>ncclCommInitRankConfig</c> (non-blocking): one rank of a communicator of <paramref name="size"/> ranks; every
@@ -121,74 +126,99 @@ internal sealed unsafe class NcclComm : IDisposable
     /// being carried out, or the asynchronous error (network failures, a dead peer).</summary>
     public NcclResult AsyncError()
     {
-        NcclResult state;
-        var r = _api.CommGetAsyncError(Handle, &state);
-        if (r != NcclResult.Success) Fail("ncclCommGetAsyncError", r);
-        return state;
+        lock (_gate)
+        {
+            NcclResult state;
+            var r = _api.CommGetAsyncError(Handle, &state);
+            if (r != NcclResult.Success) Fail("ncclCommGetAsyncError", r);
+            return state;
+        }
     }
 
     /// <summary>NCCL's text for this communicator's last failure (may be empty).</summary>
-    public string LastError() => _comm == 0 || IsAborted ? "" : _api.LastError(_comm);
+    public string LastError()
+    {
+        lock (_gate) return _comm == 0 || IsAborted ? "" : _api.LastError(_comm);
+    }
 
     /// <summary>All-reduce (in place allowed).</summary>
-    public void AllReduce(NcclBuffer send, NcclBuffer recv, NcclRedOp op, nint stream, DateTime deadline) =>
-        Issue("ncclAllReduce", _api.AllReduce(send.Pointer, recv.Pointer, send.Count, send.Type, op, Handle, stream), deadline);
+    public void AllReduce(NcclBuffer send, NcclBuffer recv, NcclRedOp op, nint stream, DateTime deadline)
+    {
+        lock (_gate) Issue("ncclAllReduce", _api.AllReduce(send.Pointer, recv.Pointer, send.Count, send.Type, op, Handle, stream), deadline);
+    }
 
     /// <summary>Reduce-scatter: <paramref name="send"/> holds Size equal blocks of <paramref name="recv"/>'s count.</summary>
-    public void ReduceScatter(NcclBuffer send, NcclBuffer recv, NcclRedOp op, nint stream, DateTime deadline) =>
-        Issue("ncclReduceScatter", _api.ReduceScatter(send.Pointer, recv.Pointer, recv.Count, send.Type, op, Handle, stream), deadline);
+    public void ReduceScatter(NcclBuffer send, NcclBuffer recv, NcclRedOp op, nint stream, DateTime deadline)
+    {
+        lock (_gate) Issue("ncclReduceScatter", _api.ReduceScatter(send.Pointer, recv.Pointer, recv.Count, send.Type, op, Handle, stream), deadline);
+    }
 
     /// <summary>All-gather: <paramref name="recv"/> holds Size blocks of <paramref name="send"/>'s count, in rank order.</summary>
-    public void AllGather(NcclBuffer send, NcclBuffer recv, nint stream, DateTime deadline) =>
-        Issue("ncclAllGather", _api.AllGather(send.Pointer, recv.Pointer, send.Count, send.Type, Handle, stream), deadline);
+    public void AllGather(NcclBuffer send, NcclBuffer recv, nint stream, DateTime deadline)
+    {
+        lock (_gate) Issue("ncclAllGather", _api.AllGather(send.Pointer, recv.Pointer, send.Count, send.Type, Handle, stream), deadline);
+    }
 
     /// <summary>Broadcast from <paramref name="root"/>.</summary>
     public void Broadcast(NcclBuffer send, NcclBuffer recv, int root, nint stream, DateTime deadline)
     {
         if ((uint)root >= (uint)Size) throw new ArgumentOutOfRangeException(nameof(root), $"root {root} is outside [0, {Size}).");
-        Issue("ncclBroadcast", _api.Broadcast(send.Pointer, recv.Pointer, send.Count, send.Type, root, Handle, stream), deadline);
+        lock (_gate) Issue("ncclBroadcast", _api.Broadcast(send.Pointer, recv.Pointer, send.Count, send.Type, root, Handle, stream), deadline);
     }
 
     /// <summary>One ring step: send to <paramref name="next"/> and receive from <paramref name="previous"/> in one NCCL
     /// group (separately they would deadlock). Both counts are known here; NCCL needs the receive count to equal the
-    /// peer's send count.</summary>
+    /// peer's send count. Inside the group, a non-blocking communicator may answer <c>ncclInProgress</c> (NCCL returns
+    /// the communicator's state from every call); that is provisional, and <c>ncclGroupEnd</c> decides.</summary>
     public void SendRecv(NcclBuffer send, int next, NcclBuffer recv, int previous, nint stream, DateTime deadline)
     {
         if ((uint)next >= (uint)Size || (uint)previous >= (uint)Size)
             throw new ArgumentOutOfRangeException(nameof(next), $"peers {next} and {previous} must be in [0, {Size}).");
-        nint h = Handle;
-        var start = _api.GroupStart();
-        if (start != NcclResult.Success) Fail("ncclGroupStart", start);
-        NcclResult sent = NcclResult.InvalidUsage, received = NcclResult.Success, end;
-        try
+        lock (_gate)
         {
-            sent = _api.Send(send.Pointer, send.Count, send.Type, next, h, stream);
-            if (sent == NcclResult.Success) received = _api.Recv(recv.Pointer, recv.Count, recv.Type, previous, h, stream);
+            nint h = Handle;
+            var start = _api.GroupStart();
+            if (start != NcclResult.Success) Fail("ncclGroupStart", start);
+            NcclResult sent = NcclResult.InvalidUsage, received = NcclResult.Success, end;
+            try
+            {
+                sent = _api.Send(send.Pointer, send.Count, send.Type, next, h, stream);
+                if (Accepted(sent)) received = _api.Recv(recv.Pointer, recv.Count, recv.Type, previous, h, stream);
+            }
+            finally
+            {
+                end = _api.GroupEnd();   // a group's errors surface here
+            }
+            if (!Accepted(sent)) Fail("ncclSend", sent);
+            if (!Accepted(received)) Fail("ncclRecv", received);
+            Issue("ncclGroupEnd", end, deadline);
         }
-        finally
-        {
-            end = _api.GroupEnd();   // a group's errors surface here
-        }
-        if (sent != NcclResult.Success) Fail("ncclSend", sent);
-        if (received != NcclResult.Success) Fail("ncclRecv", received);
-        Issue("ncclGroupEnd", end, deadline);
+
+        static bool Accepted(NcclResult r) => r is NcclResult.Success or NcclResult.InProgress;
     }
 
     /// <summary><c>ncclCommAbort</c>: stops this rank's pending operations and frees the communicator. Peers are not
-    /// told; their pending calls with this rank fail at their own deadline.</summary>
+    /// told; their pending calls with this rank fail at their own deadline. Safe from another thread (a watchdog):
+    /// it waits for a call in progress on this communicator to return first.</summary>
     public void Abort()
     {
-        if (_comm == 0 || IsAborted) return;
-        IsAborted = true;
-        _api.CommAbort(_comm);
+        lock (_gate)
+        {
+            if (_comm == 0 || IsAborted) return;
+            IsAborted = true;
+            _api.CommAbort(_comm);
+        }
     }
 
     /// <summary>Destroys the communicator (an aborted one is already released).</summary>
     public void Dispose()
     {
-        if (_comm == 0) return;
-        if (!IsAborted) _api.CommDestroy(_comm);
-        _comm = 0;
+        lock (_gate)
+        {
+            if (_comm == 0) return;
+            if (!IsAborted) _api.CommDestroy(_comm);
+            _comm = 0;
+        }
     }
 
     private nint Handle

@@ -10,8 +10,10 @@ namespace ViT22B.Parallel;
 /// exception escapes such a callback. So those functions catch every exception, give zero gradients for that
 /// node, and record the failure against the communicator;
 /// <see cref="ShardedVisionTransformer.Backward"/> and <see cref="ShardedVisionTransformer.SynchronizeGradients"/> throw it. The
-/// communicator itself is unusable after a failure (the in-process world is poisoned, an NCCL communicator is
-/// aborted), so any later collective on it fails too: a failed backward cannot pass unnoticed.
+/// communicator itself is made unusable after a failure (<see cref="ICommunicator.Abort"/>: the in-process world is
+/// poisoned, an NCCL communicator aborted, also when the failure was not the communicator's own, such as an
+/// out-of-memory error in a ring's matmul), so any later collective on it fails too: a failed backward cannot pass
+/// unnoticed, and the rank never issues collectives out of step with its peers.
 /// </summary>
 internal static class BackwardFailures
 {
@@ -30,6 +32,8 @@ internal static class BackwardFailures
         catch (Exception e)
         {
             Record(comm, e);
+            // The ring was left half-way: this rank can no longer issue what its peers expect next.
+            if (e is not CommunicatorException) comm.Abort(e);
             return zeros();
         }
     }

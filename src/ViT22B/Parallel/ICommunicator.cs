@@ -54,4 +54,11 @@ public interface ICommunicator
 
     /// <summary>Blocks until every rank of the group has called it.</summary>
     void Barrier();
+
+    /// <summary>Takes this rank out of the group after a failure that left it out of step with its peers (an exception
+    /// half-way through a ring, say): the rank can no longer issue the collectives its peers expect, so every later
+    /// operation on it throws <see cref="CommunicatorException"/> instead of pairing with the wrong ones. NCCL: the
+    /// communicator is aborted and the peers fail at their timeout; in process: the world is poisoned and the peers
+    /// fail at once.</summary>
+    void Abort(Exception reason);
 }

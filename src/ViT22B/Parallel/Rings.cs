@@ -27,7 +27,8 @@ internal static class Rings
     /// </code>
     /// The size of every chunk a rank receives comes from <paramref name="counts"/>, so no step exchanges sizes or
     /// waits on the host before its matmul is queued. A permute still in flight when the loop is left by an exception
-    /// is disposed (waited for) before its buffers can go.
+    /// is disposed (waited for) before its buffers can go, and the communicator is aborted
+    /// (<see cref="ICommunicator.Abort"/>): this rank will not issue the rest of the ring its peers expect.
     /// </summary>
     public static (Tensor Y, Tensor X) AllGatherMatmul(Tensor xLocal, Tensor w, ICommunicator comm, long[] counts, CommMode mode)
     {
@@ -43,16 +44,24 @@ internal static class Rings
         var xs = new Tensor[k];
         var cur = xLocal.contiguous();
         int c = r;
-        for (int s = 0; s < k; s++)
+        try
         {
-            using var inFlight = s < k - 1 ? comm.PermuteAsync(cur, +1, receiveRows: counts[(c - 1 + k) % k]) : null;
-            ys[c] = nn.functional.linear(cur, w);
-            xs[c] = cur;
-            if (inFlight is not null)
+            for (int s = 0; s < k; s++)
             {
-                cur = inFlight.Wait();
-                c = (c - 1 + k) % k;
+                using var inFlight = s < k - 1 ? comm.PermuteAsync(cur, +1, receiveRows: counts[(c - 1 + k) % k]) : null;
+                ys[c] = nn.functional.linear(cur, w);
+                xs[c] = cur;
+                if (inFlight is not null)
+                {
+                    cur = inFlight.Wait();
+                    c = (c - 1 + k) % k;
+                }
             }
+        }
+        catch (Exception e) when (e is not CommunicatorException)
+        {
+            comm.Abort(e);   // the ring was left half-way: the peers' next permutes would pair with this rank's next calls
+            throw;
         }
         return (torch.cat(ys, 0).MoveToOuterDisposeScope(), torch.cat(xs, 0).MoveToOuterDisposeScope());
     }
@@ -69,7 +78,7 @@ internal static class Rings
     /// out_r = acc + partial                                       # chunk r, reduced over all ranks after k−1 hops
     /// </code>
     /// As in <see cref="AllGatherMatmul"/>, received sizes come from <paramref name="counts"/> and a permute in flight
-    /// is disposed (waited for) if an exception leaves the loop.
+    /// is disposed (waited for) and the communicator aborted if an exception leaves the loop.
     /// </summary>
     public static Tensor MatmulReduceScatter(Tensor h, Tensor w, ICommunicator comm, long[] counts, CommMode mode)
     {
@@ -83,11 +92,19 @@ internal static class Rings
             return comm.ReduceScatter(nn.functional.linear(h, w), counts).MoveToOuterDisposeScope();
         var partial = nn.functional.linear(Chunk(h, counts, (r + 1) % k), w);
         Tensor? acc = null;
-        for (int s = 1; s < k; s++)
+        try
         {
-            using var inFlight = comm.PermuteAsync(acc is null ? partial : acc + partial, -1, receiveRows: counts[(r + 1 + s) % k]);
-            partial = nn.functional.linear(Chunk(h, counts, (r + 1 + s) % k), w);
-            acc = inFlight.Wait();
+            for (int s = 1; s < k; s++)
+            {
+                using var inFlight = comm.PermuteAsync(acc is null ? partial : acc + partial, -1, receiveRows: counts[(r + 1 + s) % k]);
+                partial = nn.functional.linear(Chunk(h, counts, (r + 1 + s) % k), w);
+                acc = inFlight.Wait();
+            }
+        }
+        catch (Exception e) when (e is not CommunicatorException)
+        {
+            comm.Abort(e);   // as in AllGatherMatmul
+            throw;
         }
         return (acc! + partial).MoveToOuterDisposeScope();
     }

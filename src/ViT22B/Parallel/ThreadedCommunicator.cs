@@ -82,6 +82,13 @@ public sealed class ThreadedCommunicator : ICommunicator, IDisposable
     /// throws <see cref="ObjectDisposedException"/> (peers still waiting for this rank time out).</summary>
     public void Dispose() => _disposed = true;
 
+    /// <inheritdoc />
+    public void Abort(Exception reason)
+    {
+        ArgumentNullException.ThrowIfNull(reason);
+        _group.World.Poison(reason);
+    }
+
     private ICommWork Start(string op, Tensor? input, object? arg, Func<Tensor?[], object?[], Tensor> compute)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);

@@ -79,13 +79,13 @@ public sealed class NcclCommunicatorStandInTests
         using var nccl = new NcclStandIn(deviceCount: k);
         var x = torch.randn(new[] { tokens, batch, din }, dtype: ScalarType.Float64, generator: new torch.Generator(1));
         var w = torch.randn(new[] { k * doutPerRank, din }, dtype: ScalarType.Float64, generator: new torch.Generator(2));
-        OnNccl(k, comm =>
+        var syncs = OnNccl(k, comm =>
         {
             int r = comm.Rank;
             using var scope = torch.NewDisposeScope();
             var xr = x.narrow(0, TokenPartition.Start(counts, r), counts[r]).clone();
             Rings.AllGatherMatmul(xr, w.narrow(0, r * doutPerRank, doutPerRank), comm, counts, CommMode.Overlapped);
-            return 0;
+            return nccl.HostSyncs(r);    // before the communicator's disposal, which does wait on the host
         }, nccl);
         for (int r = 0; r < k; r++)
         {
@@ -93,7 +93,9 @@ public sealed class NcclCommunicatorStandInTests
             var expected = Enumerable.Range(0, k - 1).Select(s =>
                 $"[Send(to {(r + 1) % k}, {counts[(r - s + 2 * k) % k] * batch * din} × Float64), Recv(from {(r + k - 1) % k}, {counts[(r - s - 1 + 2 * k) % k] * batch * din} × Float64)]");
             Assert.Equal(expected, nccl.LaunchesOf(r));
-            Assert.Equal(0, nccl.HostReads(r));
+            // No host synchronization either: no read of device values, and Wait() only makes the compute stream wait
+            // (the thread never polls an event; the watchdog's polls come from its own thread).
+            Assert.Equal(0, syncs[r]);
         }
     }
 
@@ -109,20 +111,20 @@ public sealed class NcclCommunicatorStandInTests
         var plan = new ShardingPlan(c, 2, 2, fsdp);
         using var images = TestUtil.RandomImages(c, 4, seed: 3, ScalarType.Float32);
         using var nccl = new NcclStandIn(deviceCount: 4);
-        Backends.Run(Backend.NcclStandIn, new DeviceMesh(2, 2), ctx =>
+        var syncs = Backends.Run(Backend.NcclStandIn, new DeviceMesh(2, 2), ctx =>
         {
             using var shard = new ShardedVisionTransformer(plan, ctx, mode, ScalarType.Float32);
             using var scope = torch.NewDisposeScope();
             var loss = shard.Forward(images.narrow(0, 2 * shard.DataIndex, 2)).square().mean();
             shard.Backward(loss);
             shard.SynchronizeGradients();
-            return 0;
+            return nccl.HostSyncs(ctx.Rank);    // the rank's device is its rank here; before the disposal, which waits
         }, standIn: nccl);
         for (int d = 0; d < 4; d++)
         {
             Assert.NotEmpty(nccl.LaunchesOf(d));
             Assert.DoesNotContain(nccl.LaunchesOf(d), l => l.Contains("Int64"));
-            Assert.Equal(0, nccl.HostReads(d));
+            Assert.Equal(0, syncs[d]);
         }
     }
 
@@ -270,12 +272,52 @@ public sealed class NcclCommunicatorStandInTests
                 GC.WaitForPendingFinalizers();
                 GC.Collect();
                 gate.Set();
-                return comm is NcclCommunicator n ? $"matmul failed; outstanding {n.Outstanding}" : "matmul failed";
+                // The rank left the ring half-way, so its communicator was aborted: its next call fails instead of
+                // pairing with a peer's next permute.
+                var next = Record.Exception(() => comm.AllReduceAsync(torch.ones(1, dtype: ScalarType.Float64)).Wait());
+                return (comm is NcclCommunicator n ? $"matmul failed; outstanding {n.Outstanding}" : "matmul failed") + $"; then {next?.GetType().Name}";
+            }
+            catch (CommunicatorException) when (comm.Rank == 1)
+            {
+                return "peer aborted";
             }
         }, TimeSpan.FromSeconds(20));
         Assert.StartsWith("matmul failed", results[0]);
-        if (backend == Backend.NcclStandIn) Assert.Equal("matmul failed; outstanding 0", results[0]);
-        Assert.Equal("finished", results[1]);
+        Assert.EndsWith("; then CommunicatorException", results[0]);
+        if (backend == Backend.NcclStandIn)
+        {
+            Assert.Equal("matmul failed; outstanding 0; then CommunicatorException", results[0]);
+            Assert.Equal("finished", results[1]);   // rank 0 aborted only after its permute had run
+        }
+        else
+        {
+            // In process the abort poisons the world: rank 1 fails at once if it had not collected its permute yet.
+            Assert.Contains(results[1], new[] { "finished", "peer aborted" });
+        }
+    }
+
+    [Theory]
+    [InlineData(Backend.Threaded)]
+    [InlineData(Backend.NcclStandIn)]
+    public void A_failure_inside_a_backward_region_takes_the_rank_out_of_the_group(Backend backend)
+    {
+        // Review of issue 11's fixes: a backward region that failed for a reason of its own (an out-of-memory error in a
+        // ring's matmul, say) gave zero gradients and went on, leaving the communicator usable: the rank then issued
+        // the next regions' collectives without the rest of that ring, out of step with its peers (on NCCL, calls
+        // paired with the wrong ones). The failure must make the communicator refuse every later call.
+        var results = Backends.RunGroup(backend, 2, comm =>
+        {
+            if (comm.Rank == 1) return "";
+            using var scope = torch.NewDisposeScope();
+            var grads = BackwardFailures.Guard(comm, () => throw new InvalidOperationException("out of memory (injected)"),
+                () => new List<Tensor> { torch.zeros(2) });
+            var next = Record.Exception(() => comm.AllReduceAsync(torch.ones(2)).Wait());
+            var recorded = Record.Exception(() => BackwardFailures.ThrowIfAny(comm));
+            return $"{grads[0].sum().item<float>()}; next: {next?.GetType().Name}: {next?.Message}; recorded: {recorded?.Message}";
+        }, TimeSpan.FromSeconds(20));
+        Assert.StartsWith("0; next: CommunicatorException: ", results[0]);
+        Assert.Contains("out of memory (injected)", results[0].Split("; recorded: ")[0]);
+        Assert.EndsWith("recorded: out of memory (injected)", results[0]);
     }
 
     [Fact]

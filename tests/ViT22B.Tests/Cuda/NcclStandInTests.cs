@@ -102,7 +102,7 @@ public sealed unsafe class NcclStandInTests
         Ready(nccl, 0, streams[0]);
         nint bx = Buffer(nccl, 0, x), by = Buffer(nccl, 0, y);
         Assert.Equal(NcclResult.Success, nccl.GroupStart());
-        Assert.Equal(NcclResult.Success, nccl.AllReduce(bx, by, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
+        Assert.Equal(NcclResult.InProgress, nccl.AllReduce(bx, by, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
         Assert.Empty(nccl.LaunchesOf(0));
         Assert.Equal(1, nccl.GroupDepth);
         nccl.CreateEvent(0).Record(streams[0]);
@@ -331,7 +331,7 @@ public sealed unsafe class NcclStandInTests
         nint extra;
         Assert.Equal(NcclResult.Success, nccl.GroupStart());
         Assert.Equal(NcclResult.InProgress, nccl.CommInitRankConfig(&extra, 1, id, 0, &config));
-        Assert.Equal(NcclResult.Success, nccl.AllReduce(bx, by, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
+        Assert.Equal(NcclResult.InProgress, nccl.AllReduce(bx, by, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
         Assert.Equal(NcclResult.InvalidUsage, nccl.GroupEnd());
         Assert.Contains(nccl.Violations, v => v.Contains("both communicator initialization and collectives"));
         Assert.Empty(nccl.LaunchesOf(0));
@@ -356,7 +356,7 @@ public sealed unsafe class NcclStandInTests
         Ready(nccl, 0, soloStream);
         nint bx = Buffer(nccl, 0, x), by = Buffer(nccl, 0, y), bx2 = Buffer(nccl, 0, x2), by2 = Buffer(nccl, 0, y2);
         Assert.Equal(NcclResult.Success, nccl.GroupStart());
-        Assert.Equal(NcclResult.Success, nccl.AllReduce(bx, by, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
+        Assert.Equal(NcclResult.InProgress, nccl.AllReduce(bx, by, 4, NcclDataType.Float32, NcclRedOp.Sum, comms[0], streams[0]));
         Assert.Equal(NcclResult.Success, nccl.AllReduce(bx2, by2, 4, NcclDataType.Float32, NcclRedOp.Sum, solo, soloStream));
         Assert.Equal(NcclResult.InvalidArgument, nccl.GroupEnd());
         Assert.Empty(nccl.LaunchesOf(0));
@@ -376,7 +376,7 @@ public sealed unsafe class NcclStandInTests
         nccl.FailNextCall(0, "ncclSend", NcclResult.InvalidArgument);
         Assert.Equal(NcclResult.Success, nccl.GroupStart());
         Assert.Equal(NcclResult.InvalidArgument, nccl.Send(bx, 4, NcclDataType.Float32, 1, comms[0], streams[0]));
-        Assert.Equal(NcclResult.Success, nccl.Recv(by, 4, NcclDataType.Float32, 1, comms[0], streams[0]));
+        Assert.Equal(NcclResult.InProgress, nccl.Recv(by, 4, NcclDataType.Float32, 1, comms[0], streams[0]));
         Assert.NotEqual(NcclResult.InvalidArgument, nccl.GroupEnd());
         Assert.Single(nccl.LaunchesOf(0));
         Poll(nccl, comms[0]);
@@ -387,7 +387,7 @@ public sealed unsafe class NcclStandInTests
         nccl.FailNextCall(0, "ncclSend", NcclResult.SystemError);
         Assert.Equal(NcclResult.Success, nccl.GroupStart());
         Assert.Equal(NcclResult.SystemError, nccl.Send(bx, 4, NcclDataType.Float32, 1, comms[0], streams[0]));
-        Assert.Equal(NcclResult.Success, nccl.Recv(by2, 4, NcclDataType.Float32, 1, comms[0], streams[0]));
+        Assert.Equal(NcclResult.InProgress, nccl.Recv(by2, 4, NcclDataType.Float32, 1, comms[0], streams[0]));
         Assert.Equal(NcclResult.SystemError, nccl.GroupEnd());
         Assert.Single(nccl.LaunchesOf(0));
         Assert.Equal(0, nccl.GroupDepth);

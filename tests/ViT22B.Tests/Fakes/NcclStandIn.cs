@@ -24,8 +24,9 @@ namespace ViT22B.Tests.Fakes;
 /// <item>Buffers must come from <see cref="ICommDevice.DataPointer"/> and fit the counts; a launch must be preceded on
 /// its stream by a wait on an event of the compute stream; a send buffer must not change between the call and the
 /// launch's execution; a buffer must not be released (nor freed by a finalizer) while a launch that uses it is pending;
-/// the compute stream must not be made to wait for an event that has not passed (CPU compute is synchronous: the next
-/// tensor operation would read the data before it arrives).</item>
+/// a compute stream made to wait for an event that has not passed holds its thread until the event passes (CPU compute
+/// is synchronous: the next tensor operation must not read the data before it arrives), and reports a violation if
+/// nothing ends the collective within <see cref="ComputeWaitLimit"/>.</item>
 /// <item>Two ranks of one communicator on one device are refused (<c>ncclInvalidUsage</c>) unless
 /// <c>multiRankGpu</c>; a communicator used for calls from two threads, a freed or aborted communicator used again,
 /// or one destroyed with launches pending, are violations. Aborting stops the rank's pending launches (they complete
@@ -42,8 +43,9 @@ namespace ViT22B.Tests.Fakes;
 /// communicators, is refused, and an error other than "invalid argument" inside a group fails the whole group.</item>
 /// </list>
 /// Violations are collected in <see cref="Violations"/> (a test asserts there are none with <see cref="AssertClean"/>).
-/// It counts, per device, the launches issued (<see cref="LaunchesOf"/>) and the host reads of device values
-/// (<see cref="HostReads"/>). What it cannot show: real stream concurrency (CPU compute is synchronous), real
+/// Calls inside a group on a non-blocking communicator answer <c>ncclInProgress</c> (NCCL may; the group's end decides).
+/// It counts, per device, the launches issued (<see cref="LaunchesOf"/>), the host reads of device values
+/// (<see cref="HostReads"/>) and the event polls of the threads that issue collectives (<see cref="HostPolls"/>). What it cannot show: real stream concurrency (CPU compute is synchronous), real
 /// kernels, NVLink/network behaviour, and anything about performance.
 /// </summary>
 internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
@@ -61,6 +63,7 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
     private readonly List<string> _mismatches = new();
     private readonly Dictionary<int, List<string>> _launchLog = new();
     private readonly Dictionary<int, int> _hostReads = new();
+    private readonly Dictionary<int, int> _hostPolls = new();
     private readonly List<(int Device, string Function, NcclResult Result)> _failNext = new();
     private readonly List<(int Device, string Function)> _throwNext = new();
     private readonly Dictionary<(int Device, int Thread), List<Launch>> _issueOrder = new();
@@ -94,6 +97,17 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
 
     /// <summary>Host reads of device values (<see cref="ICommDevice.ReadToHost"/>) on <paramref name="device"/>.</summary>
     public int HostReads(int device) { lock (_lock) return _hostReads.GetValueOrDefault(device); }
+
+    /// <summary>Event queries (<see cref="IDeviceEvent.IsComplete"/>) on <paramref name="device"/> from threads that
+    /// issue collectives: a thread polling how far the device is.</summary>
+    public int HostPolls(int device) { lock (_lock) return _hostPolls.GetValueOrDefault(device); }
+
+    /// <summary>Host synchronizations on <paramref name="device"/>: reads of device values and event polls by the
+    /// threads that issue collectives.</summary>
+    public int HostSyncs(int device) { lock (_lock) return _hostReads.GetValueOrDefault(device) + _hostPolls.GetValueOrDefault(device); }
+
+    /// <summary>How long a compute stream waits for an event before the stand-in reports it as never passing.</summary>
+    public TimeSpan ComputeWaitLimit { get; init; } = TimeSpan.FromSeconds(120);
 
     /// <summary>Buffers registered and not released.</summary>
     public int LiveBuffers { get { lock (_lock) return _buffers.Count; } }
@@ -503,7 +517,9 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
             if (g.Depth > 0)
             {
                 g.Calls.Add((c, op));
-                return NcclResult.Success;
+                // NCCL answers a call on a non-blocking communicator with the communicator's state, which may be
+                // ncclInProgress inside a group (provisional: ncclGroupEnd decides); always so here, the stricter case.
+                return c.Blocking ? NcclResult.Success : NcclResult.InProgress;
             }
         }
         if (_delay is not null) Thread.Sleep(_delay(c.Device));
@@ -993,7 +1009,20 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
             if (e.Completed >= e.Recorded) return;
             if (s.IsCompute)
             {
-                Violation("The compute stream was made to wait for an event that has not passed: on the CPU, compute is synchronous, so the next tensor operation would read the data before it arrives.");
+                // On a GPU the host goes on and the compute stream waits. On the CPU compute is synchronous, so the
+                // thread itself waits here until the event passes (the peers' launches, or an abort, end it): the next
+                // tensor operation must not read the data before it arrives. This is not the code's host
+                // synchronization, and is not counted as one.
+                long target = e.Recorded;
+                var until = DateTime.UtcNow + ComputeWaitLimit;
+                while (e.Completed < target && DateTime.UtcNow < until)
+                {
+                    Monitor.Wait(_lock, 2);
+                    if (_broken.Contains(e.Device)) throw new InvalidOperationException($"Stand-in: cuStreamWaitEvent on device {e.Device} failed (injected CUDA error).");
+                    Progress();
+                }
+                if (e.Completed < target)
+                    Violation($"The compute stream of device {e.Device} waited {ComputeWaitLimit.TotalSeconds:0} s for an event that never passed: nothing aborted the collective it follows.");
                 return;
             }
             s.Items.Add(new WaitItem(e, e.Recorded));
@@ -1005,6 +1034,10 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
         lock (_lock)
         {
             if (_broken.Contains(e.Device)) throw new InvalidOperationException($"Stand-in: cuEventQuery on device {e.Device} failed (injected CUDA error).");
+            // A query from a thread that issues collectives is that thread asking the device how far it is: a host
+            // synchronization when repeated until true. A watchdog's queries, from a thread that issues nothing, are not.
+            int thread = Environment.CurrentManagedThreadId;
+            if (_comms.Values.Any(c => c.OwnerThread == thread)) _hostPolls[e.Device] = _hostPolls.GetValueOrDefault(e.Device) + 1;
             Progress();
             return e.Completed >= e.Recorded;
         }
