@@ -126,8 +126,8 @@ static int PrintPlan(ViTConfig c, string preset, ScalarType dtype)
 {
     static string Gb(long bytes, string format = "F1") => (bytes / 1e9).ToString(format, System.Globalization.CultureInfo.InvariantCulture);
     Console.WriteLine($"{preset} at {c.ImageShape.Height} px in {ViTConfigJson.DTypeName(dtype)}, per GPU, GB (MemoryPlanner.Plan):");
-    Console.WriteLine("| run | GPUs (data × model) | weights | gradients | optimizer | activations | total per GPU | fits 80 GB |");
-    Console.WriteLine("|---|---|---:|---:|---:|---:|---:|---|");
+    Console.WriteLine("| run | GPUs (data × model) | weights | gradients | optimizer | activations | gathered weights (FSDP) | total per GPU | fits 80 GB |");
+    Console.WriteLine("|---|---|---:|---:|---:|---:|---:|---:|---|");
     var rows = new (string Run, bool Training, int Batch, int Data, int Model, bool Fsdp, ActivationCheckpointing Recompute)[]
     {
         ("inference, batch 1", false, 1, 1, 1, false, ActivationCheckpointing.None),
@@ -148,7 +148,7 @@ static int PrintPlan(ViTConfig c, string preset, ScalarType dtype)
         var p = MemoryPlanner.Plan(c, dtype, r.Batch, r.Training, r.Model, r.Data, r.Fsdp, r.Recompute);
         string run = r.Run + (!r.Training ? "" : r.Recompute == ActivationCheckpointing.None ? ", activations kept" : ", every block recomputed");
         string grads = r.Training ? Gb(p.Gradients) : "–", opt = r.Training ? Gb(p.OptimizerState) : "–";
-        Console.WriteLine($"| {run} | {r.Data * r.Model} ({r.Data} × {r.Model}{(r.Fsdp ? ", FSDP" : "")}) | {Gb(p.Weights)} | {grads} | {opt} | {Gb(p.Activations, "F2")} | {Gb(p.Total)} | {(p.FitsIn(80_000_000_000) ? "yes" : "no")} |");
+        Console.WriteLine($"| {run} | {r.Data * r.Model} ({r.Data} × {r.Model}{(r.Fsdp ? ", FSDP" : "")}) | {Gb(p.Weights)} | {grads} | {opt} | {Gb(p.Activations, "F2")} | {(r.Fsdp ? Gb(p.GatheredWeights) : "–")} | {Gb(p.Total)} | {(p.FitsIn(80_000_000_000) ? "yes" : "no")} |");
     }
     var f = ModelAccounting.Flops(c);
     Console.WriteLine($"Training FLOPs per image: {f.Training / 1e12:F2} T (model), {ModelAccounting.HardwareTrainingFlops(c, ActivationCheckpointing.AllBlocks) / 1e12:F2} T with every block recomputed (hardware).");

@@ -7,8 +7,9 @@ namespace ViT22B.Accounting;
 /// <summary>Bytes one device holds for a model, by kind.</summary>
 /// <param name="Weights">Parameters (this device's shards and the replicated rest).</param>
 /// <param name="Gradients">Parameter gradients (training only; same dtype and sharding as the weights).</param>
-/// <param name="OptimizerState">AdamW's two moments per parameter, in the parameter dtype (TorchSharp's AdamW keeps
-/// them in the parameter's dtype), training only.</param>
+/// <param name="OptimizerState">The state of this library's <c>ViT22B.Training.AdamW</c>, training only: two moments
+/// per parameter in float32 (float64 for float64 parameters) and, for 16-bit parameters, a float32 master copy, so 12
+/// bytes per bfloat16 parameter, 8 per float32 one.</param>
 /// <param name="Activations">Peak activation memory: for inference the largest set of tensors alive at once inside
 /// a block; for training <see cref="SavedActivations"/>, plus one block's saved tensors while a checkpointed block is
 /// recomputed in backward, plus that working set.</param>
@@ -23,8 +24,15 @@ public sealed record MemoryPlan(long Weights, long Gradients, long OptimizerStat
     /// converted to the parameter dtype; 0 otherwise.</summary>
     public long Staging { get; init; }
 
+    /// <summary>FSDP: the block weights gathered over the data axis that are alive at the peak. Autograd keeps each
+    /// block's gathered weights from its forward to its backward (its matmuls' backward needs them), unless the block
+    /// is recomputed, which gathers them again in backward; so in training every non-recomputed block's (one block's
+    /// at a time for recomputed ones), in inference one block's. 0 without FSDP or with one data rank. Derived from
+    /// what the code keeps, not checked against the allocator.</summary>
+    public long GatheredWeights { get; init; }
+
     /// <summary>Everything.</summary>
-    public long Total => Weights + Gradients + OptimizerState + Activations + Staging;
+    public long Total => Weights + Gradients + OptimizerState + Activations + Staging + GatheredWeights;
 
     /// <summary>Whether <see cref="Total"/> fits in <paramref name="deviceBytes"/>.</summary>
     public bool FitsIn(long deviceBytes) => Total <= deviceBytes;
@@ -45,7 +53,7 @@ public static class MemoryPlanner
     /// <param name="c">The model.</param>
     /// <param name="dtype">Parameter and activation dtype.</param>
     /// <param name="batch">Global batch (split over the data axis).</param>
-    /// <param name="training">Training (gradients, AdamW state, saved activations) or inference.</param>
+    /// <param name="training">Training (gradients, the library's AdamW state, saved activations) or inference.</param>
     /// <param name="model">Tensor-parallel degree.</param>
     /// <param name="data">Data-parallel degree.</param>
     /// <param name="fsdp">Shard block weights (and their gradients and optimizer state) over the data axis too.</param>
@@ -66,7 +74,14 @@ public static class MemoryPlanner
         long splitBiases = l * SplitBiasesPerBlock(c);
         double weightsPerDevice = p.Total - p.BlockMatmulWeights - splitBiases
             + (double)p.BlockMatmulWeights / model / (fsdp ? data : 1) + (double)splitBiases / model;
-        long weights = (long)Math.Ceiling(weightsPerDevice) * size;
+        long parameters = (long)Math.Ceiling(weightsPerDevice);
+        long weights = parameters * size;
+        // AdamW: float32 moments (float64 for float64 parameters), and a float32 master copy of 16-bit parameters.
+        long optimizer = parameters * (size < 4 ? 2 * 4 + 4 : 2 * size);
+        int recomputed = training ? checkpointing.CountIn(c.Depth) : 0;
+        double gatheredPerBlock = fsdp && data > 1 ? (double)p.BlockMatmulWeights / l / model : 0;
+        double gathered = !training ? gatheredPerBlock
+            : (l - recomputed) * gatheredPerBlock + (recomputed > 0 ? gatheredPerBlock : 0);
 
         // Activations, in elements of the activation dtype, for this device's share of the batch.
         double b = Math.Ceiling((double)batch / data), t = c.NumTokens, k = model, d = c.EmbedDim, f = c.MlpDim;
@@ -83,14 +98,14 @@ public static class MemoryPlanner
                 : bt * (2 * d / k + 2 * d + (3 * d + d + qkNorm + f + f) / k);
             // A checkpointed block keeps only its input (own tokens); in backward one block at a time is recomputed
             // and holds its saved tensors again.
-            int recomputed = checkpointing.CountIn(c.Depth);
             kept = (l - recomputed) * saved + recomputed * bt * d / k + bt * d * 2;   // + stem output and the gathered tokens before the head
             activations = kept + (recomputed > 0 ? saved : 0) + working;
         }
         long acts = (long)Math.Ceiling(activations) * size;
-        return new MemoryPlan(weights, training ? weights : 0, training ? 2 * weights : 0, acts)
+        return new MemoryPlan(weights, training ? weights : 0, training ? optimizer : 0, acts)
         {
             SavedActivations = (long)Math.Ceiling(kept) * size,
+            GatheredWeights = (long)Math.Ceiling(gathered) * size,
         };
     }
 

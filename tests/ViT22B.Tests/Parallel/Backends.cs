@@ -69,8 +69,9 @@ internal static class Backends
 
 /// <summary>
 /// One case of a sharded-model test, run on every <see cref="Backend"/>: the backend is passed first, then
-/// <paramref name="data"/>. Sharded-model tests take their cases through this attribute only, so that none runs on the
-/// in-process backend alone.
+/// <paramref name="data"/>. Sharded-model tests that communicate take their cases through this attribute only, so that
+/// none runs on the in-process backend alone (tests that only load per-rank checkpoints, issuing no collective, build
+/// in-process ranks directly).
 /// </summary>
 [AttributeUsage(AttributeTargets.Method, AllowMultiple = true)]
 public sealed class OnEveryBackendAttribute(params object[] data) : DataAttribute

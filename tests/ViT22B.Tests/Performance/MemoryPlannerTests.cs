@@ -4,6 +4,7 @@ using ViT22B.Accounting;
 using ViT22B.Interop;
 using ViT22B.Layers;
 using ViT22B.Models;
+using ViT22B.Training;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Performance;
@@ -93,7 +94,8 @@ public class MemoryPlannerTests
         using var modelOwner = model;
         using var images = torch.randn(batch, 3, 224, 224).to(dtype);
         using var labels = torch.arange((long)batch);
-        var (optimizer, optimizerState) = Measured(() => torch.optim.AdamW(model.parameters(), lr: 1e-4));   // TorchSharp allocates both moments here
+        // The library's AdamW allocates its moments (and a float32 master copy of 16-bit parameters) here.
+        var (optimizer, optimizerState) = Measured(() => new AdamW(Optimizer.WithWeightDecay(model, 0.05, 0.05)));
         using var optimizerOwner = optimizer;
         void Step(Action<long>? afterForward = null)
         {
@@ -102,7 +104,7 @@ public class MemoryPlannerTests
             var loss = nn.functional.cross_entropy(model.call(images).to(ScalarType.Float32), labels);
             afterForward?.Invoke(Allocated() - before);     // what autograd keeps for backward
             loss.backward();
-            optimizer.step();
+            optimizer.Step(1e-4);
         }
         Step();                                              // gradients and one-time workspaces now exist
         long saved = Consensus(() =>
