@@ -78,6 +78,10 @@ dotnet run --project samples/Features -c Release --no-build -- --config "$work/h
   || { echo "FAIL (setup): Features could not write a checkpoint without a classifier"; failures=$((failures + 1)); }
 expect_error -m "no classifier" Classify --checkpoint "$work/headless.safetensors" --labels fashion-mnist-vit.labels.txt samples/images
 expect_error -m "--config" Classify --config Ti/16 --checkpoint fashion-mnist-vit.safetensors --labels fashion-mnist-vit.labels.txt samples/images
+# Features --num-classes: a negative count, and a classifier the checkpoint lacks without --reset-head.
+expect_error -m "--num-classes" Features --config Ti/16 --num-classes -1 --input samples/images --output "$work/o.safetensors"
+expect_error -m "classifier differs" Features --config "$work/headless.json" --weights "$work/headless.safetensors" --num-classes 10 \
+  --input samples/images --output "$work/o.safetensors"
 expect_error LinearProbe --checkpoint /nonexistent.safetensors
 expect_error Mfu --preset nonsense
 # ONNX: a truncated export, a file that is not ONNX, a bad backend or weight type, a training mode on ONNX Runtime.
