@@ -1,35 +1,46 @@
 #!/usr/bin/env bash
-# Every sample meets bad input with one clear line and a non-zero exit code, never an unhandled-exception trace.
-# Usage: .ci/bad-input.sh (after `dotnet build -c Release`). Fails on the first case that exits 0 or prints a trace.
+# Every sample meets bad input with one clear line and exit code 1, never an unhandled-exception trace.
+# Usage: .ci/bad-input.sh (after `dotnet build -c Release`). Runs every case, then fails if any case failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 failures=0
 
-# expect_error <sample> <args...>: must exit non-zero, say "error" (System.CommandLine's parse errors name the option
-# instead) and print no stack-trace line ("   at ...") and no "Unhandled exception".
+# expect_error [-m SUBSTRING] <sample> <args...>: must exit with code 1, print no stack-trace line ("   at ..."), no
+# "Unhandled exception" and no "unexpected <Type>:" (SampleMain's mark of an exception it does not count as bad input),
+# and, with -m, say SUBSTRING. Exit code 1 is the samples' only bad-input code by design: SampleMain returns 1 for an
+# exception from an action, and System.CommandLine returns 1 for a parse error (a validator, an unknown option, a missing
+# required one). Any other code (0, a native crash's 134 or 139, Sharding's 2 for a sharded model that does not match
+# the unsharded one) fails the case.
 expect_error() {
+  local want=""
+  if [ "$1" = "-m" ]; then want="$2"; shift 2; fi
   local sample="$1"; shift
   local out rc
   out="$(dotnet run --project "samples/$sample" -c Release --no-build -- "$@" 2>&1)"; rc=$?
-  if [ "$rc" -eq 0 ]; then
-    echo "FAIL ($sample $*): exit code 0"; failures=$((failures + 1))
-  elif grep -qE '^\s+at |Unhandled exception' <<<"$out"; then
-    echo "FAIL ($sample $*): printed a trace:"; head -5 <<<"$out"; failures=$((failures + 1))
+  if [ "$rc" -ne 1 ]; then
+    echo "FAIL ($sample $*): exit code $rc, expected 1:"; head -5 <<<"$out"; failures=$((failures + 1))
+  elif grep -qE '^\s+at |Unhandled exception|unexpected [A-Za-z.]+(Exception|Error):' <<<"$out"; then
+    echo "FAIL ($sample $*): printed a trace or an unexpected exception:"; head -5 <<<"$out"; failures=$((failures + 1))
+  elif [ -n "$want" ] && ! grep -qF -- "$want" <<<"$out"; then
+    echo "FAIL ($sample $*): the message does not say '$want':"; head -5 <<<"$out"; failures=$((failures + 1))
   else
     echo "ok   ($sample $*): $(grep -m1 -iE 'error|must|required|not' <<<"$out" || head -1 <<<"$out")"
   fi
 }
 
-# Bad image files in an otherwise good folder each get named.
+# Bad image files in an otherwise good folder (the bundled images beside them) each get named.
 mkdir -p "$work/empty" "$work/truncated" "$work/corrupt" "$work/oversized"
 : > "$work/empty/empty.jpg"
 head -c 2000 samples/images/chelsea.jpg > "$work/truncated/truncated.jpg"
 head -c 4096 /dev/urandom > "$work/corrupt/corrupt.png"
 cp .ci/bad-input/oversized.png "$work/oversized/"
+declare -A bad_file=([empty]=empty.jpg [truncated]=truncated.jpg [corrupt]=corrupt.png [oversized]=oversized.png)
 for kind in empty truncated corrupt oversized; do
-  expect_error Features --config Ti/16 --input "$work/$kind" --output "$work/o.safetensors"
+  cp samples/images/*.jpg "$work/$kind/"
+  expect_error -m "${bad_file[$kind]}" Features --config Ti/16 --input "$work/$kind" --output "$work/o.safetensors"
+  expect_error -m "${bad_file[$kind]}" Classify --checkpoint fashion-mnist-vit.safetensors --labels fashion-mnist-vit.labels.txt "$work/$kind"
 done
 expect_error Features --config Ti/16 --input /nonexistent --output "$work/o.safetensors"
 expect_error Features --config nonsense --input samples/images --output "$work/o.safetensors"
@@ -59,6 +70,18 @@ expect_error Sharding --checkpointing every:x
 
 expect_error Classify --checkpoint /nonexistent.safetensors --labels /nonexistent.txt samples/images
 expect_error Classify --checkpoint "$work/bad.safetensors" --labels /nonexistent.txt --top-k 0 samples/images
+# Classify: a checkpoint of another layout (written by Features --save-weights, config in its metadata) without a
+# classifier, and --config beside a training checkpoint, which stores its own.
+printf '{"img_size":32,"patch_size":16,"embed_dim":64,"depth":1,"num_heads":2,"mlp_dim":128,"num_classes":0}' > "$work/headless.json"
+dotnet run --project samples/Features -c Release --no-build -- --config "$work/headless.json" --input samples/images \
+  --output "$work/h.safetensors" --save-weights "$work/headless.safetensors" > /dev/null \
+  || { echo "FAIL (setup): Features could not write a checkpoint without a classifier"; failures=$((failures + 1)); }
+expect_error -m "no classifier" Classify --checkpoint "$work/headless.safetensors" --labels fashion-mnist-vit.labels.txt samples/images
+expect_error -m "--config" Classify --config Ti/16 --checkpoint fashion-mnist-vit.safetensors --labels fashion-mnist-vit.labels.txt samples/images
+# Features --num-classes: a negative count, and a classifier the checkpoint lacks without --reset-head.
+expect_error -m "--num-classes" Features --config Ti/16 --num-classes -1 --input samples/images --output "$work/o.safetensors"
+expect_error -m "classifier differs" Features --config "$work/headless.json" --weights "$work/headless.safetensors" --num-classes 10 \
+  --input samples/images --output "$work/o.safetensors"
 expect_error LinearProbe --checkpoint /nonexistent.safetensors
 expect_error Mfu --preset nonsense
 # ONNX: a truncated export, a file that is not ONNX, a bad backend or weight type, a training mode on ONNX Runtime.
@@ -72,6 +95,9 @@ expect_error ExportOnnx --checkpoint "$work/bad.safetensors" --output "$work/m.o
 expect_error Features --config Ti/16 --input samples/images --output "$work/o.safetensors" --backend onnx --layers 2
 expect_error Mfu --preset Ti/16 --backend onnx --mode training
 expect_error Mfu --preset Ti/16 --batch-size 0
+expect_error -m "--peak-tflops" Mfu --preset Ti/16 --peak-tflops 0
+expect_error -m "--peak-tflops" Mfu --preset Ti/16 --peak-tflops -1
+expect_error -m "--peak-tflops" TrainFashionMnist --peak-tflops 0
 expect_error Quickstart --preset nonsense
 expect_error Quickstart --images /nonexistent
 expect_error QkNormStability --data /nonexistent

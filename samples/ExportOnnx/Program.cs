@@ -1,6 +1,9 @@
 // ExportOnnx: write a trained model (a training checkpoint of samples/TrainFashionMnist, or any checkpoint the library
 // loads with its config) as a standard ONNX model, check the export against the library on random images, and, with
-// --fashion-mnist, compare the two on the Fashion-MNIST test set (accuracy and images/s).
+// --fashion-mnist, compare the two on the Fashion-MNIST test set (accuracy and images/s). It exits with 1 when a check
+// misses its bound (Bounds at the end of this file): a float32 export whose features differ from the library's by more
+// than 1e-4 (max |difference| / max |library|), or an int8 export that agrees with the library on under 99 % of the
+// Fashion-MNIST predictions or costs more than 0.5 points of top-1. 16-bit exports are reported, not checked.
 //
 //   dotnet run --project samples/ExportOnnx -c Release -- --checkpoint fashion-mnist-vit.safetensors --output fm.onnx
 //   dotnet run --project samples/ExportOnnx -c Release -- --checkpoint fashion-mnist-vit.safetensors --output fm-int8.onnx --weights int8 --fashion-mnist
@@ -26,10 +29,10 @@ var configOption = new Option<string?>("--config") { Description = "Preset, timm
 var outputOption = new Option<FileInfo>("--output") { Description = "The .onnx file to write.", Required = true };
 var weightsOption = new Option<string>("--weights") { Description = "Weight storage: float32, float16, bfloat16 (cast to float32 when loaded) or int8 (dynamic int8 linear layers).", DefaultValueFactory = _ => "float32" };
 var normOption = new Option<PixelNormalization?>("--normalization") { Description = "Preprocessing stored in the model (default: the checkpoint's own, else MinusOneToOne)." };
-var fmOption = new Option<DirectoryInfo?>("--fashion-mnist") { Description = "Also evaluate the library and the export on this Fashion-MNIST folder (top-1, images/s).", Arity = ArgumentArity.ZeroOrOne };
+var fmOption = new Option<DirectoryInfo?>("--fashion-mnist") { Description = $"Also evaluate the library and the export on this Fashion-MNIST folder (top-1, images/s); an int8 export fails (exit code 1) when it agrees with the library on under {Bounds.Int8Agreement:P0} of the predictions or costs more than {Bounds.Int8AccuracyCost} points of top-1.", Arity = ArgumentArity.ZeroOrOne };
 var testLimitOption = new Option<int>("--test-limit") { Description = "Fashion-MNIST test images to evaluate (0 = all 10,000).", DefaultValueFactory = _ => 0 }.AtLeast(0);
 var threadsOption = new Option<int>("--threads") { Description = "Threads of libtorch and ONNX Runtime (0 = libtorch's default).", DefaultValueFactory = _ => 0 }.AtLeast(0);
-var root = new RootCommand("Export a ViT22B model to ONNX, check it against the library, and optionally compare the two on Fashion-MNIST.")
+var root = new RootCommand($"Export a ViT22B model to ONNX, check it against the library (a float32 export fails, exit code 1, when its features differ by more than {Bounds.Float32Error:0.##e0} relative), and optionally compare the two on Fashion-MNIST.")
 {
     checkpointOption, configOption, outputOption, weightsOption, normOption, fmOption, testLimitOption, threadsOption,
 };
@@ -73,8 +76,10 @@ root.SetAction(parse =>
     output.Refresh();
     AnsiConsole.MarkupLine($"Wrote {output.FullName.EscapeMarkup()}: {output.Length / 1e6:F1} MB, {weights} weights, opset {OnnxExport.Opset}, in {sw.Elapsed.TotalSeconds:F1} s.");
 
-    // The export against the library on random images (batch 1 and 3, one file).
+    // The export against the library on random images (batch 1 and 3, one file); a float32 export must stay within
+    // Bounds.Float32Error.
     var c = model.Config;
+    double worst = 0;
     using var vit = OnnxVisionTransformer.Load(output.FullName, new OnnxRunnerOptions { Threads = torch.get_num_threads() });
     for (long batch = 1; batch <= 3; batch += 2)
     {
@@ -85,7 +90,10 @@ root.SetAction(parse =>
         var actual = vit.Encode(images.data<float>().ToArray(), images.shape).Pooled;
         double error = (torch.tensor(actual.Data).reshape(actual.Shape) - expected).abs().max().item<float>() / expected.abs().max().item<float>();
         AnsiConsole.MarkupLine($"batch {batch}: features of ONNX Runtime vs the library differ by {error:E2} (max |difference| / max |library|).");
+        worst = Math.Max(worst, double.IsNaN(error) ? double.PositiveInfinity : error);
     }
+    if (weights == OnnxWeights.F32 && !(worst <= Bounds.Float32Error))
+        throw new InvalidDataException($"The float32 export '{output.FullName}' differs from the library by {worst:E2} on random images (max |difference| / max |library|), above the bound {Bounds.Float32Error:0.##e0}.");
     if (parse.GetResult(fmOption) is null) return 0;
     var folder = parse.GetValue(fmOption)?.FullName ?? "/usr/share/datasets/fashion-mnist";
     Evaluate(model, vit, folder, parse.GetValue(testLimitOption), weights);
@@ -126,5 +134,20 @@ static void Evaluate(VisionTransformer model, OnnxVisionTransformer vit, string 
     table.AddRow("library, float32", $"{(double)libraryCorrect / count:P2}", $"{count / librarySeconds:F0}");
     table.AddRow($"ONNX Runtime, {weights} weights", $"{(double)onnxCorrect / count:P2}", $"{count / onnxSeconds:F0}");
     AnsiConsole.Write(table);
-    AnsiConsole.MarkupLine($"The two agree on {(double)agree / count:P2} of the predictions; accuracy cost of the export: {(double)(libraryCorrect - onnxCorrect) / count * 100:F2} points.");
+    double agreement = (double)agree / count, cost = (double)(libraryCorrect - onnxCorrect) / count * 100;
+    AnsiConsole.MarkupLine($"The two agree on {agreement:P2} of the predictions; accuracy cost of the export: {cost:F2} points.");
+    if (weights == OnnxWeights.DynamicInt8 && !(agreement >= Bounds.Int8Agreement && cost <= Bounds.Int8AccuracyCost))
+        throw new InvalidDataException($"The int8 export agrees with the library on {agreement:P2} of {count:N0} Fashion-MNIST predictions and costs {cost:F2} points of top-1; the bounds are at least {Bounds.Int8Agreement:P0} and at most {Bounds.Int8AccuracyCost} points.");
+}
+
+// What the export must meet. Float32: the tests (tests/ViT22B.Tests/Onnx/OnnxExportTests.cs) hold small random models to
+// 1e-5; this sample also exports deep pretrained models, where the same arithmetic in another order drifts further, so its
+// bound is ten times looser (measured: 3e-7 to 4e-7 on the Fashion-MNIST model, 1.2e-6 on vit_tiny_patch16_224). Int8:
+// docs/onnx.md measured 99.79 % agreement and a 0.02-point cost on all 10,000 test images; CI's 500 images of a model
+// trained for one short epoch gave 99.80 % and 0.00 points; the bounds leave room for a few more flipped predictions.
+internal static class Bounds
+{
+    public const double Float32Error = 1e-4;
+    public const double Int8Agreement = 0.99;
+    public const double Int8AccuracyCost = 0.5;
 }

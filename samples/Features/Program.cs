@@ -4,7 +4,8 @@
 // them: the preprocessing stored in the checkpoint, else the timm name's, else --normalization.
 //
 //   dotnet run --project samples/Features -- --config <preset|timm name|file.json> [--weights <checkpoint>]
-//       --input <dir|file.safetensors> --output <file.safetensors> [--img-size N] [--layers 4|0,5,-1] [--backend onnx]
+//       --input <dir|file.safetensors> --output <file.safetensors> [--img-size N] [--num-classes N [--reset-head]]
+//       [--layers 4|0,5,-1] [--backend onnx]
 using System.CommandLine;
 using System.Text.Json;
 using TorchSharp;
@@ -28,6 +29,7 @@ var dtypeOption = new Option<string?>("--dtype") { Description = "float32, bfloa
 var normOption = new Option<PixelNormalization?>("--normalization") { Description = "Override the checkpoint's preprocessing for image folders: MinusOneToOne (big_vision) or ImageNet (shorter side, center crop)." };
 var imgSizeOption = new Option<int?>("--img-size") { Description = "Run at this image size instead of the config's (the position embedding is resampled at load)." };
 var layersOption = new Option<string?>("--layers") { Description = "Also write block outputs (patch tokens, before the final norm): a count n for the last n blocks, or block indices such as 0,5,-1." };
+var numClassesOption = new Option<int?>("--num-classes") { Description = "Build the model with this many classes instead of the config's (0: no classifier); with --reset-head a checkpoint's classifier of another class count is replaced by a freshly initialised one." };
 var resetHeadOption = new Option<bool>("--reset-head") { Description = "Load a checkpoint whose classifier has another class count (or none), keeping a freshly initialised one." };
 var resizePatchOption = new Option<bool>("--resize-patch-embed") { Description = "Load a checkpoint of another patch size, resizing its patch embedding (FlexiViT)." };
 var backendOption = new Option<string>("--backend") { Description = "torch (this library) or onnx (the model exported to ONNX and run by ONNX Runtime; no --layers)." , DefaultValueFactory = _ => "torch" };
@@ -35,30 +37,35 @@ var saveWeightsOption = new Option<FileInfo?>("--save-weights") { Description = 
 var root = new RootCommand("Extract ViT features (pooled embedding, patch tokens, logits, block outputs) into a safetensors file.")
 {
     configOption, weightsOption, inputOption, outputOption, seedOption, batchOption, deviceOption, dtypeOption, normOption,
-    imgSizeOption, layersOption, resetHeadOption, resizePatchOption, saveWeightsOption, backendOption,
+    imgSizeOption, layersOption, numClassesOption, resetHeadOption, resizePatchOption, saveWeightsOption, backendOption,
 };
 imgSizeOption.Validators.Add(r =>
 {
     if (r.GetValueOrDefault<int?>() is int v && v < 1) r.AddError($"--img-size must be positive, found {v}.");
+});
+numClassesOption.Validators.Add(r =>
+{
+    if (r.GetValueOrDefault<int?>() is int v && v < 0) r.AddError($"--num-classes must be 0 or more, found {v}.");
 });
 root.SetAction(parse =>
 {
     var options = new PretrainedLoadOptions { ResetHead = parse.GetValue(resetHeadOption), ResizePatchEmbed = parse.GetValue(resizePatchOption) };
     Run(parse.GetValue(configOption)!, parse.GetValue(weightsOption), parse.GetValue(inputOption)!, parse.GetValue(outputOption)!,
         parse.GetValue(seedOption), parse.GetValue(batchOption), parse.GetValue(deviceOption)!, parse.GetValue(dtypeOption), parse.GetValue(normOption),
-        parse.GetValue(imgSizeOption), parse.GetValue(layersOption), options, parse.GetValue(saveWeightsOption), parse.GetValue(backendOption)!);
+        parse.GetValue(imgSizeOption), parse.GetValue(numClassesOption), parse.GetValue(layersOption), options, parse.GetValue(saveWeightsOption), parse.GetValue(backendOption)!);
     return 0;
 });
 return SampleMain.Invoke(root, args);
 
 static void Run(string configArg, string? weights, string input, FileInfo output, long seed, int batchSize, string deviceArg, string? dtypeArg,
-    PixelNormalization? norm, int? imgSize, string? layersArg, PretrainedLoadOptions loadOptions, FileInfo? saveWeights, string backend)
+    PixelNormalization? norm, int? imgSize, int? numClasses, string? layersArg, PretrainedLoadOptions loadOptions, FileInfo? saveWeights, string backend)
 {
     if (backend is not ("torch" or "onnx")) throw new ArgumentException($"--backend must be torch or onnx, found '{backend}'.");
     if (backend == "onnx" && layersArg is not null) throw new ArgumentException("--layers needs --backend torch: the ONNX export has the features, tokens and logits outputs only.");
     bool timmName = ViTConfig.TimmNames.Contains(configArg);
     var config = File.Exists(configArg) ? ViTConfigJson.Load(configArg) : timmName ? ViTConfig.FromTimm(configArg) : ViTConfig.Parse(configArg);
     if (imgSize is int size) config = (config with { ImgSize = size }).Validate();
+    if (numClasses is int classes) config = (config with { NumClasses = classes }).Validate();
     var dtype = dtypeArg is null ? config.DType : ViTConfigJson.ParseDType(dtypeArg);
     var device = new Device(deviceArg);
     int[]? layers = layersArg is null ? null : ParseLayers(layersArg, config.Depth);

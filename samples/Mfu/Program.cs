@@ -40,45 +40,37 @@ var root = new RootCommand("Measure the model-FLOPs utilization (MFU) of a ViT p
 };
 root.SetAction(parse =>
 {
-    try
+    if (parse.GetValue(threadsOption) is > 0 and var t) torch.set_num_threads(t);
+    string presetArg = parse.GetValue(presetOption)!;
+    var config = ViTConfig.TimmNames.Contains(presetArg) ? ViTConfig.FromTimm(presetArg) : ViTConfig.Parse(presetArg);
+    var configs = parse.GetValue(blockOption) switch
     {
-        if (parse.GetValue(threadsOption) is > 0 and var t) torch.set_num_threads(t);
-        string presetArg = parse.GetValue(presetOption)!;
-        var config = ViTConfig.TimmNames.Contains(presetArg) ? ViTConfig.FromTimm(presetArg) : ViTConfig.Parse(presetArg);
-        var configs = parse.GetValue(blockOption) switch
-        {
-            null => new[] { config },
-            "both" => new[] { (config with { Block = BlockKind.Sequential }).Validate(), (config with { Block = BlockKind.Parallel }).Validate() },
-            var block when block is "parallel" or "sequential" => new[] { (config with { Block = ViTConfigJson.ParseBlock(block) }).Validate() },
-            var block => throw new ArgumentException($"--block must be parallel, sequential or both, found '{block}'."),
-        };
-        var dtype = ViTConfigJson.ParseDType(parse.GetValue(dtypeOption)!);
-        string mode = parse.GetValue(modeOption)!;
-        if (mode is not ("inference" or "forward-backward" or "training")) throw new ArgumentException($"--mode must be inference, forward-backward or training, found '{mode}'.");
-        string backend = parse.GetValue(backendOption)!;
-        if (backend is not ("torch" or "onnx" or "both")) throw new ArgumentException($"--backend must be torch, onnx or both, found '{backend}'.");
-        if (backend != "torch" && mode != "inference") throw new ArgumentException($"--backend {backend} measures inference only; --mode is {mode}.");
-        var onnxWeights = parse.GetValue(onnxWeightsOption) switch
-        {
-            "float32" => OnnxWeights.F32,
-            "int8" => OnnxWeights.DynamicInt8,
-            var w => throw new ArgumentException($"--onnx-weights must be float32 or int8, found '{w}'."),
-        };
-        if (parse.GetValue(peakOption) is double pk && !(pk > 0)) throw new ArgumentException($"--peak-tflops must be positive, found {pk}.");
-        var results = Measure(configs, parse.GetValue(presetOption)!, parse.GetValue(batchOption), dtype, new Device(parse.GetValue(deviceOption)!),
-            mode, parse.GetValue(samplesOption), parse.GetValue(warmupOption), parse.GetValue(peakOption), ActivationCheckpointing.Parse(parse.GetValue(recomputeOption)!),
-            backend, onnxWeights);
-        Print(results);
-        if (parse.GetValue(jsonOption) is { } json) AtomicFile.Write(json.FullName, s => JsonSerializer.Serialize(s, results, new JsonSerializerOptions { WriteIndented = true }));
-        if (parse.GetValue(csvOption) is { } csv)
-            AtomicFile.Write(csv.FullName, s => s.Write(Encoding.UTF8.GetBytes(MfuResult.CsvHeader + string.Concat(results.Select(r => r.ToCsvRow())))));
-        return 0;
-    }
-    catch (Exception e) when (e is ArgumentException or FormatException or InsufficientMemoryException or NotSupportedException)
+        null => new[] { config },
+        "both" => new[] { (config with { Block = BlockKind.Sequential }).Validate(), (config with { Block = BlockKind.Parallel }).Validate() },
+        var block when block is "parallel" or "sequential" => new[] { (config with { Block = ViTConfigJson.ParseBlock(block) }).Validate() },
+        var block => throw new ArgumentException($"--block must be parallel, sequential or both, found '{block}'."),
+    };
+    var dtype = ViTConfigJson.ParseDType(parse.GetValue(dtypeOption)!);
+    string mode = parse.GetValue(modeOption)!;
+    if (mode is not ("inference" or "forward-backward" or "training")) throw new ArgumentException($"--mode must be inference, forward-backward or training, found '{mode}'.");
+    string backend = parse.GetValue(backendOption)!;
+    if (backend is not ("torch" or "onnx" or "both")) throw new ArgumentException($"--backend must be torch, onnx or both, found '{backend}'.");
+    if (backend != "torch" && mode != "inference") throw new ArgumentException($"--backend {backend} measures inference only; --mode is {mode}.");
+    var onnxWeights = parse.GetValue(onnxWeightsOption) switch
     {
-        Console.Error.WriteLine($"error: {e.Message}");
-        return 1;
-    }
+        "float32" => OnnxWeights.F32,
+        "int8" => OnnxWeights.DynamicInt8,
+        var w => throw new ArgumentException($"--onnx-weights must be float32 or int8, found '{w}'."),
+    };
+    if (parse.GetValue(peakOption) is double pk && !(pk > 0)) throw new ArgumentException($"--peak-tflops must be positive, found {pk}.");
+    var results = Measure(configs, parse.GetValue(presetOption)!, parse.GetValue(batchOption), dtype, new Device(parse.GetValue(deviceOption)!),
+        mode, parse.GetValue(samplesOption), parse.GetValue(warmupOption), parse.GetValue(peakOption), ActivationCheckpointing.Parse(parse.GetValue(recomputeOption)!),
+        backend, onnxWeights);
+    Print(results);
+    if (parse.GetValue(jsonOption) is { } json) AtomicFile.Write(json.FullName, s => JsonSerializer.Serialize(s, results, new JsonSerializerOptions { WriteIndented = true }));
+    if (parse.GetValue(csvOption) is { } csv)
+        AtomicFile.Write(csv.FullName, s => s.Write(Encoding.UTF8.GetBytes(MfuResult.CsvHeader + string.Concat(results.Select(r => r.ToCsvRow())))));
+    return 0;
 });
 return SampleMain.Invoke(root, args);
 

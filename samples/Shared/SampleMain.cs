@@ -33,9 +33,12 @@ internal static class SampleMain
         return e;
     }
 
-    // The exceptions the library and the samples throw for bad input: arguments, files, formats, checkpoints, memory.
+    // The exceptions the library and the samples throw for bad input: arguments, files, formats, checkpoints, memory, a
+    // missing native library (libtorch, NCCL), a collective a peer failed or did not join (a rendezvous failure is an
+    // IOException, CUDA's and NCCL's errors are InvalidOperationExceptions).
     private static bool IsUserError(Exception e) => e is ArgumentException or FormatException or IOException or InvalidDataException or InvalidOperationException
-        or NotSupportedException or UnauthorizedAccessException or KeyNotFoundException or InsufficientMemoryException or OperationCanceledException;
+        or NotSupportedException or UnauthorizedAccessException or KeyNotFoundException or InsufficientMemoryException or OperationCanceledException
+        or ViT22B.Interop.NativeLibraryException or ViT22B.Parallel.CommunicatorException;
 
     /// <summary>Requires a value ≥ <paramref name="min"/>.</summary>
     public static Option<int> AtLeast(this Option<int> option, int min)

@@ -242,6 +242,7 @@ public sealed class TrainerTests : IDisposable
         var measured = new ListLogger();
         new Trainer(model, opt, schedule, new TrainerOptions { LogEverySteps = 1, PeakMeter = meter }, measured).Fit(Loader(train), epochs: 1);
         var lines = measured.Lines.Where(l => l.StartsWith("step", StringComparison.Ordinal)).ToList();
+        Assert.NotEmpty(lines);
         Assert.All(lines, l => Assert.Matches(@"MFU \d+\.\d %", l));
         Assert.Equal(lines.Count * meter.Shapes.Count, meter.PeakSamples);
         Assert.Throws<ArgumentOutOfRangeException>(() => new Trainer(model, opt, schedule, new TrainerOptions { PeakFlopsPerSecond = 0 }));
