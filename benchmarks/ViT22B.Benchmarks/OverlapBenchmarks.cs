@@ -4,6 +4,7 @@ using BenchmarkDotNet.Configs;
 using BenchmarkDotNet.Reports;
 using BenchmarkDotNet.Running;
 using TorchSharp;
+using ViT22B.Models;
 using ViT22B.Parallel;
 using static TorchSharp.torch;
 
@@ -51,7 +52,9 @@ public class OverlapBenchmarks
     [GlobalSetup]
     public void Setup()
     {
-        const long tokens = 197, batch = 8, d = 768, f = 3072;
+        const long tokens = 197, batch = 8;
+        var layout = ViTConfig.Parse("B/16").BlockOptions.Layout;   // the fused in- and out-projections' widths
+        long d = layout.Dim;
         int k = Ranks;
         _counts = TokenPartition.Counts(tokens, k);
         var world = new ThreadedWorld(k, TimeSpan.FromMinutes(5));
@@ -59,9 +62,9 @@ public class OverlapBenchmarks
         _pool = new RankPool(k);
         var g = new torch.Generator(0);
         _x = Enumerable.Range(0, k).Select(r => torch.randn(new[] { _counts[r], batch, d }, generator: g).DetachFromDisposeScope()).ToArray();
-        _wIn = Enumerable.Range(0, k).Select(_ => torch.randn(new[] { (f + 3 * d) / k, d }, generator: g).DetachFromDisposeScope()).ToArray();
-        _h = Enumerable.Range(0, k).Select(_ => torch.randn(new[] { tokens, batch, (d + f) / k }, generator: g).DetachFromDisposeScope()).ToArray();
-        _wOut = Enumerable.Range(0, k).Select(_ => torch.randn(new[] { d, (d + f) / k }, generator: g).DetachFromDisposeScope()).ToArray();
+        _wIn = Enumerable.Range(0, k).Select(_ => torch.randn(new[] { layout.InFeatures / k, d }, generator: g).DetachFromDisposeScope()).ToArray();
+        _h = Enumerable.Range(0, k).Select(_ => torch.randn(new[] { tokens, batch, layout.OutFeatures / k }, generator: g).DetachFromDisposeScope()).ToArray();
+        _wOut = Enumerable.Range(0, k).Select(_ => torch.randn(new[] { d, layout.OutFeatures / k }, generator: g).DetachFromDisposeScope()).ToArray();
         _partial = Enumerable.Range(0, k).Select(_ => torch.randn(new[] { tokens, batch, d }, generator: g).DetachFromDisposeScope()).ToArray();   // what the out-projection reduce-scatters
     }
 

@@ -86,7 +86,7 @@ public static class MemoryPlanner
         // Activations, in elements of the activation dtype, for this device's share of the batch.
         double b = Math.Ceiling((double)batch / data), t = c.NumTokens, k = model, d = c.EmbedDim, f = c.MlpDim;
         double bt = b * t;
-        double qkNorm = c.QkNorm ? 2 * d : 0;
+        double qkNorm = c.QkNorm ? 2 * d : 0, qkv = c.BlockOptions.Layout.QkvFeatures;
         double working = Working(c, bt, k);
         double activations = working, kept = 0;
         if (training)
@@ -94,8 +94,8 @@ public static class MemoryPlanner
             // Saved for backward per block: norm inputs (own tokens), gathered normed inputs, q/k/v and the attention
             // output, QK-norm inputs, the MLP pre-activation and activation (own heads / MLP slice).
             double saved = c.Block == BlockKind.Parallel
-                ? bt * (d / k + d + (3 * d + d + qkNorm + f + f) / k)
-                : bt * (2 * d / k + 2 * d + (3 * d + d + qkNorm + f + f) / k);
+                ? bt * (d / k + d + (qkv + d + qkNorm + f + f) / k)
+                : bt * (2 * d / k + 2 * d + (qkv + d + qkNorm + f + f) / k);
             // A checkpointed block keeps only its input (own tokens); in backward one block at a time is recomputed
             // and holds its saved tensors again.
             kept = (l - recomputed) * saved + recomputed * bt * d / k + bt * d * 2;   // + stem output and the gathered tokens before the head
@@ -163,8 +163,9 @@ public static class MemoryPlanner
     private static double Working(ViTConfig c, double bt, double k)
     {
         double d = c.EmbedDim, f = c.MlpDim;
+        var layout = c.BlockOptions.Layout;
         return c.Block == BlockKind.Parallel
-            ? bt * (2 * d / k + d + (f + 3 * d + d + f) / k)
-            : bt * (2 * d / k + d + Math.Max(3 * d + d, f + f) / k);
+            ? bt * (2 * d / k + d + (layout.InFeatures + d + f) / k)
+            : bt * (2 * d / k + d + Math.Max(layout.QkvFeatures + d, f + f) / k);
     }
 }

@@ -2,6 +2,7 @@ using System.Runtime.InteropServices;
 using TorchSharp;
 using ViT22B.Data;
 using ViT22B.Interop;
+using ViT22B.Layers;
 using static TorchSharp.torch;
 
 namespace ViT22B.Models;
@@ -172,6 +173,103 @@ public static class PretrainedCheckpoint
         }
         return report;
     }
+
+    /// <summary>The name of the Hugging Face configuration file beside a checkpoint.</summary>
+    public const string HuggingFaceConfigFileName = "config.json";
+
+    /// <summary>
+    /// <paramref name="config"/> with the MLP activation and norm ε that the checkpoint at <paramref name="path"/>
+    /// computes with in its home library, where the checkpoint says: a Hugging Face layout by its
+    /// <c>config.json</c> (in the folder, or beside the file or index; <c>hidden_act</c> and <c>layer_norm_eps</c>,
+    /// from <c>vision_config</c> for a text-and-vision model), and where that file is absent or leaves them out, by the
+    /// defaults of <c>transformers</c>' config class (ViT: exact GELU, ε 1e-12; DINOv2: exact GELU, 1e-6; SigLIP:
+    /// tanh GELU, 1e-6; CLIP: QuickGELU, 1e-5); a big_vision <c>.npz</c> by big_vision's MLP (Flax's <c>nn.gelu</c>,
+    /// the tanh approximation). timm and OpenCLIP files do not say, and the config stays as it is (timm's names
+    /// already carry timm's choices). <paramref name="changes"/> names every setting changed and why.
+    /// </summary>
+    /// <exception cref="InvalidDataException"><c>config.json</c> is not JSON, or names an activation this library
+    /// does not have (the message names the file and the value).</exception>
+    public static ViTConfig MatchHome(ViTConfig config, string path, out IReadOnlyList<string> changes)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentNullException.ThrowIfNull(path);
+        CheckpointLayout layout;
+        using (var source = TensorSources.Open(path)) layout = DetectLayout(source);
+        var (defaultAct, defaultEps, configClass) = layout switch
+        {
+            CheckpointLayout.HuggingFaceViT => ((Activation?)Activation.Gelu, (double?)1e-12, "ViTConfig"),
+            CheckpointLayout.HuggingFaceDinov2 => (Activation.Gelu, 1e-6, "Dinov2Config"),
+            CheckpointLayout.HuggingFaceSiglip => (Activation.GeluTanh, 1e-6, "SiglipVisionConfig"),
+            CheckpointLayout.HuggingFaceClip => (Activation.QuickGelu, 1e-5, "CLIPVisionConfig"),
+            _ => (null, null, null),
+        };
+        var found = new List<string>();
+        var result = config;
+        if (layout == CheckpointLayout.BigVision)
+        {
+            result = Set(result, Activation.GeluTanh, null, "big_vision's MLP uses Flax's nn.gelu, the tanh approximation", found);
+        }
+        else if (configClass is not null)
+        {
+            string folder = Directory.Exists(path) ? path : Path.GetDirectoryName(Path.GetFullPath(path))!;
+            string file = Path.Combine(folder, HuggingFaceConfigFileName);
+            string? actName = null;
+            double? eps = null;
+            if (File.Exists(file)) (actName, eps) = ReadHuggingFaceVision(file);
+            var act = actName is null ? defaultAct : HuggingFaceActivation(actName, file);
+            string Why(bool fromFile, string what) => fromFile ? $"{file}: {what}" : $"transformers' {configClass} default{(File.Exists(file) ? $" ({file} leaves it out)" : $" (no {HuggingFaceConfigFileName} beside the checkpoint)")}";
+            result = Set(result, act, null, Why(actName is not null, $"hidden_act {actName}"), found);
+            result = Set(result, null, eps ?? defaultEps, Why(eps is not null, $"layer_norm_eps {eps}"), found);
+        }
+        changes = found;
+        return result.Validate();
+
+        static ViTConfig Set(ViTConfig c, Activation? act, double? eps, string why, List<string> notes)
+        {
+            if (act is Activation a && a != c.Act)
+            {
+                notes.Add($"activation {c.Act} → {a} ({why})");
+                c = c with { Act = a };
+            }
+            if (eps is double e && e != c.NormEps)
+            {
+                notes.Add($"norm ε {c.NormEps:G} → {e:G} ({why})");
+                c = c with { NormEps = e };
+            }
+            return c;
+        }
+    }
+
+    // hidden_act and layer_norm_eps of a Hugging Face config.json (its vision_config when it has one); null when absent.
+    private static (string? Act, double? Eps) ReadHuggingFaceVision(string file)
+    {
+        try
+        {
+            using var doc = System.Text.Json.JsonDocument.Parse(File.ReadAllBytes(file));
+            var root = doc.RootElement;
+            if (root.ValueKind != System.Text.Json.JsonValueKind.Object)
+                throw new InvalidDataException($"'{file}' is not a Hugging Face configuration (a JSON object).");
+            if (root.TryGetProperty("vision_config", out var vision) && vision.ValueKind == System.Text.Json.JsonValueKind.Object) root = vision;
+            string? act = root.TryGetProperty("hidden_act", out var a) ? a.ValueKind == System.Text.Json.JsonValueKind.String ? a.GetString()
+                : throw new InvalidDataException($"'{file}': hidden_act must be a string, found {a.ValueKind}.") : null;
+            double? eps = root.TryGetProperty("layer_norm_eps", out var e) ? e.ValueKind == System.Text.Json.JsonValueKind.Number && e.GetDouble() > 0 ? e.GetDouble()
+                : throw new InvalidDataException($"'{file}': layer_norm_eps must be a positive number, found {e}.") : null;
+            return (act, eps);
+        }
+        catch (System.Text.Json.JsonException ex)
+        {
+            throw new InvalidDataException($"'{file}' is not valid JSON: {ex.Message}", ex);
+        }
+    }
+
+    // transformers' ACT2FN names of the GELU family this library has.
+    private static Activation HuggingFaceActivation(string name, string file) => name switch
+    {
+        "gelu" or "gelu_python" => Activation.Gelu,
+        "gelu_pytorch_tanh" or "gelu_new" or "gelu_fast" => Activation.GeluTanh,
+        "quick_gelu" => Activation.QuickGelu,
+        _ => throw new InvalidDataException($"'{file}': hidden_act '{name}' is not an activation this library has (gelu, gelu_python, gelu_new, gelu_fast, gelu_pytorch_tanh, quick_gelu)."),
+    };
 
     /// <summary>The report's name for a layout.</summary>
     public static string LayoutName(CheckpointLayout layout) => layout switch

@@ -108,6 +108,84 @@ public sealed class PretrainedCheckpointTests : IDisposable
     }
 
     [Fact]
+    public void A_Hugging_Face_SigLIP_checkpoint_computes_what_transformers_computes_once_the_config_matches_its_home()
+    {
+        // transformers' SiglipVisionConfig uses the tanh GELU, timm's SigLIP names the exact one. The "home" model here
+        // is this library's with the tanh GELU (its numerics are checked against the float64 reference elsewhere).
+        var timm = Classic with { ClassToken = false, GlobalPool = GlobalPool.Map, NumClasses = 0 };
+        var home = timm with { Act = Activation.GeluTanh };
+        using var m = Random(home, 21);
+        Directory.CreateDirectory(PathOf("siglip"));
+        string path = Save(Path.Combine("siglip", "model.safetensors"), HomeLayouts.HfSiglip(m.state_dict(), home, textTower: false));
+        var matched = PretrainedCheckpoint.MatchHome(timm, path, out var changes);
+        Assert.Equal(home, matched);
+        Assert.Equal($"activation Gelu → GeluTanh (transformers' SiglipVisionConfig default (no config.json beside the checkpoint))", Assert.Single(changes));
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        var images = TestUtil.RandomImages(home, 2, seed: 78);
+        var expected = m.call(images);
+        using var asTimm = new VisionTransformer(timm, torch.CPU, ScalarType.Float64);
+        using var asHome = new VisionTransformer(matched, torch.CPU, ScalarType.Float64);
+        PretrainedCheckpoint.Load(asTimm, path);
+        PretrainedCheckpoint.Load(asHome, path);
+        Assert.True(TestUtil.MaxAbs(asHome.call(images), expected) < 1e-12);
+        Assert.True(TestUtil.MaxAbs(asTimm.call(images), expected) > 1e-6);   // the exact GELU computes something else
+    }
+
+    [Fact]
+    public void The_home_activation_and_norm_epsilon_come_from_config_json_else_the_home_defaults()
+    {
+        var c = Classic with { ClassToken = false, GlobalPool = GlobalPool.Map, NumClasses = 0 };
+        using var m = Random(c, 22);
+        string Folder(string name, IDictionary<string, Tensor> tensors, string? json)
+        {
+            Directory.CreateDirectory(PathOf(name));
+            Save(Path.Combine(name, "model.safetensors"), tensors);
+            if (json is not null) File.WriteAllText(PathOf(Path.Combine(name, "config.json")), json);
+            return PathOf(name);
+        }
+        // A SiglipModel's config.json: the vision settings are under vision_config; what it leaves out is the default.
+        string siglip = Folder("siglip", HomeLayouts.HfSiglip(m.state_dict(), c, textTower: true),
+            """{"model_type": "siglip", "text_config": {"hidden_act": "quick_gelu"}, "vision_config": {"hidden_act": "gelu", "layer_norm_eps": 1e-05}}""");
+        var matched = PretrainedCheckpoint.MatchHome(c, siglip, out var changes);
+        Assert.Equal(c with { NormEps = 1e-5 }, matched);
+        Assert.Equal($"norm ε 1E-06 → 1E-05 ({Path.Combine(siglip, "config.json")}: layer_norm_eps 1E-05)", Assert.Single(changes));
+
+        // Hugging Face ViT without config.json: transformers' ViTConfig defaults (exact GELU, ε 1e-12).
+        var vit = Classic with { NumClasses = 3 };
+        using var mv = Random(vit, 23);
+        matched = PretrainedCheckpoint.MatchHome(vit, Folder("vit", HomeLayouts.HfVit(mv.state_dict(), vit, classifier: true), null), out changes);
+        Assert.Equal(vit with { NormEps = 1e-12 }, matched);
+        Assert.Single(changes);
+
+        // CLIP: QuickGELU and ε 1e-5 from an (OpenAI-style) config.json that names only the activation.
+        var clip = Classic with { PreNorm = true, NumClasses = 0 };
+        using var mc = Random(clip, 24);
+        matched = PretrainedCheckpoint.MatchHome(clip, Folder("clip", HomeLayouts.HfClip(mc.state_dict(), clip, projection: false),
+            """{"hidden_act": "quick_gelu"}"""), out changes);
+        Assert.Equal(clip with { Act = Activation.QuickGelu, NormEps = 1e-5 }, matched);
+        Assert.Equal(2, changes.Count);
+
+        // big_vision: Flax's nn.gelu is the tanh approximation; timm files say nothing, so nothing changes.
+        string npz = PathOf("bv.npz");
+        HomeLayouts.SaveNpz(npz, HomeLayouts.BigVision(m.state_dict(), c, ""));
+        Assert.Equal(c with { Act = Activation.GeluTanh }, PretrainedCheckpoint.MatchHome(c, npz, out changes));
+        Assert.Contains("nn.gelu", Assert.Single(changes));
+        string timmFile = Save("timm.safetensors", m.state_dict());
+        Assert.Equal(c, PretrainedCheckpoint.MatchHome(c, timmFile, out changes));
+        Assert.Empty(changes);
+
+        // Bad config.json: named, with what is wrong.
+        string relu = Folder("relu", HomeLayouts.HfSiglip(m.state_dict(), c, textTower: false), """{"vision_config": {"hidden_act": "relu"}}""");
+        var e = Assert.Throws<InvalidDataException>(() => PretrainedCheckpoint.MatchHome(c, relu, out _));
+        Assert.Contains(Path.Combine(relu, "config.json"), e.Message);
+        Assert.Contains("'relu'", e.Message);
+        string broken = Folder("broken", HomeLayouts.HfSiglip(m.state_dict(), c, textTower: false), """{"vision_config": """);
+        e = Assert.Throws<InvalidDataException>(() => PretrainedCheckpoint.MatchHome(c, broken, out _));
+        Assert.Contains("is not valid JSON", e.Message);
+    }
+
+    [Fact]
     public void Hugging_Face_CLIP_with_projection_loads_with_pre_norm_and_a_zero_head_bias()
     {
         var c = Classic with { PreNorm = true, Act = Activation.QuickGelu, NormEps = 1e-5, NumClasses = 6 };
