@@ -109,6 +109,7 @@ public sealed class SafetensorsReader : ITensorSource
                     _stream.Seek(_dataStart + e.Begin, SeekOrigin.Begin);
                     t.ReadBytesFromStream(_stream, 1 << 20);
                 }
+                Interlocked.Add(ref _bytesRead, e.ByteCount);
             }
             return t;
         }
@@ -164,6 +165,7 @@ public sealed class SafetensorsReader : ITensorSource
             {
                 if (added) view.DangerousRelease();
             }
+            Interlocked.Add(ref _bytesRead, t.numel() * element);
         }
         catch
         {
@@ -172,6 +174,12 @@ public sealed class SafetensorsReader : ITensorSource
         }
         return t;
     }
+
+    /// <summary>Tensor bytes copied out of the file so far, by <see cref="Read"/> and <see cref="ReadSlice"/> (tests
+    /// check that a rank of a sharded model reads only what it holds).</summary>
+    internal long BytesRead => Interlocked.Read(ref _bytesRead);
+
+    private long _bytesRead;
 
     private MemoryMappedFile? _map;
     private MemoryMappedViewAccessor? _view;

@@ -310,13 +310,15 @@ public class MemoryPlannerTests
             // keep, up to a few MB while a load runs (measured: 1-3 MB in one load of three, in a full test run); a real excess
             // shows in every load. So the shard is loaded five times, each load measured from its own starting point, and
             // the smallest peak and remainder are compared.
-            var loads = new List<(long Peak, long After, int Reads, int SliceReads)>();
+            var loads = new List<(long Peak, long After, int Reads, int SliceReads, long BytesRead)>();
             for (int pass = 0; pass < 5; pass++)
             {
                 long baseline = Allocated();
-                using var sampled = new SampledSource(source == "file" ? SafetensorsReader.Open(path) : ViT22B.Parallel.ShardedCheckpoint.Open(folder), baseline);
+                var reader = source == "file" ? SafetensorsReader.Open(path) : ViT22B.Parallel.ShardedCheckpoint.Open(folder);
+                using var sampled = new SampledSource(reader, baseline);
                 shard.LoadFull(sampled);
-                loads.Add((sampled.Peak, Allocated(collect: false) - baseline, sampled.Reads, sampled.SliceReads));
+                long bytesRead = reader is SafetensorsReader single ? single.BytesRead : ((ViT22B.Parallel.ShardedCheckpointSource)reader).BytesRead;
+                loads.Add((sampled.Peak, Allocated(collect: false) - baseline, sampled.Reads, sampled.SliceReads, bytesRead));
             }
             long peak = loads.Min(l => l.Peak), after = loads.Min(l => l.After);
             string seen = $"peaks {string.Join(", ", loads.Select(l => l.Peak.ToString("N0", System.Globalization.CultureInfo.InvariantCulture)))} bytes " +
@@ -333,6 +335,8 @@ public class MemoryPlannerTests
             Assert.All(loads, l => Assert.Equal(split, l.SliceReads));
             Assert.All(loads, l => Assert.Equal(shapes.Count - split, l.Reads));
             Assert.True(split > 0);
+            // And the source copied out of its files exactly the shard's bytes: no slice was read whole and then cut.
+            Assert.All(loads, l => Assert.Equal(shard.ParameterBytes, l.BytesRead));
         }
         finally
         {
