@@ -21,8 +21,9 @@ public enum OnnxWeights
     /// <summary>bfloat16 weights, cast to float32 once when ONNX Runtime loads the model.</summary>
     BF16,
     /// <summary>Linear layers in int8 (symmetric, one scale per output channel) with inputs quantized per call to
-    /// uint8 (<c>DynamicQuantizeLinear</c> + <c>MatMulInteger</c>, the graph ONNX Runtime's <c>quantize_dynamic</c>
-    /// writes with <c>per_channel=True</c>); the other weights float32.</summary>
+    /// uint8 (<c>DynamicQuantizeLinear</c> + <c>MatMulInteger</c>, the pattern ONNX Runtime's <c>quantize_dynamic</c>
+    /// writes with <c>per_channel=True</c> as read from its quantization tools; not compared with a file it wrote); the
+    /// other weights float32.</summary>
     DynamicInt8,
 }
 
