@@ -44,6 +44,38 @@ public class ForwardIntermediatesTests
         Assert.True(TensorAssert.Same(maps[0].Tokens[.., .., 2, 3], tokens[0].Tokens[.., 2 * 4 + 3, ..]));
     }
 
+    [Theory]
+    [InlineData(BlockKind.Sequential)]
+    [InlineData(BlockKind.Parallel)]
+    public void A_non_square_fc_norm_model_gives_raw_tokens_and_non_square_maps(BlockKind kind)
+    {
+        // timm: with fc_norm the model's norm is an identity, so norm=True changes nothing; maps follow the real grid
+        // (here 4 × 6 patches); prefix tokens without position slots (no_embed_class) are split off all the same.
+        var c = TestUtil.Tiny(kind) with
+        {
+            Depth = 3, ImgWidth = 24, ClassToken = true, RegTokens = 1, NoEmbedClass = true, GlobalPool = GlobalPool.Gap,
+        };
+        Assert.True(c.UsesFcNorm);
+        using var model = new VisionTransformer(c, torch.CPU, ScalarType.Float64);
+        TestUtil.Randomize(model, seed: 42);
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        var images = TestUtil.RandomImages(c, 2, seed: 43, h: 16, w: 24);
+        var sd = model.state_dict();
+        var normed = model.ForwardIntermediates(images, new[] { 1, 2 }, norm: true);
+        var raw = model.ForwardIntermediates(images, new[] { 1, 2 });
+        foreach (var (o, r) in normed.Zip(raw))
+        {
+            Assert.True(TensorAssert.Same(o.Tokens, r.Tokens));
+            var expected = new Reference(sd, c with { Depth = o.Block + 1 }).Model(images).Tokens;   // raw: fc_norm model
+            Assert.True(TestUtil.MaxAbs(o.Tokens, expected.narrow(1, 2, 24)) < 1e-12);
+            Assert.True(TestUtil.MaxAbs(o.Prefix!, expected.narrow(1, 0, 2)) < 1e-12);
+        }
+        var maps = model.ForwardIntermediates(images, new[] { 2 }, featureMaps: true);
+        Assert.Equal(new long[] { 2, c.EmbedDim, 4, 6 }, maps[0].Tokens.shape);
+        Assert.True(TensorAssert.Same(maps[0].Tokens[.., .., 3, 1], raw[1].Tokens[.., 3 * 6 + 1, ..]));
+    }
+
     [Fact]
     public void Bad_indices_are_named()
     {
