@@ -23,8 +23,8 @@ public sealed class NpzFormatException : FormatException
 /// <para>Refused before any tensor memory is allocated, with a message naming the member: dtypes other than little-endian
 /// float16/32/64 (integers, object arrays that would need unpickling, void and structured dtypes), a member whose
 /// stored size disagrees with its header's shape, a member that claims to expand more than deflate can
-/// (<see cref="MaxDeflateRatio"/>: a zip bomb), and members whose compressed sizes add up to more than the file (entries
-/// sharing data: the overlapping-file zip bomb). A member whose data ends early is reported as truncated.</para>
+/// (<see cref="MaxDeflateRatio"/>: a zip bomb), and members whose compressed sizes add up to more than the file or
+/// whose data overlap in it (entries sharing data: the overlapping-file zip bomb). A member whose data ends early is reported as truncated.</para>
 /// </summary>
 public sealed class NpzReader : ITensorSource
 {
@@ -74,7 +74,10 @@ public sealed class NpzReader : ITensorSource
                 throw new NpzFormatException($"NumPy archive '{path}' is not a readable zip file (truncated or corrupt): {e.Message}", e);
             }
             long compressedTotal = 0;
-            var methods = CompressionMethods(file);
+            var directory = CentralDirectory(file);
+            RefuseOverlaps(path, directory);
+            var methods = new Dictionary<string, int>(StringComparer.Ordinal);
+            foreach (var d in directory) methods.TryAdd(d.Name, d.Method);
             var members = new Dictionary<string, Member>(StringComparer.Ordinal);
             var names = new List<string>();
             foreach (var entry in zip.Entries)
@@ -157,12 +160,30 @@ public sealed class NpzReader : ITensorSource
     private Member Get(string name) => _members.TryGetValue(name, out var m) ? m
         : throw new KeyNotFoundException($"NumPy archive '{Path}' has no array '{name}'.");
 
-    // The compression method of each central-directory entry (ZipArchiveEntry does not expose it): the end record (or
-    // its zip64 locator) gives the directory's offset; each 46-byte entry header holds the method at byte 10 and the name
-    // at byte 46 (PKWARE APPNOTE 4.3.12-4.3.16). Entries that cannot be read here get no method, and are refused.
-    private static Dictionary<string, int> CompressionMethods(FileStream file)
+    // One central-directory entry as this reader checks it: the compression method, and where its local header starts
+    // with the smallest span it covers (30-byte header, name, compressed data); null sizes are zip64 ones, not checked.
+    private sealed record DirectoryEntry(string Name, int Method, long? LocalOffset, long? Span);
+
+    // Entries whose data ranges overlap share data: the overlapping-entry zip bomb, which can pass a size sum when the
+    // shared member is small. Each entry's local header must start after the previous entry's span ends.
+    private static void RefuseOverlaps(string path, List<DirectoryEntry> directory)
     {
-        var result = new Dictionary<string, int>(StringComparer.Ordinal);
+        var placed = directory.Where(d => d.LocalOffset is not null && d.Span is not null).OrderBy(d => d.LocalOffset).ToList();
+        for (int i = 1; i < placed.Count; i++)
+        {
+            var (a, b) = (placed[i - 1], placed[i]);
+            if (b.LocalOffset < a.LocalOffset + a.Span)
+                throw new NpzFormatException($"NumPy archive '{path}': members '{a.Name}' and '{b.Name}' overlap in the file (their data starts at bytes {a.LocalOffset} and {b.LocalOffset}), so they share data (a zip bomb); refused.");
+        }
+    }
+
+    // The central directory (ZipArchiveEntry exposes neither the compression method nor the local header's offset): the
+    // end record (or its zip64 locator) gives the directory's offset; each 46-byte entry header holds the method at byte
+    // 10, the compressed size at 20, the name's length at 28 and the local header's offset at 42, the name at 46 (PKWARE
+    // APPNOTE 4.3.12-4.3.16). Entries that cannot be read here get no method, and are refused.
+    private static List<DirectoryEntry> CentralDirectory(FileStream file)
+    {
+        var result = new List<DirectoryEntry>();
         long length = file.Length;
         int tail = (int)Math.Min(length, 22 + 65535);
         var end = new byte[tail];
@@ -192,13 +213,16 @@ public sealed class NpzReader : ITensorSource
             file.ReadExactly(header);
             if (BinaryPrimitives.ReadUInt32LittleEndian(header) != 0x02014b50) break;
             int method = BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(10));
+            long compressed = BinaryPrimitives.ReadUInt32LittleEndian(header.AsSpan(20));
+            long local = BinaryPrimitives.ReadUInt32LittleEndian(header.AsSpan(42));
             int nameLength = BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(28));
             int skip = BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(30)) + BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(32));
             var name = new byte[nameLength];
             if (file.Position + nameLength + skip > length) break;
             file.ReadExactly(name);
             file.Seek(skip, SeekOrigin.Current);
-            result.TryAdd(Encoding.UTF8.GetString(name), method);
+            bool zip64 = compressed == 0xFFFFFFFF || local == 0xFFFFFFFF;
+            result.Add(new DirectoryEntry(Encoding.UTF8.GetString(name), method, zip64 ? null : local, zip64 ? null : 30 + nameLength + compressed));
         }
         file.Seek(0, SeekOrigin.Begin);
         return result;

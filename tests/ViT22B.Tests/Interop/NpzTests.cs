@@ -145,6 +145,30 @@ public sealed class NpzTests : IDisposable
     }
 
     [Fact]
+    public void A_small_member_listed_twice_beside_a_large_one_is_refused_though_the_sizes_fit_the_file()
+    {
+        // The sum of compressed sizes (2 × small + large) stays under the file's length here, so only the overlap of the
+        // two entries' ranges shows that they share data (a review found the size sum alone let this pass).
+        var small = HomeLayouts.Npy(Values(ScalarType.Float32, 4));
+        var large = HomeLayouts.Npy(Values(ScalarType.Float32, 4000));
+        var entries = new[]
+        {
+            new RawZip.Entry("a.npy", small, Method: 0, UncompressedSize: small.Length, Crc: RawZip.Crc32(small)),
+            new RawZip.Entry("b.npy", large, Method: 0, UncompressedSize: large.Length, Crc: RawZip.Crc32(large)),
+        };
+        var bytes = RawZip.Build(entries, alsoPointAt: new[] { 0 });
+        Assert.True(2L * small.Length + large.Length <= bytes.Length);
+        string path = PathOf("overlap-small.npz");
+        File.WriteAllBytes(path, bytes);
+        var e = Assert.Throws<NpzFormatException>(() => NpzReader.Open(path));
+        Assert.Contains("'a.npy' and 'again_a.npy' overlap", e.Message, StringComparison.Ordinal);
+        // The same archive without the second listing opens.
+        File.WriteAllBytes(path, RawZip.Build(entries));
+        using var reader = NpzReader.Open(path);
+        Assert.Equal(new[] { "a", "b" }, reader.Names);
+    }
+
+    [Fact]
     public void A_member_that_is_not_npy_is_named()
     {
         string path = PathOf("x.npz");
@@ -179,7 +203,9 @@ internal static class RawZip
         return ~crc;
     }
 
-    public static byte[] Build(IReadOnlyList<Entry> entries, int centralCopies = 1)
+    /// <param name="alsoPointAt">Entries to list once more in the central directory, under another name, pointing at
+    /// the same local header (the overlapping-entry zip bomb with a few entries only).</param>
+    public static byte[] Build(IReadOnlyList<Entry> entries, int centralCopies = 1, IReadOnlyList<int>? alsoPointAt = null)
     {
         using var ms = new MemoryStream();
         var w = new BinaryWriter(ms);
@@ -204,6 +230,16 @@ internal static class RawZip
                 w.Write((ushort)0); w.Write((ushort)0); w.Write((ushort)0); w.Write(0u); w.Write((uint)offsets[i]);
                 w.Write(name);
             }
+        foreach (int i in alsoPointAt ?? Array.Empty<int>())
+        {
+            var e = entries[i];
+            var name = Encoding.ASCII.GetBytes($"again_{e.Name}");
+            w.Write(0x02014b50u); w.Write((ushort)20); w.Write((ushort)20); w.Write((ushort)0); w.Write(e.Method); w.Write((ushort)0); w.Write((ushort)0x21);
+            w.Write(e.Crc); w.Write((uint)e.Data.Length); w.Write((uint)e.UncompressedSize); w.Write((ushort)name.Length); w.Write((ushort)0);
+            w.Write((ushort)0); w.Write((ushort)0); w.Write((ushort)0); w.Write(0u); w.Write((uint)offsets[i]);
+            w.Write(name);
+            count++;
+        }
         long cdSize = ms.Position - cdStart;
         w.Write(0x06054b50u); w.Write((ushort)0); w.Write((ushort)0); w.Write((ushort)count); w.Write((ushort)count);
         w.Write((uint)cdSize); w.Write((uint)cdStart); w.Write((ushort)0);
