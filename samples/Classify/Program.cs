@@ -135,6 +135,8 @@ static VisionTransformer LoadModel(string path, string? configArg, out IReadOnly
         ? source.Metadata.TryGetValue(PretrainedCheckpoint.ConfigMetadataKey, out var json) ? ViTConfigJson.FromJson(json, path)
             : throw new ArgumentException($"Checkpoint '{path}' stores no config (metadata '{PretrainedCheckpoint.ConfigMetadataKey}') and is not a training checkpoint; pass --config (a preset, timm name or config JSON).")
         : File.Exists(configArg) ? ViTConfigJson.Load(configArg) : ViTConfig.TimmNames.Contains(configArg) ? ViTConfig.FromTimm(configArg) : ViTConfig.Parse(configArg);
+    config = PretrainedCheckpoint.MatchHome(config, path, out var changes);   // its home library's activation and norm ε
+    foreach (var change in changes) Console.WriteLine($"Config matched to the checkpoint's home: {change}.");
     ModelAccounting.EnsureFitsInHostMemory(config, ScalarType.Float32);
     var model = new VisionTransformer(config, torch.CPU, ScalarType.Float32);
     try

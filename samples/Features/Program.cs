@@ -66,6 +66,12 @@ static void Run(string configArg, string? weights, string input, FileInfo output
     var config = File.Exists(configArg) ? ViTConfigJson.Load(configArg) : timmName ? ViTConfig.FromTimm(configArg) : ViTConfig.Parse(configArg);
     if (imgSize is int size) config = (config with { ImgSize = size }).Validate();
     if (numClasses is int classes) config = (config with { NumClasses = classes }).Validate();
+    if (weights is not null)
+    {
+        // The activation and norm ε the checkpoint's home library computes with (Hugging Face: its config.json).
+        config = PretrainedCheckpoint.MatchHome(config, weights, out var changes);
+        foreach (var change in changes) Console.WriteLine($"Config matched to the checkpoint's home: {change}.");
+    }
     var dtype = dtypeArg is null ? config.DType : ViTConfigJson.ParseDType(dtypeArg);
     var device = new Device(deviceArg);
     int[]? layers = layersArg is null ? null : ParseLayers(layersArg, config.Depth);

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Packs ViT22B, then builds and runs a console app in a temporary folder that references the package from a
+# Packs ViT22B (and ViT22B.Onnx, ViT22B.OnnxRuntime), then builds and runs a console app in a temporary folder that references the package from a
 # local feed (plus libtorch-cpu-linux-x64), as a user would. Proves the package carries everything, including
 # the libstdc++ compatibility step for GCC 12 distributions (Debian 12, Ubuntu 22.04).
 set -euo pipefail
@@ -9,12 +9,14 @@ version="0.1.0-smoke.$(date +%s)"
 cleanup() {
   rm -rf "$work"
   # The unique smoke version was extracted into the package cache by restore; drop it again.
-  rm -rf "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b/$version" "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b.onnxruntime/$version"
+  rm -rf "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b/$version" "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b.onnxruntime/$version" \
+    "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b.onnx/$version"
 }
 trap cleanup EXIT
 
 dotnet pack "$root/src/ViT22B/ViT22B.csproj" -c Release -o "$work/feed" -p:Version="$version" --nologo -v quiet
 dotnet pack "$root/src/ViT22B.OnnxRuntime/ViT22B.OnnxRuntime.csproj" -c Release -o "$work/feed" -p:Version="$version" --nologo -v quiet
+dotnet pack "$root/src/ViT22B.Onnx/ViT22B.Onnx.csproj" -c Release -o "$work/feed" -p:Version="$version" --nologo -v quiet
 ls "$work/feed"
 if command -v unzip >/dev/null; then
   unzip -l "$work/feed/ViT22B.$version.nupkg" | grep -q "buildTransitive/ViT22B.targets" \
@@ -55,6 +57,7 @@ XML
 
 console_app "$work/app" SmokeApp "$root/tests/PackageSmoke/Program.cs.txt" \
   "<PackageReference Include=\"ViT22B\" Version=\"$version\" />" \
+  "<PackageReference Include=\"ViT22B.Onnx\" Version=\"$version\" />" \
   '<PackageReference Include="libtorch-cpu-linux-x64" Version="2.10.0" />'
 cd "$work/app"
 dotnet build -c Release --nologo -v quiet
