@@ -35,14 +35,14 @@ MUTATIONS = [
         var c = d.clone();''')],'Non_contiguous_inputs_are_sent_as_contiguous_copies'),
  ('7 known counts',[('src/ViT22B/Cuda/NcclCommunicator.cs','if (counts is null) rows = ExchangeRows(local.shape[0]);','if (counts is null || local.shape[0] >= 0) rows = ExchangeRows(local.shape[0]);')],'Unknown_sizes_cost_a_collective_and_a_host_read_known_ones_nothing'),
  ('12 wait throws after a failure',[('src/ViT22B/Cuda/NcclCommunicator.cs','''            ThrowIfFailed(w.Op);
-            w.Done!.Wait(_dev.CurrentStream(Device));
-            waited = true;
-            ThrowIfFailed(w.Op);''','''            w.Done!.Wait(_dev.CurrentStream(Device));
-            waited = true;''')],'Every_wait_after_a_failure_throws_a_communicator_exception'),
- ('host sync: Wait polls the done event',[('src/ViT22B/Cuda/NcclCommunicator.cs','''            ThrowIfFailed(w.Op);
-            w.Done!.Wait(_dev.CurrentStream(Device));''','''            ThrowIfFailed(w.Op);
-            while (!w.Done!.IsComplete) Thread.Yield();
-            w.Done!.Wait(_dev.CurrentStream(Device));''')],'A_ring_step_exchanges_no_sizes_and_reads_nothing_on_the_host|A_sharded_training_step_never_exchanges_sizes'),
+            // The stream the buffers came from waits''','''            // The stream the buffers came from waits'''),('src/ViT22B/Cuda/NcclCommunicator.cs','''            if (current != w.Compute) w.Done.Wait(current);
+            ThrowIfFailed(w.Op);''','''            if (current != w.Compute) w.Done.Wait(current);''')],'Every_wait_after_a_failure_throws_a_communicator_exception'),
+ ('host sync: Wait polls the done event',[('src/ViT22B/Cuda/NcclCommunicator.cs','''            w.Done!.Wait(w.Compute);
+            waited = true;''','''            while (!w.Done!.IsComplete) Thread.Yield();
+            w.Done!.Wait(w.Compute);
+            waited = true;''')],'A_ring_step_exchanges_no_sizes_and_reads_nothing_on_the_host'),
+ ('synchronize checks nothing',[('src/ViT22B/Cuda/NcclCommunicator.cs','''            Observe();
+            ThrowIfFailed("Synchronize");''','''            if (watch.Elapsed >= TimeSpan.Zero) return;''')],'Synchronize_reports_a_collective_that_never_finished'),
  ('in-group ncclInProgress refused',[('src/ViT22B/Interop/NcclComm.cs','static bool Accepted(NcclResult r) => r is NcclResult.Success or NcclResult.InProgress;','static bool Accepted(NcclResult r) => r is NcclResult.Success;')],'A_ring_step_exchanges_no_sizes_and_reads_nothing_on_the_host'),
  ('backward failure leaves the communicator usable',[('src/ViT22B/Parallel/BackwardFailures.cs','if (e is not CommunicatorException) comm.Abort(e);','')],'A_failure_inside_a_backward_region_takes_the_rank_out_of_the_group'),
     ('thread: a communicator used from a second thread', [(STAND_IN, 'else if (c.OwnerThread != thread) Violation(', 'else if (c.OwnerThread == -99) Violation(')],

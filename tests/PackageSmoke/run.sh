@@ -19,7 +19,9 @@ dotnet pack "$root/src/ViT22B.OnnxRuntime/ViT22B.OnnxRuntime.csproj" -c Release 
 dotnet pack "$root/src/ViT22B.Onnx/ViT22B.Onnx.csproj" -c Release -o "$work/feed" -p:Version="$version" --nologo -v quiet
 ls "$work/feed"
 if command -v unzip >/dev/null; then
-  unzip -l "$work/feed/ViT22B.$version.nupkg" | grep -q "buildTransitive/ViT22B.targets" \
+  # The listing goes to a file first: with pipefail, grep -q closing the pipe early would fail unzip (SIGPIPE).
+  unzip -l "$work/feed/ViT22B.$version.nupkg" > "$work/ViT22B.listing"
+  grep -q "buildTransitive/ViT22B.targets" "$work/ViT22B.listing" \
     || { echo "package lacks buildTransitive/ViT22B.targets" >&2; exit 1; }
 fi
 cache_lib="${NUGET_PACKAGES:-$HOME/.nuget/packages}/torchsharp/0.107.0/runtimes/linux-x64/native/libLibTorchSharp.so"

@@ -39,7 +39,9 @@ internal interface ICommDevice
     /// <summary>The address of a contiguous buffer of this device (kept alive by the caller).</summary>
     nint DataPointer(Tensor buffer);
 
-    /// <summary>The communicator's last use of <paramref name="buffer"/> has finished on the device: drop it.</summary>
+    /// <summary>Drops the communicator's handle on <paramref name="buffer"/>: called once nothing can use the buffer
+    /// out of order any more (its collective has finished, or the stream it was allocated on has been made to wait for
+    /// the collective, so whatever reuses its memory from that stream's pool is queued behind it).</summary>
     void Release(Tensor buffer);
 
     /// <summary>Reads a small int64 tensor on the host: a host synchronization (it waits for everything queued before

@@ -21,15 +21,19 @@ namespace ViT22B.Cuda;
 /// synchronization.</item>
 /// <item><see cref="ICommWork.Wait"/> makes the compute stream wait for the done event and returns the result: the
 /// host does not wait, so it keeps queuing work (in the ring loops, the next steps' matmuls and permutes) while the
-/// collective runs. The buffers go back to the compute stream's allocator at once: anything that reuses them is queued
-/// behind that wait. Work disposed without being waited for is waited for the same way.</item>
+/// collective runs. The buffers go back to the allocator at once: they were allocated on the stream current when the
+/// collective was issued, that stream is the one made to wait (and the caller's current stream too, if another), and
+/// anything that reuses them from that stream's pool is queued behind the wait. Work disposed without being waited for
+/// is waited for the same way.</item>
 /// <item>A watchdog (a timer thread) watches the collectives in flight: when one has not finished within
 /// <see cref="Timeout"/> of its issue, or <c>ncclCommGetAsyncError</c> reports an error, it aborts the communicator.
 /// NCCL then ends the collectives (a compute stream waiting for them resumes, their results meaningless) and every
 /// later call throws, so the failure surfaces at the next call on this communicator, or at
-/// <see cref="Synchronize"/>, which blocks the host until everything issued has finished (<see cref="Barrier"/> and
-/// disposal use it). After a failure whose event never passes, the buffers are kept rather than freed while NCCL
-/// might still use them.</item>
+/// <see cref="Synchronize"/>, which blocks the host until everything issued has finished (<see cref="Barrier"/> uses
+/// it, and the sharded model calls it at the end of each forward, backward and gradient synchronization, so a failure
+/// is reported by the step it happened in). Disposal waits the same way, aborting what does not finish, and throws
+/// nothing. After a failure whose event never passes, the buffers are kept rather than freed while NCCL might still
+/// use them.</item>
 /// </list>
 /// Any failure once a collective has been issued — an error code (even "invalid argument"), an asynchronous error, a
 /// timeout, any exception — aborts the communicator and surfaces as <see cref="CommunicatorException"/>: the ranks
@@ -330,9 +334,11 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         Synchronize();
     }
 
-    /// <summary>Blocks the calling thread until every collective issued so far has finished on the device (a host
-    /// synchronization: <see cref="Barrier"/> and disposal use it, a ring step never does); throws
-    /// <see cref="CommunicatorException"/> if one failed or did not finish within <see cref="Timeout"/> of its issue.</summary>
+    /// <inheritdoc />
+    /// <remarks>A host synchronization (the sharded model calls it once at the end of a forward, a backward and a
+    /// gradient synchronization; <see cref="Barrier"/> uses it; a ring step never does): it polls the collectives'
+    /// done events until all have passed, and throws if one failed or did not finish within <see cref="Timeout"/> of
+    /// its issue.</remarks>
     public void Synchronize()
     {
         ThrowIfFailed("Synchronize");
@@ -355,11 +361,13 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         _disposed = true;
         try
         {
-            using (var stopped = new ManualResetEvent(false))
-                if (_watchdog.Dispose(stopped)) stopped.WaitOne();   // no tick runs after this
+            // Open work first, while the watchdog still runs: abandoning makes the compute stream wait for it, and only
+            // the watchdog would abort one that never finishes.
             Work[] open;
             lock (_lock) open = _outstanding.ToArray();
             foreach (var w in open) w.Dispose();
+            using (var stopped = new ManualResetEvent(false))
+                if (_watchdog.Dispose(stopped)) stopped.WaitOne();   // no tick runs after this
             // Destroying a communicator with collectives pending would block inside NCCL: wait for them (after an
             // abort NCCL stops them, so their events pass quickly), and abort instead if they do not finish in time.
             var limit = _comm.IsAborted ? TimeSpan.FromSeconds(5) : Timeout;
@@ -371,8 +379,9 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
                 lock (_lock) if (_inFlight.Count == 0) break;
                 if (watch.Elapsed > limit)
                 {
-                    if (!_comm.IsAborted) Fail("collectives were still running when the communicator was disposed");
-                    else break;
+                    if (_comm.IsAborted) break;
+                    Fail("collectives were still running when the communicator was disposed");
+                    (limit, watch) = (TimeSpan.FromSeconds(5), Stopwatch.StartNew());   // aborted: their events pass soon
                 }
                 NcclComm.Pause(ref spin, watch.Elapsed);
             }
@@ -401,7 +410,9 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         var all = torch.empty(Size, dtype: ScalarType.Int64, device: dev);
         using var gathered = Enqueue("AllGather(sizes)", mine, all,
             (s, deadline) => _comm.AllGather(Buf(mine, NcclDataType.Int64), Buf(all, NcclDataType.Int64), s, deadline), a => a.alias()).Wait();
-        return _dev.ReadToHost(gathered);
+        var exchanged = _dev.ReadToHost(gathered);
+        ThrowIfFailed("AllGather(sizes)");          // aborted meanwhile: the values read are meaningless
+        return exchanged;
     }
 
     private long ExchangePermutedRows(long rows, int next, int previous)
@@ -411,7 +422,9 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         var theirs = torch.empty(1, dtype: ScalarType.Int64, device: dev);
         using var received = Enqueue("Permute(sizes)", mine, theirs,
             (s, deadline) => _comm.SendRecv(Buf(mine, NcclDataType.Int64), next, Buf(theirs, NcclDataType.Int64), previous, s, deadline), t => t.alias()).Wait();
-        return _dev.ReadToHost(received)[0];
+        long exchanged = _dev.ReadToHost(received)[0];
+        ThrowIfFailed("Permute(sizes)");
+        return exchanged;
     }
 
     private NcclBuffer Buf(Tensor t, NcclDataType type) => new(_dev.DataPointer(t), (nuint)t.numel(), type);
@@ -456,13 +469,14 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         {
             ThrowIfFailed(op);
             nint compute = _dev.CurrentStream(Device);
+            w.Compute = compute;
             w.Ready = _dev.CreateEvent(Device);
             w.Done = _dev.CreateEvent(Device);
             w.Ready.Record(compute);
             w.Ready.Wait(_stream);
-            w.Deadline = DateTime.UtcNow + Timeout;
+            w.Deadline = Stopwatch.GetTimestamp() + (long)(Timeout.TotalSeconds * Stopwatch.Frequency);
             w.Issued = true;
-            issue(_stream, w.Deadline);
+            issue(_stream, DateTime.UtcNow + Timeout);
             w.Done.Record(_stream);
             w.DoneRecorded = true;
         }
@@ -496,8 +510,12 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         try
         {
             ThrowIfFailed(w.Op);
-            w.Done!.Wait(_dev.CurrentStream(Device));
+            // The stream the buffers came from waits (so they can go back to its pool), and the caller's current
+            // stream, if another, too (it consumes the result).
+            w.Done!.Wait(w.Compute);
             waited = true;
+            nint current = _dev.CurrentStream(Device);
+            if (current != w.Compute) w.Done.Wait(current);
             ThrowIfFailed(w.Op);
             return w.Finish(w.Output);
         }
@@ -525,7 +543,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         {
             if (w.DoneRecorded)
             {
-                w.Done!.Wait(_dev.CurrentStream(Device));
+                w.Done!.Wait(w.Compute);
                 waited = true;
             }
         }
@@ -588,7 +606,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
             pending = _inFlight.ToArray();
         }
         if (pending.Length == 0) return;
-        var now = DateTime.UtcNow;
+        long now = Stopwatch.GetTimestamp();
         foreach (var w in pending)
         {
             bool finished;
@@ -659,7 +677,8 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         public Func<Tensor, Tensor> Finish { get; } = finish;
         public IDeviceEvent? Ready { get; set; }
         public IDeviceEvent? Done { get; set; }
-        public DateTime Deadline { get; set; }
+        public long Deadline { get; set; }            // Stopwatch timestamp
+        public nint Compute { get; set; }             // the stream the buffers were allocated on
         public bool Issued { get; set; }
         public bool DoneRecorded { get; set; }
         public bool OwnerDone { get; set; }

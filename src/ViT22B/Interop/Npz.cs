@@ -161,14 +161,14 @@ public sealed class NpzReader : ITensorSource
         : throw new KeyNotFoundException($"NumPy archive '{Path}' has no array '{name}'.");
 
     // One central-directory entry as this reader checks it: the compression method, and where its local header starts
-    // with the smallest span it covers (30-byte header, name, compressed data); null sizes are zip64 ones, not checked.
-    private sealed record DirectoryEntry(string Name, int Method, long? LocalOffset, long? Span);
+    // with the smallest span it covers (30-byte header, name, compressed data).
+    private sealed record DirectoryEntry(string Name, int Method, long LocalOffset, long Span);
 
     // Entries whose data ranges overlap share data: the overlapping-entry zip bomb, which can pass a size sum when the
     // shared member is small. Each entry's local header must start after the previous entry's span ends.
     private static void RefuseOverlaps(string path, List<DirectoryEntry> directory)
     {
-        var placed = directory.Where(d => d.LocalOffset is not null && d.Span is not null).OrderBy(d => d.LocalOffset).ToList();
+        var placed = directory.OrderBy(d => d.LocalOffset).ToList();
         for (int i = 1; i < placed.Count; i++)
         {
             var (a, b) = (placed[i - 1], placed[i]);
@@ -214,15 +214,48 @@ public sealed class NpzReader : ITensorSource
             if (BinaryPrimitives.ReadUInt32LittleEndian(header) != 0x02014b50) break;
             int method = BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(10));
             long compressed = BinaryPrimitives.ReadUInt32LittleEndian(header.AsSpan(20));
+            long uncompressed = BinaryPrimitives.ReadUInt32LittleEndian(header.AsSpan(24));
             long local = BinaryPrimitives.ReadUInt32LittleEndian(header.AsSpan(42));
             int nameLength = BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(28));
-            int skip = BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(30)) + BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(32));
+            int extraLength = BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(30));
+            int commentLength = BinaryPrimitives.ReadUInt16LittleEndian(header.AsSpan(32));
             var name = new byte[nameLength];
-            if (file.Position + nameLength + skip > length) break;
+            var extra = new byte[extraLength];
+            if (file.Position + nameLength + extraLength + commentLength > length) break;
             file.ReadExactly(name);
-            file.Seek(skip, SeekOrigin.Current);
-            bool zip64 = compressed == 0xFFFFFFFF || local == 0xFFFFFFFF;
-            result.Add(new DirectoryEntry(Encoding.UTF8.GetString(name), method, zip64 ? null : local, zip64 ? null : 30 + nameLength + compressed));
+            file.ReadExactly(extra);
+            file.Seek(commentLength, SeekOrigin.Current);
+            // Sizes and offsets too large for 32 bits are 0xFFFFFFFF here and follow in the zip64 extra field (id 1):
+            // the uncompressed size, the compressed size, the local header's offset, each only if its field overflowed
+            // (APPNOTE 4.5.3).
+            bool known = true;
+            if (compressed == 0xFFFFFFFF || local == 0xFFFFFFFF || uncompressed == 0xFFFFFFFF)
+            {
+                known = false;
+                for (int at = 0; at + 4 <= extra.Length;)
+                {
+                    int id = BinaryPrimitives.ReadUInt16LittleEndian(extra.AsSpan(at)), size = BinaryPrimitives.ReadUInt16LittleEndian(extra.AsSpan(at + 2));
+                    if (id == 1 && at + 4 + size <= extra.Length)
+                    {
+                        int v = at + 4, stop = at + 4 + size;
+                        long Next(byte[] b)
+                        {
+                            if (v + 8 > stop) return -1;
+                            v += 8;
+                            return (long)BinaryPrimitives.ReadUInt64LittleEndian(b.AsSpan(v - 8));
+                        }
+                        if (uncompressed == 0xFFFFFFFF) uncompressed = Next(extra);
+                        if (compressed == 0xFFFFFFFF) compressed = Next(extra);
+                        if (local == 0xFFFFFFFF) local = Next(extra);
+                        known = compressed >= 0 && local >= 0 && uncompressed >= 0;
+                        break;
+                    }
+                    at += 4 + size;
+                }
+            }
+            // An entry whose place cannot be read is placed at the file's start with the whole file as its span, so
+            // it overlaps every other entry and the archive is refused.
+            result.Add(new DirectoryEntry(Encoding.UTF8.GetString(name), method, known ? local : 0, known ? 30 + nameLength + compressed : length));
         }
         file.Seek(0, SeekOrigin.Begin);
         return result;

@@ -61,4 +61,10 @@ public interface ICommunicator
     /// communicator is aborted and the peers fail at their timeout; in process: the world is poisoned and the peers
     /// fail at once.</summary>
     void Abort(Exception reason);
+
+    /// <summary>Blocks until every collective this rank issued on the group has finished, and throws
+    /// <see cref="CommunicatorException"/> if one failed. On NCCL, <see cref="ICommWork.Wait"/> returns before the
+    /// collective has run (the device is made to wait, not the host), so a failure found later (a timeout, a dead
+    /// peer) is reported here at the latest; in process every collective has finished when its <c>Wait</c> returns.</summary>
+    void Synchronize();
 }

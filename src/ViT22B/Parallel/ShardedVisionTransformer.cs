@@ -77,18 +77,44 @@ public sealed class ShardedVisionTransformer : IDisposable
     }
 
     /// <summary>This rank's images [B_r, C, H, W] → its logits (or pooled embeddings) [B_r, …]; the ranks of a
-    /// model-axis group pass the same images.</summary>
+    /// model-axis group pass the same images. Returns once the pass's collectives have finished
+    /// (<see cref="ICommunicator.Synchronize"/>), so a failed one is reported here. A failure of the rank's own in the
+    /// middle of the pass (other than an argument error, found before anything is issued) aborts its communicators:
+    /// the peers wait for collectives this rank will not issue.</summary>
+    /// <exception cref="CommunicatorException">A collective of the pass failed.</exception>
     public Tensor Forward(Tensor images)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
-        return Module.call(images);
+        Tensor output;
+        try
+        {
+            output = Module.call(images);
+        }
+        catch (Exception e) when (e is not (CommunicatorException or ArgumentException))
+        {
+            Rank.Model.Abort(e);
+            Rank.Data.Abort(e);
+            throw;
+        }
+        try
+        {
+            Rank.Model.Synchronize();
+            Rank.Data.Synchronize();
+        }
+        catch
+        {
+            output.Dispose();
+            throw;
+        }
+        return output;
     }
 
     /// <summary>
     /// <c>loss.backward()</c>, then throws any failure of a collective inside it (a peer that failed or timed out: a
     /// collective that fails inside libtorch's backward cannot throw through it, so it is recorded and thrown here).
     /// </summary>
-    /// <exception cref="CommunicatorException">A collective of the backward pass failed on this rank.</exception>
+    /// <exception cref="CommunicatorException">A collective of the backward pass failed on this rank (also one that
+    /// failed after its <c>Wait</c> returned: the pass ends with <see cref="ICommunicator.Synchronize"/>).</exception>
     public void Backward(Tensor loss)
     {
         ArgumentNullException.ThrowIfNull(loss);
@@ -103,6 +129,8 @@ public sealed class ShardedVisionTransformer : IDisposable
             _s.FsdpBuckets.Discard();
         }
         BackwardFailures.ThrowIfAny(Rank.Model, Rank.Data);
+        Rank.Model.Synchronize();    // a collective that failed after its Wait returned (NCCL) is reported here
+        Rank.Data.Synchronize();
     }
 
     /// <summary>
@@ -138,6 +166,7 @@ public sealed class ShardedVisionTransformer : IDisposable
         catch (Exception e)
         {
             BackwardFailures.Record(Rank.Data, e);
+            if (e is not CommunicatorException) Rank.Data.Abort(e);   // the data peers expect this reduce-scatter
         }
     }
 
@@ -177,6 +206,8 @@ public sealed class ShardedVisionTransformer : IDisposable
         var (modelOps, modelBytes) = AllReduceInBuckets(Rank.Model, modelAxis, bucketBytes, divideBy: 1);
         var (dataOps, dataBytes) = AllReduceInBuckets(Rank.Data, dataAxis, bucketBytes, divideBy: Rank.Mesh.DataSize);
         var (fsdpOps, fsdpBytes) = _s.FsdpBuckets.TakeCounts();
+        Rank.Model.Synchronize();    // the gradients are final only once every all-reduce has finished
+        Rank.Data.Synchronize();
         return new GradientSync(modelOps, modelBytes, dataOps, dataBytes, fsdpOps, fsdpBytes);
     }
 

@@ -48,18 +48,33 @@ public sealed class StreamedShardedVisionTransformer : IDisposable
     public StreamingStats? LastPass => _blocks.LastPass;
 
     /// <summary>This rank's images [B_r, C, H, W] → logits (or pooled embeddings), without gradients; the ranks of a
-    /// model-axis group pass the same images.</summary>
+    /// model-axis group pass the same images. Returns once the pass's collectives have finished
+    /// (<see cref="ICommunicator.Synchronize"/>), so a failed one is reported here.</summary>
     public Tensor Forward(Tensor images)
     {
         using var inference = torch.inference_mode();
-        return _model.call(images);
+        return Synchronized(_model.call(images));
     }
 
     /// <summary>Pooled embedding, patch tokens and logits, as <see cref="VisionTransformer.Encode"/>; without gradients.</summary>
     public ViTOutput Encode(Tensor images)
     {
         using var inference = torch.inference_mode();
-        return _model.Encode(images);
+        return Synchronized(_model.Encode(images));
+    }
+
+    private T Synchronized<T>(T output) where T : IDisposable
+    {
+        try
+        {
+            _rank.Model.Synchronize();
+            return output;
+        }
+        catch
+        {
+            output.Dispose();
+            throw;
+        }
     }
 
     /// <summary>Releases the resident parameters and the rank context.</summary>

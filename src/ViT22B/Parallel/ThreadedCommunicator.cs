@@ -83,6 +83,9 @@ public sealed class ThreadedCommunicator : ICommunicator, IDisposable
     public void Dispose() => _disposed = true;
 
     /// <inheritdoc />
+    public void Synchronize() => ObjectDisposedException.ThrowIf(_disposed, this);
+
+    /// <inheritdoc />
     public void Abort(Exception reason)
     {
         ArgumentNullException.ThrowIfNull(reason);

@@ -111,20 +111,22 @@ public sealed class NcclCommunicatorStandInTests
         var plan = new ShardingPlan(c, 2, 2, fsdp);
         using var images = TestUtil.RandomImages(c, 4, seed: 3, ScalarType.Float32);
         using var nccl = new NcclStandIn(deviceCount: 4);
-        var syncs = Backends.Run(Backend.NcclStandIn, new DeviceMesh(2, 2), ctx =>
+        Backends.Run(Backend.NcclStandIn, new DeviceMesh(2, 2), ctx =>
         {
             using var shard = new ShardedVisionTransformer(plan, ctx, mode, ScalarType.Float32);
             using var scope = torch.NewDisposeScope();
             var loss = shard.Forward(images.narrow(0, 2 * shard.DataIndex, 2)).square().mean();
             shard.Backward(loss);
             shard.SynchronizeGradients();
-            return nccl.HostSyncs(ctx.Rank);    // the rank's device is its rank here; before the disposal, which waits
+            return 0;
         }, standIn: nccl);
         for (int d = 0; d < 4; d++)
         {
             Assert.NotEmpty(nccl.LaunchesOf(d));
             Assert.DoesNotContain(nccl.LaunchesOf(d), l => l.Contains("Int64"));
-            Assert.Equal(0, syncs[d]);
+            // No size read on the host. (The step does synchronize with the host by design, once at the end of the
+            // forward, the backward and the gradient synchronization; a ring step never does: the test above.)
+            Assert.Equal(0, nccl.HostReads(d));
         }
     }
 
@@ -318,6 +320,27 @@ public sealed class NcclCommunicatorStandInTests
         Assert.StartsWith("0; next: CommunicatorException: ", results[0]);
         Assert.Contains("out of memory (injected)", results[0].Split("; recorded: ")[0]);
         Assert.EndsWith("recorded: out of memory (injected)", results[0]);
+    }
+
+    [Fact]
+    public void Synchronize_reports_a_collective_that_never_finished_though_nobody_waited_for_it()
+    {
+        // Wait() no longer blocks the host, so a collective can fail after the caller moved on; Synchronize (which the
+        // sharded model calls at the end of each pass) must report it. Rank 1 never issues its part.
+        using var nccl = new NcclStandIn(deviceCount: 2);
+        var watch = Stopwatch.StartNew();
+        var results = OnNccl(2, comm =>
+        {
+            if (comm.Rank == 1) return "";
+            using var scope = torch.NewDisposeScope();
+            var work = comm.AllReduceAsync(torch.ones(4));
+            var e = Record.Exception(() => comm.Synchronize());
+            work.Dispose();
+            return $"{e?.GetType().Name}: {e?.Message}";
+        }, nccl, timeoutSeconds: 1);
+        Assert.StartsWith("CommunicatorException: ", results[0]);
+        Assert.Contains("did not finish within 1 s", results[0]);
+        Assert.True(watch.Elapsed < TimeSpan.FromSeconds(30), $"took {watch.Elapsed}");
     }
 
     [Fact]

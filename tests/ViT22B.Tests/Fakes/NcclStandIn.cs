@@ -518,7 +518,9 @@ internal sealed unsafe class NcclStandIn : INcclApi, ICommDevice, IDisposable
             {
                 g.Calls.Add((c, op));
                 // NCCL answers a call on a non-blocking communicator with the communicator's state, which may be
-                // ncclInProgress inside a group (provisional: ncclGroupEnd decides); always so here, the stricter case.
+                // ncclInProgress inside a group (provisional: ncclGroupEnd decides). Real NCCL usually answers
+                // ncclSuccess there; always answering ncclInProgress makes every group exercise the case the code
+                // must also handle (both are accepted by NcclComm).
                 return c.Blocking ? NcclResult.Success : NcclResult.InProgress;
             }
         }

@@ -162,6 +162,14 @@ public sealed class NpzTests : IDisposable
         File.WriteAllBytes(path, bytes);
         var e = Assert.Throws<NpzFormatException>(() => NpzReader.Open(path));
         Assert.Contains("'a.npy' and 'again_a.npy' overlap", e.Message, StringComparison.Ordinal);
+        // The same with the offsets in the zip64 extra field (as zipfile writes offsets past 2 GiB): refused with the
+        // duplicate listing, read without it (so the offsets are parsed, not just taken as unknown and refused).
+        File.WriteAllBytes(path, RawZip.Build(entries, alsoPointAt: new[] { 0 }, zip64: true));
+        e = Assert.Throws<NpzFormatException>(() => NpzReader.Open(path));
+        Assert.Contains("'a.npy' and 'again_a.npy' overlap", e.Message, StringComparison.Ordinal);
+        File.WriteAllBytes(path, RawZip.Build(entries, zip64: true));
+        using (var zip64Reader = NpzReader.Open(path))
+            Assert.True(TestUtil.MaxAbs(zip64Reader.Read("b").to(ScalarType.Float64), Values(ScalarType.Float32, 4000).to(ScalarType.Float64)) == 0);
         // The same archive without the second listing opens.
         File.WriteAllBytes(path, RawZip.Build(entries));
         using var reader = NpzReader.Open(path);
@@ -205,7 +213,9 @@ internal static class RawZip
 
     /// <param name="alsoPointAt">Entries to list once more in the central directory, under another name, pointing at
     /// the same local header (the overlapping-entry zip bomb with a few entries only).</param>
-    public static byte[] Build(IReadOnlyList<Entry> entries, int centralCopies = 1, IReadOnlyList<int>? alsoPointAt = null)
+    /// <param name="zip64">Write every central-directory entry in the zip64 form: local-header offset 0xFFFFFFFF, the
+    /// real one in the zip64 extra field (as Python's zipfile does for offsets past 2 GiB).</param>
+    public static byte[] Build(IReadOnlyList<Entry> entries, int centralCopies = 1, IReadOnlyList<int>? alsoPointAt = null, bool zip64 = false)
     {
         using var ms = new MemoryStream();
         var w = new BinaryWriter(ms);
@@ -225,19 +235,27 @@ internal static class RawZip
             {
                 var e = entries[i];
                 var name = Encoding.ASCII.GetBytes(copy == 0 ? e.Name : $"c{copy}_{e.Name}");
-                w.Write(0x02014b50u); w.Write((ushort)20); w.Write((ushort)20); w.Write((ushort)0); w.Write(e.Method); w.Write((ushort)0); w.Write((ushort)0x21);
-                w.Write(e.Crc); w.Write((uint)e.Data.Length); w.Write((uint)e.UncompressedSize); w.Write((ushort)name.Length); w.Write((ushort)0);
-                w.Write((ushort)0); w.Write((ushort)0); w.Write((ushort)0); w.Write(0u); w.Write((uint)offsets[i]);
+                w.Write(0x02014b50u); w.Write((ushort)45); w.Write((ushort)45); w.Write((ushort)0); w.Write(e.Method); w.Write((ushort)0); w.Write((ushort)0x21);
+                w.Write(e.Crc); w.Write((uint)e.Data.Length); w.Write((uint)e.UncompressedSize); w.Write((ushort)name.Length); w.Write((ushort)(zip64 ? 12 : 0));
+                w.Write((ushort)0); w.Write((ushort)0); w.Write((ushort)0); w.Write(0u); w.Write(zip64 ? 0xFFFFFFFFu : (uint)offsets[i]);
                 w.Write(name);
+                if (zip64)
+                {
+                    w.Write((ushort)1); w.Write((ushort)8); w.Write((ulong)offsets[i]);
+                }
             }
         foreach (int i in alsoPointAt ?? Array.Empty<int>())
         {
             var e = entries[i];
             var name = Encoding.ASCII.GetBytes($"again_{e.Name}");
-            w.Write(0x02014b50u); w.Write((ushort)20); w.Write((ushort)20); w.Write((ushort)0); w.Write(e.Method); w.Write((ushort)0); w.Write((ushort)0x21);
-            w.Write(e.Crc); w.Write((uint)e.Data.Length); w.Write((uint)e.UncompressedSize); w.Write((ushort)name.Length); w.Write((ushort)0);
-            w.Write((ushort)0); w.Write((ushort)0); w.Write((ushort)0); w.Write(0u); w.Write((uint)offsets[i]);
+            w.Write(0x02014b50u); w.Write((ushort)45); w.Write((ushort)45); w.Write((ushort)0); w.Write(e.Method); w.Write((ushort)0); w.Write((ushort)0x21);
+            w.Write(e.Crc); w.Write((uint)e.Data.Length); w.Write((uint)e.UncompressedSize); w.Write((ushort)name.Length); w.Write((ushort)(zip64 ? 12 : 0));
+            w.Write((ushort)0); w.Write((ushort)0); w.Write((ushort)0); w.Write(0u); w.Write(zip64 ? 0xFFFFFFFFu : (uint)offsets[i]);
             w.Write(name);
+            if (zip64)
+            {
+                w.Write((ushort)1); w.Write((ushort)8); w.Write((ulong)offsets[i]);
+            }
             count++;
         }
         long cdSize = ms.Position - cdStart;
