@@ -26,6 +26,37 @@ public sealed class ImageTensorsTests : IDisposable
     }
 
     [Fact]
+    public void A_checkpoints_preprocessing_decides_squash_or_crop_the_crop_share_and_the_statistics()
+    {
+        // 90×20 in three bands: black | white | black. Squashing keeps all three across the 12-pixel square (bands at
+        // columns 4 and 8); the shorter-side resize (12 → 54×12) and a center crop keep columns 21..33 of 54, inside the
+        // white band (18..36). With crop 0.5 the squash resizes to 24×24 (bands at 8 and 16) and keeps columns 6..18:
+        // black, white, black again. Pixels are read away from the band edges, which the antialiased resize blends.
+        string path = Write("bands.png", 90, 20, (x, _) => x is >= 30 and < 60 ? new SKColor(255, 255, 255) : new SKColor(0, 0, 0), SKEncodedImageFormat.Png);
+        using var scope = torch.NewDisposeScope();
+        var minusOne = Preprocessing.FromNormalization(PixelNormalization.MinusOneToOne);
+        var squash = ImageTensors.Load(path, 12, minusOne with { Resize = ResizeMode.Squash, CropPct = 1.0, Interpolation = Resampling.Bilinear });
+        var crop = ImageTensors.Load(path, 12, minusOne with { Resize = ResizeMode.CenterCrop, CropPct = 1.0, Interpolation = Resampling.Bilinear });
+        var squashHalf = ImageTensors.Load(path, 12, minusOne with { Resize = ResizeMode.Squash, CropPct = 0.5, Interpolation = Resampling.Bilinear });
+        foreach (var t in new[] { squash, crop, squashHalf }) Assert.Equal(new long[] { 3, 12, 12 }, t.shape);
+        Assert.Equal(-1f, squash[0, 6, 1].item<float>(), 2);       // black band on the left …
+        Assert.Equal(1f, squash[0, 6, 6].item<float>(), 2);        // … white in the middle …
+        Assert.Equal(-1f, squash[0, 6, 10].item<float>(), 2);      // … black on the right
+        Assert.Equal(1f, crop[0, 6, 0].item<float>(), 2);          // the crop sees only the white band
+        Assert.Equal(1f, crop[0, 6, 11].item<float>(), 2);
+        Assert.Equal(-1f, squashHalf[0, 6, 0].item<float>(), 2);
+        Assert.Equal(1f, squashHalf[0, 6, 6].item<float>(), 2);
+        Assert.Equal(-1f, squashHalf[0, 6, 11].item<float>(), 2);
+        Assert.Equal(1f, squashHalf[0, 6, 8].item<float>(), 2);   // column 14 of 24: still white, where the uncropped
+        Assert.True(squash[0, 6, 8].item<float>() < 0);            // squash is past the band (so the crop share is used)
+        // The statistics: ImageNet's mean and std instead of [-1, 1] (white → (1 − mean) / std).
+        var imagenet = Preprocessing.FromNormalization(PixelNormalization.ImageNet) with { Resize = ResizeMode.Squash, CropPct = 1.0 };
+        var n = ImageTensors.Load(path, 12, imagenet);
+        Assert.Equal((1 - imagenet.Mean.G) / imagenet.Std.G, n[1, 6, 6].item<float>(), 2);
+        Assert.Equal((0 - imagenet.Mean.B) / imagenet.Std.B, n[2, 6, 0].item<float>(), 2);
+    }
+
+    [Fact]
     public void Png_is_resized_center_cropped_and_scaled_to_minus_one_one()
     {
         // 40×20: left half red, right half blue. Shorter side → 10 gives 20×10, the center crop keeps x ∈ [5, 15).
