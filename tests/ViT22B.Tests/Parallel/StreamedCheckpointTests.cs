@@ -35,6 +35,9 @@ public sealed class StreamedCheckpointTests : IDisposable
     [OnEveryBackend(BlockKind.Parallel, 2, 2, true, false)]
     [OnEveryBackend(BlockKind.Sequential, 2, 2, true, true)]
     [OnEveryBackend(BlockKind.Parallel, 4, 1, false, false)]
+    [OnEveryBackend(BlockKind.Sequential, 2, 2, false, false)]
+    [OnEveryBackend(BlockKind.Parallel, 3, 1, true, true)]
+    [OnEveryBackend(BlockKind.Parallel, 2, 4, true, false)]
     public void Slices_read_from_the_file_equal_slices_cut_from_the_state_dict(Backend backend, BlockKind block, int data, int model, bool fsdp, bool index)
     {
         var c = ShardedModelTests.Config(block, fused: block == BlockKind.Parallel && !index) with { Depth = 2 };
