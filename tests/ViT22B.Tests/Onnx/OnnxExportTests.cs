@@ -129,11 +129,13 @@ public sealed class OnnxExportTests : IDisposable
     }
 
     [Theory]
-    [InlineData(OnnxWeights.F16, ScalarType.Float16)]
-    [InlineData(OnnxWeights.BF16, ScalarType.BFloat16)]
-    public void Sixteen_bit_weights_are_the_rounded_weights_run_in_float32(OnnxWeights weights, ScalarType dtype)
+    [InlineData(OnnxWeights.F16, ScalarType.Float16, "Parallel-vit22b")]
+    [InlineData(OnnxWeights.BF16, ScalarType.BFloat16, "Parallel-vit22b")]
+    [InlineData(OnnxWeights.F16, ScalarType.Float16, "Sequential-classic")]
+    [InlineData(OnnxWeights.BF16, ScalarType.BFloat16, "Sequential-layerscale-quickgelu-registers")]
+    public void Sixteen_bit_weights_are_the_rounded_weights_run_in_float32(OnnxWeights weights, ScalarType dtype, string variant)
     {
-        var c = TestUtil.Variants().Single(v => v.Name == "Parallel-vit22b").Config with { EmbedDim = 64, NumHeads = 4, MlpDim = 128 };
+        var c = TestUtil.Variants().Single(v => v.Name == variant).Config with { EmbedDim = 64, NumHeads = 4, MlpDim = 128 };
         using var model = Model(c);
         string path = Export(model, new OnnxExportOptions { Weights = weights });
         Assert.True(new FileInfo(path).Length < new FileInfo(Export(model, name: "f32.onnx")).Length * 0.6, "16-bit weights should halve the file");
