@@ -4,14 +4,36 @@ using static TorchSharp.torch;
 namespace ViT22B.Parallel;
 
 /// <summary>What one rank needs: its place in the mesh, its device and the communicators of its two axes.</summary>
-/// <param name="Mesh">The mesh.</param>
-/// <param name="Rank">World rank.</param>
-/// <param name="Model">Communicator of this rank's tensor-parallel group (rank = model index).</param>
-/// <param name="Data">Communicator of this rank's data-parallel group (rank = data index).</param>
-/// <remarks>Disposing it disposes its communicators that are disposable (both of the library's are, and refuse use afterwards); a <see cref="ShardedVisionTransformer"/>
-/// built on it owns it and disposes it with itself.</remarks>
-public sealed record RankContext(DeviceMesh Mesh, int Rank, ICommunicator Model, ICommunicator Data) : IDisposable
+/// <remarks>Disposing it disposes its communicators that are disposable (both of the library's are, and refuse use
+/// afterwards); a <see cref="ShardedVisionTransformer"/> built on it owns it and disposes it with itself. A class, not a
+/// record: a copy made with <c>with</c> would share the communicators and dispose them twice.</remarks>
+public sealed class RankContext : IDisposable
 {
+    /// <summary>Creates a rank's context.</summary>
+    /// <param name="mesh">The mesh.</param>
+    /// <param name="rank">World rank.</param>
+    /// <param name="model">Communicator of this rank's tensor-parallel group (rank = model index).</param>
+    /// <param name="data">Communicator of this rank's data-parallel group (rank = data index).</param>
+    public RankContext(DeviceMesh mesh, int rank, ICommunicator model, ICommunicator data)
+    {
+        ArgumentNullException.ThrowIfNull(mesh);
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(data);
+        (Mesh, Rank, Model, Data) = (mesh, rank, model, data);
+    }
+
+    /// <summary>The mesh.</summary>
+    public DeviceMesh Mesh { get; }
+
+    /// <summary>World rank.</summary>
+    public int Rank { get; }
+
+    /// <summary>Communicator of this rank's tensor-parallel group (rank = model index).</summary>
+    public ICommunicator Model { get; }
+
+    /// <summary>Communicator of this rank's data-parallel group (rank = data index).</summary>
+    public ICommunicator Data { get; }
+
     /// <summary>Disposes the communicators that are disposable (each once).</summary>
     public void Dispose()
     {
