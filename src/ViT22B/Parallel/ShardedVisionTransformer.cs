@@ -79,8 +79,9 @@ public sealed class ShardedVisionTransformer : IDisposable
     /// <summary>This rank's images [B_r, C, H, W] → its logits (or pooled embeddings) [B_r, …]; the ranks of a
     /// model-axis group pass the same images. Returns once the pass's collectives have finished
     /// (<see cref="ICommunicator.Synchronize"/>), so a failed one is reported here. A failure of the rank's own in the
-    /// middle of the pass (other than an argument error, found before anything is issued) aborts its communicators:
-    /// the peers wait for collectives this rank will not issue.</summary>
+    /// middle of the pass aborts its communicators: the peers wait for collectives this rank will not issue. An
+    /// ArgumentException is passed on without aborting, as the image checks throw one before anything is issued (a
+    /// count check of the ring loops that threw one mid-pass would leave the communicators as they are).</summary>
     /// <exception cref="CommunicatorException">A collective of the pass failed.</exception>
     public Tensor Forward(Tensor images)
     {
