@@ -600,11 +600,7 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
     private void ObserveLocked()
     {
         Work[] pending;
-        lock (_lock)
-        {
-            if (_failure is not null && _inFlight.Count == 0) return;
-            pending = _inFlight.ToArray();
-        }
+        lock (_lock) pending = _inFlight.ToArray();
         if (pending.Length == 0) return;
         long now = Stopwatch.GetTimestamp();
         foreach (var w in pending)

@@ -230,34 +230,24 @@ internal static class RawZip
         }
         long cdStart = ms.Position;
         int count = 0;
-        for (int copy = 0; copy < centralCopies; copy++)
-            for (int i = 0; i < entries.Count; i++, count++)
-            {
-                var e = entries[i];
-                var name = Encoding.ASCII.GetBytes(copy == 0 ? e.Name : $"c{copy}_{e.Name}");
-                w.Write(0x02014b50u); w.Write((ushort)45); w.Write((ushort)45); w.Write((ushort)0); w.Write(e.Method); w.Write((ushort)0); w.Write((ushort)0x21);
-                w.Write(e.Crc); w.Write((uint)e.Data.Length); w.Write((uint)e.UncompressedSize); w.Write((ushort)name.Length); w.Write((ushort)(zip64 ? 12 : 0));
-                w.Write((ushort)0); w.Write((ushort)0); w.Write((ushort)0); w.Write(0u); w.Write(zip64 ? 0xFFFFFFFFu : (uint)offsets[i]);
-                w.Write(name);
-                if (zip64)
-                {
-                    w.Write((ushort)1); w.Write((ushort)8); w.Write((ulong)offsets[i]);
-                }
-            }
-        foreach (int i in alsoPointAt ?? Array.Empty<int>())
+        void Central(Entry e, string entryName, long offset)
         {
-            var e = entries[i];
-            var name = Encoding.ASCII.GetBytes($"again_{e.Name}");
+            var name = Encoding.ASCII.GetBytes(entryName);
             w.Write(0x02014b50u); w.Write((ushort)45); w.Write((ushort)45); w.Write((ushort)0); w.Write(e.Method); w.Write((ushort)0); w.Write((ushort)0x21);
             w.Write(e.Crc); w.Write((uint)e.Data.Length); w.Write((uint)e.UncompressedSize); w.Write((ushort)name.Length); w.Write((ushort)(zip64 ? 12 : 0));
-            w.Write((ushort)0); w.Write((ushort)0); w.Write((ushort)0); w.Write(0u); w.Write(zip64 ? 0xFFFFFFFFu : (uint)offsets[i]);
+            w.Write((ushort)0); w.Write((ushort)0); w.Write((ushort)0); w.Write(0u); w.Write(zip64 ? 0xFFFFFFFFu : (uint)offset);
             w.Write(name);
             if (zip64)
             {
-                w.Write((ushort)1); w.Write((ushort)8); w.Write((ulong)offsets[i]);
+                w.Write((ushort)1); w.Write((ushort)8); w.Write((ulong)offset);
             }
             count++;
         }
+        for (int copy = 0; copy < centralCopies; copy++)
+            for (int i = 0; i < entries.Count; i++)
+                Central(entries[i], copy == 0 ? entries[i].Name : $"c{copy}_{entries[i].Name}", offsets[i]);
+        foreach (int i in alsoPointAt ?? Array.Empty<int>())
+            Central(entries[i], $"again_{entries[i].Name}", offsets[i]);
         long cdSize = ms.Position - cdStart;
         w.Write(0x06054b50u); w.Write((ushort)0); w.Write((ushort)0); w.Write((ushort)count); w.Write((ushort)count);
         w.Write((uint)cdSize); w.Write((uint)cdStart); w.Write((ushort)0);
