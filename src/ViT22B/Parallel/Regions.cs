@@ -1,3 +1,4 @@
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace ViT22B.Parallel;
@@ -23,6 +24,13 @@ internal static class Regions
 
     /// <summary>All-gather a data-sharded parameter along <paramref name="dim"/> (forward), reduce-scatter and average
     /// its gradient (backward).</summary>
-    public static Tensor FsdpGather(Tensor shard, ICommunicator dataComm, long[] counts, int dim, FsdpGradientBuckets buckets) =>
-        dataComm.Size == 1 ? shard : FsdpGatherFunction.apply(shard, dataComm, counts, dim, buckets);
+    public static Tensor FsdpGather(Tensor shard, ICommunicator dataComm, long[] counts, int dim, DataGradientBuckets buckets) =>
+        dataComm.Size == 1 ? shard : FsdpGatherFunction.apply(shard, new FsdpGatherArgs(shard, dataComm, counts, dim, buckets));
+
+    /// <summary>A data-replicated parameter as it is (forward), its gradient averaged over the data axis in a bucket
+    /// issued inside backward (backward); the parameter itself where no gradient is recorded.</summary>
+    public static Tensor AverageOverData(Tensor parameter, string key, ICommunicator dataComm, DataGradientBuckets buckets) =>
+        dataComm.Size == 1 || !parameter.requires_grad || !torch.is_grad_enabled()
+            ? parameter
+            : DataReplicaFunction.apply(parameter, new DataReplicaArgs(parameter, key, dataComm, buckets));
 }

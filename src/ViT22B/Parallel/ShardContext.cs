@@ -19,15 +19,20 @@ internal sealed record ShardContext(ShardingPlan Plan, RankContext Rank, CommMod
     /// <summary>The shape this rank stores for a full parameter.</summary>
     public long[] LocalShape(string key, long[] fullShape) => Plan.Spec(key, fullShape, ModelIndex, DataIndex).LocalShape;
 
-    /// <summary>The model-axis shard of a parameter as used in compute: the stored tensor, or, under FSDP, the
-    /// all-gather of its data-axis shards (whose backward reduce-scatters the gradient).</summary>
-    public Tensor Use(string key, Tensor stored, long[] fullShape) =>
-        Plan.IsFsdpSharded(key, fullShape)
-            ? Regions.FsdpGather(stored, Rank.Data, Plan.FsdpCounts(key, fullShape, ModelIndex), Plan.FsdpDim(key, fullShape), FsdpBuckets)
-            : stored;
+    /// <summary>The model-axis shard of a block weight as used in compute: under FSDP the all-gather of its data-axis
+    /// shards, whose backward reduce-scatters the gradient; on a data axis of more than one rank otherwise the stored
+    /// tensor through a node whose backward all-reduces the gradient; the stored tensor itself on one data rank. Either
+    /// collective is issued in backward, in <see cref="GradientBuckets"/>.</summary>
+    public Tensor Use(string key, Tensor stored, long[] fullShape)
+    {
+        if (Plan.IsFsdpSharded(key, fullShape))
+            return Regions.FsdpGather(stored, Rank.Data, Plan.FsdpCounts(key, fullShape, ModelIndex), Plan.FsdpDim(key, fullShape), GradientBuckets);
+        // A gradient that is partial on the model axis is summed there first, after backward.
+        return Plan.IsPartialOnModelAxis(key, fullShape) ? stored : Regions.AverageOverData(stored, key, Rank.Data, GradientBuckets);
+    }
 
-    /// <summary>This rank's FSDP gradient buckets (filled in backward).</summary>
-    public FsdpGradientBuckets FsdpBuckets { get; } = new();
+    /// <summary>This rank's data-axis gradient buckets (filled and issued in backward).</summary>
+    public DataGradientBuckets GradientBuckets { get; } = new();
 
     /// <summary>Checks that this rank's token chunk <paramref name="x"/> [T_r, …] is the one the token partition
     /// <paramref name="counts"/> gives it.</summary>

@@ -123,11 +123,11 @@ public sealed class ShardedVisionTransformer : IDisposable
         try
         {
             loss.backward();
-            FlushFsdpBuckets();
+            FinishGradientBuckets();
         }
         finally
         {
-            _s.FsdpBuckets.Discard();
+            _s.GradientBuckets.Discard();
         }
         BackwardFailures.ThrowIfAny(Rank.Model, Rank.Data);
         Rank.Model.Synchronize();    // a collective that failed after its Wait returned (NCCL) is reported here
@@ -135,39 +135,41 @@ public sealed class ShardedVisionTransformer : IDisposable
     }
 
     /// <summary>
-    /// FSDP only: the size of the buckets in which backward reduce-scatters the gradients of data-sharded parameters
-    /// (default <see cref="DefaultBucketBytes"/>): a bucket is reduced as soon as backward has produced that many bytes
-    /// of such gradients, the last one by <see cref="Backward"/> after the pass; 0 reduce-scatters each gradient on its
-    /// own as backward produces it. Every element is summed as by its own reduce-scatter (the same bit for bit on the
-    /// in-process backend; NCCL may choose another summation order for a larger message). Set it between steps, to the
-    /// same value on every rank: the ranks of the data axis must close their buckets at the same gradients.
+    /// On a data axis of more than one rank: the size of the buckets in which backward reduces the gradients of the
+    /// block weights over the data axis (default <see cref="DefaultBucketBytes"/>): reduce-scatters of the data-sharded
+    /// weights under FSDP, all-reduces (averages) of the replicated ones otherwise. A bucket is issued as soon as
+    /// backward has produced that many bytes of such gradients and is not waited for there (at most two are in flight:
+    /// the oldest is finished before another is issued); <see cref="Backward"/> issues the last ones and finishes them all
+    /// after the pass. 0 reduces each gradient on its own. Every element is summed as by its own collective (the same bit
+    /// for bit on the in-process backend; NCCL may choose another summation order for a larger message). Set it between
+    /// steps, to the same value on every rank: the ranks of the data axis must close their buckets at the same gradients.
     /// </summary>
-    public long FsdpBucketBytes
+    public long BackwardBucketBytes
     {
-        get => _s.FsdpBuckets.BucketBytes;
+        get => _s.GradientBuckets.BucketBytes;
         set
         {
             ArgumentOutOfRangeException.ThrowIfNegative(value);
-            _s.FsdpBuckets.BucketBytes = value;
+            _s.GradientBuckets.BucketBytes = value;
         }
     }
 
-    // The last FSDP bucket of a backward pass; a failure is recorded like one inside backward. After a failed
-    // data-axis collective the data peers may never issue this one, so it is dropped instead. A model-axis failure
-    // does not stop it: the data peers (in other model groups) are healthy and will issue it, and reducing a bucket of
-    // unusable gradients does no harm (Backward throws the failure right after).
-    private void FlushFsdpBuckets()
+    // The buckets left open or in flight at the end of a backward pass; a failure is recorded like one inside backward.
+    // After a failed data-axis collective the data peers may never issue these, so they are dropped instead. A
+    // model-axis failure does not stop them: the data peers (in other model groups) are healthy and will issue them,
+    // and reducing buckets of unusable gradients does no harm (Backward throws the failure right after).
+    private void FinishGradientBuckets()
     {
         if (BackwardFailures.HasFailed(Rank.Data)) return;
         try
         {
             using var noGrad = torch.no_grad();
-            _s.FsdpBuckets.Flush(Rank.Data);
+            _s.GradientBuckets.Finish(Rank.Data);
         }
         catch (Exception e)
         {
             BackwardFailures.Record(Rank.Data, e);
-            if (e is not CommunicatorException) Rank.Data.Abort(e);   // the data peers expect this reduce-scatter
+            if (e is not CommunicatorException) Rank.Data.Abort(e);   // the data peers expect these collectives
         }
     }
 
@@ -177,12 +179,12 @@ public sealed class ShardedVisionTransformer : IDisposable
     /// <summary>
     /// After <see cref="Backward"/>: sums over the model axis the gradients of replicated block parameters that saw
     /// only this rank's tokens or heads (norm scales, QK-norm scales, output biases), then averages over the data
-    /// axis the gradients that are not already data-sharded (FSDP gradients were reduce-scattered and averaged in
-    /// backward). Gradients are packed into buckets of up to <paramref name="bucketBytes"/> in reverse state-dict order
+    /// axis the gradients that backward did not already reduce there (the block weights' were, in
+    /// <see cref="BackwardBucketBytes"/> buckets; what remains is the stem, the head and the blocks' norm scales
+    /// and biases). Gradients are packed into buckets of up to <paramref name="bucketBytes"/> in reverse state-dict order
     /// (the order backward produces them, last block first; a larger gradient is a bucket of its own), one all-reduce per
     /// bucket, the next bucket issued before the previous one is waited for; 0 reduces each gradient on its own. Each
-    /// element is summed exactly as without buckets, so the results are the same bit for bit. The buckets are issued
-    /// after backward, not during it: TorchSharp 0.107 has no gradient hooks on tensors (docs/sharding.md).
+    /// element is summed exactly as without buckets, so the results are the same bit for bit.
     /// </summary>
     /// <returns>The collectives issued and the bytes they reduced, per axis.</returns>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="bucketBytes"/> is negative.</exception>
@@ -190,9 +192,10 @@ public sealed class ShardedVisionTransformer : IDisposable
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         ArgumentOutOfRangeException.ThrowIfNegative(bucketBytes);
-        FlushFsdpBuckets();                        // when backward was run without Backward()
-        _s.FsdpBuckets.Discard();
+        FinishGradientBuckets();                   // when backward was run without Backward()
+        _s.GradientBuckets.Discard();
         BackwardFailures.ThrowIfAny(Rank.Model, Rank.Data);
+        var inBackward = _s.GradientBuckets.TakeCounts();
         var shapes = Plan.FullShapes();
         var modelAxis = new List<Tensor>();
         var dataAxis = new List<Tensor>();
@@ -201,15 +204,15 @@ public sealed class ShardedVisionTransformer : IDisposable
             var g = p.grad ?? throw new InvalidOperationException($"Parameter '{key}' has no gradient; call backward() on every rank first.");
             var full = shapes[key];
             if (Plan.IsPartialOnModelAxis(key, full)) modelAxis.Add(g);
-            if (Rank.Mesh.DataSize > 1 && !Plan.IsFsdpSharded(key, full)) dataAxis.Add(g);
+            if (Rank.Mesh.DataSize > 1 && !Plan.IsFsdpSharded(key, full) && !inBackward.Averaged.Contains(key)) dataAxis.Add(g);
         }
         using var noGrad = torch.no_grad();
         var (modelOps, modelBytes) = AllReduceInBuckets(Rank.Model, modelAxis, bucketBytes, divideBy: 1);
         var (dataOps, dataBytes) = AllReduceInBuckets(Rank.Data, dataAxis, bucketBytes, divideBy: Rank.Mesh.DataSize);
-        var (fsdpOps, fsdpBytes) = _s.FsdpBuckets.TakeCounts();
         Rank.Model.Synchronize();    // the gradients are final only once every all-reduce has finished
         Rank.Data.Synchronize();
-        return new GradientSync(modelOps, modelBytes, dataOps, dataBytes, fsdpOps, fsdpBytes);
+        return new GradientSync(modelOps, modelBytes, dataOps + inBackward.AllReduces, dataBytes + inBackward.AllReduceBytes,
+            inBackward.ReduceScatters, inBackward.ReduceScatterBytes, inBackward.AllReduces);
     }
 
     // Sums each tensor over the group in place (then divides), packed into buckets; at most two buckets in flight.
@@ -435,7 +438,7 @@ public sealed class ShardedVisionTransformer : IDisposable
         _disposed = true;
         try
         {
-            _s.FsdpBuckets.Discard();          // a bucket left by a backward that was never synchronized
+            _s.GradientBuckets.Discard();      // buckets left by a backward that was never synchronized
             Module.Dispose();
         }
         finally

@@ -5,8 +5,9 @@ using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Parallel;
 
-/// <summary>Bucketed gradient synchronization gives the gradients of one all-reduce per gradient (written out in the
-/// test) bit for bit, with one collective per bucket.</summary>
+/// <summary>Bucketed gradient reduction — in backward for the block weights' data-axis gradients, after it for the rest —
+/// gives the gradients of one collective per gradient (written out in the test) bit for bit, with one collective per
+/// bucket, and backward issues its buckets while it runs without waiting for them where they are issued.</summary>
 public class GradientBucketTests
 {
     [Theory]
@@ -18,67 +19,186 @@ public class GradientBucketTests
     {
         var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 3 };
         var plan = new ShardingPlan(c, model, data, fsdp);
+        var shapes = plan.FullShapes();
         var full = TestUtil.RandomState(c, seed: 31, scale: 0.3, ScalarType.Float32);
         using var images = TestUtil.RandomImages(c, 4, seed: 32, ScalarType.Float32);
+        long per = 4 / data;
+        // Each rank's gradients before any reduction: the model-axis-only shard's on the rank's part of the batch (no
+        // data axis, so nothing is reduced in backward), by data index and model index.
+        var local = Enumerable.Range(0, data).Select(d => Backends.Run(backend, new DeviceMesh(1, model), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(new ShardingPlan(c, model), ctx, CommMode.Overlapped, ScalarType.Float32);
+            shard.LoadFull(full);
+            using (var scope = torch.NewDisposeScope())
+                shard.Backward(shard.Forward(images.narrow(0, d * per, per)).square().sum());
+            return shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone());
+        })).ToArray();
+        var blockWeights = shapes.Count(kv => kv.Key.StartsWith("blocks.", StringComparison.Ordinal) && kv.Value.Length == 2);
         var results = Backends.Run(backend, new DeviceMesh(data, model), ctx =>
         {
             using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.Float32);
             shard.LoadFull(full);
-            long per = 4 / data;
-            using (var scope = torch.NewDisposeScope())
-                shard.Backward(shard.Forward(images.narrow(0, shard.DataIndex * per, per)).square().sum());
-            var parameters = shard.Module.named_parameters().ToList();
-            var local = parameters.Select(p => p.parameter.grad!.clone()).ToList();
-            (Dictionary<string, Tensor> Grads, GradientSync Sync) Synchronize(long bucketBytes)
-            {
-                using (torch.no_grad())
-                    for (int i = 0; i < parameters.Count; i++) parameters[i].parameter.grad!.copy_(local[i]);
-                var sync = shard.SynchronizeGradients(bucketBytes);
-                return (parameters.ToDictionary(p => p.name, p => p.parameter.grad!.clone()), sync);
-            }
             // The reference, written out with the communicators: each partial gradient summed over the model axis, then
-            // each gradient that is not data-sharded averaged over the data axis, one all-reduce per gradient.
-            var shapes = plan.FullShapes();
+            // each gradient averaged over the data axis, one all-reduce per gradient, and FSDP's shard cut from it.
             var reference = new Dictionary<string, Tensor>();
             using (torch.no_grad())
             {
-                for (int i = 0; i < parameters.Count; i++)
+                foreach (var (name, g0) in local[shard.DataIndex][shard.ModelIndex])
                 {
-                    var (name, _) = parameters[i];
-                    var g = local[i].clone();
+                    var g = g0.clone();
                     if (plan.IsPartialOnModelAxis(name, shapes[name])) g = ctx.Model.AllReduce(g);
-                    if (data > 1 && !plan.IsFsdpSharded(name, shapes[name])) g = ctx.Data.AllReduce(g).div_(data);
+                    if (data > 1) g = ctx.Data.AllReduce(g).div_(data);
+                    if (plan.IsFsdpSharded(name, shapes[name]))
+                    {
+                        var (counts, dim) = (plan.FsdpCounts(name, shapes[name], shard.ModelIndex), plan.FsdpDim(name, shapes[name]));
+                        g = g.narrow(dim, counts.Take(shard.DataIndex).Sum(), counts[shard.DataIndex]);
+                    }
                     reference[name] = g;
                 }
             }
-            var eachAlone = Synchronize(0);
-            var small = Synchronize(4096);
-            var standard = Synchronize(ShardedVisionTransformer.DefaultBucketBytes);
-            var (modelAxis, dataAxis) = (parameters.Count(p => plan.IsPartialOnModelAxis(p.name, plan.FullShapes()[p.name])),
-                data > 1 ? parameters.Count(p => !plan.IsFsdpSharded(p.name, plan.FullShapes()[p.name])) : 0);
-            return (eachAlone, small, standard, modelAxis, dataAxis, Bytes: parameters.Sum(p => p.parameter.numel() * 4), reference);
+            (Dictionary<string, Tensor> Grads, GradientSync Sync) Step(long bucketBytes)
+            {
+                shard.BackwardBucketBytes = bucketBytes;
+                foreach (var p in shard.Module.parameters()) p.grad = null;
+                using (var scope = torch.NewDisposeScope())
+                    shard.Backward(shard.Forward(images.narrow(0, shard.DataIndex * per, per)).square().sum());
+                var sync = shard.SynchronizeGradients(bucketBytes);
+                return (shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone()), sync);
+            }
+            var eachAlone = Step(0);
+            var small = Step(4096);
+            var standard = Step(ShardedVisionTransformer.DefaultBucketBytes);
+            var names = shard.Module.named_parameters().Select(p => p.name).ToList();
+            var (modelAxis, dataAxis, fsdpSharded) = (names.Count(n => plan.IsPartialOnModelAxis(n, shapes[n])),
+                data > 1 ? names.Count(n => !plan.IsFsdpSharded(n, shapes[n])) : 0, names.Count(n => plan.IsFsdpSharded(n, shapes[n])));
+            return (eachAlone, small, standard, modelAxis, dataAxis, fsdpSharded, reference);
         });
+        int inBackward = data > 1 && !fsdp ? blockWeights : 0;
         foreach (var r in results)
         {
             foreach (var (key, g) in r.eachAlone.Grads)
             {
-                Assert.True(TensorAssert.Same(r.reference[key], g), $"{key}: per-parameter synchronization differs from the written-out reference");
-                Assert.True(TensorAssert.Same(g, r.small.Grads[key]), $"{key}: 4 KiB buckets differ from per-parameter synchronization");
-                Assert.True(TensorAssert.Same(g, r.standard.Grads[key]), $"{key}: 25 MiB buckets differ from per-parameter synchronization");
+                Assert.True(TensorAssert.Same(r.reference[key], g), $"{key}: per-parameter reduction differs from the written-out reference");
+                Assert.True(TensorAssert.Same(g, r.small.Grads[key]), $"{key}: 4 KiB buckets differ from per-parameter reduction");
+                Assert.True(TensorAssert.Same(g, r.standard.Grads[key]), $"{key}: 25 MiB buckets differ from per-parameter reduction");
             }
             Assert.Equal(r.modelAxis, r.eachAlone.Sync.ModelAxisCollectives);
             Assert.Equal(r.dataAxis, r.eachAlone.Sync.DataAxisCollectives);
-            Assert.Equal(r.modelAxis > 0 ? 1 : 0, r.standard.Sync.ModelAxisCollectives);    // the whole model fits one 25 MiB bucket
-            Assert.Equal(r.dataAxis > 0 ? 1 : 0, r.standard.Sync.DataAxisCollectives);
-            // 4 KiB buckets: the small model-axis gradients (norm scales, biases) share buckets, the data axis's weights need
-            // several.
+            Assert.Equal(inBackward, r.eachAlone.Sync.DataAxisInBackward);
+            Assert.Equal(r.fsdpSharded, r.eachAlone.Sync.FsdpReduceScatters);
+            // 25 MiB: the whole model fits one bucket per axis and place — the block weights' in backward, the rest after.
+            Assert.Equal(r.modelAxis > 0 ? 1 : 0, r.standard.Sync.ModelAxisCollectives);
+            Assert.Equal(inBackward > 0 ? 1 : 0, r.standard.Sync.DataAxisInBackward);
+            Assert.Equal((r.dataAxis > inBackward ? 1 : 0) + (inBackward > 0 ? 1 : 0), r.standard.Sync.DataAxisCollectives);
+            Assert.Equal(r.fsdpSharded > 0 ? 1 : 0, r.standard.Sync.FsdpReduceScatters);
+            // 4 KiB buckets: the small gradients share buckets, the weights need several.
             Assert.InRange(r.small.Sync.Collectives, r.standard.Sync.Collectives, r.eachAlone.Sync.Collectives);
             if (r.dataAxis > 0) Assert.InRange(r.small.Sync.DataAxisCollectives, r.standard.Sync.DataAxisCollectives + 1, r.eachAlone.Sync.DataAxisCollectives - 1);
             Assert.Equal(r.eachAlone.Sync.ModelAxisBytes, r.standard.Sync.ModelAxisBytes);
             Assert.Equal(r.eachAlone.Sync.DataAxisBytes, r.small.Sync.DataAxisBytes);
+            Assert.Equal(r.eachAlone.Sync.FsdpBytes, r.standard.Sync.FsdpBytes);
             Assert.True(r.dataAxis == 0 || r.eachAlone.Sync.DataAxisBytes > 0);
         }
         Assert.Contains(results, r => r.modelAxis + r.dataAxis > 0);
+    }
+
+    [Theory]
+    [OnEveryBackend(false)]
+    [OnEveryBackend(true)]
+    public void Backward_issues_its_buckets_as_it_goes_and_waits_for_each_only_after_the_next(Backend backend, bool fsdp)
+    {
+        var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 3 };
+        var plan = new ShardingPlan(c, 2, 2, fsdp);
+        var full = TestUtil.RandomState(c, seed: 35, scale: 0.3, ScalarType.Float32);
+        using var images = TestUtil.RandomImages(c, 4, seed: 36, ScalarType.Float32);
+        var results = Backends.Run(backend, new DeviceMesh(2, 2), ctx =>
+        {
+            var log = new List<(string Axis, string Event, int Id)>();
+            var rank = new RankContext(ctx.Mesh, ctx.Rank, new RecordingCommunicator(ctx.Model, "model", log), new RecordingCommunicator(ctx.Data, "data", log));
+            using var shard = new ShardedVisionTransformer(plan, rank, CommMode.Overlapped, ScalarType.Float32);
+            shard.LoadFull(full);
+            shard.BackwardBucketBytes = 1024;                  // several buckets: every weight is 1 KiB or more
+            using var scope = torch.NewDisposeScope();
+            var loss = shard.Forward(images.narrow(0, shard.DataIndex * 2, 2)).square().sum();
+            int beforeBackward = log.Count;
+            loss.backward();                                   // not Backward(): the log shows what backward itself issued
+            int afterBackward = log.Count;
+            var sync = shard.SynchronizeGradients();
+            return (Log: log.ToArray(), beforeBackward, afterBackward, sync);
+        });
+        foreach (var (log, beforeBackward, afterBackward, sync) in results)
+        {
+            var inBackward = log.Take(afterBackward).Skip(beforeBackward).ToList();
+            var dataIssues = inBackward.Where(e => e.Axis == "data" && e.Event != "wait").ToList();
+            Assert.True(dataIssues.Count >= 3, $"backward issued {dataIssues.Count} data-axis collectives; at least 3 of the {sync.InBackward} buckets should go out during the pass");
+            Assert.All(dataIssues, e => Assert.Equal(fsdp ? "reduce-scatter" : "all-reduce", e.Event));
+            // Interleaved with the pass's own model-axis traffic: the first bucket goes out before the earlier blocks'
+            // rings run, not after backward.
+            int firstData = inBackward.FindIndex(e => e.Axis == "data" && e.Event != "wait");
+            int lastModel = inBackward.FindLastIndex(e => e.Axis == "model" && e.Event != "wait");
+            Assert.True(firstData < lastModel, "the first data-axis bucket was issued after the last model-axis collective of backward");
+            // Each bucket is waited for only after the next one was issued, and never more than two are outstanding.
+            var data = log.Skip(beforeBackward).Where(e => e.Axis == "data").ToList();
+            var issued = data.Where(e => e.Event != "wait").Select(e => e.Id).ToList();
+            int outstanding = 0;
+            foreach (var e in data)
+            {
+                outstanding += e.Event == "wait" ? -1 : 1;
+                Assert.InRange(outstanding, 0, 2);
+            }
+            for (int i = 0; i + 1 < sync.InBackward; i++)
+            {
+                int waited = data.FindIndex(e => e.Event == "wait" && e.Id == issued[i]);
+                int next = data.FindIndex(e => e.Event != "wait" && e.Id == issued[i + 1]);
+                Assert.True(waited > next, $"bucket {i} was waited for before bucket {i + 1} was issued");
+            }
+            Assert.Equal(fsdp ? 0 : sync.InBackward, sync.DataAxisInBackward);
+        }
+    }
+
+    /// <summary>Passes every call on and logs the issue and the wait of each operation, in order, with an id.</summary>
+    private sealed class RecordingCommunicator(ICommunicator inner, string axis, List<(string Axis, string Event, int Id)> log) : ICommunicator
+    {
+        private int _next;
+
+        public int Rank => inner.Rank;
+        public int Size => inner.Size;
+        public string Name => inner.Name;
+
+        private ICommWork Record(string kind, ICommWork work)
+        {
+            int id = _next++;
+            log.Add((axis, kind, id));
+            return new Work(work, () => log.Add((axis, "wait", id)));
+        }
+
+        public ICommWork AllGatherAsync(Tensor local, IReadOnlyList<long>? counts = null) => Record("all-gather", inner.AllGatherAsync(local, counts));
+        public ICommWork ReduceScatterAsync(Tensor full, IReadOnlyList<long> counts) => Record("reduce-scatter", inner.ReduceScatterAsync(full, counts));
+        public ICommWork AllReduceAsync(Tensor tensor) => Record("all-reduce", inner.AllReduceAsync(tensor));
+        public ICommWork BroadcastAsync(Tensor tensor, int root) => Record("broadcast", inner.BroadcastAsync(tensor, root));
+        public ICommWork PermuteAsync(Tensor send, int shift, long receiveRows = -1) => Record("permute", inner.PermuteAsync(send, shift, receiveRows));
+        public void Barrier() => inner.Barrier();
+        public void Abort(Exception reason) => inner.Abort(reason);
+        public void Synchronize() => inner.Synchronize();
+
+        private sealed class Work(ICommWork inner, Action onWait) : ICommWork
+        {
+            private bool _waited;
+
+            public Tensor Wait()
+            {
+                _waited = true;
+                onWait();
+                return inner.Wait();
+            }
+
+            public void Dispose()
+            {
+                if (!_waited) onWait();
+                _waited = true;
+                inner.Dispose();
+            }
+        }
     }
 
     [Theory]
@@ -106,7 +226,7 @@ public class GradientBucketTests
             var steps = new List<(Dictionary<string, Tensor> Grads, GradientSync Sync)>();
             foreach (long bytes in new[] { 0, fsdpBytes / 3, ShardedVisionTransformer.DefaultBucketBytes })
             {
-                shard.FsdpBucketBytes = bytes;
+                shard.BackwardBucketBytes = bytes;
                 foreach (var p in shard.Module.parameters()) p.grad = null;
                 using (var scope = torch.NewDisposeScope())
                     shard.Backward(shard.Forward(images.narrow(0, shard.DataIndex * per, per)).square().sum());
@@ -142,7 +262,7 @@ public class GradientBucketTests
         {
             using var shard = new ShardedVisionTransformer(new ShardingPlan(c, 1), ctx, CommMode.Overlapped, ScalarType.Float32);
             Assert.Throws<ArgumentOutOfRangeException>(() => shard.SynchronizeGradients(-1));
-            Assert.Throws<ArgumentOutOfRangeException>(() => shard.FsdpBucketBytes = -1);
+            Assert.Throws<ArgumentOutOfRangeException>(() => shard.BackwardBucketBytes = -1);
             return 0;
         });
     }
