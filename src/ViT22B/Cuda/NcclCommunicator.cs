@@ -646,11 +646,13 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         }
     }
 
+    // The failure is recorded before the abort: the abort releases a thread waiting on the compute stream, which then
+    // reports the recorded failure (recorded after, the thread could find the communicator aborted with no cause).
     private CommunicatorException Fail(string what, Exception? inner = null)
     {
-        _comm.Abort();
         var e = new CommunicatorException($"{Name}, rank {Rank}: {what}; the NCCL communicator was aborted.", inner);
         lock (_lock) _failure ??= e;
+        _comm.Abort();
         return e;
     }
 
