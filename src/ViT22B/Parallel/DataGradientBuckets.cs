@@ -233,6 +233,12 @@ internal sealed class DataGradientBuckets
         return counts;
     }
 
+    /// <summary>Autograd's share of a gradient handed to the buckets: zeros of the parameter's shape, as one element
+    /// expanded, so that no weight-sized tensor is allocated for them (AccumulateGrad adds them to an existing gradient,
+    /// or copies them into a new one of the parameter's layout, which the bucket then adds to).</summary>
+    public static Tensor ZeroGradient(long[] shape, ScalarType dtype, Device device) =>
+        torch.zeros(1, dtype: dtype, device: device).expand(shape);
+
     // Autograd gave the parameter zeros for this backward (already accumulated into grad, unless a recomputed block's
     // gradients are still on their way: then grad is set here and the zeros are added to it later).
     private static void AddToGradient(Tensor parameter, Tensor part)

@@ -26,11 +26,14 @@ internal sealed class DataReplicaFunction : torch.autograd.SingleTensorFunction<
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
     {
         var args = (DataReplicaArgs)ctx.get_data("args");
-        var shape = args.Parameter.shape;
-        List<Tensor> Zeros() => new() { torch.zeros(shape, dtype: grad.dtype, device: grad.device), null! };
+        var (shape, dtype, device) = (args.Parameter.shape, grad.dtype, grad.device);
+        List<Tensor> Zeros() => new() { DataGradientBuckets.ZeroGradient(shape, dtype, device), null! };
         return BackwardFailures.Guard(args.Comm, () =>
         {
-            args.Buckets.AddReplica(args.Comm, args.Key, args.Parameter, grad.detach().DetachFromDisposeScope());
+            // The buckets take this handle over, out of the dispose scope TorchSharp registered it in, so the gradient
+            // is freed once its bucket has been flattened rather than when that scope ends (on a GPU's autograd thread
+            // there is none, and only the garbage collector would free it).
+            args.Buckets.AddReplica(args.Comm, args.Key, args.Parameter, grad.DetachFromDisposeScope());
             return Zeros();
         }, Zeros);
     }

@@ -27,14 +27,21 @@ internal sealed class FsdpGatherFunction : torch.autograd.SingleTensorFunction<F
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
     {
         var args = (FsdpGatherArgs)ctx.get_data("args");
-        var shardShape = args.Shard.shape;
-        List<Tensor> Zeros() => new() { torch.zeros(shardShape, dtype: grad.dtype, device: grad.device), null! };
+        var (shardShape, dtype, device) = (args.Shard.shape, grad.dtype, grad.device);
+        List<Tensor> Zeros() => new() { DataGradientBuckets.ZeroGradient(shardShape, dtype, device), null! };
         return BackwardFailures.Guard(args.Comm, () =>
         {
-            // Locals keep each transposed view alive through the native copy that reads it.
-            using var gradT = args.Dim == 0 ? null : grad.transpose(0, args.Dim);
-            var moved = gradT is null ? grad.detach() : gradT.contiguous();
-            args.Buckets.AddShard(args.Comm, args.Shard, moved.DetachFromDisposeScope(), args.Counts, args.Dim);
+            // The incoming handle is taken out of the dispose scope TorchSharp registered it in and released as soon as
+            // the buckets own the gradient (or its transposed copy), not when that scope ends (see DataReplicaFunction).
+            var owned = grad.DetachFromDisposeScope();
+            Tensor rows = owned;
+            if (args.Dim != 0)
+            {
+                using (owned)
+                using (var transposed = owned.transpose(0, args.Dim))   // a local: kept alive through the native copy
+                    rows = transposed.contiguous().DetachFromDisposeScope();
+            }
+            args.Buckets.AddShard(args.Comm, args.Shard, rows, args.Counts, args.Dim);
             return Zeros();
         }, Zeros);
     }

@@ -23,8 +23,14 @@ internal sealed class ShardedEncoder : BlockStack<nn.Module<Tensor, long[], Tens
     }
 
     /// <summary>Records a failed recomputation against the model-axis communicator, so that
-    /// <see cref="ShardedVisionTransformer.Backward"/> throws it with the collectives' failures.</summary>
-    private protected override void OnRecomputeFailure(Exception failure) => BackwardFailures.Record(_s.Rank.Model, failure);
+    /// <see cref="ShardedVisionTransformer.Backward"/> throws it with the collectives' failures, and takes the rank off
+    /// the data axis: the block's weights never reach this rank's data-axis gradient buckets, so its later buckets would
+    /// not match its data peers' (whose collectives then fail instead of pairing with the wrong buckets).</summary>
+    private protected override void OnRecomputeFailure(Exception failure)
+    {
+        BackwardFailures.Record(_s.Rank.Model, failure);
+        if (_s.Rank.Data.Size > 1) _s.Rank.Data.Abort(failure);
+    }
 
     /// <inheritdoc />
     public override Tensor forward(Tensor x)

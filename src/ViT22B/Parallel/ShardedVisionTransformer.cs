@@ -116,6 +116,8 @@ public sealed class ShardedVisionTransformer : IDisposable
     /// </summary>
     /// <exception cref="CommunicatorException">A collective of the backward pass failed on this rank (also one that
     /// failed after its <c>Wait</c> returned: the pass ends with <see cref="ICommunicator.Synchronize"/>).</exception>
+    /// <remarks>Any other exception from <c>loss.backward()</c> aborts both communicators before it is passed on: the
+    /// peers expect collectives this rank will not issue.</remarks>
     public void Backward(Tensor loss)
     {
         ArgumentNullException.ThrowIfNull(loss);
@@ -124,6 +126,14 @@ public sealed class ShardedVisionTransformer : IDisposable
         {
             loss.backward();
             FinishGradientBuckets();
+        }
+        catch (Exception e) when (e is not CommunicatorException)
+        {
+            // libtorch failed inside the pass (out of memory in a native node, say): the peers wait for collectives
+            // and gradient buckets this rank will not issue.
+            Rank.Model.Abort(e);
+            Rank.Data.Abort(e);
+            throw;
         }
         finally
         {
@@ -181,7 +191,9 @@ public sealed class ShardedVisionTransformer : IDisposable
     /// only this rank's tokens or heads (norm scales, QK-norm scales, output biases), then averages over the data
     /// axis the gradients that backward did not already reduce there (the block weights' were, in
     /// <see cref="BackwardBucketBytes"/> buckets; what remains is the stem, the head and the blocks' norm scales
-    /// and biases). Gradients are packed into buckets of up to <paramref name="bucketBytes"/> in reverse state-dict order
+    /// and biases; a block weight's gradient that does not come through the blocks' forward, such as a penalty computed
+    /// on <c>Module.parameters()</c>, is therefore not averaged). Gradients are packed into buckets of up to
+    /// <paramref name="bucketBytes"/> in reverse state-dict order
     /// (the order backward produces them, last block first; a larger gradient is a bucket of its own), one all-reduce per
     /// bucket, the next bucket issued before the previous one is waited for; 0 reduces each gradient on its own. Each
     /// element is summed exactly as without buckets, so the results are the same bit for bit.

@@ -1,5 +1,6 @@
 using TorchSharp;
 using ViT22B.Layers;
+using ViT22B.Models;
 using ViT22B.Parallel;
 using static TorchSharp.torch;
 
@@ -23,16 +24,7 @@ public class GradientBucketTests
         var full = TestUtil.RandomState(c, seed: 31, scale: 0.3, ScalarType.Float32);
         using var images = TestUtil.RandomImages(c, 4, seed: 32, ScalarType.Float32);
         long per = 4 / data;
-        // Each rank's gradients before any reduction: the model-axis-only shard's on the rank's part of the batch (no
-        // data axis, so nothing is reduced in backward), by data index and model index.
-        var local = Enumerable.Range(0, data).Select(d => Backends.Run(backend, new DeviceMesh(1, model), ctx =>
-        {
-            using var shard = new ShardedVisionTransformer(new ShardingPlan(c, model), ctx, CommMode.Overlapped, ScalarType.Float32);
-            shard.LoadFull(full);
-            using (var scope = torch.NewDisposeScope())
-                shard.Backward(shard.Forward(images.narrow(0, d * per, per)).square().sum());
-            return shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone());
-        })).ToArray();
+        var local = Enumerable.Range(0, data).Select(d => LocalGradients(backend, c, model, full, images.narrow(0, d * per, per), "none")).ToArray();
         var blockWeights = shapes.Count(kv => kv.Key.StartsWith("blocks.", StringComparison.Ordinal) && kv.Value.Length == 2);
         var results = Backends.Run(backend, new DeviceMesh(data, model), ctx =>
         {
@@ -100,6 +92,108 @@ public class GradientBucketTests
             Assert.True(r.dataAxis == 0 || r.eachAlone.Sync.DataAxisBytes > 0);
         }
         Assert.Contains(results, r => r.modelAxis + r.dataAxis > 0);
+    }
+
+    /// <summary>A rank's gradients before any reduction, by model index: those of the model-axis-only shard on the
+    /// rank's part of the batch (no data axis, so nothing is reduced in backward), with the same recomputation.</summary>
+    private static Dictionary<string, Tensor>[] LocalGradients(Backend backend, ViTConfig c, int model, Dictionary<string, Tensor> full, Tensor batch, string recompute) =>
+        Backends.Run(backend, new DeviceMesh(1, model), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(new ShardingPlan(c, model), ctx, CommMode.Overlapped, ScalarType.Float32);
+            shard.LoadFull(full);
+            shard.Module.Checkpointing = ActivationCheckpointing.Parse(recompute);
+            using (var scope = torch.NewDisposeScope())
+                shard.Backward(shard.Forward(batch).square().sum());
+            return shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone());
+        });
+
+    [Theory]
+    [OnEveryBackend(BlockKind.Parallel)]
+    [OnEveryBackend(BlockKind.Sequential)]
+    public void Recomputed_blocks_and_two_passes_give_the_written_out_reduction_bit_for_bit(Backend backend, BlockKind block)
+    {
+        const int data = 2, model = 2;
+        var c = ShardedModelTests.Config(block) with { Depth = 3 };
+        var plan = new ShardingPlan(c, model, data);
+        var shapes = plan.FullShapes();
+        var full = TestUtil.RandomState(c, seed: 37, scale: 0.3, ScalarType.Float32);
+        using var images = TestUtil.RandomImages(c, 8, seed: 38, ScalarType.Float32);
+        Tensor Batch(int pass, int d) => images.narrow(0, 4 * pass + 2 * d, 2);
+        // local[pass][d][m]: each rank's unreduced gradients of each pass.
+        var local = Enumerable.Range(0, 2).Select(pass => Enumerable.Range(0, data)
+            .Select(d => LocalGradients(backend, c, model, full, Batch(pass, d), "all")).ToArray()).ToArray();
+        bool InBackward(string key) => key.StartsWith("blocks.", StringComparison.Ordinal) && shapes[key].Length == 2;
+        var failures = Backends.Run(backend, new DeviceMesh(data, model), ctx =>
+        {
+            using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.Float32);
+            shard.LoadFull(full);
+            shard.Module.Checkpointing = ActivationCheckpointing.Parse("all");
+            shard.BackwardBucketBytes = 4096;
+            for (int pass = 0; pass < 2; pass++)
+            {
+                using var scope = torch.NewDisposeScope();
+                shard.Backward(shard.Forward(Batch(pass, shard.DataIndex)).square().sum());
+            }
+            var sync = shard.SynchronizeGradients(4096);
+            var wrong = new List<string>();
+            using (torch.no_grad())
+            {
+                foreach (var (name, p) in shard.Module.named_parameters())
+                {
+                    var (g1, g2) = (local[0][shard.DataIndex][shard.ModelIndex][name], local[1][shard.DataIndex][shard.ModelIndex][name]);
+                    Tensor expected;
+                    if (InBackward(name))       // each pass averaged over the data axis as backward produces it, then summed
+                        expected = ctx.Data.AllReduce(g1).div_(data).add(ctx.Data.AllReduce(g2).div_(data));
+                    else                        // accumulated over both passes, then summed over the model axis and averaged
+                    {
+                        var g = g1.add(g2);
+                        if (plan.IsPartialOnModelAxis(name, shapes[name])) g = ctx.Model.AllReduce(g);
+                        expected = ctx.Data.AllReduce(g).div_(data);
+                    }
+                    if (!TensorAssert.Same(expected, p.grad!)) wrong.Add($"rank ({shard.DataIndex}, {shard.ModelIndex}) {name}");
+                }
+            }
+            if (sync.DataAxisInBackward < 2) wrong.Add($"only {sync.DataAxisInBackward} all-reduces in backward");
+            return wrong;
+        }).SelectMany(w => w).ToList();
+        Assert.True(failures.Count == 0, "differ from the written-out reduction: " + string.Join(", ", failures));
+    }
+
+    [Theory]
+    [OnEveryBackend]
+    public void A_recomputation_that_fails_on_one_data_rank_issues_no_further_data_axis_collective_there(Backend backend)
+    {
+        var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 3 };
+        var plan = new ShardingPlan(c, 1, 2);
+        var full = TestUtil.RandomState(c, seed: 39, scale: 0.3, ScalarType.Float32);
+        using var images = TestUtil.RandomImages(c, 4, seed: 40, ScalarType.Float32);
+        var results = Backends.Run(backend, new DeviceMesh(2, 1), ctx =>
+        {
+            var log = new List<(string Axis, string Event, int Id)>();
+            var rank = new RankContext(ctx.Mesh, ctx.Rank, ctx.Model, new RecordingCommunicator(ctx.Data, "data", log));
+            using var shard = new ShardedVisionTransformer(plan, rank, CommMode.Overlapped, ScalarType.Float32);
+            shard.LoadFull(full);
+            shard.Module.Checkpointing = ActivationCheckpointing.Blocks(1);
+            shard.BackwardBucketBytes = 0;                     // one all-reduce per weight: the blocks' weights match in shape
+            int issuedAtFailure = -1;
+            var block = (nn.Module<Tensor, long[], Tensor>)shard.Module.named_modules().Single(m => m.name == "blocks.1").module;
+            var hook = block.register_forward_pre_hook((_, x, counts) =>
+            {
+                if (!torch.is_grad_enabled() || shard.DataIndex != 0) return (x, counts);
+                issuedAtFailure = log.Count;
+                throw new InvalidOperationException("injected on data rank 0");
+            });
+            using var scope = torch.NewDisposeScope();
+            var loss = shard.Forward(images.narrow(0, 2 * shard.DataIndex, 2)).square().sum();
+            Exception? thrown = Record.Exception(() => shard.Backward(loss));
+            hook.remove();
+            return (Thrown: thrown, IssuedAtFailure: issuedAtFailure, Issued: log.Count(e => e.Event != "wait"));
+        }, timeout: TimeSpan.FromSeconds(5));
+        // The failing rank stops issuing on the data axis where it failed (its remaining buckets would pair with its peer's
+        // buckets of other weights); its peer's collectives fail instead of completing.
+        Assert.Equal("injected on data rank 0", Assert.IsType<InvalidOperationException>(results[0].Thrown).Message);
+        Assert.Equal(results[0].IssuedAtFailure, results[0].Issued);
+        Assert.IsType<CommunicatorException>(results[1].Thrown);
     }
 
     [Theory]
