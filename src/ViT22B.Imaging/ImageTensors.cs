@@ -1,6 +1,7 @@
 using SkiaSharp;
 using TorchSharp;
 using ViT22B.Data;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Imaging;
@@ -103,7 +104,7 @@ public static class ImageTensors
         using (var scope = torch.NewDisposeScope())
         {
             var rgb = image.shape[0] == 1 ? image.expand(3, h, w) : image;
-            bytes = (rgb.to(ScalarType.Float32).clamp(0, 1) * 255).round().to(ScalarType.Byte).permute(1, 2, 0).contiguous().cpu().data<byte>().ToArray();
+            bytes = rgb.to(ScalarType.Float32).Clamped(0, 1).Times(255).round().to(ScalarType.Byte).permute(1, 2, 0).contiguous().cpu().data<byte>().ToArray();
         }
         using var bmp = new SKBitmap(new SKImageInfo(w, h, SKColorType.Rgba8888, SKAlphaType.Unpremul));
         var rgba = new byte[4 * w * h];

@@ -2,6 +2,7 @@ using TorchSharp;
 using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Onnx.Proto;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Onnx;
@@ -127,7 +128,7 @@ internal sealed class ViTGraph
     private string SinCosTable(string map)
     {
         long quarter = _c.EmbedDim / 4;
-        var omega = _g.Initializer("pos_embed_omega", torch.exp(torch.arange(quarter, dtype: ScalarType.Float64) / Math.Max(1, quarter - 1) * -Math.Log(10_000.0)), ScalarType.Float64);
+        var omega = _g.Initializer("pos_embed_omega", torch.exp(ScalarMath.Arange(quarter, ScalarType.Float64, null).DividedBy(Math.Max(1, quarter - 1)).Times(-Math.Log(10_000.0))), ScalarType.Float64);
         var shape = _g.Shape(map);
         var gh = _g.Slice(shape, 2L, 3L, 0L);
         var gw = _g.Slice(shape, 3L, 4L, 0L);
@@ -174,8 +175,8 @@ internal sealed class ViTGraph
     private string QuantizedMatMul(string x, string prefix, Tensor weight)
     {
         var wt = weight.t().to(ScalarType.Float32);                                              // [in, out]
-        var scale = wt.abs().amax(new long[] { 0 }).clamp_min(1e-12) / 127.0;                    // per output column
-        var q = torch.round(wt / scale).clamp(-127, 127);
+        var scale = wt.abs().amax(new long[] { 0 }).AtLeast(1e-12).DividedBy(127.0);              // per output column
+        var q = torch.round(wt / scale).Clamped(-127, 127);
         var wq = _g.Initializer(prefix + ".weight_int8", q, ScalarType.Int8);
         var wzp = _g.Initializer(prefix + ".weight_zero_point", torch.zeros(wt.shape[1], dtype: ScalarType.Int8), ScalarType.Int8);
         var ws = _g.Initializer(prefix + ".weight_scale", scale, ScalarType.Float32);

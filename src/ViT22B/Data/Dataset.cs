@@ -1,3 +1,4 @@
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Data;
@@ -76,7 +77,7 @@ public sealed class TensorDataset : IDataset, IDisposable
         if ((uint)index >= (uint)Count) throw new ArgumentOutOfRangeException(nameof(index), $"{_name}: index {index} is outside [0, {Count}).");
         using var scope = NewDisposeScope();
         var x = _images[index];
-        x = x.dtype == ScalarType.Byte ? x.to(ScalarType.Float32) / 255.0 : x.to(ScalarType.Float32);
+        x = x.dtype == ScalarType.Byte ? x.to(ScalarType.Float32).DividedBy(255.0) : x.to(ScalarType.Float32);
         if (_transform is not null) x = _transform(x, rng);
         return new Example(x.MoveToOuterDisposeScope(), _labels[index]);
     }

@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Data;
@@ -155,7 +156,7 @@ public static class Transforms
 
     /// <summary>Maps [0, 1] pixel values with <paramref name="kind"/>.</summary>
     public static ImageTransform Normalize(PixelNormalization kind) => kind == PixelNormalization.MinusOneToOne
-        ? (image, _) => image * 2.0 - 1.0
+        ? (image, _) => image.Times(2.0).Minus(1.0)
         : Normalize(Preprocessing.ImageNetMean, Preprocessing.ImageNetStd);
 
     /// <summary>Maps [0, 1] pixel values to <c>(v − mean) / std</c> per RGB channel (torchvision <c>Normalize</c>);
@@ -185,7 +186,7 @@ public static class Transforms
         var mode = resampling == Resampling.Bilinear ? InterpolationMode.Bilinear : InterpolationMode.Bicubic;
         var y = nn.functional.interpolate(image.unsqueeze(0), new[] { h, w }, mode: mode, align_corners: false, antialias: true).squeeze(0);
         // Bicubic overshoots; keep pixel values in range as torchvision does for uint8 images.
-        if (resampling == Resampling.Bicubic) y = y.clamp(0.0, 1.0);
+        if (resampling == Resampling.Bicubic) y = y.Clamped(0.0, 1.0);
         return y.MoveToOuterDisposeScope();
     }
 

@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -42,7 +43,7 @@ public static class AttentionOps
         var dt = qh.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
         var q = qh.detach().to(dt).transpose(1, 2);
         var k = kh.detach().to(dt).transpose(1, 2);
-        var logits = q.matmul(k.transpose(-2, -1)) / Math.Sqrt(q.shape[^1]);     // [B, H, Nq, Nk]
+        var logits = q.matmul(k.transpose(-2, -1)).DividedBy(Math.Sqrt(q.shape[^1]));     // [B, H, Nq, Nk]
         var logp = logits.log_softmax(-1);
         var entropy = -(logp.exp() * logp).sum(-1);                                // [B, H, Nq]
         var perHead = entropy.mean(new long[] { 0, 2 });                          // [H]

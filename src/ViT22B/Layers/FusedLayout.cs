@@ -1,3 +1,4 @@
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -95,7 +96,7 @@ public sealed record FusedLayout(long Dim, long MlpDim, bool QkvBias, bool MlpBi
 
     /// <summary>The fused <c>out_proj.bias</c> of unfused biases: their sum, or the one that exists, or none.</summary>
     internal static Tensor? FuseOutBias(Tensor? attnOutBias, Tensor? mlpOutBias) =>
-        attnOutBias is null ? mlpOutBias : mlpOutBias is null ? attnOutBias : attnOutBias + mlpOutBias;
+        attnOutBias is null ? mlpOutBias : mlpOutBias is null ? attnOutBias : attnOutBias.Plus(mlpOutBias);
 
     /// <summary>The classic block's <c>qkv</c> sub-matrices (out, in) in row order: q, k, v.</summary>
     public (long Out, long In)[] QkvBlocks => new[] { (Dim, Dim), (Dim, Dim), (Dim, Dim) };

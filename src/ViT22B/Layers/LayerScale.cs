@@ -1,5 +1,5 @@
-using TorchSharp;
 using TorchSharp.Modules;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -16,7 +16,7 @@ public sealed class LayerScale : nn.Module<Tensor, Tensor>
     /// <summary>Creates the scale over <paramref name="dim"/> channels, every entry <paramref name="initValues"/>.</summary>
     public LayerScale(long dim, double initValues, Device? device = null, ScalarType dtype = ScalarType.Float32) : base(nameof(LayerScale))
     {
-        gamma = Param.Of(torch.full(dim, initValues, dtype: dtype, device: device));
+        gamma = Param.Of(ScalarMath.Full(new[] { dim }, initValues, dtype, device));
         RegisterComponents();
     }
 

@@ -1,5 +1,6 @@
 using TorchSharp;
 using TorchSharp.Modules;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -42,7 +43,7 @@ public sealed class MapHead : nn.Module<Tensor, Tensor>
         var query = q.forward(latent.expand(b, -1, -1));                 // [B, 1, D]
         var kvs = kv.forward(x).chunk(2, -1);                            // k | v
         var pooled = proj.forward(AttentionOps.Attend(query, kvs[0], kvs[1], _heads, null, null));
-        pooled = pooled + mlp.call(norm.call(pooled));
+        pooled = pooled.Plus(mlp.call(norm.call(pooled)));
         return pooled.select(1, 0).MoveToOuterDisposeScope();
     }
 }

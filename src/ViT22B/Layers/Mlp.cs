@@ -1,5 +1,6 @@
 using TorchSharp;
 using TorchSharp.Modules;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -49,7 +50,7 @@ internal static class Act
     {
         Activation.Gelu => nn.functional.gelu(x, TorchSharp.Modules.GELU.Approximate.none, inPlace),
         Activation.GeluTanh => nn.functional.gelu(x, TorchSharp.Modules.GELU.Approximate.tanh, inPlace),
-        Activation.QuickGelu => inPlace ? x.mul_(torch.sigmoid(x * 1.702)) : x * torch.sigmoid(x * 1.702),
+        Activation.QuickGelu => inPlace ? x.mul_(torch.sigmoid(x.Times(1.702))) : x * torch.sigmoid(x.Times(1.702)),
         _ => throw new ArgumentOutOfRangeException(nameof(act), act, "Unknown activation."),
     };
 }

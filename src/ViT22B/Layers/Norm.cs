@@ -1,5 +1,6 @@
 using TorchSharp;
 using TorchSharp.Modules;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -47,7 +48,7 @@ public sealed class Norm : nn.Module<Tensor, Tensor>
         using var scope = torch.NewDisposeScope();
         bool low = x.dtype is ScalarType.BFloat16 or ScalarType.Float16;
         var xf = low ? x.to(ScalarType.Float32) : x;
-        var y = xf * torch.rsqrt(xf.square().mean(new long[] { -1 }, keepdim: true) + _eps);
+        var y = xf * torch.rsqrt(xf.Squared().mean(new long[] { -1 }, keepdim: true).Plus(_eps));
         return (low ? y.to(x.dtype) : y).mul(weight).MoveToOuterDisposeScope();
     }
 }

@@ -1,5 +1,6 @@
 using TorchSharp;
 using TorchSharp.Modules;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -71,14 +72,14 @@ public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
             return ParallelBlockInference.Forward(x, y, in_proj, mlp_bias, out_proj, attn_out_proj, mlp_out_proj, ls,
                 _layout, _heads, q_norm, k_norm, _act).MoveToOuterDisposeScope();
         var p = in_proj.forward(y).split(_layout.InSplit, -1);                                 // [U|Q|K|V] = y·W_inᵀ
-        var u = mlp_bias is null ? p[0] : p[0] + mlp_bias;
+        var u = mlp_bias is null ? p[0] : p[0].Plus(mlp_bias);
         var z = AttentionOps.Attend(p[1], p[2], p[3], _heads, q_norm, k_norm);                 // Z = Attn(Norm_q Q, Norm_k K, V)
         var g = Act.Apply(u, _act);                                                            // GELU(U)
         var outp = out_proj is not null
             ? out_proj.forward(torch.cat(new[] { z, g }, -1))                                  // [Z | GELU(U)]·W_outᵀ + b_out
-            : attn_out_proj!.forward(z) + mlp_out_proj!.forward(g);
+            : attn_out_proj!.forward(z).Plus(mlp_out_proj!.forward(g));
         if (ls is not null) outp = ls.call(outp);                                              // LayerScale (optional)
-        return (x + outp).MoveToOuterDisposeScope();                                           // x' = x + …
+        return x.Plus(outp).MoveToOuterDisposeScope();                                           // x' = x + …
     }
 
     /// <summary>

@@ -1,4 +1,5 @@
 using TorchSharp.Modules;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -35,10 +36,10 @@ internal static class ParallelBlockInference
         {
             outp = attnOutProj!.forward(z);
             AddLinear(outp, g, mlpOutProj!.weight!);
-            if (mlpOutProj.bias is not null) outp.add_(mlpOutProj.bias);
+            if (mlpOutProj.bias is not null) outp.PlusInPlace(mlpOutProj.bias);
         }
         ls?.ScaleInPlace(outp);
-        return x + outp;
+        return x.Plus(outp);
     }
 
     // acc += x·Wᵀ in place (no gradient is recorded on this path).

@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -80,8 +81,8 @@ internal sealed class RecomputeFunction : torch.autograd.SingleTensorFunction<Re
         catch (Exception e)
         {
             args.OnFailure(e);
-            var result = new List<Tensor> { torch.full_like(x, double.NaN), null! };
-            foreach (var p in args.Parameters) result.Add(torch.full_like(p, double.NaN));
+            var result = new List<Tensor> { ScalarMath.FullLike(x, double.NaN), null! };
+            foreach (var p in args.Parameters) result.Add(ScalarMath.FullLike(p, double.NaN));
             return result;
         }
         finally

@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -34,8 +35,8 @@ public sealed class SequentialBlock : nn.Module<Tensor, Tensor>
     {
         using var scope = torch.NewDisposeScope();
         var a = attn.call(norm1.call(x));
-        var x1 = x + (ls1 is null ? a : ls1.call(a));
+        var x1 = x.Plus(ls1 is null ? a : ls1.call(a));
         var m = mlp.call(norm2.call(x1));
-        return (x1 + (ls2 is null ? m : ls2.call(m))).MoveToOuterDisposeScope();
+        return x1.Plus(ls2 is null ? m : ls2.call(m)).MoveToOuterDisposeScope();
     }
 }

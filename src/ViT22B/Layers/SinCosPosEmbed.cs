@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Layers;
@@ -15,10 +16,10 @@ public static class SinCosPosEmbed
         if (dim % 4 != 0) throw new ArgumentException($"sincos2d position embedding needs a width divisible by 4, found {dim}.", nameof(dim));
         using var scope = torch.NewDisposeScope();
         long quarter = dim / 4;
-        var omega = torch.arange(quarter, dtype: ScalarType.Float64, device: device) / Math.Max(1, quarter - 1);
-        omega = torch.exp(omega * -Math.Log(temperature));                                          // [D/4]
-        var ys = torch.arange(h, dtype: ScalarType.Float64, device: device).repeat_interleave(w);   // row index of each patch
-        var xs = torch.arange(w, dtype: ScalarType.Float64, device: device).repeat(h);              // column index
+        var omega = ScalarMath.Arange(quarter, ScalarType.Float64, device).DividedBy(Math.Max(1, quarter - 1));
+        omega = torch.exp(omega.Times(-Math.Log(temperature)));                                          // [D/4]
+        var ys = ScalarMath.Arange(h, ScalarType.Float64, device).repeat_interleave(w);   // row index of each patch
+        var xs = ScalarMath.Arange(w, ScalarType.Float64, device).repeat(h);              // column index
         var ox = xs.unsqueeze(1) * omega.unsqueeze(0);
         var oy = ys.unsqueeze(1) * omega.unsqueeze(0);
         var pe = torch.cat(new[] { ox.sin(), ox.cos(), oy.sin(), oy.cos() }, 1).unsqueeze(0);

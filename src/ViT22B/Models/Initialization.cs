@@ -1,5 +1,6 @@
 using TorchSharp;
 using ViT22B.Layers;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Models;
@@ -105,7 +106,7 @@ public static class Initialization
         static double Cdf(double x) => 0.5 * (1 + Erf(x / Math.Sqrt(2)));
         double lo = Cdf(a / std), hi = Cdf(b / std);
         p.uniform_(2 * lo - 1, 2 * hi - 1, generator);
-        p.erfinv_().mul_(std * Math.Sqrt(2)).clamp_(a, b);
+        p.erfinv_().TimesInPlace(std * Math.Sqrt(2)).ClampInPlace(a, b);
     }
 
     // .NET has no erf: the Chebyshev fit of the complementary error function from Numerical Recipes (relative error

@@ -3,6 +3,7 @@ using TorchSharp;
 using ViT22B.Data;
 using ViT22B.Interop;
 using ViT22B.Layers;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Models;
@@ -377,7 +378,7 @@ public static class PretrainedCheckpoint
                 using var scope = torch.NewDisposeScope();
                 var token = cls.Build(read);
                 var src = r.Build(read);
-                return (token + src.narrow(1, 0, 1).to(token.dtype)).MoveToOuterDisposeScope();
+                return token.Plus(src.narrow(1, 0, 1).to(token.dtype)).MoveToOuterDisposeScope();
             };
             converted.RemoveAll(n => n.Key == "cls_token");
             loaded.Remove("cls_token");

@@ -2,6 +2,7 @@ using System.Text;
 using TorchSharp;
 using ViT22B.Interop;
 using ViT22B.Layers;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Models;
@@ -97,8 +98,8 @@ public sealed class SeededWeights : ITensorSource
         var t = torch.empty(shape, dtype: ScalarType.Float32);
         string leaf = name[(name.LastIndexOf('.') + 1)..];
         // Values the modules are created with and the rules leave alone: norm scales one, LayerScale init_values.
-        if (leaf == "gamma") t.fill_(_config.InitValues ?? 1.0);
-        else if (leaf == "weight" && shape.Length == 1) t.fill_(1.0);
+        if (leaf == "gamma") t.FillInPlace(_config.InitValues ?? 1.0);
+        else if (leaf == "weight" && shape.Length == 1) t.FillInPlace(1.0);
         else Param.Zero(t);
         Initialization.Apply(_config, name, t, shape, Initialization.FillWhole, generator);
         return t.DetachFromDisposeScope();

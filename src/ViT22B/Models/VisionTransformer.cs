@@ -1,6 +1,7 @@
 using TorchSharp;
 using TorchSharp.Modules;
 using ViT22B.Layers;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Models;
@@ -289,7 +290,7 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
         Tensor result;
         if (pos_embed is null)
         {
-            x = x + SinCosPosEmbed.Table(gh, gw, c.EmbedDim, x.dtype, x.device);
+            x = x.Plus(SinCosPosEmbed.Table(gh, gw, c.EmbedDim, x.dtype, x.device));
             result = prefix is null ? x : torch.cat(new[] { prefix, x }, 1);
         }
         else
@@ -298,8 +299,8 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
             Tensor pos = pos_embed;
             if (gh != c.GridHeight || gw != c.GridWidth)
                 pos = EmbeddingResampling.PositionEmbedding(pos_embed, slot ? c.NumPrefixTokens : 0, (c.GridHeight, c.GridWidth), (gh, gw));
-            result = slot ? torch.cat(new[] { prefix!, x }, 1) + pos
-                : prefix is null ? x + pos : torch.cat(new[] { prefix, x + pos }, 1);
+            result = slot ? torch.cat(new[] { prefix!, x }, 1).Plus(pos)
+                : prefix is null ? x.Plus(pos) : torch.cat(new[] { prefix, x.Plus(pos) }, 1);
         }
         return result.MoveToOuterDisposeScope();
     }

@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Parallel;
@@ -165,7 +166,7 @@ internal sealed class DataGradientBuckets
             item.Work.Dispose();
             item.Flat.Dispose();
         }
-        result.div_(item.GroupSize);
+        result.DivideInPlace(item.GroupSize);
         long offset = 0;
         foreach (var e in item.Entries)
         {
@@ -244,7 +245,7 @@ internal sealed class DataGradientBuckets
     private static void AddToGradient(Tensor parameter, Tensor part)
     {
         using var grad = parameter.grad;
-        if (grad is not null) grad.add_(part);
+        if (grad is not null) grad.PlusInPlace(part);
         else parameter.grad = part.is_contiguous() ? part.clone() : part.contiguous();
     }
 }

@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Parallel;
@@ -96,7 +97,7 @@ internal static class Rings
         {
             for (int s = 1; s < k; s++)
             {
-                using var inFlight = comm.PermuteAsync(acc is null ? partial : acc + partial, -1, receiveRows: counts[(r + 1 + s) % k]);
+                using var inFlight = comm.PermuteAsync(acc is null ? partial : acc.Plus(partial), -1, receiveRows: counts[(r + 1 + s) % k]);
                 partial = nn.functional.linear(Chunk(h, counts, (r + 1 + s) % k), w);
                 acc = inFlight.Wait();
             }
@@ -106,7 +107,7 @@ internal static class Rings
             comm.Abort(e);   // as in AllGatherMatmul
             throw;
         }
-        return (acc! + partial).MoveToOuterDisposeScope();
+        return acc!.Plus(partial).MoveToOuterDisposeScope();
     }
 
     private static void CheckCounts(Tensor xLocal, long[] counts, ICommunicator comm)

@@ -1,6 +1,7 @@
 using TorchSharp;
 using TorchSharp.Modules;
 using ViT22B.Layers;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Parallel;
@@ -61,9 +62,9 @@ internal sealed class ShardedParallelBlock : nn.Module<Tensor, long[], Tensor>
         var plan = _s.Plan;
         var comm = _s.Rank.Model;
         var p = Regions.AllGatherMatmul(in_norm.call(x), in_proj.Weight(_s), comm, counts, _s.Mode);   // [T, B, U+3A]
-        if (in_proj.Bias is not null) p = p + in_proj.Bias;
+        if (in_proj.Bias is not null) p = p.Plus(in_proj.Bias);
         var parts = p.split(_layout.InSplitOf(plan.ModelSize), -1);
-        var gate = mlp_bias is null ? parts[0] : parts[0] + mlp_bias;
+        var gate = mlp_bias is null ? parts[0] : parts[0].Plus(mlp_bias);
         var z = AttentionOps.Attend(parts[1].transpose(0, 1), parts[2].transpose(0, 1), parts[3].transpose(0, 1),
             plan.HeadsPerRank, q_norm, k_norm).transpose(0, 1);                                        // [T, B, A]
         var h = torch.cat(new[] { z, Act.Apply(gate, _act) }, -1);                                       // [T, B, A+U]
@@ -76,8 +77,8 @@ internal sealed class ShardedParallelBlock : nn.Module<Tensor, long[], Tensor>
             bias = FusedLayout.FuseOutBias(attn_out_proj.Bias, mlp_out_proj.Bias);
         }
         var y = Regions.MatmulReduceScatter(h, w, comm, counts, _s.Mode);                              // [T_r, B, D]
-        if (bias is not null) y = y + bias;
+        if (bias is not null) y = y.Plus(bias);
         if (ls is not null) y = ls.call(y);
-        return (x + y).MoveToOuterDisposeScope();
+        return x.Plus(y).MoveToOuterDisposeScope();
     }
 }

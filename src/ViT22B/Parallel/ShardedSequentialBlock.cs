@@ -1,5 +1,6 @@
 using TorchSharp;
 using ViT22B.Layers;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Parallel;
@@ -71,19 +72,19 @@ internal sealed class ShardedSequentialBlock : nn.Module<Tensor, long[], Tensor>
         using var scope = torch.NewDisposeScope();
         var comm = _s.Rank.Model;
         var qkv = Regions.AllGatherMatmul(norm1.call(x), attn.qkv.Weight(_s), comm, counts, _s.Mode);    // [T, B, 3A]
-        if (attn.qkv.Bias is not null) qkv = qkv + attn.qkv.Bias;
+        if (attn.qkv.Bias is not null) qkv = qkv.Plus(attn.qkv.Bias);
         var parts = qkv.split(_layout.QkvSplitOf(_s.Plan.ModelSize), -1);
         var z = AttentionOps.Attend(parts[0].transpose(0, 1), parts[1].transpose(0, 1), parts[2].transpose(0, 1),
             _s.Plan.HeadsPerRank, attn.q_norm, attn.k_norm).transpose(0, 1);
         var y = Regions.MatmulReduceScatter(z, attn.proj.Weight(_s), comm, counts, _s.Mode);
-        if (attn.proj.Bias is not null) y = y + attn.proj.Bias;
+        if (attn.proj.Bias is not null) y = y.Plus(attn.proj.Bias);
         if (ls1 is not null) y = ls1.call(y);
-        var x1 = x + y;
+        var x1 = x.Plus(y);
         var hdn = Regions.AllGatherMatmul(norm2.call(x1), mlp.fc1.Weight(_s), comm, counts, _s.Mode);
-        if (mlp.fc1.Bias is not null) hdn = hdn + mlp.fc1.Bias;
+        if (mlp.fc1.Bias is not null) hdn = hdn.Plus(mlp.fc1.Bias);
         var m = Regions.MatmulReduceScatter(Act.Apply(hdn, _act), mlp.fc2.Weight(_s), comm, counts, _s.Mode);
-        if (mlp.fc2.Bias is not null) m = m + mlp.fc2.Bias;
+        if (mlp.fc2.Bias is not null) m = m.Plus(mlp.fc2.Bias);
         if (ls2 is not null) m = ls2.call(m);
-        return (x1 + m).MoveToOuterDisposeScope();
+        return x1.Plus(m).MoveToOuterDisposeScope();
     }
 }

@@ -1,6 +1,7 @@
 using TorchSharp;
 using ViT22B.Interop;
 using ViT22B.Models;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Parallel;
@@ -299,7 +300,7 @@ public sealed class ShardedVisionTransformer : IDisposable
             item.Work.Dispose();
             item.Flat.Dispose();
         }
-        if (divideBy > 1) sum.div_(divideBy);
+        if (divideBy > 1) sum.DivideInPlace(divideBy);
         long offset = 0;
         foreach (var g in item.Bucket)
         {

@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Parallel;
@@ -171,7 +172,7 @@ public sealed class ThreadedCommunicator : ICommunicator, IDisposable
         foreach (var p in parts)
         {
             var x = p.to(device).to(acc);
-            sum = sum is null ? x.clone() : sum.add_(x);
+            sum = sum is null ? x.clone() : sum.PlusInPlace(x);
         }
         return sum!.to(dtype);
     }

@@ -1,4 +1,4 @@
-using TorchSharp;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Training;
@@ -93,14 +93,14 @@ public sealed class Adafactor : Optimizer
     {
         double t = StepCount + 1;
         double decay = Math.Min(Beta2Cap, 1 - Math.Pow(t, -DecayExponent));
-        var g2 = grad.square().add_(Eps);
+        var g2 = grad.Squared().PlusInPlace(Eps);
         Tensor u;
         if (_factored[index] is var (d0, d1))
         {
             var r = _row[index]!;
             var c = _col[index]!;
-            r.mul_(decay).add_(g2.mean(new long[] { d0 }), alpha: 1 - decay);
-            c.mul_(decay).add_(g2.mean(new long[] { d1 }), alpha: 1 - decay);
+            r.TimesInPlace(decay).PlusInPlace(g2.mean(new long[] { d0 }), 1 - decay);
+            c.TimesInPlace(decay).PlusInPlace(g2.mean(new long[] { d1 }), 1 - decay);
             int reducedD1 = d1 > d0 ? d1 - 1 : d1;
             var rowFactor = (r / r.mean(new long[] { reducedD1 }, keepdim: true)).rsqrt();
             var colFactor = c.rsqrt();
@@ -109,20 +109,20 @@ public sealed class Adafactor : Optimizer
         else
         {
             var v = _full[index]!;
-            v.mul_(decay).add_(g2, alpha: 1 - decay);
+            v.TimesInPlace(decay).PlusInPlace(g2, 1 - decay);
             u = grad * v.rsqrt();
         }
         if (ClippingThreshold is { } clip)
         {
-            var rms = u.square().mean().sqrt();
-            u = u / torch.clamp_min(rms / clip, 1.0);
+            var rms = u.Squared().mean().sqrt();
+            u = u / rms.DividedBy(clip).AtLeast(1.0);
         }
         if (_mom[index] is { } mom)
         {
-            mom.mul_(Momentum).add_(u, alpha: 1 - Momentum);
+            mom.TimesInPlace(Momentum).PlusInPlace(u, 1 - Momentum);
             u = mom;
         }
-        weight.add_(u, alpha: -lr);
+        weight.PlusInPlace(u, -lr);
     }
 
     private static long[] Without(long[] shape, int dim) => shape.Where((_, i) => i != dim).ToArray();

@@ -1,3 +1,4 @@
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Training;
@@ -46,10 +47,10 @@ public sealed class AdamW : Optimizer
         long t = StepCount + 1;
         var m = _m[index];
         var v = _v[index];
-        m.mul_(Beta1).add_(grad, alpha: 1 - Beta1);
-        v.mul_(Beta2).addcmul_(grad, grad, value: 1 - Beta2);
+        m.TimesInPlace(Beta1).PlusInPlace(grad, 1 - Beta1);
+        v.TimesInPlace(Beta2).AddProductInPlace(grad, grad, 1 - Beta2);
         double bc1 = 1 - Math.Pow(Beta1, t), bc2 = 1 - Math.Pow(Beta2, t);
-        var denom = (v / bc2).sqrt_().add_(Eps);
-        weight.addcdiv_(m, denom, value: -lr / bc1);
+        var denom = v.DividedBy(bc2).sqrt_().PlusInPlace(Eps);
+        weight.AddQuotientInPlace(m, denom, -lr / bc1);
     }
 }

@@ -4,6 +4,7 @@ using ViT22B.Data;
 using ViT22B.Models;
 using ViT22B.Layers;
 using static TorchSharp.torch;
+using ViT22B.Torch;
 
 namespace ViT22B.Training;
 
@@ -58,7 +59,7 @@ public static class LinearProbe
         long n = features.shape[0], d = features.shape[1];
         using var mean = features.mean(new long[] { 0 }, keepdim: true);
         using var sd = features.std(0, keepdim: true);   // locals: each temporary stays referenced through its native call
-        using var std = sd.clamp_min(1e-6);
+        using var std = sd.AtLeast(1e-6);
         using var centred = features - mean;
         using var standardized = centred / std;
         using var x = standardized.to(ScalarType.Float32);

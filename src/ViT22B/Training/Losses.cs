@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Training;
@@ -64,13 +65,13 @@ public static class Losses
         using var scope = NewDisposeScope();
         var grads = parameters.Select(p => p.grad).Where(g => g is not null).Select(g => g!).ToList();
         if (grads.Count == 0) return 0;
-        double norm = torch.stack(grads.Select(g => g.to(ScalarType.Float64).square().sum())).sum().sqrt().item<double>();
+        double norm = torch.stack(grads.Select(g => g.to(ScalarType.Float64).Squared().sum())).sum().sqrt().item<double>();
         if (maxNorm > 0 && double.IsFinite(norm))
         {
             double coef = maxNorm / (norm + 1e-6);
             if (coef < 1)
                 using (torch.no_grad())
-                    foreach (var g in grads) g.mul_(coef);
+                    foreach (var g in grads) g.TimesInPlace(coef);
         }
         return norm;
     }

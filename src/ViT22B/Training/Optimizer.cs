@@ -1,6 +1,7 @@
 using System.Globalization;
 using TorchSharp;
 using TorchSharp.Modules;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Training;
@@ -73,7 +74,7 @@ public abstract class Optimizer : IDisposable
             var master = _masters[i];
             var w = master ?? p.Value;
             var g = grad.dtype == w.dtype ? grad : grad.to(w.dtype);
-            if (p.WeightDecay != 0 && lr != 0) w.mul_(1 - lr * p.WeightDecay);
+            if (p.WeightDecay != 0 && lr != 0) w.TimesInPlace(1 - lr * p.WeightDecay);
             Update(i, p, w, g, lr);
             if (master is not null) p.Value.copy_(master);
         }

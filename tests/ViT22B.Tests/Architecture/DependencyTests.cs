@@ -15,16 +15,17 @@ public class DependencyTests
     /// <summary>The intended graph: namespace (below the root) → the namespaces it may use.</summary>
     internal static readonly IReadOnlyDictionary<string, string[]> Graph = new Dictionary<string, string[]>
     {
-        ["Interop"] = Array.Empty<string>(),
-        ["Layers"] = Array.Empty<string>(),
-        ["Data"] = Array.Empty<string>(),
-        ["Models"] = new[] { "Layers", "Interop", "Data" },
-        ["Accounting"] = new[] { "Models", "Layers" },
-        ["Training"] = new[] { "Models", "Layers", "Data", "Interop", "Accounting" },
-        ["Parallel"] = new[] { "Models", "Layers", "Interop" },
-        ["Cuda"] = new[] { "Parallel", "Interop" },
-        ["Imaging"] = new[] { "Data", "Interop" },
-        ["Onnx"] = new[] { "Models", "Layers", "Interop", "Data" },
+        ["Torch"] = Array.Empty<string>(),
+        ["Interop"] = new[] { "Torch" },
+        ["Layers"] = new[] { "Torch" },
+        ["Data"] = new[] { "Torch" },
+        ["Models"] = new[] { "Layers", "Interop", "Data", "Torch" },
+        ["Accounting"] = new[] { "Models", "Layers", "Torch" },
+        ["Training"] = new[] { "Models", "Layers", "Data", "Interop", "Accounting", "Torch" },
+        ["Parallel"] = new[] { "Models", "Layers", "Interop", "Torch" },
+        ["Cuda"] = new[] { "Parallel", "Interop", "Torch" },
+        ["Imaging"] = new[] { "Data", "Interop", "Torch" },
+        ["Onnx"] = new[] { "Models", "Layers", "Interop", "Data", "Torch" },
         ["OnnxRuntime"] = Array.Empty<string>(),
     };
 
