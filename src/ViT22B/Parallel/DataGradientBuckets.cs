@@ -57,9 +57,6 @@ internal sealed class DataGradientBuckets
     /// <summary>Bucket size; 0 reduces each gradient on its own (still issued in backward and not waited for there).</summary>
     public long BucketBytes { get; set; } = ShardedVisionTransformer.DefaultBucketBytes;
 
-    /// <summary>Buckets issued and not finished yet.</summary>
-    public int InFlight => _inFlight.Count;
-
     /// <summary>Adds a data-sharded parameter's full gradient (<paramref name="rows"/>: sharded dimension
     /// <paramref name="dim"/> moved first, owned by the buckets from now on; <paramref name="counts"/>: every data rank's
     /// rows) to the open reduce-scatter bucket.</summary>
