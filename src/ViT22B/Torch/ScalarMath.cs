@@ -12,8 +12,11 @@ namespace ViT22B.Torch;
 /// a garbage collection on another thread while libtorch still reads it: the call fails with "Unknown scalar type"
 /// or reads freed memory. Here each Scalar is created explicitly and disposed after the call (which keeps it alive
 /// through it), or is a constant held for the life of the process. The library's projects ban the unsafe members at
-/// build time (src/BannedSymbols.txt); docs/torchsharp-notes.md has the measurement.
+/// build time (src/BannedSymbols.txt), <c>ToScalar</c> among them: this class is the one place that makes a Scalar.
+/// docs/torchsharp-notes.md has the measurement. The number helpers take a <c>double</c>: meant for floating-point
+/// tensors (on an integer tensor a double operand promotes the result to floating point, as in libtorch).
 /// </summary>
+#pragma warning disable RS0030 // the one place allowed to create Scalars, each disposed after its call or held forever
 internal static class ScalarMath
 {
     // Constants referenced by a static field are never finalized.
