@@ -27,6 +27,22 @@ public static class CommunicatorExtensions
         return gathered.transpose(0, dim).contiguous().MoveToOuterDisposeScope();
     }
 
+    /// <summary>Waits for <paramref name="work"/> and returns its result, then (also when the wait throws) releases
+    /// the work and <paramref name="input"/>, the buffer it read: a collective's input may be freed only once its
+    /// <c>Wait</c> has returned.</summary>
+    internal static Tensor WaitThenRelease(this ICommWork work, Tensor input)
+    {
+        try
+        {
+            return work.Wait();
+        }
+        finally
+        {
+            work.Dispose();
+            input.Dispose();
+        }
+    }
+
     /// <summary>Ring permute by <paramref name="shift"/> (see <see cref="ICommunicator.PermuteAsync"/>).</summary>
     public static Tensor Permute(this ICommunicator c, Tensor send, int shift, long receiveRows = -1) => c.PermuteAsync(send, shift, receiveRows).Wait();
 }

@@ -153,16 +153,7 @@ internal sealed class DataGradientBuckets
     {
         using var scope = torch.NewDisposeScope();
         using var noGrad = torch.no_grad();
-        Tensor result;
-        try
-        {
-            result = item.Work.Wait();
-        }
-        finally
-        {
-            item.Work.Dispose();
-            item.Flat.Dispose();
-        }
+        var result = item.Work.WaitThenRelease(item.Flat);
         result.DivideInPlace(item.GroupSize);
         long offset = 0;
         foreach (var e in item.Entries)

@@ -290,16 +290,7 @@ public sealed class ShardedVisionTransformer : IDisposable
     private static void Finish((ICommWork Work, List<Tensor> Bucket, Tensor Flat) item, int divideBy)
     {
         using var scope = torch.NewDisposeScope();
-        Tensor sum;
-        try
-        {
-            sum = item.Work.Wait();
-        }
-        finally
-        {
-            item.Work.Dispose();
-            item.Flat.Dispose();
-        }
+        var sum = item.Work.WaitThenRelease(item.Flat);
         if (divideBy > 1) sum.DivideInPlace(divideBy);
         long offset = 0;
         foreach (var g in item.Bucket)
