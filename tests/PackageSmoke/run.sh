@@ -23,6 +23,10 @@ if command -v unzip >/dev/null; then
   unzip -l "$work/feed/ViT22B.$version.nupkg" > "$work/ViT22B.listing"
   grep -q "buildTransitive/ViT22B.targets" "$work/ViT22B.listing" \
     || { echo "package lacks buildTransitive/ViT22B.targets" >&2; exit 1; }
+  # ViT22B.Onnx uses ViT22B's internals: it must depend on exactly its own ViT22B version.
+  unzip -p "$work/feed/ViT22B.Onnx.$version.nupkg" ViT22B.Onnx.nuspec > "$work/ViT22B.Onnx.nuspec"
+  grep -q "<dependency id=\"ViT22B\" version=\"\[$version\]\"" "$work/ViT22B.Onnx.nuspec" \
+    || { echo "ViT22B.Onnx does not depend on exactly ViT22B $version:" >&2; grep dependency "$work/ViT22B.Onnx.nuspec" >&2; exit 1; }
 fi
 cache_lib="${NUGET_PACKAGES:-$HOME/.nuget/packages}/torchsharp/0.107.0/runtimes/linux-x64/native/libLibTorchSharp.so"
 cache_sum_before="$(sha256sum "$cache_lib" 2>/dev/null || true)"
