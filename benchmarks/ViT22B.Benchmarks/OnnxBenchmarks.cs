@@ -13,8 +13,10 @@ using static TorchSharp.torch;
 namespace ViT22B.Benchmarks;
 
 /// <summary>
-/// The same model, same weights, in one process: this library in float32 (the baseline) and bfloat16, and the ONNX
-/// export run by ONNX Runtime with float32 and with int8 linear layers; batch 8 at 224 px, ONNX Runtime on as many
+/// The same model on the same weights (seeded): this library in float32 (the baseline) and bfloat16, and the ONNX
+/// export run by ONNX Runtime with float32 and with int8 linear layers, each case in its own process as BenchmarkDotNet
+/// runs them (one process with <c>--inProcess</c>; the interleaved one-process comparison is
+/// <c>samples/Mfu --backend both</c>); batch 8 at 224 px, ONNX Runtime on as many
 /// threads as libtorch. Models: timm's <c>vit_base_patch16_224</c> (classic blocks) and the B/16 preset with parallel
 /// blocks (<c>samples/Mfu --preset B/16 --block parallel</c>). Columns: images/s, and BenchmarkDotNet's ratio to the
 /// baseline.

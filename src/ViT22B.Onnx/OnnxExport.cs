@@ -90,9 +90,12 @@ public static class OnnxExport
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(path);
         options ??= new OnnxExportOptions();
-        if (!options.ExternalData && LeastBytes(model, options) <= maxBytes)
+        CheckModules(model);
+        // One file when the weights fit one message. The estimate is a lower bound (an int8 export also stores float32
+        // scales and its unquantised weights), so a model it lets through may still come out too large: then the
+        // weights go to a data file as if it had been asked for.
+        if (!options.ExternalData && LeastBytes(model, options) <= maxBytes && BuildInline(model, options, maxBytes, out _) is { } proto)
         {
-            var proto = Build(model, options, maxBytes);
             AtomicFile.Write(path, s => proto.WriteTo(s));
             return;
         }
@@ -127,11 +130,24 @@ public static class OnnxExport
         ArgumentNullException.ThrowIfNull(model);
         options ??= new OnnxExportOptions();
         CheckModules(model);
+        if (external is not null) return Build(model, options, new OnnxGraph(external, externalName));
         // Without external data: checked before any weight is copied, then exactly.
-        if (external is null && LeastBytes(model, options) is var least && least > maxBytes) throw TooLarge(least, maxBytes);
-        var graph = new OnnxGraph(external, externalName);
+        if (LeastBytes(model, options) is var least && least > maxBytes) throw TooLarge(least, maxBytes);
+        return BuildInline(model, options, maxBytes, out long bytes) ?? throw TooLarge(bytes, maxBytes);
+    }
+
+    // The model with its weights inside, or null when they take more than maxBytes (their size in bytes).
+    private static ModelProto? BuildInline(VisionTransformer model, OnnxExportOptions options, long maxBytes, out long bytes)
+    {
+        var graph = new OnnxGraph(null, null);
+        var proto = Build(model, options, graph);
+        bytes = graph.InitializerBytes;
+        return bytes > maxBytes ? null : proto;
+    }
+
+    private static ModelProto Build(VisionTransformer model, OnnxExportOptions options, OnnxGraph graph)
+    {
         ViTGraph.Emit(graph, model, Storage(options.Weights), options.Weights == OnnxWeights.DynamicInt8);
-        if (external is null && graph.InitializerBytes > maxBytes) throw TooLarge(graph.InitializerBytes, maxBytes);
         var proto = new ModelProto
         {
             IrVersion = IrVersion,

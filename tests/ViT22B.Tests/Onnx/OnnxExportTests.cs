@@ -82,16 +82,18 @@ public sealed class OnnxExportTests : IDisposable
     }
 
     [Theory]
-    [InlineData(PosEmbedKind.Learn, false, false)]
-    [InlineData(PosEmbedKind.Learn, true, false)]
-    [InlineData(PosEmbedKind.Learn, true, true)]
-    [InlineData(PosEmbedKind.SinCos2d, true, false)]
-    public void A_dynamic_size_export_takes_other_image_sizes(PosEmbedKind pos, bool classToken, bool noEmbedClass)
+    [InlineData(BlockKind.Parallel, PosEmbedKind.Learn, false, false, GlobalPool.Map, 0)]
+    [InlineData(BlockKind.Parallel, PosEmbedKind.Learn, true, false, GlobalPool.Token, 0)]
+    [InlineData(BlockKind.Parallel, PosEmbedKind.Learn, true, true, GlobalPool.Token, 0)]
+    [InlineData(BlockKind.Parallel, PosEmbedKind.SinCos2d, true, false, GlobalPool.Token, 0)]
+    [InlineData(BlockKind.Sequential, PosEmbedKind.Learn, true, false, GlobalPool.Token, 0)]
+    [InlineData(BlockKind.Sequential, PosEmbedKind.Learn, true, true, GlobalPool.Gap, 2)]
+    [InlineData(BlockKind.Sequential, PosEmbedKind.SinCos2d, false, false, GlobalPool.Gap, 0)]
+    public void A_dynamic_size_export_takes_other_image_sizes(BlockKind block, PosEmbedKind pos, bool classToken, bool noEmbedClass, GlobalPool pool, int registers)
     {
-        var c = TestUtil.Tiny(BlockKind.Parallel) with
+        var c = TestUtil.Tiny(block) with
         {
-            DynamicImgSize = true, PosEmbed = pos, ClassToken = classToken, NoEmbedClass = noEmbedClass,
-            GlobalPool = classToken ? GlobalPool.Token : GlobalPool.Map,
+            DynamicImgSize = true, PosEmbed = pos, ClassToken = classToken, NoEmbedClass = noEmbedClass, GlobalPool = pool, RegTokens = registers,
         };
         using var model = Model(c);
         string path = Export(model);
@@ -106,7 +108,7 @@ public sealed class OnnxExportTests : IDisposable
             using var inference = torch.inference_mode();
             using var expected = model.Encode(images);
             var (data, shape) = Pixels(images);
-            AssertClose(expected, vit.Encode(data, shape), Float32Bound, $"{pos} at {h}×{w}");
+            AssertClose(expected, vit.Encode(data, shape), Float32Bound, $"{block} {pos} {pool} at {h}×{w}");
         }
     }
 
@@ -272,6 +274,43 @@ public sealed class OnnxExportTests : IDisposable
         using var expected = model.Encode(images);
         var (data, shape) = Pixels(images);
         AssertClose(expected, vit.Encode(data, shape), Float32Bound, "external data");
+    }
+
+    [Fact]
+    public void An_int8_export_whose_estimate_fits_one_message_but_whose_weights_do_not_goes_to_external_data()
+    {
+        var c = TestUtil.Tiny(BlockKind.Parallel) with { EmbedDim = 64, NumHeads = 4, MlpDim = 128 };
+        using var model = Model(c);
+        TestUtil.Randomize(model, 1, scale: 0.1);
+        long parameters = model.parameters().Sum(p => p.numel());
+        var int8 = new OnnxExportOptions { Weights = OnnxWeights.DynamicInt8 };
+        // The estimate (one byte per parameter) fits the limit; the scales and float32 weights beside the int8 ones do not.
+        string path = Path.Combine(_dir, "int8-external.onnx");
+        OnnxExport.SaveWithLimit(model, path, int8, maxBytes: parameters);
+        Assert.True(File.Exists(path + ".data"));
+        Assert.True(new FileInfo(path).Length < new FileInfo(path + ".data").Length / 4, "the weights should live in the data file");
+        // The same graph as the export with the weights inside.
+        using var vit = OnnxVisionTransformer.Load(path, new OnnxRunnerOptions { Threads = 1 });
+        using var inside = OnnxVisionTransformer.Load(Export(model, int8), new OnnxRunnerOptions { Threads = 1 });
+        using var images = TestUtil.RandomImages(c, 2, seed: 4, ScalarType.Float32);
+        var (data, shape) = Pixels(images);
+        var expected = inside.Encode(data, shape);
+        var actual = vit.Encode(data, shape);
+        Assert.Equal(expected.Pooled.Data, actual.Pooled.Data);
+    }
+
+    [Fact]
+    public void Every_scalar_attribute_is_written_even_when_it_is_zero()
+    {
+        // ReduceMean's keepdims = 0 under global average pooling: a proto3 field without presence would leave the 0 out,
+        // and a reader that checks for the field (ONNX's getAttribute with a default) would take keepdims = 1.
+        var c = TestUtil.Variants().Single(v => v.Name == "Parallel-gap-sincos").Config;
+        using var model = Model(c);
+        var graph = ModelProto.Parser.ParseFrom(OnnxExport.ToBytes(model)).Graph;
+        var attributes = graph.Node.SelectMany(n => n.Attribute).ToList();
+        Assert.Contains(attributes, a => a.Name == "keepdims" && a.HasI && a.I == 0);
+        Assert.All(attributes.Where(a => a.Type == AttributeProto.Types.AttributeType.Int), a => Assert.True(a.HasI, a.Name));
+        Assert.All(attributes.Where(a => a.Type == AttributeProto.Types.AttributeType.Float), a => Assert.True(a.HasF, a.Name));
     }
 
     [Fact]
