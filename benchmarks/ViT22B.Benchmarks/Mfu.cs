@@ -33,7 +33,7 @@ public abstract class MfuBenchmark
     protected void StartPeakSampling(ScalarType dtype, Device device)
     {
         _meter = new MfuMeter(device, dtype);
-        for (int i = 0; i < _meter.Shapes.Count; i++) _gemmRates.Add(_meter.SamplePeak());
+        for (int i = 0; i < MfuMeter.MinimumRounds * _meter.Shapes.Count; i++) _gemmRates.Add(_meter.SamplePeak());
     }
 
     /// <summary>Samples the peak (call from the derived class's [IterationCleanup]).</summary>

@@ -63,9 +63,17 @@ public sealed class MfuMeter : IDisposable
     /// <summary>The GEMM shapes (M, K, N) timed in turn.</summary>
     public IReadOnlyList<(long M, long K, long N)> Shapes { get; }
 
-    /// <summary>The best FLOP/s of all GEMMs timed so far (by <see cref="SamplePeak"/> and the measurements).</summary>
-    /// <exception cref="InvalidOperationException">No GEMM has been timed yet.</exception>
-    public double PeakFlopsPerSecond => PeakSamples > 0 ? _best : throw new InvalidOperationException("No GEMM has been timed yet: call SamplePeak.");
+    /// <summary>How many times, at least, each shape is timed before there is a peak: one timing (a cold first call, or
+    /// one taken while the machine was busy) can read far below the rate the step itself reaches.</summary>
+    public const int MinimumRounds = 3;
+
+    /// <summary>The best FLOP/s of all GEMMs timed so far (by <see cref="SamplePeak"/>, <see cref="SampleRound"/> and the
+    /// measurements).</summary>
+    /// <exception cref="InvalidOperationException">Some shape has been timed fewer than <see cref="MinimumRounds"/>
+    /// times.</exception>
+    public double PeakFlopsPerSecond => PeakSamples >= MinimumRounds * _gemms.Length
+        ? _best
+        : throw new InvalidOperationException($"{PeakSamples} GEMM(s) timed; a peak needs each of the {_gemms.Length} shapes timed {MinimumRounds} times (call SampleRound).");
 
     private double _best;
 
@@ -92,6 +100,14 @@ public sealed class MfuMeter : IDisposable
         return rate;
     }
 
+    /// <summary>Times one GEMM of every shape, then as many more as it takes for each shape to have been timed
+    /// <see cref="MinimumRounds"/> times, so that <see cref="PeakFlopsPerSecond"/> can be read.</summary>
+    public void SampleRound()
+    {
+        for (int i = 0; i < _gemms.Length; i++) SamplePeak();
+        while (PeakSamples < MinimumRounds * _gemms.Length) SamplePeak();
+    }
+
     /// <summary>Times one call of <paramref name="step"/> (which must dispose what it creates).</summary>
     public double TimeStep(Action step)
     {
@@ -103,7 +119,8 @@ public sealed class MfuMeter : IDisposable
     }
 
     /// <summary>Runs <paramref name="warmup"/> steps and GEMMs, then <paramref name="samples"/> interleaved
-    /// (GEMM, step) pairs, and returns the step's median against the best GEMM.</summary>
+    /// (GEMM, step) pairs (and more GEMMs if each shape has not been timed <see cref="MinimumRounds"/> times yet), and
+    /// returns the step's median against the best GEMM.</summary>
     public MfuMeasurement Measure(Action step, double stepFlops, int samples = 10, int warmup = 2)
     {
         ArgumentNullException.ThrowIfNull(step);
@@ -136,6 +153,7 @@ public sealed class MfuMeter : IDisposable
                 SamplePeak();
                 times[j][i] = TimeStep(steps[j].Step);
             }
+        while (PeakSamples < MinimumRounds * _gemms.Length) SamplePeak();   // few rounds: every shape still timed MinimumRounds times
         double peak = PeakFlopsPerSecond;
         return steps.Select((s, j) => new MfuMeasurement(Median(times[j]), s.Flops, peak, samples) { StepSamples = times[j] }).ToArray();
     }

@@ -28,7 +28,8 @@ public sealed record TrainerOptions
     /// <summary>Peak FLOP/s of the device from its datasheet, to log MFU against (null = use <see cref="PeakMeter"/>).</summary>
     public double? PeakFlopsPerSecond { get; init; }
     /// <summary>Measures the peak during the run when no <see cref="PeakFlopsPerSecond"/> is given: at every log line one
-    /// GEMM of each of its shapes is timed (outside the timed window) and MFU is taken against the best GEMM so far
+    /// GEMM of each of its shapes is timed (outside the timed window; before the first line each shape
+    /// <see cref="MfuMeter.MinimumRounds"/> times) and MFU is taken against the best GEMM so far
     /// (<see cref="MfuMeter"/>). The caller owns and disposes it. Null with no datasheet peak = log achieved FLOP/s only.</summary>
     public MfuMeter? PeakMeter { get; init; }
     /// <summary>Blocks that recompute their activations in backward, set on the model when the trainer is created
@@ -281,7 +282,7 @@ public sealed class Trainer
         double? peak = Options.PeakFlopsPerSecond;
         if (peak is null && Options.PeakMeter is { } meter)
         {
-            for (int i = 0; i < meter.Shapes.Count; i++) meter.SamplePeak();
+            meter.SampleRound();
             peak = meter.PeakFlopsPerSecond;
         }
         if (peak is { } p && hardwareFlopsPerImage > flopsPerImage)

@@ -33,6 +33,21 @@ public class MfuMeterTests
     }
 
     [Fact]
+    public void One_round_without_warm_up_still_times_every_shape_the_minimum_number_of_times()
+    {
+        using var meter = new MfuMeter(torch.CPU, ScalarType.Float32, Small);
+        var m = meter.Measure(() => { }, 10.0, samples: 1, warmup: 0);
+        Assert.Equal(MfuMeter.MinimumRounds * Small.Length, meter.PeakSamples);
+        Assert.Equal(meter.PeakFlopsPerSecond, m.PeakFlopsPerSecond);
+
+        using var rounds = new MfuMeter(torch.CPU, ScalarType.Float32, Small);
+        rounds.SampleRound();   // the first round tops up to the minimum, later ones time each shape once
+        Assert.Equal(MfuMeter.MinimumRounds * Small.Length, rounds.PeakSamples);
+        rounds.SampleRound();
+        Assert.Equal((MfuMeter.MinimumRounds + 1) * Small.Length, rounds.PeakSamples);
+    }
+
+    [Fact]
     public void Single_measurement_is_the_one_step_case()
     {
         using var meter = new MfuMeter(torch.CPU, ScalarType.Float32, Small);
@@ -48,7 +63,10 @@ public class MfuMeterTests
     {
         using var meter = new MfuMeter(torch.CPU, ScalarType.Float32, Small);
         Assert.Throws<InvalidOperationException>(() => meter.PeakFlopsPerSecond);
-        var rates = Enumerable.Range(0, 6).Select(_ => meter.SamplePeak()).ToList();
+        var rates = Enumerable.Range(0, 5).Select(_ => meter.SamplePeak()).ToList();
+        // Never one timing: each of the two shapes MinimumRounds (3) times before there is a peak.
+        Assert.Contains("each of the 2 shapes timed 3 times", Assert.Throws<InvalidOperationException>(() => meter.PeakFlopsPerSecond).Message, StringComparison.Ordinal);
+        rates.Add(meter.SamplePeak());
         Assert.Equal(rates.Max(), meter.PeakFlopsPerSecond);
         Assert.Equal(6, meter.PeakSamples);
         Assert.Equal(Small, meter.Shapes);
