@@ -75,8 +75,10 @@ root.SetAction(parse =>
     }
     else
     {
-        if (onnx!.ImageSize is not var (h, w) || h != w)
-            throw new NotSupportedException($"ONNX model '{checkpoint.FullName}' takes images of any size or non-square ones; Classify feeds square crops of the model's size.");
+        // A dynamic-size export takes any size: feed it the size its config was built for, as the torch backend does.
+        var (h, w) = onnx!.ImageSize ?? ConfigImageSize(onnx.Metadata, checkpoint.FullName);
+        if (h != w)
+            throw new NotSupportedException($"ONNX model '{checkpoint.FullName}' takes {h}×{w} images; Classify feeds square crops of the model's size.");
         (classes, channels, size) = (onnx.Classes ?? throw new InvalidDataException($"ONNX model '{checkpoint.FullName}' has no classifier (no output 'logits')."), onnx.Channels, h);
         probabilities = x =>
         {
@@ -149,6 +151,15 @@ static VisionTransformer LoadModel(string path, string? configArg, out IReadOnly
         model.Dispose();
         throw;
     }
+}
+
+// The image size a dynamic-size ONNX export was built for: its config's, from the export's metadata.
+static (int Height, int Width) ConfigImageSize(IReadOnlyDictionary<string, string> metadata, string path)
+{
+    if (!metadata.TryGetValue(PretrainedCheckpoint.ConfigMetadataKey, out var json))
+        throw new InvalidDataException($"ONNX model '{path}' takes images of any size and stores no config (metadata '{PretrainedCheckpoint.ConfigMetadataKey}') to say which size it was built for.");
+    var config = ViTConfigJson.FromJson(json, path);
+    return (config.ImgSize, config.ImgWidth ?? config.ImgSize);
 }
 
 // One image as the model's input [C, size, size]: resized and cropped as the preprocessing says (squash or shorter side,
