@@ -356,8 +356,9 @@ public sealed class ShardedVisionTransformer : IDisposable
 
     /// <summary>
     /// Writes the full (unsharded) model to one safetensors file (timm's keys, this model's dtype), gathering one
-    /// parameter at a time over the mesh and writing it before the next is gathered, so no rank ever holds more than
-    /// its shard and one full parameter. Every rank calls it; the rank at mesh position 0 writes <paramref name="path"/>
+    /// parameter at a time over the mesh and writing it before the next is gathered, so beside its shard a rank holds
+    /// the copies that one parameter's gather makes (the gathered shards; on the writing rank also their CPU copy and
+    /// the same reordered into the file's layout), never the whole model. Every rank calls it; the rank at mesh position 0 writes <paramref name="path"/>
     /// (atomically: the file appears when complete). The file loads into a single-device <see cref="VisionTransformer"/>
     /// (<see cref="SafetensorsCheckpoint.Load(nn.Module, string, bool, string)"/>) or into any mesh (<see cref="LoadFull(ITensorSource)"/>).
     /// </summary>
@@ -367,7 +368,9 @@ public sealed class ShardedVisionTransformer : IDisposable
         ObjectDisposedException.ThrowIf(_disposed, this);
         if (Rank.Rank != 0)
         {
-            foreach (var (_, whole) in Gathered()) whole.Dispose();
+            // The collectives only: nothing is copied to the CPU or reordered on a rank that does not write.
+            var full = Plan.FullShapes();
+            foreach (var (key, p) in Module.state_dict()) Gather(key, p, full[key], keep: false);
             return;
         }
         var shapes = Plan.FullShapes();
@@ -395,11 +398,12 @@ public sealed class ShardedVisionTransformer : IDisposable
     private IEnumerable<(string Key, Tensor Whole)> Gathered()
     {
         var shapes = Plan.FullShapes();
-        foreach (var (key, p) in Module.state_dict()) yield return (key, Gather(key, p, shapes[key]));
+        foreach (var (key, p) in Module.state_dict()) yield return (key, Gather(key, p, shapes[key], keep: true)!);
     }
 
     // No dispose scope or grad mode may stay open across the iterator's yield, so each gather is a method of its own.
-    private Tensor Gather(string key, Tensor p, long[] full)
+    // Without keep, only the collectives run (null).
+    private Tensor? Gather(string key, Tensor p, long[] full, bool keep)
     {
         using var noGrad = torch.no_grad();
         using var scope = torch.NewDisposeScope();
@@ -407,9 +411,11 @@ public sealed class ShardedVisionTransformer : IDisposable
         if (Plan.IsFsdpSharded(key, full))
             t = Rank.Data.AllGatherAlong(t, Plan.FsdpCounts(key, full, ModelIndex), Plan.FsdpDim(key, full));
         var mine = Plan.ModelSpec(key, full, ModelIndex);
-        if (mine.IsWhole) return t.cpu().clone().DetachFromDisposeScope();
+        if (mine.IsWhole) return keep ? t.cpu().clone().DetachFromDisposeScope() : null;
         var specs = Enumerable.Range(0, Plan.ModelSize).Select(m => Plan.ModelSpec(key, full, m)).ToArray();
-        var gathered = Rank.Model.AllGatherAlong(t, specs.Select(sp => sp.LocalShape[sp.Dim]).ToArray(), mine.Dim).cpu();
+        var onDevice = Rank.Model.AllGatherAlong(t, specs.Select(sp => sp.LocalShape[sp.Dim]).ToArray(), mine.Dim);
+        if (!keep) return null;
+        var gathered = onDevice.cpu();
         var whole = torch.empty(full, dtype: t.dtype, device: torch.CPU);
         long offset = 0;
         foreach (var sp in specs)

@@ -49,18 +49,38 @@ public sealed class StreamedShardedVisionTransformer : IDisposable
 
     /// <summary>This rank's images [B_r, C, H, W] → logits (or pooled embeddings), without gradients; the ranks of a
     /// model-axis group pass the same images. Returns once the pass's collectives have finished
-    /// (<see cref="ICommunicator.Synchronize"/>), so a failed one is reported here.</summary>
+    /// (<see cref="ICommunicator.Synchronize"/>), so a failed one is reported here. A failure of the rank's own in the
+    /// middle of the pass (a block's weights that cannot be read, memory) aborts its model-axis communicator, as
+    /// <see cref="ShardedVisionTransformer.Forward"/> does: its peers wait for collectives it will not issue, and a
+    /// next pass would pair its collectives with theirs from this one.</summary>
+    /// <exception cref="CommunicatorException">A collective of the pass failed, or an earlier failure aborted the
+    /// communicator.</exception>
     public Tensor Forward(Tensor images)
     {
         using var inference = torch.inference_mode();
-        return Synchronized(_model.call(images));
+        return Synchronized(AbortingOnFailure(() => _model.call(images)));
     }
 
     /// <summary>Pooled embedding, patch tokens and logits, as <see cref="VisionTransformer.Encode"/>; without gradients.</summary>
     public ViTOutput Encode(Tensor images)
     {
         using var inference = torch.inference_mode();
-        return Synchronized(_model.Encode(images));
+        return Synchronized(AbortingOnFailure(() => _model.Encode(images)));
+    }
+
+    // The data axis has no collectives in inference (no FSDP): only the model axis is aborted. An ArgumentException is
+    // passed on as it is, as the image checks throw one before anything is issued.
+    private T AbortingOnFailure<T>(Func<T> pass)
+    {
+        try
+        {
+            return pass();
+        }
+        catch (Exception e) when (e is not (CommunicatorException or ArgumentException))
+        {
+            _rank.Model.Abort(e);
+            throw;
+        }
     }
 
     private T Synchronized<T>(T output) where T : IDisposable

@@ -1,4 +1,5 @@
 using TorchSharp;
+using ViT22B.Interop;
 using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Parallel;
@@ -50,6 +51,46 @@ public class StreamedShardedTests
             using var want = expected.narrow(0, d * (batch / data), batch / data);
             Assert.True(TestUtil.RelErr(o, want) <= 1e-12, $"relative error {TestUtil.RelErr(o, want):E2}");
         }
+    }
+
+    /// <summary>Reads through to another source; the first read of <paramref name="failing"/> throws.</summary>
+    private sealed class FailingOnce(ITensorSource inner, string failing) : ITensorSource
+    {
+        private int _failed;
+        public string Path => inner.Path;
+        public IReadOnlyList<string> Names => inner.Names;
+        public IReadOnlyDictionary<string, string> Metadata => inner.Metadata;
+        public bool Contains(string name) => inner.Contains(name);
+        public long[] ShapeOf(string name) => inner.ShapeOf(name);
+        public Tensor Read(string name) => Check(name) ?? inner.Read(name);
+        public Tensor ReadSlice(string name, int dim, IReadOnlyList<(long Start, long Length)> segments) => Check(name) ?? inner.ReadSlice(name, dim, segments);
+        private Tensor? Check(string name) =>
+            name == failing && Interlocked.Exchange(ref _failed, 1) == 0 ? throw new IOException($"injected: '{name}' could not be read") : null;
+        public void Dispose() => inner.Dispose();
+    }
+
+    [Theory]
+    [OnEveryBackend(true)]
+    [OnEveryBackend(false)]
+    public void A_rank_whose_block_cannot_be_read_mid_pass_aborts_and_never_issues_another_pass(Backend backend, bool prefetch)
+    {
+        var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 3 };
+        using var images = TestUtil.RandomImages(c, 2, seed: 23);
+        var plan = new ShardingPlan(c, 2);
+        // Rank 1 cannot read block 1's weights once; rank 0 reads them fine and waits in block 1 for rank 1.
+        var outcomes = Backends.Run(backend, new DeviceMesh(1, 2), ctx =>
+        {
+            using var seeded = new SeededWeights(c, seed: 24);
+            using var weights = new FailingOnce(seeded, ctx.Rank == 1 ? "blocks.1.in_proj.weight" : "none");
+            using var shard = new StreamedShardedVisionTransformer(plan, ctx, weights, CommMode.Overlapped, ScalarType.Float64, prefetch);
+            if (ctx.Rank == 0) return Assert.Throws<CommunicatorException>(() => shard.Forward(images)).Message;
+            var first = Assert.Throws<IOException>(() => shard.Forward(images));
+            Assert.Contains("injected", first.Message, StringComparison.Ordinal);
+            // The next pass must not issue collectives that rank 0's first pass would take for its own: it fails at once.
+            var again = Assert.Throws<CommunicatorException>(() => shard.Forward(images));
+            return again.Message;
+        }, timeout: TimeSpan.FromSeconds(5));
+        Assert.Contains("injected", outcomes[1], StringComparison.Ordinal);
     }
 
     [Theory]
