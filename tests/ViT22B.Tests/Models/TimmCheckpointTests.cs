@@ -19,8 +19,10 @@ public sealed class TimmCheckpointTests : IDisposable
     public static TheoryData<string> Names() => new(ViTConfig.TimmNames);
 
     /// <summary>The name's checkpoint as Hugging Face publishes it: transformers' own classes where they exist
-    /// (ViT, DINOv2 with and without registers, CLIP, SigLIP); DeiT-3 has none, and its Hugging Face Hub weights are
-    /// timm's keys in a sharded checkpoint.</summary>
+    /// (ViT, DINOv2 with and without registers, CLIP, SigLIP). DeiT-3 has no transformers class: its Hub weights are
+    /// timm's (one <c>model.safetensors</c> in the <c>timm/deit3_*</c> repositories), so its "Hugging Face" file here is
+    /// timm's keys again, written as a sharded Hugging Face index to exercise that path: a second timm-layout load, not
+    /// a layout of its own.</summary>
     private (string Path, string Layout, bool ResetHead) HuggingFace(string name, ViTConfig c, IDictionary<string, Tensor> sd)
     {
         string file = Path.Combine(_dir, name + ".hf.safetensors");
