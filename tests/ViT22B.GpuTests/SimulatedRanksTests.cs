@@ -48,6 +48,41 @@ public sealed class SimulatedRanksTests
     }
 
     [CudaFact]
+    public void Two_ranks_sharing_one_gpu_stream_their_block_shards_with_prefetch()
+    {
+        // Each rank computes on its own pool stream; its prefetched block shards are staged in host memory and moved to
+        // the GPU on that stream (BlockStreaming), never copied on the prefetch thread's stream.
+        var c = Config() with { Depth = 4 };
+        var gpu = torch.device("cuda:0");
+        using var weights = new SeededWeights(c, seed: 44);
+        using var model = new VisionTransformer(c, gpu, ScalarType.Float32);
+        StreamedVisionTransformer.Load(model, weights, "");
+        using var images = TestUtil.RandomImages(c, 2, seed: 45, ScalarType.Float32).to(gpu);
+        Tensor expected;
+        using (torch.inference_mode()) expected = model.call(images).cpu();
+        using var expectedOwner = expected;
+        torch.cuda.synchronize();
+
+        var mesh = new DeviceMesh(1, 2, new[] { gpu });
+        var world = new ThreadedWorld(mesh.WorldSize, TimeSpan.FromSeconds(60));
+        var contexts = RankContext.CreateThreaded(world, mesh);
+        var plan = new ShardingPlan(c, 2, 1);
+        var outputs = Spmd.Run(world, r =>
+        {
+            using var device = contexts[r].UseDevice();
+            using var shard = new StreamedShardedVisionTransformer(plan, contexts[r], weights, CommMode.Overlapped, ScalarType.Float32, prefetch: true);
+            Tensor last = null!;
+            for (int pass = 0; pass < 3; pass++)
+            {
+                last?.Dispose();
+                last = shard.Forward(images).cpu().DetachFromDisposeScope();
+            }
+            return last;
+        });
+        foreach (var o in outputs) Assert.True(TestUtil.RelErr(o, expected) < 1e-4, $"relative error {TestUtil.RelErr(o, expected):E2}");
+    }
+
+    [CudaFact]
     public void Collectives_between_ranks_sharing_one_gpu_match_their_definitions()
     {
         // Copies run on each receiver's communication stream, ordered by events against the ranks' own compute

@@ -20,27 +20,53 @@ public sealed record StreamingStats(int Blocks, double LoadSeconds, double WaitS
 /// caller-supplied function, run, and disposed before block i + 2 is loaded. With prefetch, block i + 1 is loaded on a
 /// second thread while block i computes, so at most two blocks are alive; without, one. Inference only: a block is gone
 /// before a backward pass could need it.
+/// <para>On a GPU the prefetch thread builds its blocks in host memory and the computing thread moves each to the
+/// device just before running it. Built on the device by the prefetch thread, a block's copies would run on that
+/// thread's CUDA stream, unordered with the stream the block computes on (a rank thread computes on a stream of its
+/// own), and a released block's memory would return to the prefetch stream's pool while kernels on the computing stream
+/// might still read it. Moved by the computing thread, the copies precede the block's kernels on one stream and its
+/// release follows them. So on a GPU one block is on the device at a time and up to two wait in host memory; the
+/// host-to-device copy is not overlapped with the computation.</para>
 /// </summary>
 internal static class BlockStreaming
 {
-    /// <summary>Runs <paramref name="depth"/> blocks over <paramref name="x"/>: <paramref name="load"/>(i) builds
-    /// block i (outside any dispose scope), <paramref name="run"/> applies it; every block is disposed, also when one
-    /// fails.</summary>
-    public static (Tensor Output, StreamingStats Stats) Run<TBlock>(int depth, Func<int, TBlock> load, Func<TBlock, Tensor, Tensor> run,
+    /// <summary>Runs <paramref name="depth"/> blocks over <paramref name="x"/>: <paramref name="load"/>(i, device)
+    /// builds block i on that device (outside any dispose scope), <paramref name="run"/> applies it; every block is
+    /// disposed, also when one fails. Blocks run on <paramref name="x"/>'s device.</summary>
+    public static (Tensor Output, StreamingStats Stats) Run<TBlock>(int depth, Func<int, Device, TBlock> load, Func<TBlock, Tensor, Tensor> run,
         Tensor x, bool prefetch) where TBlock : nn.Module
     {
         if (depth < 1) throw new ArgumentOutOfRangeException(nameof(depth), $"A block stack needs at least one block, found {depth}.");
         if (torch.is_grad_enabled())
             throw new InvalidOperationException("A streamed model runs inference only: call it under torch.no_grad() or torch.inference_mode() (each block is released before a backward pass could use it).");
+        var device = x.device;
+        var prefetchOn = HostStaged(device) ? torch.CPU : device;
         long loadTicks = 0, largest = 0;
-        (TBlock Block, long Ticks) Timed(int i)
+        (TBlock Block, long Ticks) Timed(int i, Device on)
         {
             long start = Stopwatch.GetTimestamp();
-            var block = load(i);
+            var block = load(i, on);
             long bytes = block.parameters().Sum(p => p.numel() * p.element_size());
             Interlocked.Add(ref loadTicks, Stopwatch.GetTimestamp() - start);
             InterlockedMax(ref largest, bytes);
             return (block, Stopwatch.GetTimestamp() - start);
+        }
+        // A prefetched block staged in host memory, moved to the device on this thread (its stream).
+        TBlock ToDevice(TBlock block)
+        {
+            if (!HostStaged(device)) return block;
+            long start = Stopwatch.GetTimestamp();
+            try
+            {
+                block.to(device);
+            }
+            catch
+            {
+                block.Dispose();
+                throw;
+            }
+            Interlocked.Add(ref loadTicks, Stopwatch.GetTimestamp() - start);
+            return block;
         }
         var wait = Stopwatch.StartNew();
         var compute = new Stopwatch();
@@ -60,7 +86,7 @@ internal static class BlockStreaming
                     try { released.Wait(stop.Token); }
                     catch (OperationCanceledException) { return; }
                     (TBlock?, Exception?) item;
-                    try { item = (Timed(n).Block, null); }
+                    try { item = (Timed(n, prefetchOn).Block, null); }
                     catch (Exception e) { item = (null, e); }
                     try { ready.Add(item, stop.Token); }
                     catch (OperationCanceledException) { item.Item1?.Dispose(); return; }
@@ -72,7 +98,7 @@ internal static class BlockStreaming
         var h = x;
         try
         {
-            current = Timed(0).Block;
+            current = Timed(0, device).Block;
             loader?.Start();
             wait.Stop();
             for (int i = 0; i < depth; i++)
@@ -87,12 +113,12 @@ internal static class BlockStreaming
                 released.Release();
                 if (i + 1 == depth) break;
                 wait.Start();
-                if (loader is null) current = Timed(i + 1).Block;
+                if (loader is null) current = Timed(i + 1, device).Block;
                 else
                 {
                     var (block, failure) = ready.Take();
                     if (failure is not null) ExceptionDispatchInfo.Capture(failure).Throw();
-                    current = block!;
+                    current = ToDevice(block!);
                 }
                 wait.Stop();
             }
@@ -113,6 +139,9 @@ internal static class BlockStreaming
         var stats = new StreamingStats(depth, (double)loadTicks / Stopwatch.Frequency, wait.Elapsed.TotalSeconds, compute.Elapsed.TotalSeconds, largest);
         return (ReferenceEquals(h, x) ? x.alias() : h, stats);
     }
+
+    // Where the prefetch thread must not build blocks on the device itself (see the class comment).
+    internal static bool HostStaged(Device device) => device.type != DeviceType.CPU;
 
     private static void InterlockedMax(ref long target, long value)
     {

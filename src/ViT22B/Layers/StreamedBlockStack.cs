@@ -29,7 +29,7 @@ internal abstract class StreamedBlockStack : nn.Module, IBlockStack
     public abstract Tensor forward(Tensor x);
 
     /// <summary><see cref="BlockStreaming.Run"/> with this stack's prefetch setting, recording its statistics.</summary>
-    protected Tensor Stream<TBlock>(int depth, Func<int, TBlock> load, Func<TBlock, Tensor, Tensor> run, Tensor x) where TBlock : nn.Module
+    protected Tensor Stream<TBlock>(int depth, Func<int, Device, TBlock> load, Func<TBlock, Tensor, Tensor> run, Tensor x) where TBlock : nn.Module
     {
         var (y, stats) = BlockStreaming.Run(depth, load, run, x, _prefetch);
         LastPass = stats;

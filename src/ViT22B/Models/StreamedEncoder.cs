@@ -10,22 +10,21 @@ internal sealed class StreamedEncoder : StreamedBlockStack
 {
     private readonly ViTConfig _config;
     private readonly ITensorSource _weights;
-    private readonly Device _device;
     private readonly ScalarType _dtype;
 
-    public StreamedEncoder(ViTConfig config, ITensorSource weights, Device device, ScalarType dtype, bool prefetch)
+    public StreamedEncoder(ViTConfig config, ITensorSource weights, ScalarType dtype, bool prefetch)
         : base(nameof(StreamedEncoder), prefetch)
     {
-        (_config, _weights, _device, _dtype) = (config, weights, device, dtype);
+        (_config, _weights, _dtype) = (config, weights, dtype);
     }
 
     public override Tensor forward(Tensor x) => Stream(_config.Depth, Load, (block, h) => block.call(h), x);
 
-    private nn.Module<Tensor, Tensor> Load(int index)
+    private nn.Module<Tensor, Tensor> Load(int index, Device device)
     {
         nn.Module<Tensor, Tensor> block = _config.Block == BlockKind.Parallel
-            ? new ParallelBlock(_config.BlockOptions, _device, _dtype)
-            : new SequentialBlock(_config.BlockOptions, _device, _dtype);
+            ? new ParallelBlock(_config.BlockOptions, device, _dtype)
+            : new SequentialBlock(_config.BlockOptions, device, _dtype);
         try
         {
             StreamedVisionTransformer.Load(block, _weights, $"blocks.{index}.");

@@ -33,7 +33,7 @@ public sealed class StreamedVisionTransformer : IDisposable
         foreach (var (key, shape) in shapes) TensorSources.CheckShape(weights, key, shape);
         StreamedEncoder? blocks = null;
         _model = new VisionTransformer(config, device, dtype,
-            (c, dev, dt) => blocks = new StreamedEncoder(c, weights, dev, dt, prefetch),
+            (c, _, dt) => blocks = new StreamedEncoder(c, weights, dt, prefetch),
             m => LoadResident(m, weights));
         _blocks = blocks!;
     }

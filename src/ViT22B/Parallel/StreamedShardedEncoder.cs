@@ -11,13 +11,12 @@ internal sealed class StreamedShardedEncoder : StreamedBlockStack
 {
     private readonly ShardContext _s;
     private readonly ITensorSource _weights;
-    private readonly Device _device;
     private readonly ScalarType _dtype;
 
-    public StreamedShardedEncoder(ShardContext s, ITensorSource weights, Device device, ScalarType dtype, bool prefetch)
+    public StreamedShardedEncoder(ShardContext s, ITensorSource weights, ScalarType dtype, bool prefetch)
         : base(nameof(StreamedShardedEncoder), prefetch)
     {
-        (_s, _weights, _device, _dtype) = (s, weights, device, dtype);
+        (_s, _weights, _dtype) = (s, weights, dtype);
     }
 
     public override Tensor forward(Tensor x)
@@ -30,12 +29,12 @@ internal sealed class StreamedShardedEncoder : StreamedBlockStack
         return Regions.GatherTokens(y, comm, counts).transpose(0, 1).contiguous().MoveToOuterDisposeScope();
     }
 
-    private nn.Module<Tensor, long[], Tensor> Load(int index)
+    private nn.Module<Tensor, long[], Tensor> Load(int index, Device device)
     {
         var c = _s.Plan.Config;
         nn.Module<Tensor, long[], Tensor> block = c.Block == BlockKind.Parallel
-            ? new ShardedParallelBlock(c.BlockOptions, index, _s, _device, _dtype)
-            : new ShardedSequentialBlock(c.BlockOptions, index, _s, _device, _dtype);
+            ? new ShardedParallelBlock(c.BlockOptions, index, _s, device, _dtype)
+            : new ShardedSequentialBlock(c.BlockOptions, index, _s, device, _dtype);
         try
         {
             using var noGrad = torch.no_grad();

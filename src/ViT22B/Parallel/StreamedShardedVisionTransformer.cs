@@ -39,7 +39,7 @@ public sealed class StreamedShardedVisionTransformer : IDisposable
         var s = new ShardContext(plan, rank, mode);
         StreamedShardedEncoder? blocks = null;
         _model = new VisionTransformer(plan.Config, rank.Device, dtype,
-            (c, device, dt) => blocks = new StreamedShardedEncoder(s, weights, device, dt, prefetch),
+            (c, _, dt) => blocks = new StreamedShardedEncoder(s, weights, dt, prefetch),
             m => StreamedVisionTransformer.Load(m, weights, ""));
         (_blocks, _rank) = (blocks!, rank);
     }
