@@ -21,6 +21,7 @@ public class ShardedRecomputeTests
     [OnEveryBackend(BlockKind.Sequential, 2, 2, true, "all")]
     [OnEveryBackend(BlockKind.Parallel, 1, 4, false, "all")]
     [OnEveryBackend(BlockKind.Parallel, 2, 2, true, "all")]
+    [OnEveryBackend(BlockKind.Parallel, 2, 4, true, "every:2")]
     public void Checkpointed_shards_give_the_gradients_of_kept_activations(Backend backend, BlockKind block, int data, int model, bool fsdp, string set)
     {
         var c = Config(block);
