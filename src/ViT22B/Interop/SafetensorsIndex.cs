@@ -113,6 +113,9 @@ public sealed class SafetensorsIndex : ITensorSource
     /// <inheritdoc />
     public Tensor Read(string name) => Shard(name).Read(name);
 
+    /// <summary>Bytes copied out of the shards so far (<see cref="SafetensorsReader.BytesRead"/>, summed).</summary>
+    internal long BytesRead => _shards.Sum(s => s.BytesRead);
+
     /// <summary>Reads part of a tensor from its shard's memory mapping (<see cref="SafetensorsReader.ReadSlice"/>).</summary>
     public Tensor ReadSlice(string name, int dim, IReadOnlyList<(long Start, long Length)> segments) => Shard(name).ReadSlice(name, dim, segments);
 

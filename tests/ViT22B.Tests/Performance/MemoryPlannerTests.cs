@@ -271,9 +271,11 @@ public class MemoryPlannerTests
     [InlineData(2, 4, true, 5, "file")]
     [InlineData(1, 4, false, 1, "2x2 fsdp")]
     [InlineData(2, 4, true, 5, "1x2")]
+    [InlineData(2, 2, true, 2, "index")]
     public void A_rank_loads_its_shard_of_a_checkpoint_several_times_its_budget_with_one_slice_of_staging(int data, int modelAxis, bool fsdp, int rank, string source)
     {
-        // source: one safetensors file, or a sharded checkpoint written by a mesh of another shape ("1x2", "2x2 fsdp").
+        // source: one safetensors file, a Hugging Face index of three shard files ("index"), or a sharded checkpoint
+        // written by a mesh of another shape ("1x2", "2x2 fsdp").
         Assert.True(HaveMallInfo2(), "needs glibc's mallinfo2 (Linux, glibc 2.33+)");
         var c = new ViTConfig
         {
@@ -288,11 +290,12 @@ public class MemoryPlannerTests
         Assert.Equal(1, MallOpt(MmapThreshold, 4096));      // as in Training_memory_matches_measured_allocation
         try
         {
-            string path = Path.Combine(dir, "model.safetensors"), folder = Path.Combine(dir, "sharded");
+            string path = Path.Combine(dir, "model.safetensors"), folder = Path.Combine(dir, "sharded"), index = "";
             using (var model = new VisionTransformer(c, torch.CPU, ScalarType.Float32))
             {
                 SafetensorsCheckpoint.Save(model, path);
-                if (source != "file")
+                if (source == "index") index = ViT22B.Tests.Models.HomeLayouts.SaveSharded(model.state_dict(), folder, shards: 3);
+                else if (source != "file")
                 {
                     var sourcePlan = new ViT22B.Parallel.ShardingPlan(c, modelSize: source[2] - '0', dataSize: source[0] - '0', source.EndsWith("fsdp", StringComparison.Ordinal));
                     ViT22B.Tests.Parallel.StreamedCheckpointTests.SaveSharded(ViT22B.Tests.Parallel.Backend.Threaded, sourcePlan, model.state_dict(), folder);
@@ -314,10 +317,20 @@ public class MemoryPlannerTests
             for (int pass = 0; pass < 5; pass++)
             {
                 long baseline = Allocated();
-                var reader = source == "file" ? SafetensorsReader.Open(path) : ViT22B.Parallel.ShardedCheckpoint.Open(folder);
+                ITensorSource reader = source switch
+                {
+                    "file" => SafetensorsReader.Open(path),
+                    "index" => SafetensorsIndex.Open(index),
+                    _ => ViT22B.Parallel.ShardedCheckpoint.Open(folder),
+                };
                 using var sampled = new SampledSource(reader, baseline);
                 shard.LoadFull(sampled);
-                long bytesRead = reader is SafetensorsReader single ? single.BytesRead : ((ViT22B.Parallel.ShardedCheckpointSource)reader).BytesRead;
+                long bytesRead = reader switch
+                {
+                    SafetensorsReader single => single.BytesRead,
+                    SafetensorsIndex shards => shards.BytesRead,
+                    _ => ((ViT22B.Parallel.ShardedCheckpointSource)reader).BytesRead,
+                };
                 loads.Add((sampled.Peak, Allocated(collect: false) - baseline, sampled.Reads, sampled.SliceReads, bytesRead));
             }
             long peak = loads.Min(l => l.Peak), after = loads.Min(l => l.After);
