@@ -32,7 +32,7 @@ public class MemoryLoopBenchmarks
         var c = ViTConfig.Parse("22B/14") with { EmbedDim = 64, Depth = 2, NumHeads = 2, MlpDim = 128, ImgSize = 56, NumClasses = 10 };
         _model = new VisionTransformer(c, Bench.Device, ScalarType.Float32);
         _model.eval();
-        _images = torch.randn(2, 3, 56, 56).to(Bench.Device);
+        _images = Bench.Built(() => torch.randn(2, 3, 56, 56).to(Bench.Device));
     }
 
     private void Step()

@@ -15,6 +15,14 @@ internal static class Bench
 
     /// <summary>"with" or "without" biases on every layer and norm (QKV, MLP, out-projection, norms).</summary>
     public static ViTConfig WithBiases(ViTConfig c, bool biases) => c with { QkvBias = biases, MlpBias = biases, ProjBias = biases, NormBias = biases };
+
+    /// <summary>A tensor made by a chain of calls, in a dispose scope that keeps the chain's temporaries reachable until the
+    /// native calls reading them have returned (docs/torchsharp-notes.md); the result belongs to no scope.</summary>
+    public static Tensor Built(Func<Tensor> make)
+    {
+        using var scope = torch.NewDisposeScope();
+        return make().DetachFromDisposeScope();
+    }
 }
 
 /// <summary>
@@ -48,8 +56,8 @@ public class BlockBenchmarks : MfuBenchmark
         }, Biases);
         _block = parallel ? new ParallelBlock(c.BlockOptions, Bench.Device, DType) : new SequentialBlock(c.BlockOptions, Bench.Device, DType);
         const long batch = 8;
-        _x = torch.randn(new long[] { batch, c.NumTokens, c.EmbedDim }, generator: new torch.Generator(1)).to(DType).to(Bench.Device);
-        _probe = torch.randn(new long[] { batch, c.NumTokens, c.EmbedDim }, generator: new torch.Generator(2)).to(DType).to(Bench.Device);
+        _x = Bench.Built(() => torch.randn(new long[] { batch, c.NumTokens, c.EmbedDim }, generator: new torch.Generator(1)).to(DType).to(Bench.Device));
+        _probe = Bench.Built(() => torch.randn(new long[] { batch, c.NumTokens, c.EmbedDim }, generator: new torch.Generator(2)).to(DType).to(Bench.Device));
         double forward = batch * (2.0 * c.NumTokens * (4.0 * c.EmbedDim * c.EmbedDim + 2.0 * c.EmbedDim * c.MlpDim) + 4.0 * c.NumTokens * c.NumTokens * c.EmbedDim);
         FlopsPerInvocation = Pass == "forward" ? forward : 3 * forward;
         StartPeakSampling(DType, Bench.Device);
@@ -116,8 +124,8 @@ public class ModelBenchmarks : MfuBenchmark
         var c = ViTConfig.Parse(Preset) with { Block = Block };
         _model = new VisionTransformer(c, Bench.Device, DType);
         const long batch = 8;
-        _images = torch.randn(new long[] { batch, 3, c.ImageShape.Height, c.ImageShape.Width }, generator: new torch.Generator(1)).to(DType).to(Bench.Device);
-        _labels = (torch.arange(batch, dtype: ScalarType.Int64) % c.NumClasses).to(Bench.Device);
+        _images = Bench.Built(() => torch.randn(new long[] { batch, 3, c.ImageShape.Height, c.ImageShape.Width }, generator: new torch.Generator(1)).to(DType).to(Bench.Device));
+        _labels = Bench.Built(() => (torch.arange(batch, dtype: ScalarType.Int64) % c.NumClasses).to(Bench.Device));
         var f = ModelAccounting.Flops(c);
         if (Mode == "training")
         {
@@ -179,8 +187,8 @@ public class GemmPeakBenchmarks : MfuBenchmark
     [GlobalSetup]
     public void Setup()
     {
-        _a = torch.randn(2048, 2048).to(DType).to(Bench.Device);
-        _b = torch.randn(2048, 2048).to(DType).to(Bench.Device);
+        _a = Bench.Built(() => torch.randn(2048, 2048).to(DType).to(Bench.Device));
+        _b = Bench.Built(() => torch.randn(2048, 2048).to(DType).to(Bench.Device));
         FlopsPerInvocation = 2.0 * 2048 * 2048 * 2048;
         StartPeakSampling(DType, Bench.Device);
     }

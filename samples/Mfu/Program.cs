@@ -82,8 +82,8 @@ static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int 
     if (device.type == DeviceType.CPU)
         foreach (var c in configs) ModelAccounting.EnsureFitsInHostMemory(c, dtype);
     var config = configs[0];
-    using var images = torch.randn(new long[] { batch, config.InChans, config.ImageShape.Height, config.ImageShape.Width }, generator: new torch.Generator(1)).to(dtype).to(device);
-    using var labels = (torch.arange(batch, dtype: ScalarType.Int64) % Math.Max(1, config.NumClasses)).to(device);
+    using var images = Built(() => torch.randn(new long[] { batch, config.InChans, config.ImageShape.Height, config.ImageShape.Width }, generator: new torch.Generator(1)).to(dtype).to(device));
+    using var labels = Built(() => (torch.arange(batch, dtype: ScalarType.Int64) % Math.Max(1, config.NumClasses)).to(device));
     var disposables = new List<IDisposable>();
     string? folder = null;
     try
@@ -103,7 +103,7 @@ static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int 
                 OnnxExport.Save(model, path, new OnnxExportOptions { Weights = onnxWeights });
                 var vit = OnnxVisionTransformer.Load(path, new OnnxRunnerOptions { Threads = torch.get_num_threads() });
                 disposables.Add(vit);
-                using var f32 = images.to(ScalarType.Float32).cpu().contiguous();
+                using var f32 = Built(() => images.to(ScalarType.Float32).cpu().contiguous());
                 var data = f32.data<float>().ToArray();
                 var shape = f32.shape;
                 cases.Add((c, onnxWeights == OnnxWeights.DynamicInt8 ? "onnx-int8" : "onnx", () => vit.Encode(data, shape), batch * flops.Forward, batch * flops.Forward));
@@ -154,6 +154,14 @@ static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int 
         for (int i = disposables.Count - 1; i >= 0; i--) disposables[i].Dispose();
         if (folder is not null) Directory.Delete(folder, recursive: true);
     }
+}
+
+// A tensor made by a chain of calls, in a dispose scope that keeps the chain's temporaries reachable until the native
+// calls reading them have returned (docs/torchsharp-notes.md).
+static Tensor Built(Func<Tensor> make)
+{
+    using var scope = torch.NewDisposeScope();
+    return make().MoveToOuterDisposeScope();
 }
 
 static void Print(IReadOnlyList<MfuResult> results)

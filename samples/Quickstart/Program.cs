@@ -81,6 +81,7 @@ static void Run(ViTConfig config, DirectoryInfo imageDir, int iterations)
     var features = new Table().Title("Pooled embeddings").AddColumns("image", "features", "‖feature‖", "first values", "patch tokens");
     for (int i = 0; i < files.Count; i++)
     {
+        using var scope = torch.NewDisposeScope();   // the row's temporaries stay reachable through each native call
         var v = output.Pooled[i];
         features.AddRow(Path.GetFileName(files[i]).EscapeMarkup(), $"[[{v.shape[0]}]]", $"{v.norm().item<float>():F3}",
             string.Join(", ", v.narrow(0, 0, 4).data<float>().ToArray().Select(x => x.ToString("F3", CultureInfo.InvariantCulture))), $"[[{string.Join(", ", output.PatchTokens[i].shape)}]]");

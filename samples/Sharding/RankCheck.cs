@@ -79,16 +79,17 @@ internal sealed record Reference(Dictionary<string, Tensor> State, Tensor Images
     public static Reference Compute(ViTConfig config, int batch)
     {
         torch.manual_seed(0);
+        using var scope = torch.NewDisposeScope();   // the temporaries stay reachable through each native call; the results are detached
         using var full = new VisionTransformer(config, torch.CPU, ScalarType.Float32);
         using (torch.no_grad())
             foreach (var (name, p) in full.named_parameters())
                 if (name.StartsWith("head.", StringComparison.Ordinal)) p.normal_(0, 0.02);     // give the zero-initialized classifier some signal
-        var state = full.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
-        var images = torch.randn(new long[] { batch, 3, config.ImageShape.Height, config.ImageShape.Width }, generator: new torch.Generator(1));
-        var labels = torch.arange(batch, dtype: ScalarType.Int64) % config.NumClasses;
+        var state = full.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone().DetachFromDisposeScope());
+        var images = torch.randn(new long[] { batch, 3, config.ImageShape.Height, config.ImageShape.Width }, generator: new torch.Generator(1)).DetachFromDisposeScope();
+        var labels = (torch.arange(batch, dtype: ScalarType.Int64) % config.NumClasses).DetachFromDisposeScope();
         var logits = full.call(images);
         nn.functional.cross_entropy(logits, labels).backward();
-        var grads = full.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.detach().clone());
-        return new Reference(state, images, labels, logits.detach(), grads);
+        var grads = full.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.detach().clone().DetachFromDisposeScope());
+        return new Reference(state, images, labels, logits.detach().DetachFromDisposeScope(), grads);
     }
 }

@@ -63,7 +63,8 @@ static int Run(ViTConfig c, string preset, ScalarType dtype, int k, ulong seed, 
         $"{flops / 1e12:F2} TFLOP per image; seeded weights (seed {seed}), one {c.ImageShape.Height}×{c.ImageShape.Width} image, {(prefetch ? "prefetch on" : "no prefetch")}.");
     AnsiConsole.MarkupLine($"Machine: {Environment.ProcessorCount} cores, {GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 1e9:F1} GB; libtorch threads {torch.get_num_threads()}.");
 
-    using var image = torch.randn(new long[] { 1, c.InChans, c.ImageShape.Height, c.ImageShape.Width }, generator: new torch.Generator(seed)).to(dtype);
+    using var noise = torch.randn(new long[] { 1, c.InChans, c.ImageShape.Height, c.ImageShape.Width }, generator: new torch.Generator(seed));
+    using var image = noise.to(dtype);   // noise held through the conversion (docs/torchsharp-notes.md)
     using var weights = new SeededWeights(c, seed);
 
     // 1. One device.
@@ -97,6 +98,7 @@ static int Run(ViTConfig c, string preset, ScalarType dtype, int k, ulong seed, 
         return (perRankResults[0].Output, perRankResults.Max(x => x.Seconds), perRankResults[0].Stats);
     });
 
+    using var scope = torch.NewDisposeScope();   // the comparison's temporaries stay reachable through each native call
     using var a = unsharded.Output.to(ScalarType.Float64);
     using var b = sharded.Output.to(ScalarType.Float64);
     double scale = a.abs().max().item<double>();

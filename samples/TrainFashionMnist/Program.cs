@@ -163,6 +163,7 @@ static void Export(TensorDataset test, DirectoryInfo folder, int count)
     folder.Create();
     for (int i = 0; i < Math.Min(count, test.Count); i++)
     {
+        using var scope = torch.NewDisposeScope();   // the temporaries stay reachable through each native call
         var ex = test.Get(i, new Random(0));
         using var image = ex.Image;
         using var pixels = (image + 1) / 2;   // back from [-1, 1] to [0, 1]

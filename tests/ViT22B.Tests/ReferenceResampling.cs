@@ -42,10 +42,11 @@ internal static class ReferenceResampling
     /// <summary>Resizes [..., H, W] to [..., outH, outW] in float64.</summary>
     public static Tensor Resize(Tensor x, long outH, long outW)
     {
+        using var scope = torch.NewDisposeScope();   // keeps the temporaries reachable through each native call (docs/torchsharp-notes.md)
         long h = x.shape[^2], w = x.shape[^1];
         var wh = torch.tensor(Weights(h, outH), dtype: ScalarType.Float64);
         var ww = torch.tensor(Weights(w, outW), dtype: ScalarType.Float64);
-        return wh.matmul(x.to(ScalarType.Float64)).matmul(ww.t());
+        return wh.matmul(x.to(ScalarType.Float64)).matmul(ww.t()).MoveToOuterDisposeScope();
     }
 
     /// <summary>A position embedding [1, prefix + g0·g0, D] on a new g × g grid, prefix slots kept (timm
@@ -55,10 +56,11 @@ internal static class ReferenceResampling
     /// <summary>As above, onto a gh × gw grid.</summary>
     public static Tensor PositionEmbedding(Tensor pos, int prefix, long oldGrid, long gh, long gw)
     {
+        using var scope = torch.NewDisposeScope();
         long d = pos.shape[2];
         var p = pos.to(ScalarType.Float64);
         var grid = p.narrow(1, prefix, oldGrid * oldGrid).reshape(oldGrid, oldGrid, d).permute(2, 0, 1);   // [D, g0, g0]
         var resized = Resize(grid, gh, gw).permute(1, 2, 0).reshape(1, gh * gw, d);
-        return prefix > 0 ? torch.cat(new[] { p.narrow(1, 0, prefix), resized }, 1) : resized;
+        return (prefix > 0 ? torch.cat(new[] { p.narrow(1, 0, prefix), resized }, 1) : resized).MoveToOuterDisposeScope();
     }
 }

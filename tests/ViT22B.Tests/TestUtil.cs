@@ -28,7 +28,8 @@ internal static class TestUtil
     {
         using var model = new VisionTransformer(c, torch.CPU, dtype);
         Randomize(model, seed, scale);
-        return model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
+        using var scope = torch.NewDisposeScope();   // holds each detach() through its clone() (see MaxAbs)
+        return model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone().DetachFromDisposeScope());
     }
 
     public static Tensor RandomImages(ViTConfig c, long batch, long seed, ScalarType dtype = ScalarType.Float64, long? h = null, long? w = null)
@@ -97,9 +98,15 @@ internal static class TestUtil
 
 internal static class TensorAssert
 {
-    /// <summary>Same shape, dtype and bits (NaN-free tensors).</summary>
-    public static bool Same(torch.Tensor a, torch.Tensor b) =>
-        a.shape.SequenceEqual(b.shape) && a.dtype == b.dtype && a.eq(b).all().item<bool>();
+    /// <summary>Same shape, dtype and bits (NaN-free tensors). The comparison's temporary lives in a dispose scope (see
+    /// TestUtil.MaxAbs): unscoped, it was once finalized during <c>all()</c> and crashed the test host in
+    /// <c>at::meta::make_reduction</c> (CI, 2026-12-02).</summary>
+    public static bool Same(torch.Tensor a, torch.Tensor b)
+    {
+        if (!a.shape.SequenceEqual(b.shape) || a.dtype != b.dtype) return false;
+        using var scope = torch.NewDisposeScope();
+        return a.eq(b).all().item<bool>();
+    }
 }
 
 /// <summary>Why a GPU test cannot run here (null when it can); shared by both test projects' fact attributes.</summary>

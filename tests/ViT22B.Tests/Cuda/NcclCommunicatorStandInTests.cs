@@ -29,6 +29,7 @@ public sealed class NcclCommunicatorStandInTests
     public void Collectives_match_their_definitions(ScalarType dtype)
     {
         const int k = 3;
+        using var testScope = torch.NewDisposeScope();   // this thread's temporaries (the rank threads open their own)
         using var nccl = new NcclStandIn(deviceCount: k);
         var results = OnNccl(k, comm =>
         {
@@ -172,6 +173,7 @@ public sealed class NcclCommunicatorStandInTests
     {
         // Defect 6: clone() kept a transposed tensor's strides, and its pointer was refused.
         using var nccl = new NcclStandIn(deviceCount: 2);
+        using var testScope = torch.NewDisposeScope();   // this thread's temporaries (the rank threads open their own)
         static Tensor Input(int r) => (torch.arange(6, dtype: ScalarType.Float32).reshape(2, 3) + 10 * r).t();   // [3, 2], strides (1, 3)
         var results = OnNccl(2, comm =>
         {

@@ -249,6 +249,7 @@ public sealed unsafe class NcclStandInTests
     {
         var (nccl, comms, streams) = Pair();
         using var _ = nccl;
+        using var scope = torch.NewDisposeScope();   // the launches' buffers stay alive until the launches run
         for (int r = 0; r < 2; r++) AllReduce(nccl, comms, streams, r, torch.ones(2), torch.empty(2));   // launch #0 matches
         for (int r = 0; r < 2; r++)
         {

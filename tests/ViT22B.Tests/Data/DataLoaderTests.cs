@@ -27,6 +27,7 @@ public sealed class DataLoaderTests
         var result = new List<(int[], float[], long[])>();
         foreach (var b in loader.Epoch(epoch, first))
             using (b)
+            using (torch.NewDisposeScope())   // the select temporaries stay reachable through each native call
                 result.Add((b.Indices.ToArray(), b.Images.select(1, 0).select(1, 0).select(1, 0).data<float>().ToArray(), b.Labels.data<long>().ToArray()));
         return result;
     }
@@ -132,6 +133,7 @@ public sealed class DataLoaderTests
         using var ds = new TensorDataset(images, labels, new[] { "a", "b" });
         var ex = ds.Get(0, new Random(0));
         using (ex.Image) Assert.Equal(new[] { 0f, 1f, 0.2f, 0.4f }, ex.Image.data<float>().ToArray());
+        using var scope = torch.NewDisposeScope();
         Assert.Contains("label 5", Assert.Throws<ArgumentException>(() => new TensorDataset(images, torch.tensor(new long[] { 5 }), new[] { "a" })).Message);
         Assert.Throws<ArgumentException>(() => new TensorDataset(images, torch.tensor(new long[] { 0, 1 }), new[] { "a", "b" }));
     }

@@ -14,6 +14,7 @@ public sealed class TransformsTests
     [Fact]
     public void Center_crop_takes_the_middle_with_torchvision_rounding()
     {
+        using var scope = torch.NewDisposeScope();
         using var x = Ramp(1, 5, 6);
         using var y = Transforms.CenterCrop(3)(x, Rng);
         // top = round((5 − 3) / 2) = 1, left = round((6 − 3) / 2) = round(1.5) = 2 (banker's rounding, as Python's round).
@@ -27,6 +28,7 @@ public sealed class TransformsTests
     {
         // Halving a row [0, 1, 2, 3]: output pixel 0 is centered at input 0.5; the triangle filter stretched by 2
         // weighs inputs 0, 1, 2 with 0.75, 0.75, 0.25 (input −1 is outside and the weights are renormalized).
+        using var scope = torch.NewDisposeScope();
         using var x = torch.tensor(new double[] { 0, 1, 2, 3 }, dtype: ScalarType.Float64).reshape(1, 1, 4).expand(1, 4, 4).contiguous();
         using var y = Transforms.Resize(4, 2, Resampling.Bilinear)(x, Rng);
         Assert.Equal(new long[] { 1, 4, 2 }, y.shape);
@@ -38,6 +40,7 @@ public sealed class TransformsTests
     [Fact]
     public void Resize_shorter_side_keeps_aspect_ratio_and_constant_images()
     {
+        using var scope = torch.NewDisposeScope();
         using var x = torch.full(3, 30, 50, 0.25, dtype: ScalarType.Float32);
         using var y = Transforms.ResizeShorterSide(12)(x, Rng);
         Assert.Equal(new long[] { 3, 12, 20 }, y.shape);
@@ -49,6 +52,7 @@ public sealed class TransformsTests
     [Fact]
     public void Flip_mirrors_columns()
     {
+        using var scope = torch.NewDisposeScope();
         using var x = Ramp(2, 3, 4);
         using var flipped = Transforms.HorizontalFlip(p: 1)(x, Rng);
         using var kept = Transforms.HorizontalFlip(p: 0)(x, Rng);
@@ -60,6 +64,7 @@ public sealed class TransformsTests
     [Fact]
     public void Normalizations_match_their_formulas()
     {
+        using var scope = torch.NewDisposeScope();
         using var x = torch.tensor(new double[] { 0, 0.5, 1, 0.25, 0.75, 0.1 }, dtype: ScalarType.Float64).reshape(3, 1, 2);
         using var m = Transforms.Normalize(PixelNormalization.MinusOneToOne)(x, Rng);
         Assert.Equal(new[] { -1, 0, 1, -0.5, 0.5, -0.8 }, m.data<double>().ToArray().Select(v => Math.Round(v, 12)));
@@ -72,6 +77,7 @@ public sealed class TransformsTests
     [Fact]
     public void Random_crop_with_padding_is_a_window_of_the_zero_padded_image()
     {
+        using var scope = torch.NewDisposeScope();
         using var x = Ramp(1, 4, 4) + 1;   // no zeros inside, so padding is recognizable
         var rng = new Random(3);
         for (int trial = 0; trial < 10; trial++)
@@ -102,6 +108,7 @@ public sealed class TransformsTests
         }
         // Impossible request (full area at ratio 2 of a square image): center crop with the ratio clamped.
         Assert.Equal((25L, 0L, 50L, 100L), Transforms.SampleCrop((100, 100), 1, 1, 2, 2, rng));
+        using var scope = torch.NewDisposeScope();
         using var img = Ramp(3, 40, 40);
         using var y = Transforms.RandomResizedCrop(16)(img, new Random(2));
         Assert.Equal(new long[] { 3, 16, 16 }, y.shape);
@@ -114,6 +121,7 @@ public sealed class TransformsTests
     [Fact]
     public void Compose_applies_in_order_and_bad_arguments_are_refused()
     {
+        using var scope = torch.NewDisposeScope();
         using var x = Ramp(1, 6, 6);
         var t = Transforms.Compose(Transforms.CenterCrop(4), Transforms.HorizontalFlip(1), Transforms.Normalize(PixelNormalization.MinusOneToOne));
         using var y = t(x, Rng);

@@ -1,4 +1,5 @@
 using SkiaSharp;
+using TorchSharp;
 using ViT22B.Data;
 using ViT22B.Imaging;
 using static TorchSharp.torch;
@@ -86,6 +87,7 @@ public sealed class DecodeTests : IDisposable
 
     private static void AssertCard(Tensor t, double tolerance)
     {
+        using var scope = torch.NewDisposeScope();
         Assert.Equal(new long[] { 3, 2, 4 }, t.shape);
         for (int i = 0; i < 8; i++)
         {
@@ -122,6 +124,7 @@ public sealed class DecodeTests : IDisposable
         for (int y = 0; y < 8; y++) for (int x = 0; x < 16; x++) bmp.SetPixel(x, y, x < 8 ? new SKColor(200, 40, 40) : new SKColor(30, 60, 220));
         using var jpg = bmp.Encode(SKEncodedImageFormat.Jpeg, 100);
         using var t = ImageTensors.Decode(Save("blocks.jpg", jpg.ToArray()));
+        using var scope = torch.NewDisposeScope();
         Assert.Equal(200 / 255.0, t[0, 4, 2].item<float>(), 0.03);
         Assert.Equal(40 / 255.0, t[1, 4, 2].item<float>(), 0.03);
         Assert.Equal(220 / 255.0, t[2, 4, 13].item<float>(), 0.03);
@@ -134,6 +137,7 @@ public sealed class DecodeTests : IDisposable
         string path = Save("two-frames.gif", Gif(4, 2, palette, new byte[] { 0, 1, 2, 3, 3, 2, 1, 0 }, new byte[] { 3, 3, 3, 3, 3, 3, 3, 3 }));
         using var t = ImageTensors.Decode(path);
         Assert.Equal(new long[] { 3, 2, 4 }, t.shape);
+        using var scope = torch.NewDisposeScope();
         byte[] first = { 0, 1, 2, 3, 3, 2, 1, 0 };
         for (int i = 0; i < 8; i++)
         {

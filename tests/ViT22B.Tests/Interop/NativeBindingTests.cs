@@ -73,6 +73,7 @@ public sealed class NativeBindingTests
         ViT22B.Parallel.Spmd.Run(world, r =>
         {
             using var device = contexts[r].UseDevice();
+            using var scope = torch.NewDisposeScope();
             using var x = torch.ones(2);
             using var sum = ViT22B.Parallel.CommunicatorExtensions.AllReduce(contexts[r].Model, x);
             return sum.sum().item<float>();

@@ -26,6 +26,7 @@ public sealed class NpzTests : IDisposable
     [InlineData(ScalarType.Float16, true)]
     public void Arrays_round_trip_stored_and_deflated(ScalarType dtype, bool compress)
     {
+        using var scope = torch.NewDisposeScope();
         var a = Values(dtype, 2, 3, 4);
         var b = Values(dtype, 5);
         var scalar = torch.tensor(1.5, dtype: dtype);
@@ -50,6 +51,7 @@ public sealed class NpzTests : IDisposable
     [Fact]
     public void Fortran_ordered_arrays_are_read_in_their_logical_order()
     {
+        using var scope = torch.NewDisposeScope();
         var a = Values(ScalarType.Float32, 3, 4);
         // Fortran order stores the transpose's C-order bytes.
         var bytes = HomeLayouts.Npy(a.t().contiguous(), shapeText: "(3, 4)", fortran: true);
@@ -67,6 +69,7 @@ public sealed class NpzTests : IDisposable
     [InlineData(">f4", "big-endian")]
     public void Non_float_object_and_big_endian_dtypes_are_refused(string descr, string expected)
     {
+        using var scope = torch.NewDisposeScope();
         var bytes = HomeLayouts.Npy(Values(ScalarType.Float32, 4), descr: descr);
         string path = PathOf("d.npz");
         HomeLayouts.SaveNpz(path, new[] { new KeyValuePair<string, byte[]>("w", bytes) }, compress: false);
@@ -79,6 +82,7 @@ public sealed class NpzTests : IDisposable
     public void A_header_whose_shape_disagrees_with_the_member_size_is_refused_before_allocation()
     {
         // Claims 2^40 float32 values (4 TiB) in a 64-byte member.
+        using var scope = torch.NewDisposeScope();
         var bytes = HomeLayouts.Npy(Values(ScalarType.Float32, 4), shapeText: "(1099511627776,)");
         string path = PathOf("big.npz");
         HomeLayouts.SaveNpz(path, new[] { new KeyValuePair<string, byte[]>("w", bytes) }, compress: false);
@@ -90,6 +94,7 @@ public sealed class NpzTests : IDisposable
     public void A_truncated_archive_is_refused()
     {
         string path = PathOf("t.npz");
+        using var scope = torch.NewDisposeScope();
         HomeLayouts.SaveNpz(path, new Dictionary<string, Tensor> { ["w"] = Values(ScalarType.Float32, 64) });
         var bytes = File.ReadAllBytes(path);
         File.WriteAllBytes(path, bytes[..(bytes.Length / 2)]);
@@ -101,6 +106,7 @@ public sealed class NpzTests : IDisposable
     public void A_member_whose_data_ends_early_is_reported_as_truncated()
     {
         // The zip's sizes are consistent with the header, but the deflate stream holds only half the data.
+        using var scope = torch.NewDisposeScope();
         var npy = HomeLayouts.Npy(Values(ScalarType.Float32, 256));
         var half = Deflate(npy[..(npy.Length / 2)]);
         string path = PathOf("short.npz");
@@ -124,6 +130,7 @@ public sealed class NpzTests : IDisposable
     public void A_stored_member_claiming_more_bytes_than_it_stores_is_refused_before_allocation()
     {
         // The header and the declared size claim 1000 floats; the stored data holds 250 (a review found this allocated).
+        using var scope = torch.NewDisposeScope();
         var full = HomeLayouts.Npy(Values(ScalarType.Float32, 1000));
         var stored = full[..(full.Length - 3000)];
         string path = PathOf("stored-lie.npz");
@@ -136,6 +143,7 @@ public sealed class NpzTests : IDisposable
     public void Members_sharing_data_are_a_zip_bomb()
     {
         // Three central-directory entries pointing at the same local file (the overlapping-entry zip bomb).
+        using var scope = torch.NewDisposeScope();
         var npy = HomeLayouts.Npy(Values(ScalarType.Float32, 500));
         var entry = new RawZip.Entry("w.npy", npy, Method: 0, UncompressedSize: npy.Length, Crc: RawZip.Crc32(npy));
         string path = PathOf("overlap.npz");
@@ -149,6 +157,7 @@ public sealed class NpzTests : IDisposable
     {
         // The sum of compressed sizes (2 × small + large) stays under the file's length here, so only the overlap of the
         // two entries' ranges shows that they share data (a review found the size sum alone let this pass).
+        using var scope = torch.NewDisposeScope();
         var small = HomeLayouts.Npy(Values(ScalarType.Float32, 4));
         var large = HomeLayouts.Npy(Values(ScalarType.Float32, 4000));
         var entries = new[]

@@ -40,6 +40,7 @@ public sealed class SafetensorsTests : IDisposable
     public void ReadSlice_copies_exactly_the_ranges(ScalarType dtype, int dim, string ranges)
     {
         var segments = ranges.Split(',').Select(r => r.Split(':')).Select(p => (long.Parse(p[0], System.Globalization.CultureInfo.InvariantCulture), long.Parse(p[1], System.Globalization.CultureInfo.InvariantCulture))).ToList();
+        using var scope = torch.NewDisposeScope();
         using var t = (torch.randn(4, 5, 7, dtype: ScalarType.Float64, generator: new torch.Generator(3)) * 100).to(dtype);
         using var other = torch.ones(3);
         string path = PathOf("slices.safetensors");
@@ -255,6 +256,7 @@ public sealed class SafetensorsTests : IDisposable
         var e = Assert.Throws<CheckpointMismatchException>(() => SafetensorsCheckpoint.Load(wide, path, strict: false));
         Assert.Contains(e.Report.Mismatched, m => m.Key == "blocks.0.in_proj.weight" && m.Expected[0] == 32 + 48 && m.Found[0] == 24 + 48);
         Assert.Contains("blocks.0.in_proj.weight: model [80, 16], checkpoint [72, 16]", e.Message);
+        using var scope = torch.NewDisposeScope();
         Assert.True(wide.state_dict()["blocks.0.in_norm.weight"].eq(before).all().item<bool>());
     }
 
@@ -304,6 +306,7 @@ public sealed class SafetensorsTests : IDisposable
         using var reader = SafetensorsReader.Open(path);
         using var read = reader.Read("big");
         Assert.Equal(n, read.shape[0]);
+        using var readScope = torch.NewDisposeScope();
         Assert.Equal(7, read[0].item<byte>());
         Assert.Equal(5, read[1L << 31].item<byte>());
         Assert.Equal(9, read[n - 1].item<byte>());

@@ -14,6 +14,7 @@ public sealed class TensorPointerTests
     [InlineData(ScalarType.Float64)]
     public void Pointer_addresses_the_tensors_own_bytes_including_the_offset(ScalarType dtype)
     {
+        using var scope = torch.NewDisposeScope();
         using var x = torch.arange(100, dtype: ScalarType.Float32).reshape(10, 10).to(dtype);
         using var y = x.narrow(0, 2, 3);                                  // a view: storage offset 20 elements
         nint px = TensorPointers.DataPointer(x), py = TensorPointers.DataPointer(y);

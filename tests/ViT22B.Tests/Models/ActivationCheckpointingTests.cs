@@ -49,6 +49,7 @@ public class ActivationCheckpointingTests
         var recomputed = Gradients(model, images, probe);
 
         Assert.Equal(kept.Keys.Order(), recomputed.Keys.Order());
+        using var scope = torch.NewDisposeScope();
         // The k-norm bias's gradient is zero in exact arithmetic (softmax ignores a shift shared by a row's logits), so
         // both sides hold rounding noise there: errors are relative to the larger of the tensor's own scale and 1% of
         // the largest gradient of the model, as in the sharded-model tests.
@@ -83,6 +84,7 @@ public class ActivationCheckpointingTests
         model.Checkpointing = ActivationCheckpointing.AllBlocks;
         using var checkpointed = model.call(images);
         Assert.True(checkpointed.requires_grad);
+        using var scope = torch.NewDisposeScope();
         Assert.True(TensorAssert.Same(inference, checkpointed.detach()));
         Assert.True(TestUtil.RelErr(checkpointed, recorded) <= 1e-12);
     }
@@ -131,6 +133,7 @@ public class ActivationCheckpointingTests
         var trainer = new Trainer(model, optimizer, new LearningRateSchedule { PeakLr = 1e-3, TotalSteps = 4, Decay = DecayKind.Constant });
         using var images = TestUtil.RandomImages(c, 2, seed: 9, ScalarType.Float32);
         using var labels = torch.tensor(new long[] { 0, 1 });
+        using var scope = torch.NewDisposeScope();
         var before = model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
         using (FailRecomputation(model, 1))
         {

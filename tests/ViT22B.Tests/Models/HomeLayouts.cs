@@ -27,7 +27,11 @@ namespace ViT22B.Tests.Models;
 /// </summary>
 internal static class HomeLayouts
 {
-    private static Tensor Row(Tensor t, int part, int parts) => t.narrow(0, t.shape[0] / parts * part, t.shape[0] / parts).clone();
+    private static Tensor Row(Tensor t, int part, int parts)
+    {
+        using var rows = t.narrow(0, t.shape[0] / parts * part, t.shape[0] / parts);   // reachable until clone returns (docs/torchsharp-notes.md)
+        return rows.clone();
+    }
 
     private static IEnumerable<int> Blocks(ViTConfig c) => Enumerable.Range(0, c.Depth);
 
@@ -94,6 +98,7 @@ internal static class HomeLayouts
             var slot = classSlot ?? torch.zeros(1, 1, c.EmbedDim, dtype: sd["cls_token"].dtype);
             o["embeddings.cls_token"] = sd["cls_token"] - slot;
             o["embeddings.position_embeddings"] = torch.cat(new[] { slot, sd["pos_embed"] }, 1);
+            GC.KeepAlive(slot);   // possibly a caller's temporary: reachable until cat returns (docs/torchsharp-notes.md)
             o["embeddings.register_tokens"] = sd["reg_token"];
         }
         else
@@ -193,6 +198,7 @@ internal static class HomeLayouts
     public static Dictionary<string, Tensor> OpenClip(IDictionary<string, Tensor> sd, ViTConfig c)
     {
         var dt = sd["pos_embed"].dtype;
+        using var proj = sd["head.weight"].t();   // reachable until contiguous returns (docs/torchsharp-notes.md)
         var o = new Dictionary<string, Tensor>
         {
             ["visual.conv1.weight"] = sd["patch_embed.proj.weight"],
@@ -200,7 +206,7 @@ internal static class HomeLayouts
             ["visual.positional_embedding"] = sd["pos_embed"].squeeze(0),
             ["visual.ln_pre.weight"] = sd["norm_pre.weight"], ["visual.ln_pre.bias"] = sd["norm_pre.bias"],
             ["visual.ln_post.weight"] = sd["norm.weight"], ["visual.ln_post.bias"] = sd["norm.bias"],
-            ["visual.proj"] = sd["head.weight"].t().contiguous(),
+            ["visual.proj"] = proj.contiguous(),
             ["positional_embedding"] = torch.ones(5, c.EmbedDim, dtype: dt),
             ["token_embedding.weight"] = torch.ones(7, c.EmbedDim, dtype: dt),
             ["text_projection"] = torch.ones(c.EmbedDim, 4, dtype: dt),
@@ -229,6 +235,7 @@ internal static class HomeLayouts
     /// stacked along a leading axis under Transformer/encoderblock/ (big_vision's scan=True).</summary>
     public static Dictionary<string, Tensor> BigVision(IDictionary<string, Tensor> sd, ViTConfig c, string prefix, bool scan = false)
     {
+        using var scope = torch.NewDisposeScope();   // keeps the temporaries (Row's copies that In and Bias take among them) reachable through each native call
         long d = c.EmbedDim, h = c.NumHeads, hd = d / h;
         Tensor In(Tensor w) => w.t().reshape(d, h, hd).contiguous();          // [H·d, D] → [D, H, d]
         Tensor Bias(Tensor b) => b.reshape(h, hd).contiguous();
@@ -296,6 +303,7 @@ internal static class HomeLayouts
             o["head/kernel"] = sd["head.weight"].t().contiguous();
             o["head/bias"] = sd["head.bias"];
         }
+        foreach (var t in o.Values) scope.MoveToOuter(t);   // the new tensors outlive the scope; sd's own are not in it
         return o.ToDictionary(kv => prefix + kv.Key, kv => kv.Value);
     }
 
@@ -321,6 +329,7 @@ internal static class HomeLayouts
     /// spaces to a multiple of 64 and ended by a newline, then the little-endian data in C order).</summary>
     public static byte[] Npy(Tensor t, string? descr = null, string? shapeText = null, bool fortran = false)
     {
+        using var scope = torch.NewDisposeScope();   // keeps the temporaries reachable through each native call (docs/torchsharp-notes.md)
         var x = t.detach().cpu().contiguous();
         descr ??= x.dtype switch { ScalarType.Float32 => "<f4", ScalarType.Float64 => "<f8", ScalarType.Float16 => "<f2", _ => throw new ArgumentException(x.dtype.ToString()) };
         shapeText ??= x.shape.Length == 1 ? $"({x.shape[0]},)" : "(" + string.Join(", ", x.shape) + ")";

@@ -12,7 +12,8 @@ public class InputValidationTests
     private static ArgumentException Forward(Tensor images)
     {
         using var model = new VisionTransformer(Cfg, torch.CPU, ScalarType.Float32);
-        return Assert.Throws<ArgumentException>(() => model.call(images));
+        using (images)   // the callers' temporary: reachable until the forward has failed (docs/torchsharp-notes.md)
+            return Assert.Throws<ArgumentException>(() => model.call(images));
     }
 
     [Fact]
@@ -35,6 +36,7 @@ public class InputValidationTests
     public void Dynamic_size_not_divisible_by_patch_is_named()
     {
         using var model = new VisionTransformer(Cfg with { DynamicImgSize = true }, torch.CPU, ScalarType.Float32);
+        using var scope = torch.NewDisposeScope();
         var e = Assert.Throws<ArgumentException>(() => model.call(torch.zeros(1, 3, 16, 18)));
         Assert.Contains("16×18 is not a positive multiple of the patch size 4", e.Message);
     }

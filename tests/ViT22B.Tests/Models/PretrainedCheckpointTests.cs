@@ -243,8 +243,8 @@ public sealed class PretrainedCheckpointTests : IDisposable
         using var loaded = new VisionTransformer(slotted, torch.CPU, ScalarType.Float64);
         var report = PretrainedCheckpoint.Load(loaded, path);
         Assert.Contains(report.Resampled, n => n.Key == "pos_embed" && n.Note.Contains("zeros", StringComparison.Ordinal));
-        Assert.Equal(0.0, loaded.state_dict()["pos_embed"].narrow(1, 0, 1).abs().max().item<double>());
         using var scope = torch.NewDisposeScope();
+        Assert.Equal(0.0, loaded.state_dict()["pos_embed"].narrow(1, 0, 1).abs().max().item<double>());
         using var noGrad = torch.no_grad();
         var images = TestUtil.RandomImages(bv, 2, seed: 10);
         Assert.True(TestUtil.MaxAbs(loaded.call(images), m.call(images)) < 1e-12);
@@ -314,6 +314,7 @@ public sealed class PretrainedCheckpointTests : IDisposable
         Assert.Contains(report.Resampled, n => n.Key == "patch_embed.proj.weight" && n.Note.Contains("4×4 → 6×6", StringComparison.Ordinal));
         // FlexiViT's property: for any 4×4 patch x, the 6×6 resize R x meets the new kernel as x met the old one
         // (upsampling: R has full column rank). R from the float64 reference resampler.
+        using var scope = torch.NewDisposeScope();
         var w4 = m.state_dict()["patch_embed.proj.weight"];
         var w6 = loaded.state_dict()["patch_embed.proj.weight"];
         var x = torch.randn(new long[] { 5, 3, 4, 4 }, dtype: ScalarType.Float64, generator: new torch.Generator(16));

@@ -165,6 +165,7 @@ public class StateDictKeysTests
         Assert.DoesNotContain(parKeys.Keys, k => k.Contains(".ls1.") || k.Contains(".ls2."));
         Assert.DoesNotContain(Keys(TestUtil.Tiny(BlockKind.Sequential)).Keys, k => k.Contains("gamma"));
         using var model = new VisionTransformer(seq, torch.CPU, ScalarType.Float64);
+        using var scope = torch.NewDisposeScope();
         foreach (var (key, p) in model.named_parameters().Where(p => p.name.EndsWith("gamma", StringComparison.Ordinal)))
             Assert.True(p.eq(1e-5).all().item<bool>(), $"{key} is not initialized to init_values");
     }

@@ -126,7 +126,9 @@ public sealed class StreamedVisionTransformerTests : IDisposable
         // On the CPU every block, prefetched or not, is built where it runs.
         var (y, stats) = BlockStreaming.Run(6, (i, device) => device.type == DeviceType.CPU ? new CountedBlock(i + 1) : throw new InvalidOperationException($"block {i} built on {device}"),
             (b, h) => b.call(h), x, prefetch);
-        using (y) Assert.Equal(720.0, y[0].item<double>());        // 6!
+        using (y)
+        using (var first = y[0])
+            Assert.Equal(720.0, first.item<double>());              // 6!
         Assert.Equal(0, CountedBlock.Alive);
         Assert.Equal(bound, CountedBlock.MaxAlive);
         Assert.Equal(6, stats.Blocks);
@@ -160,6 +162,7 @@ public sealed class StreamedVisionTransformerTests : IDisposable
         // xavier-uniform per sub-block: the MLP rows [F, D] with bound √(6 / (F + D)), q rows [D, D] with √(6 / 2D).
         long d = c.EmbedDim, f = c.MlpDim;
         double mlpBound = Math.Sqrt(6.0 / (f + d)), qBound = Math.Sqrt(6.0 / (2 * d));
+        using var scope = torch.NewDisposeScope();
         using var mlp = w1.narrow(0, 0, f);
         using var q = w1.narrow(0, f, d);
         Assert.InRange(mlp.abs().max().item<float>(), 0.99 * mlpBound, mlpBound);

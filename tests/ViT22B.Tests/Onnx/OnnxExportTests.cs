@@ -45,6 +45,7 @@ public sealed class OnnxExportTests : IDisposable
 
     private static (float[] Data, long[] Shape) Pixels(Tensor images)
     {
+        using var scope = torch.NewDisposeScope();
         using var f = images.to(ScalarType.Float32).contiguous();
         return (f.data<float>().ToArray(), f.shape);
     }
@@ -144,6 +145,7 @@ public sealed class OnnxExportTests : IDisposable
         // The library's model with the same rounded weights, in float32: the same numbers.
         using var rounded = Model(c);
         using (torch.no_grad())
+        using (torch.NewDisposeScope())
             foreach (var (name, p) in rounded.named_parameters()) p.copy_(p.to(dtype).to(ScalarType.Float32));
         // The library computing in the 16-bit dtype itself: close, within the low-precision bound.
         using var low = Model(c, dtype: dtype);
@@ -175,6 +177,7 @@ public sealed class OnnxExportTests : IDisposable
         using var inference = torch.inference_mode();
         using var expected = model.Encode(images);
         AssertClose(expected, actual, Int8Bound, "int8");
+        using var scope = torch.NewDisposeScope();
         using var a = AsTensor(actual.Pooled);
         double cosine = nn.functional.cosine_similarity(a, expected.Pooled, 1).min().item<float>();
         Assert.True(cosine >= 0.99, $"int8 features: cosine {cosine:F4} < 0.99");
@@ -211,6 +214,7 @@ public sealed class OnnxExportTests : IDisposable
             Assert.Equal(new[] { (float)((0.485 + 0.456 + 0.406) / 3) }, grayVit.Mean);
             var one = new float[] { 0.25f };
             grayVit.Normalize(one, new long[] { 1, 1, 1, 1 });
+            using var scope = torch.NewDisposeScope();
             using var expected = Transforms.Normalize(Preprocessing.ImageNetMean, Preprocessing.ImageNetStd)(torch.full(1, 1, 1, 0.25f), new Random(0));
             Assert.Equal(expected.item<float>(), one[0], 5);
         }

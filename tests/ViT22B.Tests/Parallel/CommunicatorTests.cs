@@ -42,6 +42,7 @@ public class CommunicatorTests
     [MemberData(nameof(RanksAndDtypes))]
     public void AllGather_concatenates_uneven_chunks_in_rank_order(int k, ScalarType dtype)
     {
+        using var scope = torch.NewDisposeScope();
         var results = RunAll(k, c => c.AllGather(Input(c.Rank, dtype)));
         var expected = torch.cat(Enumerable.Range(0, k).Select(r => Input(r, dtype)).ToArray(), 0);
         foreach (var r in results) Assert.True(r.equal(expected).all().item<bool>() && r.shape.SequenceEqual(expected.shape));
@@ -51,6 +52,7 @@ public class CommunicatorTests
     [MemberData(nameof(RanksAndDtypes))]
     public void ReduceScatter_gives_each_rank_the_sum_of_its_chunk(int k, ScalarType dtype)
     {
+        using var scope = torch.NewDisposeScope();
         long[] counts = Enumerable.Range(0, k).Select(r => (long)(r % 2 + 1)).ToArray();   // uneven: 1, 2, 1, 2
         long rows = counts.Sum();
         var results = RunAll(k, c => c.ReduceScatter(Input(c.Rank, dtype, rows), counts));
@@ -68,6 +70,7 @@ public class CommunicatorTests
     [MemberData(nameof(RanksAndDtypes))]
     public void AllReduce_sums_in_rank_order_identically_on_every_rank(int k, ScalarType dtype)
     {
+        using var scope = torch.NewDisposeScope();
         var results = RunAll(k, c => c.AllReduce(Input(c.Rank, dtype, 4)));
         var acc = dtype == ScalarType.BFloat16 ? ScalarType.Float32 : dtype;
         var sum = Input(0, dtype, 4).to(acc);
@@ -79,6 +82,7 @@ public class CommunicatorTests
     [MemberData(nameof(RanksAndDtypes))]
     public void Broadcast_copies_the_root(int k, ScalarType dtype)
     {
+        using var scope = torch.NewDisposeScope();
         int root = k - 1;
         var results = RunAll(k, c => c.Broadcast(Input(c.Rank, dtype, 3), root));
         foreach (var r in results) Assert.True(r.equal(Input(root, dtype, 3)).all().item<bool>());
@@ -88,6 +92,7 @@ public class CommunicatorTests
     [MemberData(nameof(RanksAndDtypes))]
     public void Permute_moves_uneven_chunks_around_the_ring(int k, ScalarType dtype)
     {
+        using var scope = torch.NewDisposeScope();
         foreach (int shift in new[] { 1, -1 })
         {
             var results = RunAll(k, c => c.Permute(Input(c.Rank, dtype), shift));
@@ -99,6 +104,7 @@ public class CommunicatorTests
     [Fact]
     public void Permute_with_known_receive_rows_checks_them()
     {
+        using var scope = torch.NewDisposeScope();
         // Rank r sends r + 2 rows and receives from rank r − 1, which sends r + 1 rows.
         var right = RunAll(3, c => c.Permute(Input(c.Rank, ScalarType.Float32), 1, receiveRows: (c.Rank + 2) % 3 + 2));
         for (int r = 0; r < 3; r++) Assert.True(right[r].equal(Input((r + 2) % 3, ScalarType.Float32)).all().item<bool>());
@@ -112,6 +118,7 @@ public class CommunicatorTests
     [Fact]
     public void Async_operations_overlap_and_complete_in_any_wait_order()
     {
+        using var scope = torch.NewDisposeScope();
         var results = RunAll(3, c =>
         {
             var a = c.AllGatherAsync(Input(c.Rank, ScalarType.Float32));
@@ -131,6 +138,7 @@ public class CommunicatorTests
     [Fact]
     public void Random_delays_change_no_result()
     {
+        using var scope = torch.NewDisposeScope();
         var rng = new Random(7);
         var world = new ThreadedWorld(4, TimeSpan.FromSeconds(20), _ => { lock (rng) return TimeSpan.FromMilliseconds(rng.Next(0, 15)); });
         Tensor Body(ICommunicator c)

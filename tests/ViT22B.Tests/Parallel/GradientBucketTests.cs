@@ -21,6 +21,7 @@ public class GradientBucketTests
         var c = ShardedModelTests.Config(BlockKind.Parallel) with { Depth = 3 };
         var plan = new ShardingPlan(c, model, data, fsdp);
         var shapes = plan.FullShapes();
+        using var testScope = torch.NewDisposeScope();   // this thread's temporaries, the batches handed to the ranks among them
         var full = TestUtil.RandomState(c, seed: 31, scale: 0.3, ScalarType.Float32);
         using var images = TestUtil.RandomImages(c, 4, seed: 32, ScalarType.Float32);
         long per = 4 / data;
@@ -55,7 +56,8 @@ public class GradientBucketTests
                 using (var scope = torch.NewDisposeScope())
                     shard.Backward(shard.Forward(images.narrow(0, shard.DataIndex * per, per)).square().sum());
                 var sync = shard.SynchronizeGradients(bucketBytes);
-                return (shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone()), sync);
+                using var gradScope = torch.NewDisposeScope();
+                return (shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone().DetachFromDisposeScope()), sync);
             }
             var eachAlone = Step(0);
             var small = Step(4096);
@@ -104,7 +106,8 @@ public class GradientBucketTests
             shard.Module.Checkpointing = ActivationCheckpointing.Parse(recompute);
             using (var scope = torch.NewDisposeScope())
                 shard.Backward(shard.Forward(batch).square().sum());
-            return shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone());
+            using var gradScope = torch.NewDisposeScope();
+            return shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone().DetachFromDisposeScope());
         });
 
     [Theory]
@@ -116,6 +119,7 @@ public class GradientBucketTests
         var c = ShardedModelTests.Config(block) with { Depth = 3 };
         var plan = new ShardingPlan(c, model, data);
         var shapes = plan.FullShapes();
+        using var testScope = torch.NewDisposeScope();   // this thread's temporaries, the batches handed to the ranks among them
         var full = TestUtil.RandomState(c, seed: 37, scale: 0.3, ScalarType.Float32);
         using var images = TestUtil.RandomImages(c, 8, seed: 38, ScalarType.Float32);
         Tensor Batch(int pass, int d) => images.narrow(0, 4 * pass + 2 * d, 2);
@@ -140,6 +144,7 @@ public class GradientBucketTests
             {
                 foreach (var (name, p) in shard.Module.named_parameters())
                 {
+                    using var scope = torch.NewDisposeScope();
                     var (g1, g2) = (local[0][shard.DataIndex][shard.ModelIndex][name], local[1][shard.DataIndex][shard.ModelIndex][name]);
                     Tensor expected;
                     if (InBackward(name))       // each pass averaged over the data axis as backward produces it, then summed
@@ -325,7 +330,8 @@ public class GradientBucketTests
                 using (var scope = torch.NewDisposeScope())
                     shard.Backward(shard.Forward(images.narrow(0, shard.DataIndex * per, per)).square().sum());
                 var sync = shard.SynchronizeGradients();
-                steps.Add((shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone()), sync));
+                using var gradScope = torch.NewDisposeScope();
+                steps.Add((shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone().DetachFromDisposeScope()), sync));
             }
             return (Steps: steps, Sharded: isSharded.Count);
         });

@@ -25,6 +25,7 @@ public class RingTests
     [MemberData(nameof(Cases))]
     public void AllGather_matmul_equals_full_matmul_with_gradients(Backend backend, int k, CommMode mode)
     {
+        using var testScope = torch.NewDisposeScope();   // this thread's temporaries (the rank threads open their own)
         const long tokens = 11, batch = 2, din = 6, doutPerRank = 5;     // 11 tokens: uneven chunks for k = 2, 3, 4
         var counts = TokenPartition.Counts(tokens, k);
         var x = Rand(1, tokens, batch, din);
@@ -56,6 +57,7 @@ public class RingTests
     [MemberData(nameof(Cases))]
     public void Matmul_reduce_scatter_equals_full_matmul_with_gradients(Backend backend, int k, CommMode mode)
     {
+        using var testScope = torch.NewDisposeScope();   // this thread's temporaries (the rank threads open their own)
         const long tokens = 11, batch = 2, dinPerRank = 4, dout = 7;
         var counts = TokenPartition.Counts(tokens, k);
         var h = Rand(4, tokens, batch, k * dinPerRank);                   // rank r owns input features r
@@ -87,6 +89,7 @@ public class RingTests
     public void Overlapped_ring_is_deterministic_under_random_delays(Backend backend)
     {
         const int k = 4;
+        using var testScope = torch.NewDisposeScope();   // this thread's temporaries (the rank threads open their own)
         var counts = TokenPartition.Counts(9, k);
         var h = Rand(7, 9, 3, k * 4);
         var w = Rand(8, 5, k * 4);

@@ -40,6 +40,7 @@ public class ShardedModelTests
     private static void AssertShardedMatches(Backend backend, ViTConfig c, int data, int model, CommMode mode, bool fsdp = false, Func<int, TimeSpan>? delay = null)
     {
         const long batch = 4;
+        using var testScope = torch.NewDisposeScope();   // this thread's temporaries, Full's among them (the rank threads open their own)
         var reference = Full(c, batch);
         var mesh = new DeviceMesh(data, model);
         var plan = new ShardingPlan(c, model, data, fsdp);
@@ -147,6 +148,7 @@ public class ShardedModelTests
         var c = Config(BlockKind.Parallel);
         using var model = new VisionTransformer(c, torch.CPU, ScalarType.Float32);
         TestUtil.Randomize(model, seed: 5);
+        using var scope = torch.NewDisposeScope();
         var full = model.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value);
         var plan = new ShardingPlan(c, 4, 2, fsdp: true);
         var shards = Enumerable.Range(0, 8).Select(r => (IReadOnlyDictionary<string, Tensor>)plan.Shard(full, r % 4, r / 4)).ToList();
@@ -168,6 +170,7 @@ public class ShardedModelTests
         var c = Config(block, fused);
         using var full = new VisionTransformer(c, torch.CPU, ScalarType.Float32);
         TestUtil.Randomize(full, seed: 21);
+        using var scope = torch.NewDisposeScope();
         var expected = full.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
         var plan = new ShardingPlan(c, model, data, fsdp);
         var results = Backends.Run(backend, new DeviceMesh(data, model), ctx =>
@@ -279,6 +282,7 @@ public sealed class ShardedCheckpointTests : IDisposable
     public void Save_at_model_axis_4_load_at_2_and_at_1_gives_equal_outputs(Backend backend)
     {
         var c = ShardedModelTests.Config(BlockKind.Parallel);
+        using var scope = torch.NewDisposeScope();
         var images = TestUtil.RandomImages(c, 2, seed: 9, ScalarType.Float32);
         torch.manual_seed(11);
         var at4 = SaveOrLoadThenForward(1, 4, new ShardingPlan(c, 4), save: true, images, backend);     // random init, sharded from the start

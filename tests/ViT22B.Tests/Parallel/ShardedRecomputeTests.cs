@@ -27,6 +27,7 @@ public class ShardedRecomputeTests
         var c = Config(block);
         const long batch = 4;
         var plan = new ShardingPlan(c, model, data, fsdp);
+        using var testScope = torch.NewDisposeScope();   // this thread's temporaries (the rank threads open their own)
         var full = TestUtil.RandomState(c, seed: 11, scale: 0.3, ScalarType.Float64);
         using var images = TestUtil.RandomImages(c, batch, seed: 12);
         using var probe = torch.randn(new long[] { batch, c.NumClasses }, dtype: ScalarType.Float64, generator: new torch.Generator(13));

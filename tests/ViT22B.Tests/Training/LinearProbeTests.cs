@@ -27,6 +27,7 @@ public sealed class LinearProbeTests
         using var labels = torch.tensor(y);
         using var probe = LinearProbe.Fit(features, labels, classes: 3, epochs: 40, batchSize: 50, lr: 5e-2);
         Assert.Equal(1.0, LinearProbe.Accuracy(probe, features, labels));
+        using var scope = torch.NewDisposeScope();
         Assert.Throws<ArgumentException>(() => LinearProbe.Fit(features, labels.narrow(0, 0, 10), 3));
     }
 
@@ -42,6 +43,7 @@ public sealed class LinearProbeTests
         using (features)
         using (labels)
         {
+            using var scope = torch.NewDisposeScope();
             using var expected = model.ForwardHead(model.ForwardFeatures(images), preLogits: true);
             Assert.Equal(new long[] { 10, 16 }, features.shape);
             Assert.True((features - expected).abs().max().item<float>() < 1e-5);
@@ -63,9 +65,9 @@ public sealed class LinearProbeTests
         Assert.Equal(2, stats.Count);   // observer removed with its scope
 
         // Reference for block 0: logits of its own q and k, computed here from the state dict with raw ops.
+        using var scope = torch.NewDisposeScope();
         var sd = model.state_dict();
         var reference = new Reference(sd, cfg);
-        using var scope = torch.NewDisposeScope();
         var x = reference.PatchEmbed(images) + sd["pos_embed"];                         // tokens entering block 0
         var h = reference.Norm("blocks.0.in_norm.", x);
         var p = h.matmul(sd["blocks.0.in_proj.weight"].t());

@@ -8,10 +8,19 @@ namespace ViT22B.Tests.Training;
 
 public sealed class OptimizerTests
 {
-    private static Parameter P(double[] values, params long[] shape) =>
-        new(torch.tensor(values, dtype: ScalarType.Float64).reshape(shape));
+    // The temporaries are held in locals until the native calls that read them return (docs/torchsharp-notes.md).
+    private static Parameter P(double[] values, params long[] shape)
+    {
+        using var flat = torch.tensor(values, dtype: ScalarType.Float64);
+        return new(flat.reshape(shape));
+    }
 
-    private static void SetGrad(Parameter p, double[] g) => p.grad = torch.tensor(g, dtype: p.dtype).reshape(p.shape);
+    private static void SetGrad(Parameter p, double[] g)
+    {
+        using var flat = torch.tensor(g, dtype: p.dtype);
+        using var grad = flat.reshape(p.shape);
+        p.grad = grad;
+    }
 
     [Fact]
     public void AdamW_two_steps_match_the_hand_computed_update()
@@ -118,6 +127,7 @@ public sealed class OptimizerTests
         using var p = new Parameter(torch.ones(4, dtype: ScalarType.BFloat16));
         using var opt = new Adafactor(new[] { new OptimizedParameter("p", p, 0) }, momentum: 0);
         Assert.Contains("p.master", opt.State.Keys);
+        using var scope = torch.NewDisposeScope();
         for (int i = 0; i < 10; i++)
         {
             p.grad = torch.full(4, -1.0, dtype: ScalarType.BFloat16);

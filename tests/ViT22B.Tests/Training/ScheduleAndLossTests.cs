@@ -39,6 +39,7 @@ public sealed class ScheduleAndLossTests
     {
         double[] z = { 1.0, -0.5, 2.0, 0.3, 0.0, -1.0 };
         long[] y = { 2, 0 };
+        using var scope = torch.NewDisposeScope();
         using var logits = torch.tensor(z, dtype: ScalarType.Float64).reshape(2, 3);
         using var labels = torch.tensor(y);
         double softmax = 0, sigmoid = 0, smooth = 0, s = 0.1;
@@ -67,6 +68,7 @@ public sealed class ScheduleAndLossTests
     {
         using var a = new Parameter(torch.zeros(2, dtype: ScalarType.Float64));
         using var b = new Parameter(torch.zeros(1, dtype: ScalarType.Float64));
+        using var scope = torch.NewDisposeScope();
         a.grad = torch.tensor(new[] { 3.0, 0.0 });
         b.grad = torch.tensor(new[] { 4.0 });
         Assert.Equal(5.0, Losses.ClipGradNorm(new Tensor[] { a, b }, 1.0), 12);

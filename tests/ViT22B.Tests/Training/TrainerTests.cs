@@ -124,6 +124,7 @@ public sealed class TrainerTests : IDisposable
         Assert.Contains(ckpt, e.Message);
         Assert.Equal(good, File.ReadAllBytes(ckpt));
         Assert.Equal(2, run.Trainer.Step);                                   // no update applied
+        using var scope = torch.NewDisposeScope();
         Assert.All(run.Model.parameters(), p => Assert.False(p.isnan().any().item<bool>()));
     }
 
