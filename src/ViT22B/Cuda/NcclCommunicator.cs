@@ -261,7 +261,15 @@ public sealed class NcclCommunicator : ICommunicator, IDisposable
         var gathered = EmptyRows(Size * max, local);
         return Enqueue("AllGather", input, gathered,
             (s, deadline) => _comm.AllGather(Buf(input, type), Buf(gathered, type), s, deadline),
-            g => even ? g.alias() : torch.cat(rows.Select((r, i) => g.narrow(0, i * max, r)).ToArray(), 0));
+            g => even ? g.alias() : Unpadded(g, rows, max));
+    }
+
+    // The gathered blocks of max rows each, cut to each rank's rows and joined. The narrowed views live in a dispose scope:
+    // referenced only by the array handed to cat, they could be finalized while cat reads them.
+    private static Tensor Unpadded(Tensor gathered, long[] rows, long max)
+    {
+        using var scope = NewDisposeScope();
+        return torch.cat(rows.Select((r, i) => gathered.narrow(0, i * max, r)).ToArray(), 0).MoveToOuterDisposeScope();
     }
 
     /// <inheritdoc />
