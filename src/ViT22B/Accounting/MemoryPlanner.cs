@@ -114,7 +114,9 @@ public static class MemoryPlanner
     /// <c>StreamedShardedVisionTransformer</c> on a model axis of <paramref name="model"/>): the resident stem and head,
     /// one block (two with prefetch, each cut to the rank's slices), the staging buffer of the largest block tensor as
     /// the source stores it (plus its slice when sharded), and one block's working set. A process that simulates the
-    /// mesh with threads holds <paramref name="model"/> of these.
+    /// mesh with threads holds <paramref name="model"/> of these. This is the CPU's picture, where blocks are built
+    /// where they run: on a GPU the prefetched blocks are built in host memory and moved to the device one at a time,
+    /// so the device holds one block and the host up to two, a split this plan does not make.
     /// </summary>
     /// <param name="c">The model.</param>
     /// <param name="dtype">Parameter and activation dtype.</param>
