@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Packs ViT22B (and ViT22B.Onnx, ViT22B.OnnxRuntime), then builds and runs a console app in a temporary folder that references the package from a
+# Packs ViT22B (and ViT22B.Onnx, ViT22B.OnnxRuntime, ViT22B.Imaging), then builds and runs a console app in a temporary folder that references the package from a
 # local feed (plus libtorch-cpu-linux-x64), as a user would. Proves the package carries everything, including
 # the libstdc++ compatibility step for GCC 12 distributions (Debian 12, Ubuntu 22.04).
 set -euo pipefail
@@ -10,24 +10,26 @@ cleanup() {
   rm -rf "$work"
   # The unique smoke version was extracted into the package cache by restore; drop it again.
   rm -rf "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b/$version" "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b.onnxruntime/$version" \
-    "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b.onnx/$version"
+    "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b.onnx/$version" "${NUGET_PACKAGES:-$HOME/.nuget/packages}/vit22b.imaging/$version"
 }
 trap cleanup EXIT
 
 dotnet pack "$root/src/ViT22B/ViT22B.csproj" -c Release -o "$work/feed" -p:Version="$version" --nologo -v quiet
 dotnet pack "$root/src/ViT22B.OnnxRuntime/ViT22B.OnnxRuntime.csproj" -c Release -o "$work/feed" -p:Version="$version" --nologo -v quiet
 dotnet pack "$root/src/ViT22B.Onnx/ViT22B.Onnx.csproj" -c Release -o "$work/feed" -p:Version="$version" --nologo -v quiet
+dotnet pack "$root/src/ViT22B.Imaging/ViT22B.Imaging.csproj" -c Release -o "$work/feed" -p:Version="$version" --nologo -v quiet
 ls "$work/feed"
-if command -v unzip >/dev/null; then
-  # The listing goes to a file first: with pipefail, grep -q closing the pipe early would fail unzip (SIGPIPE).
-  unzip -l "$work/feed/ViT22B.$version.nupkg" > "$work/ViT22B.listing"
-  grep -q "buildTransitive/ViT22B.targets" "$work/ViT22B.listing" \
-    || { echo "package lacks buildTransitive/ViT22B.targets" >&2; exit 1; }
-  # ViT22B.Onnx uses ViT22B's internals: it must depend on exactly its own ViT22B version.
-  unzip -p "$work/feed/ViT22B.Onnx.$version.nupkg" ViT22B.Onnx.nuspec > "$work/ViT22B.Onnx.nuspec"
-  grep -q "<dependency id=\"ViT22B\" version=\"\[$version\]\"" "$work/ViT22B.Onnx.nuspec" \
-    || { echo "ViT22B.Onnx does not depend on exactly ViT22B $version:" >&2; grep dependency "$work/ViT22B.Onnx.nuspec" >&2; exit 1; }
-fi
+command -v unzip >/dev/null || { echo "package smoke test: needs unzip to read the packages (apt-get install unzip)" >&2; exit 1; }
+# The listing goes to a file first: with pipefail, grep -q closing the pipe early would fail unzip (SIGPIPE).
+unzip -l "$work/feed/ViT22B.$version.nupkg" > "$work/ViT22B.listing"
+grep -q "buildTransitive/ViT22B.targets" "$work/ViT22B.listing" \
+  || { echo "package lacks buildTransitive/ViT22B.targets" >&2; exit 1; }
+# ViT22B.Onnx and ViT22B.Imaging use ViT22B's internals: each must depend on exactly its own ViT22B version.
+for companion in ViT22B.Onnx ViT22B.Imaging; do
+  unzip -p "$work/feed/$companion.$version.nupkg" "$companion.nuspec" > "$work/$companion.nuspec"
+  grep -q "<dependency id=\"ViT22B\" version=\"\[$version\]\"" "$work/$companion.nuspec" \
+    || { echo "$companion does not depend on exactly ViT22B $version:" >&2; grep dependency "$work/$companion.nuspec" >&2; exit 1; }
+done
 cache_lib="${NUGET_PACKAGES:-$HOME/.nuget/packages}/torchsharp/0.107.0/runtimes/linux-x64/native/libLibTorchSharp.so"
 cache_sum_before="$(sha256sum "$cache_lib" 2>/dev/null || true)"
 

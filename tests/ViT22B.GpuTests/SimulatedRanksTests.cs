@@ -75,7 +75,8 @@ public sealed class SimulatedRanksTests
             for (int pass = 0; pass < 3; pass++)
             {
                 last?.Dispose();
-                last = shard.Forward(images).cpu().DetachFromDisposeScope();
+                using var output = shard.Forward(images);
+                last = output.cpu().DetachFromDisposeScope();
             }
             return last;
         });

@@ -11,7 +11,8 @@ namespace ViT22B.Layers;
 /// <param name="LoadSeconds">Time spent building and loading blocks, on whichever thread did it.</param>
 /// <param name="WaitSeconds">Time the computation waited for a block to be loaded (all of the loading without
 /// prefetch; only what the prefetch did not hide with it).</param>
-/// <param name="ComputeSeconds">Time spent running the blocks.</param>
+/// <param name="ComputeSeconds">Time spent running the blocks. On a GPU, the time to queue their kernels: the GPU's
+/// own time shows in the next block's load, whose copy to the device waits for the stream.</param>
 /// <param name="LargestBlockBytes">Bytes of the largest block's parameters (one block in memory; two with prefetch).</param>
 public sealed record StreamingStats(int Blocks, double LoadSeconds, double WaitSeconds, double ComputeSeconds, long LargestBlockBytes);
 
@@ -21,12 +22,12 @@ public sealed record StreamingStats(int Blocks, double LoadSeconds, double WaitS
 /// second thread while block i computes, so at most two blocks are alive; without, one. Inference only: a block is gone
 /// before a backward pass could need it.
 /// <para>On a GPU the prefetch thread builds its blocks in host memory and the computing thread moves each to the
-/// device just before running it. Built on the device by the prefetch thread, a block's copies would run on that
-/// thread's CUDA stream, unordered with the stream the block computes on (a rank thread computes on a stream of its
-/// own), and a released block's memory would return to the prefetch stream's pool while kernels on the computing stream
-/// might still read it. Moved by the computing thread, the copies precede the block's kernels on one stream and its
-/// release follows them. So on a GPU one block is on the device at a time and up to two wait in host memory; the
-/// host-to-device copy is not overlapped with the computation.</para>
+/// device just before running it. Built on the device by the prefetch thread, a block's memory would belong to that
+/// thread's CUDA stream in libtorch's caching allocator: released after its kernels were queued on the computing
+/// stream (a rank thread computes on a stream of its own), it could be handed to the next block's copy while those
+/// kernels still read it. Moved by the computing thread, the block is allocated, used and released on one stream. So
+/// on a GPU one block is on the device at a time and up to two wait in host memory, and the host-to-device copy is not
+/// overlapped with the computation. Not run on a GPU yet.</para>
 /// </summary>
 internal static class BlockStreaming
 {
