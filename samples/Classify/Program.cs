@@ -158,8 +158,7 @@ static (int Height, int Width) ConfigImageSize(IReadOnlyDictionary<string, strin
 {
     if (!metadata.TryGetValue(PretrainedCheckpoint.ConfigMetadataKey, out var json))
         throw new InvalidDataException($"ONNX model '{path}' takes images of any size and stores no config (metadata '{PretrainedCheckpoint.ConfigMetadataKey}') to say which size it was built for.");
-    var config = ViTConfigJson.FromJson(json, path);
-    return (config.ImgSize, config.ImgWidth ?? config.ImgSize);
+    return ViTConfigJson.FromJson(json, path).ImageShape;
 }
 
 // One image as the model's input [C, size, size]: resized and cropped as the preprocessing says (squash or shorter side,

@@ -103,7 +103,7 @@ public static class OnnxExport
         AtomicFile.Write(path, modelStream =>
         {
             ModelProto? built = null;
-            AtomicFile.Write(path + ".data", dataStream => built = Build(model, options, maxBytes, dataStream, dataName));
+            AtomicFile.Write(path + ".data", dataStream => built = Build(model, options, new OnnxGraph(dataStream, dataName)));
             built.WriteTo(modelStream);
         });
     }
@@ -125,13 +125,12 @@ public static class OnnxExport
     private static long LeastBytes(VisionTransformer model, OnnxExportOptions options) =>
         model.parameters().Sum(p => p.numel()) * (options.Weights == OnnxWeights.DynamicInt8 ? 1 : Storage(options.Weights) == ScalarType.Float32 ? 4 : 2);
 
-    internal static ModelProto Build(VisionTransformer model, OnnxExportOptions? options, long maxBytes = MaxModelBytes, Stream? external = null, string? externalName = null)
+    // The model with its weights inside: the size is checked before any weight is copied, then exactly.
+    internal static ModelProto Build(VisionTransformer model, OnnxExportOptions? options, long maxBytes = MaxModelBytes)
     {
         ArgumentNullException.ThrowIfNull(model);
         options ??= new OnnxExportOptions();
         CheckModules(model);
-        if (external is not null) return Build(model, options, new OnnxGraph(external, externalName));
-        // Without external data: checked before any weight is copied, then exactly.
         if (LeastBytes(model, options) is var least && least > maxBytes) throw TooLarge(least, maxBytes);
         return BuildInline(model, options, maxBytes, out long bytes) ?? throw TooLarge(bytes, maxBytes);
     }

@@ -71,11 +71,14 @@ public sealed class MfuMeter : IDisposable
     /// measurements).</summary>
     /// <exception cref="InvalidOperationException">Some shape has been timed fewer than <see cref="MinimumRounds"/>
     /// times.</exception>
-    public double PeakFlopsPerSecond => PeakSamples >= MinimumRounds * _gemms.Length
+    public double PeakFlopsPerSecond => PeakSamples >= MinimumSamples
         ? _best
         : throw new InvalidOperationException($"{PeakSamples} GEMM(s) timed; a peak needs each of the {_gemms.Length} shapes timed {MinimumRounds} times (call SampleRound).");
 
     private double _best;
+
+    // Every shape MinimumRounds times: SamplePeak takes the shapes in turn.
+    private int MinimumSamples => MinimumRounds * _gemms.Length;
 
     /// <summary>How many GEMMs have been timed.</summary>
     public int PeakSamples { get; private set; }
@@ -105,7 +108,7 @@ public sealed class MfuMeter : IDisposable
     public void SampleRound()
     {
         for (int i = 0; i < _gemms.Length; i++) SamplePeak();
-        while (PeakSamples < MinimumRounds * _gemms.Length) SamplePeak();
+        while (PeakSamples < MinimumSamples) SamplePeak();
     }
 
     /// <summary>Times one call of <paramref name="step"/> (which must dispose what it creates).</summary>
@@ -153,7 +156,7 @@ public sealed class MfuMeter : IDisposable
                 SamplePeak();
                 times[j][i] = TimeStep(steps[j].Step);
             }
-        while (PeakSamples < MinimumRounds * _gemms.Length) SamplePeak();   // few rounds: every shape still timed MinimumRounds times
+        while (PeakSamples < MinimumSamples) SamplePeak();   // few rounds: every shape still timed MinimumRounds times
         double peak = PeakFlopsPerSecond;
         return steps.Select((s, j) => new MfuMeasurement(Median(times[j]), s.Flops, peak, samples) { StepSamples = times[j] }).ToArray();
     }

@@ -41,7 +41,8 @@ internal static class BlockStreaming
         if (torch.is_grad_enabled())
             throw new InvalidOperationException("A streamed model runs inference only: call it under torch.no_grad() or torch.inference_mode() (each block is released before a backward pass could use it).");
         var device = x.device;
-        var prefetchOn = HostStaged(device) ? torch.CPU : device;
+        bool hostStaged = device.type != DeviceType.CPU;   // see the class comment
+        var prefetchOn = hostStaged ? torch.CPU : device;
         long loadTicks = 0, largest = 0;
         (TBlock Block, long Ticks) Timed(int i, Device on)
         {
@@ -55,7 +56,7 @@ internal static class BlockStreaming
         // A prefetched block staged in host memory, moved to the device on this thread (its stream).
         TBlock ToDevice(TBlock block)
         {
-            if (!HostStaged(device)) return block;
+            if (!hostStaged) return block;
             long start = Stopwatch.GetTimestamp();
             try
             {
@@ -140,9 +141,6 @@ internal static class BlockStreaming
         var stats = new StreamingStats(depth, (double)loadTicks / Stopwatch.Frequency, wait.Elapsed.TotalSeconds, compute.Elapsed.TotalSeconds, largest);
         return (ReferenceEquals(h, x) ? x.alias() : h, stats);
     }
-
-    // Where the prefetch thread must not build blocks on the device itself (see the class comment).
-    internal static bool HostStaged(Device device) => device.type != DeviceType.CPU;
 
     private static void InterlockedMax(ref long target, long value)
     {
