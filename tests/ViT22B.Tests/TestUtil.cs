@@ -1,6 +1,7 @@
 using TorchSharp;
 using ViT22B.Layers;
 using ViT22B.Models;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests;
@@ -16,9 +17,11 @@ internal static class TestUtil
         foreach (var (name, p) in module.named_parameters())
         {
             using var scope = torch.NewDisposeScope();   // holds the temporaries through each native call
-            var r = torch.randn(p.shape, dtype: ScalarType.Float64, generator: g) * scale;
+            // Numbers go through ScalarMath: an implicit Scalar (r + 1.0) was once freed by its finalizer during the
+            // add ("Unknown scalar type" on a rank thread, CI 2026-12-02; docs/torchsharp-notes.md#scalars).
+            var r = torch.randn(p.shape, dtype: ScalarType.Float64, generator: g).Times(scale);
             if (name.EndsWith("norm.weight", StringComparison.Ordinal) || name.EndsWith("norm1.weight", StringComparison.Ordinal) || name.EndsWith("norm2.weight", StringComparison.Ordinal) || name.EndsWith("norm_pre.weight", StringComparison.Ordinal))
-                r = r + 1.0;
+                r = r.Plus(1.0);
             p.copy_(r);
         }
     }
