@@ -2,6 +2,7 @@ using BenchmarkDotNet.Attributes;
 using TorchSharp;
 using ViT22B.Layers;
 using ViT22B.Models;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Benchmarks;
@@ -50,10 +51,10 @@ public class PlainBaselineBenchmarks : MfuBenchmark
         long dim = _c.EmbedDim;
         var y = nn.functional.layer_norm(x, new[] { dim }, w["norm1.weight"], w["norm1.bias"], 1e-6);
         var qkv = nn.functional.linear(y, w["attn.qkv.weight"], w["attn.qkv.bias"]).chunk(3, -1);
-        x = x + nn.functional.linear(Attention(qkv[0], qkv[1], qkv[2]), w["attn.proj.weight"], w["attn.proj.bias"]);
+        x = x.Plus(nn.functional.linear(Attention(qkv[0], qkv[1], qkv[2]), w["attn.proj.weight"], w["attn.proj.bias"]));
         y = nn.functional.layer_norm(x, new[] { dim }, w["norm2.weight"], w["norm2.bias"], 1e-6);
         var hdn = nn.functional.gelu(nn.functional.linear(y, w["mlp.fc1.weight"], w["mlp.fc1.bias"]));
-        return x + nn.functional.linear(hdn, w["mlp.fc2.weight"], w["mlp.fc2.bias"]);
+        return x.Plus(nn.functional.linear(hdn, w["mlp.fc2.weight"], w["mlp.fc2.bias"]));
     }
 
     private Tensor PlainParallel(Tensor x, Dictionary<string, Tensor> w)
@@ -62,8 +63,8 @@ public class PlainBaselineBenchmarks : MfuBenchmark
         var y = nn.functional.layer_norm(x, new[] { dim }, w["in_norm.weight"], w["in_norm.bias"], 1e-6);
         var p = nn.functional.linear(y, w["in_proj.weight"]).split(new[] { f, dim, dim, dim }, -1);
         var z = Attention(p[1], p[2], p[3]);
-        var g = nn.functional.gelu(p[0] + w["mlp_bias"]);
-        return x + nn.functional.linear(torch.cat(new[] { z, g }, -1), w["out_proj.weight"], w["out_proj.bias"]);
+        var g = nn.functional.gelu(p[0].Plus(w["mlp_bias"]));
+        return x.Plus(nn.functional.linear(torch.cat(new[] { z, g }, -1), w["out_proj.weight"], w["out_proj.bias"]));
     }
 
     /// <summary>One forward of the 12-block stack.</summary>

@@ -125,7 +125,7 @@ public class ModelBenchmarks : MfuBenchmark
         _model = new VisionTransformer(c, Bench.Device, DType);
         const long batch = 8;
         _images = Bench.Built(() => torch.randn(new long[] { batch, 3, c.ImageShape.Height, c.ImageShape.Width }, generator: new torch.Generator(1)).to(DType).to(Bench.Device));
-        _labels = Bench.Built(() => (torch.arange(batch, dtype: ScalarType.Int64) % c.NumClasses).to(Bench.Device));
+        _labels = Bench.Built(() => torch.tensor(Enumerable.Range(0, (int)batch).Select(i => (long)(i % c.NumClasses)).ToArray()).to(Bench.Device));
         var f = ModelAccounting.Flops(c);
         if (Mode == "training")
         {

@@ -170,6 +170,10 @@ static Tensor LoadImage(string file, int channels, int size, Preprocessing prepr
     using var scope = torch.NewDisposeScope();
     var rng = new Random(0);
     var rgb = (preprocessing with { Mean = (0, 0, 0), Std = (1, 1, 1) }).EvalTransform(size)(ImageTensors.Decode(file), rng);
-    var gray = (rgb[0] * 0.299 + rgb[1] * 0.587 + rgb[2] * 0.114).unsqueeze(0);
+    // The weights as a tensor rather than C# numbers: TorchSharp 0.107 can free the Scalar an implicit conversion makes
+    // while libtorch still reads it (docs/torchsharp-notes.md).
+    float[] weights = [0.299f, 0.587f, 0.114f];
+    var luma = torch.tensor(weights).view(3, 1, 1);
+    var gray = (rgb * luma).sum(0, keepdim: true);
     return Transforms.Normalize(preprocessing.Mean, preprocessing.Std)(gray, rng).MoveToOuterDisposeScope();
 }

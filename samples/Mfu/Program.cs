@@ -83,7 +83,7 @@ static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int 
         foreach (var c in configs) ModelAccounting.EnsureFitsInHostMemory(c, dtype);
     var config = configs[0];
     using var images = Built(() => torch.randn(new long[] { batch, config.InChans, config.ImageShape.Height, config.ImageShape.Width }, generator: new torch.Generator(1)).to(dtype).to(device));
-    using var labels = Built(() => (torch.arange(batch, dtype: ScalarType.Int64) % Math.Max(1, config.NumClasses)).to(device));
+    using var labels = Built(() => torch.tensor(Enumerable.Range(0, batch).Select(i => (long)(i % Math.Max(1, config.NumClasses))).ToArray()).to(device));
     var disposables = new List<IDisposable>();
     string? folder = null;
     try
@@ -131,7 +131,8 @@ static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int 
                 using var scope = torch.NewDisposeScope();
                 optimizer.ZeroGrad();
                 var output = model.call(images);
-                var loss = c.NumClasses > 0 ? nn.functional.cross_entropy(output.to(ScalarType.Float32), labels) : output.to(ScalarType.Float32).square().mean();
+                var output32 = output.to(ScalarType.Float32);
+                var loss = c.NumClasses > 0 ? nn.functional.cross_entropy(output32, labels) : output32.mul(output32).mean();
                 loss.backward();
                 if (update) optimizer.Step(1e-4);
             }, batch * flops.Training, batch * ModelAccounting.HardwareTrainingFlops(c, recompute)));

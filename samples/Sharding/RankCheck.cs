@@ -86,7 +86,7 @@ internal sealed record Reference(Dictionary<string, Tensor> State, Tensor Images
                 if (name.StartsWith("head.", StringComparison.Ordinal)) p.normal_(0, 0.02);     // give the zero-initialized classifier some signal
         var state = full.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone().DetachFromDisposeScope());
         var images = torch.randn(new long[] { batch, 3, config.ImageShape.Height, config.ImageShape.Width }, generator: new torch.Generator(1)).DetachFromDisposeScope();
-        var labels = (torch.arange(batch, dtype: ScalarType.Int64) % config.NumClasses).DetachFromDisposeScope();
+        var labels = torch.tensor(Enumerable.Range(0, batch).Select(i => (long)(i % config.NumClasses)).ToArray()).DetachFromDisposeScope();
         var logits = full.call(images);
         nn.functional.cross_entropy(logits, labels).backward();
         var grads = full.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.detach().clone().DetachFromDisposeScope());

@@ -166,7 +166,9 @@ static void Export(TensorDataset test, DirectoryInfo folder, int count)
         using var scope = torch.NewDisposeScope();   // the temporaries stay reachable through each native call
         var ex = test.Get(i, new Random(0));
         using var image = ex.Image;
-        using var pixels = (image + 1) / 2;   // back from [-1, 1] to [0, 1]
+        // Back from [-1, 1] to [0, 1], with tensors rather than C# numbers: TorchSharp 0.107 can free the Scalar an
+        // implicit conversion makes while libtorch still reads it (docs/torchsharp-notes.md).
+        using var pixels = (image - torch.tensor(-1f)) / torch.tensor(2f);
         string name = $"{i:D4}-{test.Classes[(int)ex.Label].Replace('/', '-').Replace(' ', '-')}.png";
         ViT22B.Imaging.ImageTensors.SavePng(pixels, Path.Combine(folder.FullName, name));
     }

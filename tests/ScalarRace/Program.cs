@@ -4,6 +4,7 @@
 // reads it; the explicit forms (what ViT22B.Torch.ScalarMath does) dispose the Scalar after the call.
 //
 //   dotnet run --project tests/ScalarRace -c Release -- 15      # seconds per form
+#pragma warning disable RS0030 // the implicit Scalar forms are what this program measures
 using System.Diagnostics;
 using TorchSharp;
 using static TorchSharp.torch;

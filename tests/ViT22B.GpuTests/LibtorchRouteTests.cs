@@ -1,5 +1,6 @@
 using TorchSharp;
 using ViT22B.Tests;
+using ViT22B.Torch;
 
 namespace ViT22B.GpuTests;
 
@@ -14,7 +15,7 @@ public sealed class LibtorchRouteTests
     {
         var dir = Environment.GetEnvironmentVariable(Variable);
         if (string.IsNullOrEmpty(dir)) Assert.Skip($"{Variable} is not set: only tests/Gpu/run.sh names the libtorch the bundle must load.");
-        using var x = torch.arange(6, dtype: torch.ScalarType.Float32).reshape(2, 3);
+        using var x = ScalarMath.Arange(6, torch.ScalarType.Float32, torch.CPU).reshape(2, 3);
         using var y = x.matmul(x.t());
         Assert.Equal(50f, y[1, 1].item<float>());                       // 3² + 4² + 5²
         string expected = Real(Path.Combine(dir, "libtorch_cpu.so"));

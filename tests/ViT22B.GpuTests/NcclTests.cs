@@ -2,6 +2,7 @@ using TorchSharp;
 using ViT22B.Cuda;
 using ViT22B.Interop;
 using ViT22B.Parallel;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.GpuTests;
@@ -21,7 +22,7 @@ public sealed class NcclTests
         var comms = NcclComm.InitLocal(Nccl.Native, new[] { 0 }, CudaDriver.MakeCurrent, DateTime.UtcNow + TimeSpan.FromSeconds(60));
         using var comm = comms[0];
         Assert.True(Nccl.Version() >= Nccl.MinimumVersion, $"NCCL {Nccl.Version()} is older than 2.14");
-        using var x = torch.arange(12, dtype: ScalarType.BFloat16, device: torch.CUDA);
+        using var x = ScalarMath.Arange(12, ScalarType.BFloat16, torch.CUDA);
         using var y = torch.zeros_like(x);
         torch.cuda.synchronize();
         nint stream = CudaStreams.FromPool(0);
@@ -92,11 +93,11 @@ public sealed class NcclTests
     {
         int k = comm.Size, r = comm.Rank, prev = (r + k - 1) % k;
         using var scope = torch.NewDisposeScope();
-        Tensor Input(int rank) => torch.arange(rank * 8.0, rank * 8.0 + (rank + 2) * 4, dtype: ScalarType.Float32).reshape(rank + 2, 4);
+        Tensor Input(int rank) => ScalarMath.Arange((rank + 2) * 4, ScalarType.Float32, torch.CPU).Plus(rank * 8.0).reshape(rank + 2, 4);
         var x = Input(r).to(dev);
         var counts = Enumerable.Range(0, k).Select(j => (long)(j + 2)).ToArray();
         var all = torch.cat(Enumerable.Range(0, k).Select(Input).ToArray(), 0);
-        var sum2 = Enumerable.Range(0, k).Select(j => Input(j).narrow(0, 0, 2)).Aggregate((a, b) => a + b);
+        var sum2 = Enumerable.Range(0, k).Select(j => Input(j).narrow(0, 0, 2)).Aggregate((a, b) => a.Plus(b));
         void Same(Tensor actual, Tensor expected, string what)
         {
             if (!actual.cpu().equal(expected).all().item<bool>()) throw new InvalidOperationException($"rank {r}: {what} differs from its definition.");
@@ -110,7 +111,7 @@ public sealed class NcclTests
         Same(comm.ReduceScatter(stacked, Enumerable.Repeat(2L, k).ToArray()), sum2, "reduce-scatter");
         Same(comm.Broadcast(r == 0 ? x.narrow(0, 0, 2) : torch.zeros(2, 4, device: dev), 0), Input(0).narrow(0, 0, 2), "broadcast");
         // The overlapped ring on this rank's chunk equals the plain all-gather + matmul.
-        var w = torch.arange(12, dtype: ScalarType.Float32).reshape(3, 4).to(dev);
+        var w = ScalarMath.Arange(12, ScalarType.Float32, torch.CPU).reshape(3, 4).to(dev);
         var ring = Rings.AllGatherMatmul(x, w, comm, counts, CommMode.Overlapped).Y;
         Same(ring, all.matmul(w.cpu().t()), "all-gather + matmul ring");
         comm.Barrier();

@@ -3,6 +3,7 @@ using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Parallel;
 using ViT22B.Tests;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.GpuTests;
@@ -93,13 +94,13 @@ public sealed class SimulatedRanksTests
         var mesh = new DeviceMesh(1, k, new[] { gpu });
         var world = new ThreadedWorld(k, TimeSpan.FromSeconds(60));
         var contexts = RankContext.CreateThreaded(world, mesh);
-        static Tensor Input(int rank) => torch.arange(rank * 1000.0, rank * 1000.0 + (rank + 2) * 4, dtype: ScalarType.Float64).reshape(rank + 2, 4);
+        static Tensor Input(int rank) => ScalarMath.Arange((rank + 2) * 4, ScalarType.Float64, torch.CPU).Plus(rank * 1000.0).reshape(rank + 2, 4);
         var results = Spmd.Run(world, r =>
         {
             using var device = contexts[r].UseDevice();
             var comm = contexts[r].Model;
             using var scope = torch.NewDisposeScope();
-            var x = Input(r).to(gpu).mul(1.0);                    // produced on this rank's stream just before use
+            var x = Input(r).to(gpu).Times(1.0);                  // produced on this rank's stream just before use
             var big = torch.randn(new long[] { 1024, 1024 }, dtype: ScalarType.Float64, device: gpu);
             var busy = big.matmul(big);                           // keeps the compute stream busy while copies are queued
             var gathered = comm.AllGather(x);
@@ -110,7 +111,7 @@ public sealed class SimulatedRanksTests
             return (gathered.cpu().DetachFromDisposeScope(), permuted.cpu().DetachFromDisposeScope(), summed.cpu().DetachFromDisposeScope(), scattered.cpu().DetachFromDisposeScope());
         });
         var all = torch.cat(Enumerable.Range(0, k).Select(Input).ToArray(), 0);
-        var sum2 = Enumerable.Range(0, k).Select(j => Input(j).narrow(0, 0, 2)).Aggregate((a, b) => a + b);
+        var sum2 = Enumerable.Range(0, k).Select(j => Input(j).narrow(0, 0, 2)).Aggregate((a, b) => a.Plus(b));
         var doubled = torch.cat(new[] { sum2, sum2 }, 0);
         long[] starts = { 0, 1, 2 }, counts = { 1, 1, 2 };
         for (int r = 0; r < k; r++)

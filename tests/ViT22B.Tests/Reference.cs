@@ -1,6 +1,7 @@
 using TorchSharp;
 using ViT22B.Layers;
 using ViT22B.Models;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests;
@@ -28,23 +29,23 @@ internal sealed class Reference
     {
         var w = W(prefix + "weight");
         if (_c.Norm == NormKind.RmsNorm)
-            return x / (x * x).mean(new long[] { -1 }, keepdim: true).add(_c.NormEps).sqrt() * w;
+            return x / (x * x).mean(new long[] { -1 }, keepdim: true).Plus(_c.NormEps).sqrt() * w;
         var mu = x.mean(new long[] { -1 }, keepdim: true);
         var var = ((x - mu) * (x - mu)).mean(new long[] { -1 }, keepdim: true);
-        var y = (x - mu) / (var + _c.NormEps).sqrt() * w;
+        var y = (x - mu) / var.Plus(_c.NormEps).sqrt() * w;
         var b = Opt(prefix + "bias");
-        return b is null ? y : y + b;
+        return b is null ? y : y.Plus(b);
     }
 
-    public static Tensor Linear(Tensor x, Tensor w, Tensor? b) => b is null ? x.matmul(w.t()) : x.matmul(w.t()) + b;
+    public static Tensor Linear(Tensor x, Tensor w, Tensor? b) => b is null ? x.matmul(w.t()) : x.matmul(w.t()).Plus(b);
 
     private Tensor Linear(string prefix, Tensor x) => Linear(x, W(prefix + "weight"), Opt(prefix + "bias"));
 
     public Tensor Gelu(Tensor x) => _c.Act switch
     {
-        Activation.Gelu => 0.5 * x * (1 + (x / Math.Sqrt(2)).erf()),
-        Activation.GeluTanh => 0.5 * x * (1 + (Math.Sqrt(2 / Math.PI) * (x + 0.044715 * x * x * x)).tanh()),
-        _ => x / (1 + (-1.702 * x).exp()),                                            // QuickGELU: x·σ(1.702x)
+        Activation.Gelu => x.Times(0.5) * x.DividedBy(Math.Sqrt(2)).erf().Plus(1),
+        Activation.GeluTanh => x.Times(0.5) * x.Plus(x.Times(0.044715) * x * x).Times(Math.Sqrt(2 / Math.PI)).tanh().Plus(1),
+        _ => x / x.Times(-1.702).exp().Plus(1),                                        // QuickGELU: x·σ(1.702x)
     };
 
     // LayerScale: the branch times γ (per channel), when the state dict has one.
@@ -67,7 +68,7 @@ internal sealed class Reference
         qh = qh.permute(0, 2, 1, 3);
         kh = kh.permute(0, 2, 1, 3);
         var vh = v.reshape(b, nk, h, d).permute(0, 2, 1, 3);
-        var a = Softmax(qh.matmul(kh.transpose(2, 3)) / Math.Sqrt(d));
+        var a = Softmax(qh.matmul(kh.transpose(2, 3)).DividedBy(Math.Sqrt(d)));
         return a.matmul(vh).permute(0, 2, 1, 3).reshape(b, nq, dim);
     }
 
@@ -79,9 +80,9 @@ internal sealed class Reference
         var k = qkv.narrow(-1, dim, dim);
         var v = qkv.narrow(-1, 2 * dim, dim);
         var z = Mha(q, k, v, _c.QkNorm ? p + "attn.q_norm." : null, _c.QkNorm ? p + "attn.k_norm." : null);
-        var x1 = x + Scale(p + "ls1.gamma", Linear(p + "attn.proj.", z));
+        var x1 = x.Plus(Scale(p + "ls1.gamma", Linear(p + "attn.proj.", z)));
         var hdn = Gelu(Linear(p + "mlp.fc1.", Norm(p + "norm2.", x1)));
-        return x1 + Scale(p + "ls2.gamma", Linear(p + "mlp.fc2.", hdn));
+        return x1.Plus(Scale(p + "ls2.gamma", Linear(p + "mlp.fc2.", hdn)));
     }
 
     public Tensor ParallelBlock(string p, Tensor x)
@@ -90,7 +91,7 @@ internal sealed class Reference
         var y = Linear(p + "in_proj.", Norm(p + "in_norm.", x));
         var u = y.narrow(-1, 0, f);
         var mb = Opt(p + "mlp_bias");
-        if (mb is not null) u = u + mb;
+        if (mb is not null) u = u.Plus(mb);
         var q = y.narrow(-1, f, dim);
         var k = y.narrow(-1, f + dim, dim);
         var v = y.narrow(-1, f + 2 * dim, dim);
@@ -98,8 +99,8 @@ internal sealed class Reference
         var g = Gelu(u);
         Tensor outp = _sd.ContainsKey(p + "out_proj.weight")
             ? Linear(torch.cat(new[] { z, g }, -1), W(p + "out_proj.weight"), Opt(p + "out_proj.bias"))
-            : Linear(p + "attn_out_proj.", z) + Linear(p + "mlp_out_proj.", g);
-        return x + Scale(p + "ls.gamma", outp);
+            : Linear(p + "attn_out_proj.", z).Plus(Linear(p + "mlp_out_proj.", g));
+        return x.Plus(Scale(p + "ls.gamma", outp));
     }
 
     public Tensor MapHead(Tensor x)
@@ -110,7 +111,7 @@ internal sealed class Reference
         var kv = Linear("attn_pool.kv.", x);
         var z = Linear("attn_pool.proj.", Mha(q, kv.narrow(-1, 0, dim), kv.narrow(-1, dim, dim), null, null));
         var m = Linear("attn_pool.mlp.fc2.", Gelu(Linear("attn_pool.mlp.fc1.", Norm("attn_pool.norm.", z))));
-        return (z + m).select(1, 0);
+        return z.Plus(m).select(1, 0);
     }
 
     public Tensor PatchEmbed(Tensor images)
@@ -152,13 +153,13 @@ internal sealed class Reference
         Tensor? cls = parts.Count == 0 ? null : torch.cat(parts.ToArray(), 1);
         if (_c.PosEmbed == PosEmbedKind.SinCos2d)
         {
-            x = x + SinCos(gh, gw, _c.EmbedDim);
+            x = x.Plus(SinCos(gh, gw, _c.EmbedDim));
             if (cls is not null) x = torch.cat(new[] { cls, x }, 1);
         }
-        else if (cls is not null && !_c.NoEmbedClass) x = torch.cat(new[] { cls, x }, 1) + W("pos_embed");
+        else if (cls is not null && !_c.NoEmbedClass) x = torch.cat(new[] { cls, x }, 1).Plus(W("pos_embed"));
         else
         {
-            x = x + W("pos_embed");
+            x = x.Plus(W("pos_embed"));
             if (cls is not null) x = torch.cat(new[] { cls, x }, 1);
         }
         if (_c.PreNorm) x = Norm("norm_pre.", x);

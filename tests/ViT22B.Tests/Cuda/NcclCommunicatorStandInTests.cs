@@ -6,6 +6,7 @@ using ViT22B.Layers;
 using ViT22B.Parallel;
 using ViT22B.Tests.Fakes;
 using ViT22B.Tests.Parallel;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Cuda;
@@ -20,7 +21,7 @@ public sealed class NcclCommunicatorStandInTests
         Backends.RunGroup(Backend.NcclStandIn, k, c => body((NcclCommunicator)c), TimeSpan.FromSeconds(timeoutSeconds), standIn: nccl);
 
     // Rank r holds r + 2 rows of small integers (exact in every dtype, sums included).
-    private static Tensor Input(int rank, ScalarType dtype) => torch.arange(rank * 8.0, rank * 8.0 + (rank + 2) * 4, dtype: ScalarType.Float64).reshape(rank + 2, 4).to(dtype);
+    private static Tensor Input(int rank, ScalarType dtype) => ScalarMath.Arange((rank + 2) * 4, ScalarType.Float64, torch.CPU).Plus(rank * 8.0).reshape(rank + 2, 4).to(dtype);
 
     [Theory]
     [InlineData(ScalarType.Float64)]
@@ -51,7 +52,7 @@ public sealed class NcclCommunicatorStandInTests
             };
         }, nccl);
         var all = torch.cat(Enumerable.Range(0, k).Select(j => Input(j, ScalarType.Float64)).ToArray(), 0);
-        var sum2 = Enumerable.Range(0, k).Select(j => Input(j, ScalarType.Float64).narrow(0, 0, 2)).Aggregate((a, b) => a + b);
+        var sum2 = Enumerable.Range(0, k).Select(j => Input(j, ScalarType.Float64).narrow(0, 0, 2)).Aggregate((a, b) => a.Plus(b));
         var doubled = torch.cat(new[] { sum2, sum2 }, 0);
         long[] starts = { 0, 1, 2 }, counts = { 1, 1, 2 };
         var even = torch.cat(new[] { sum2, sum2, sum2.narrow(0, 0, 1), sum2.narrow(0, 0, 1) }, 0);
@@ -116,7 +117,7 @@ public sealed class NcclCommunicatorStandInTests
         {
             using var shard = new ShardedVisionTransformer(plan, ctx, mode, ScalarType.Float32);
             using var scope = torch.NewDisposeScope();
-            var loss = shard.Forward(images.narrow(0, 2 * shard.DataIndex, 2)).square().mean();
+            var loss = shard.Forward(images.narrow(0, 2 * shard.DataIndex, 2)).Squared().mean();
             shard.Backward(loss);
             shard.SynchronizeGradients();
             return 0;
@@ -158,7 +159,7 @@ public sealed class NcclCommunicatorStandInTests
         var handed = OnNccl(2, comm =>
         {
             using var scope = torch.NewDisposeScope();
-            var x = torch.full(3, 4, comm.Rank + 1.0);
+            var x = ScalarMath.Full(new long[] { 3, 4 }, comm.Rank + 1.0, ScalarType.Float32, torch.CPU);
             using var work = comm.PermuteAsync(x, 1, receiveRows: 3);
             bool direct = nccl.IsHandedToNccl(TensorPointers.DataPointer(x));
             var y = work.Wait();
@@ -174,7 +175,7 @@ public sealed class NcclCommunicatorStandInTests
         // Defect 6: clone() kept a transposed tensor's strides, and its pointer was refused.
         using var nccl = new NcclStandIn(deviceCount: 2);
         using var testScope = torch.NewDisposeScope();   // this thread's temporaries (the rank threads open their own)
-        static Tensor Input(int r) => (torch.arange(6, dtype: ScalarType.Float32).reshape(2, 3) + 10 * r).t();   // [3, 2], strides (1, 3)
+        static Tensor Input(int r) => ScalarMath.Arange(6, ScalarType.Float32, torch.CPU).reshape(2, 3).Plus(10 * r).t();   // [3, 2], strides (1, 3)
         var results = OnNccl(2, comm =>
         {
             using var scope = torch.NewDisposeScope();
@@ -185,7 +186,7 @@ public sealed class NcclCommunicatorStandInTests
         }, nccl);
         for (int r = 0; r < 2; r++)
         {
-            Assert.True(results[r][0].equal(Input(0) + Input(1)).all().item<bool>());
+            Assert.True(results[r][0].equal(Input(0).Plus(Input(1))).all().item<bool>());
             Assert.True(results[r][1].equal(torch.cat(new[] { Input(0), Input(1) }, 0)).all().item<bool>());
             Assert.True(results[r][2].equal(Input(1 - r)).all().item<bool>());
             Assert.True(results[r][3].equal(Input(1)).all().item<bool>());
@@ -202,7 +203,7 @@ public sealed class NcclCommunicatorStandInTests
         var results = Backends.Run(Backend.NcclStandIn, new DeviceMesh(1, 2), ctx =>
         {
             using var scope = torch.NewDisposeScope();
-            var x = torch.full(3, 2, ctx.Rank + 1.0);
+            var x = ScalarMath.Full(new long[] { 3, 2 }, ctx.Rank + 1.0, ScalarType.Float32, torch.CPU);
             var e = Assert.Throws<CommunicatorException>(() => ctx.Model.Permute(x, 1, receiveRows: 3));
             int depth = nccl.GroupDepth;
             // The thread's other communicator (the data axis, one rank) still works: nothing is stuck in a group.
@@ -226,8 +227,8 @@ public sealed class NcclCommunicatorStandInTests
         var results = OnNccl(2, comm =>
         {
             using var scope = torch.NewDisposeScope();
-            var first = torch.full(3, 2, 10.0 + comm.Rank);
-            var second = torch.full(3, 2, 20.0 + comm.Rank);
+            var first = ScalarMath.Full(new long[] { 3, 2 }, 10.0 + comm.Rank, ScalarType.Float32, torch.CPU);
+            var second = ScalarMath.Full(new long[] { 3, 2 }, 20.0 + comm.Rank, ScalarType.Float32, torch.CPU);
             var messages = new List<string>();
             foreach (var x in comm.Rank == 0 ? new[] { first, second } : new[] { first })
             {
@@ -443,7 +444,7 @@ public sealed class NcclCommunicatorStandInTests
             using var model = (NcclCommunicator)ctx.Model;
             using var data = (NcclCommunicator)ctx.Data;
             using var scope = torch.NewDisposeScope();
-            return model.AllReduce(torch.full(2, r + 1.0))[0].item<float>();
+            return model.AllReduce(ScalarMath.Full(new long[] { 2 }, r + 1.0, ScalarType.Float32, torch.CPU))[0].item<float>();
         });
         Assert.Equal(new[] { 3f, 3f }, sums);
         shared.AssertClean();

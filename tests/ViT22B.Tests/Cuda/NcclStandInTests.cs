@@ -2,6 +2,7 @@ using TorchSharp;
 using ViT22B.Cuda;
 using ViT22B.Interop;
 using ViT22B.Tests.Fakes;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Cuda;
@@ -161,7 +162,7 @@ public sealed unsafe class NcclStandInTests
         using var x1 = torch.ones(4);
         using var y1 = torch.empty(4);
         AllReduce(nccl, comms, streams, 0, x0, y0);
-        x0.fill_(5);
+        x0.FillInPlace(5);
         AllReduce(nccl, comms, streams, 1, x1, y1);
         Assert.Contains(nccl.Violations, v => v.Contains("send buffer changed"));
     }
@@ -177,7 +178,7 @@ public sealed unsafe class NcclStandInTests
         using var y1 = torch.empty(4);
         AllReduce(nccl, comms, streams, 0, x0, y0);
         AllReduce(nccl, comms, streams, 1, x1, y1);
-        x0.fill_(5);                                        // the collective has run; the caller has not waited yet
+        x0.FillInPlace(5);                                  // the collective has run; the caller has not waited yet
         nccl.Release(x0);
         Assert.Contains(nccl.Violations, v => v.Contains("modified before the communicator gave it back"));
     }

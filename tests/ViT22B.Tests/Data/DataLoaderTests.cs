@@ -1,5 +1,6 @@
 using TorchSharp;
 using ViT22B.Data;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Data;
@@ -17,7 +18,7 @@ public sealed class DataLoaderTests
         public Example Get(int index, Random rng)
         {
             if (_bad.Contains(index)) throw new InvalidDataException($"probe[{index}] is unreadable");
-            return new Example(torch.full(Shape, index + rng.NextDouble(), dtype: ScalarType.Float32), index % 2);
+            return new Example(ScalarMath.Full(Shape, index + rng.NextDouble(), ScalarType.Float32, torch.CPU), index % 2);
         }
         public string Describe(int index) => $"probe[{index}]";
     }

@@ -2,6 +2,7 @@ using TorchSharp;
 using ViT22B.Data;
 using ViT22B.Interop;
 using ViT22B.Models;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Data;
@@ -19,7 +20,7 @@ public sealed class PreprocessingTests : IDisposable
 
     private static Tensor Reference(Tensor image, long rh, long rw, int size, Preprocessing p)
     {
-        var x = ReferenceResampling.Resize(image, rh, rw).clamp(0.0, 1.0);
+        var x = ReferenceResampling.Resize(image, rh, rw).Clamped(0.0, 1.0);
         long top = (long)Math.Round((rh - size) / 2.0, MidpointRounding.ToEven), left = (long)Math.Round((rw - size) / 2.0, MidpointRounding.ToEven);
         x = x.narrow(1, top, size).narrow(2, left, size);
         var mean = torch.tensor(new[] { p.Mean.R, p.Mean.G, p.Mean.B }, dtype: ScalarType.Float64).view(3, 1, 1);

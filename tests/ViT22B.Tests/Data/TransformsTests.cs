@@ -1,5 +1,6 @@
 using TorchSharp;
 using ViT22B.Data;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Data;
@@ -9,7 +10,7 @@ public sealed class TransformsTests
     private static readonly Random Rng = new(0);
 
     private static Tensor Ramp(long c, long h, long w) =>
-        torch.arange(c * h * w, dtype: ScalarType.Float64).reshape(c, h, w) / (c * h * w);
+        ScalarMath.Arange(c * h * w, ScalarType.Float64, torch.CPU).reshape(c, h, w).DividedBy(c * h * w);
 
     [Fact]
     public void Center_crop_takes_the_middle_with_torchvision_rounding()
@@ -41,10 +42,10 @@ public sealed class TransformsTests
     public void Resize_shorter_side_keeps_aspect_ratio_and_constant_images()
     {
         using var scope = torch.NewDisposeScope();
-        using var x = torch.full(3, 30, 50, 0.25, dtype: ScalarType.Float32);
+        using var x = ScalarMath.Full(new long[] { 3, 30, 50 }, 0.25, ScalarType.Float32, torch.CPU);
         using var y = Transforms.ResizeShorterSide(12)(x, Rng);
         Assert.Equal(new long[] { 3, 12, 20 }, y.shape);
-        Assert.True((y - 0.25f).abs().max().item<float>() < 1e-6);
+        Assert.True(y.Minus(0.25f).abs().max().item<float>() < 1e-6);
         using var tall = Transforms.ResizeShorterSide(10, Resampling.Bilinear)(torch.zeros(1, 33, 20), Rng);
         Assert.Equal(new long[] { 1, 16, 10 }, tall.shape);   // 10·33/20 = 16.5 truncated, as torchvision
     }
@@ -78,7 +79,7 @@ public sealed class TransformsTests
     public void Random_crop_with_padding_is_a_window_of_the_zero_padded_image()
     {
         using var scope = torch.NewDisposeScope();
-        using var x = Ramp(1, 4, 4) + 1;   // no zeros inside, so padding is recognizable
+        using var x = Ramp(1, 4, 4).Plus(1);   // no zeros inside, so padding is recognizable
         var rng = new Random(3);
         for (int trial = 0; trial < 10; trial++)
         {
@@ -125,7 +126,7 @@ public sealed class TransformsTests
         using var x = Ramp(1, 6, 6);
         var t = Transforms.Compose(Transforms.CenterCrop(4), Transforms.HorizontalFlip(1), Transforms.Normalize(PixelNormalization.MinusOneToOne));
         using var y = t(x, Rng);
-        using var expected = x.narrow(1, 1, 4).narrow(2, 1, 4).flip(2) * 2 - 1;
+        using var expected = x.narrow(1, 1, 4).narrow(2, 1, 4).flip(2).Times(2).Minus(1);
         Assert.True(y.allclose(expected));
         Assert.Throws<ArgumentOutOfRangeException>(() => Transforms.CenterCrop(0));
         Assert.Throws<ArgumentException>(() => Transforms.RandomResizedCrop(8, scaleMin: 0.5, scaleMax: 0.1));

@@ -3,6 +3,7 @@ using System.Text;
 using TorchSharp;
 using ViT22B.Interop;
 using ViT22B.Tests.Models;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Interop;
@@ -18,7 +19,7 @@ public sealed class NpzTests : IDisposable
     private string PathOf(string name) => Path.Combine(_dir, name);
 
     private static Tensor Values(ScalarType dtype, params long[] shape) =>
-        torch.arange(shape.Aggregate(1L, (a, b) => a * b), dtype: ScalarType.Float64).reshape(shape).mul(0.25).sub(3).to(dtype);
+        ScalarMath.Arange(shape.Aggregate(1L, (a, b) => a * b), ScalarType.Float64, torch.CPU).reshape(shape).Times(0.25).Minus(3).to(dtype);
 
     [Theory]
     [InlineData(ScalarType.Float32, false)]
@@ -274,7 +275,7 @@ public sealed class TensorSourcesTests : IDisposable
 
     private string PathOf(string name) => Path.Combine(_dir, name);
 
-    private static Dictionary<string, Tensor> Tensors() => Enumerable.Range(0, 5).ToDictionary(i => $"t{i}", i => torch.full(i + 1, (double)i, dtype: ScalarType.Float32));
+    private static Dictionary<string, Tensor> Tensors() => Enumerable.Range(0, 5).ToDictionary(i => $"t{i}", i => ScalarMath.Full(new long[] { i + 1 }, i, ScalarType.Float32, torch.CPU));
 
     [Fact]
     public void A_sharded_checkpoint_reads_as_one_source()

@@ -4,6 +4,7 @@ using TorchSharp;
 using ViT22B.Interop;
 using ViT22B.Layers;
 using ViT22B.Models;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Interop;
@@ -41,7 +42,7 @@ public sealed class SafetensorsTests : IDisposable
     {
         var segments = ranges.Split(',').Select(r => r.Split(':')).Select(p => (long.Parse(p[0], System.Globalization.CultureInfo.InvariantCulture), long.Parse(p[1], System.Globalization.CultureInfo.InvariantCulture))).ToList();
         using var scope = torch.NewDisposeScope();
-        using var t = (torch.randn(4, 5, 7, dtype: ScalarType.Float64, generator: new torch.Generator(3)) * 100).to(dtype);
+        using var t = torch.randn(4, 5, 7, dtype: ScalarType.Float64, generator: new torch.Generator(3)).Times(100).to(dtype);
         using var other = torch.ones(3);
         string path = PathOf("slices.safetensors");
         Safetensors.Save(new Dictionary<string, Tensor> { ["first"] = other, ["t"] = t }, path);
@@ -98,8 +99,8 @@ public sealed class SafetensorsTests : IDisposable
     {
         using var scope = torch.NewDisposeScope();
         var g = new torch.Generator(1);
-        var a = (torch.randn(new long[] { 3, 5, 2 }, generator: g) * 100).to(dtype);
-        var b = (torch.randn(new long[] { 7 }, generator: g) * 100).to(dtype);
+        var a = torch.randn(new long[] { 3, 5, 2 }, generator: g).Times(100).to(dtype);
+        var b = torch.randn(new long[] { 7 }, generator: g).Times(100).to(dtype);
         var empty = torch.zeros(new long[] { 0, 4 }, dtype: dtype);
         string path = PathOf("rt.safetensors");
         Safetensors.Save(new Dictionary<string, Tensor> { ["a.weight"] = a, ["b"] = b, ["empty"] = empty }, path,
@@ -301,7 +302,7 @@ public sealed class SafetensorsTests : IDisposable
             big[0] = 7;
             big[n - 1] = 9;
             big[1L << 31] = 5;
-            Safetensors.Save(new Dictionary<string, Tensor> { ["small"] = torch.arange(3, dtype: ScalarType.Float32), ["big"] = big }, path);
+            Safetensors.Save(new Dictionary<string, Tensor> { ["small"] = ScalarMath.Arange(3, ScalarType.Float32, torch.CPU), ["big"] = big }, path);
         }
         using var reader = SafetensorsReader.Open(path);
         using var read = reader.Read("big");

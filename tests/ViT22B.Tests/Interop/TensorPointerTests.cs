@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using TorchSharp;
 using ViT22B.Interop;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Interop;
@@ -15,7 +16,7 @@ public sealed class TensorPointerTests
     public void Pointer_addresses_the_tensors_own_bytes_including_the_offset(ScalarType dtype)
     {
         using var scope = torch.NewDisposeScope();
-        using var x = torch.arange(100, dtype: ScalarType.Float32).reshape(10, 10).to(dtype);
+        using var x = ScalarMath.Arange(100, ScalarType.Float32, torch.CPU).reshape(10, 10).to(dtype);
         using var y = x.narrow(0, 2, 3);                                  // a view: storage offset 20 elements
         nint px = TensorPointers.DataPointer(x), py = TensorPointers.DataPointer(y);
         Assert.Equal(20 * x.element_size(), (long)(py - px));

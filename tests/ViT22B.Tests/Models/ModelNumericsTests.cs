@@ -1,6 +1,7 @@
 using TorchSharp;
 using ViT22B.Layers;
 using ViT22B.Models;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Models;
@@ -82,7 +83,7 @@ public class ModelNumericsTests
         using var norm = new Norm(16, kind, bias, c.NormEps, torch.CPU, ScalarType.Float64);
         TestUtil.Randomize(norm, seed: 7);
         using var scope = torch.NewDisposeScope();
-        var x = torch.randn(new long[] { 3, 5, 16 }, dtype: ScalarType.Float64, generator: new torch.Generator(8)) * 3 + 1;
+        var x = torch.randn(new long[] { 3, 5, 16 }, dtype: ScalarType.Float64, generator: new torch.Generator(8)).Times(3).Plus(1);
         var sd = norm.state_dict().ToDictionary(kv => "n." + kv.Key, kv => kv.Value);
         var expected = new Reference(sd, c).Norm("n.", x);
         Assert.True(TestUtil.MaxAbs(norm.call(x), expected) < 1e-10);

@@ -2,6 +2,7 @@ using TorchSharp;
 using ViT22B.Interop;
 using ViT22B.Layers;
 using ViT22B.Models;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Models;
@@ -100,7 +101,7 @@ public sealed class StreamedVisionTransformerTests : IDisposable
 
         public CountedBlock(double value) : base(nameof(CountedBlock))
         {
-            weight = new TorchSharp.Modules.Parameter(torch.full(1, value, dtype: ScalarType.Float64));
+            weight = new TorchSharp.Modules.Parameter(ScalarMath.Full(new long[] { 1 }, value, ScalarType.Float64, torch.CPU));
             RegisterComponents();
             int alive = Interlocked.Increment(ref Alive);
             lock (typeof(CountedBlock)) MaxAlive = Math.Max(MaxAlive, alive);
@@ -177,13 +178,13 @@ public sealed class StreamedVisionTransformerTests : IDisposable
         Assert.InRange(pe.mean().item<float>(), -0.01 * std, 0.01 * std);
 
         using var gamma = a.Read("blocks.0.ls.gamma");
-        Assert.True(gamma.eq(0.25f).all().item<bool>());
+        Assert.True(gamma.eq(ScalarMath.FullLike(gamma, 0.25f)).all().item<bool>());
         using var norm = a.Read("blocks.0.in_norm.weight");
-        Assert.True(norm.eq(1f).all().item<bool>());
+        Assert.True(norm.eq(ScalarMath.FullLike(norm, 1f)).all().item<bool>());
         using var normBias = a.Read("blocks.0.in_norm.bias");
-        Assert.True(normBias.eq(0f).all().item<bool>());
+        Assert.True(normBias.eq(ScalarMath.FullLike(normBias, 0f)).all().item<bool>());
         using var head = a.Read("head.weight");
-        Assert.True(head.eq(0f).all().item<bool>());
+        Assert.True(head.eq(ScalarMath.FullLike(head, 0f)).all().item<bool>());
         Assert.Contains("blocks.9.in_proj.weight", Assert.Throws<KeyNotFoundException>(() => a.Read("blocks.9.in_proj.weight")).Message);
     }
 }

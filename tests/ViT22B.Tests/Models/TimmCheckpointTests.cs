@@ -1,6 +1,7 @@
 using TorchSharp;
 using ViT22B.Interop;
 using ViT22B.Models;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Models;
@@ -31,7 +32,7 @@ public sealed class TimmCheckpointTests : IDisposable
         (Dictionary<string, Tensor> tensors, string layout, bool reset) = name switch
         {
             _ when name.StartsWith("vit_", StringComparison.Ordinal) && name.Contains("dinov2", StringComparison.Ordinal) =>
-                (HomeLayouts.HfDinov2(sd, c, torch.full(1, 1, c.EmbedDim, 0.125, dtype: ScalarType.Float32)), "Hugging Face DINOv2", false),
+                (HomeLayouts.HfDinov2(sd, c, ScalarMath.Full(new long[] { 1, 1, c.EmbedDim }, 0.125, ScalarType.Float32, torch.CPU)), "Hugging Face DINOv2", false),
             _ when name.Contains("siglip", StringComparison.Ordinal) => (HomeLayouts.HfSiglip(sd, c, textTower: true), "Hugging Face SigLIP", false),
             // CLIP's 1000-class timm tag is a timm fine-tune: from Hugging Face's CLIP tower its classifier starts afresh.
             _ when name.Contains("clip", StringComparison.Ordinal) => (HomeLayouts.HfClip(sd, c, projection: c.NumClasses == 512), "Hugging Face CLIP", c.NumClasses != 512),

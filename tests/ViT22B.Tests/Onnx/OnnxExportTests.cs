@@ -5,6 +5,7 @@ using ViT22B.Models;
 using ViT22B.Onnx;
 using ViT22B.Onnx.Proto;
 using ViT22B.OnnxRuntime;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Onnx;
@@ -215,7 +216,7 @@ public sealed class OnnxExportTests : IDisposable
             var one = new float[] { 0.25f };
             grayVit.Normalize(one, new long[] { 1, 1, 1, 1 });
             using var scope = torch.NewDisposeScope();
-            using var expected = Transforms.Normalize(Preprocessing.ImageNetMean, Preprocessing.ImageNetStd)(torch.full(1, 1, 1, 0.25f), new Random(0));
+            using var expected = Transforms.Normalize(Preprocessing.ImageNetMean, Preprocessing.ImageNetStd)(ScalarMath.Full(new long[] { 1, 1, 1 }, 0.25f, ScalarType.Float32, torch.CPU), new Random(0));
             Assert.Equal(expected.item<float>(), one[0], 5);
         }
         var pixels = new float[] { 0.5f, 0.5f, 0.5f, 0.5f };

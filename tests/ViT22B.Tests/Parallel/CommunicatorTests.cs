@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using TorchSharp;
 using ViT22B.Parallel;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Parallel;
@@ -61,7 +62,7 @@ public class CommunicatorTests
             long start = counts.Take(r).Sum();
             var acc = dtype == ScalarType.BFloat16 ? ScalarType.Float32 : dtype;
             var sum = Input(0, dtype, rows).narrow(0, start, counts[r]).to(acc);
-            for (int j = 1; j < k; j++) sum = sum + Input(j, dtype, rows).narrow(0, start, counts[r]).to(acc);
+            for (int j = 1; j < k; j++) sum = sum.Plus(Input(j, dtype, rows).narrow(0, start, counts[r]).to(acc));
             Assert.True(results[r].equal(sum.to(dtype)).all().item<bool>(), $"rank {r}");
         }
     }
@@ -74,7 +75,7 @@ public class CommunicatorTests
         var results = RunAll(k, c => c.AllReduce(Input(c.Rank, dtype, 4)));
         var acc = dtype == ScalarType.BFloat16 ? ScalarType.Float32 : dtype;
         var sum = Input(0, dtype, 4).to(acc);
-        for (int j = 1; j < k; j++) sum = sum + Input(j, dtype, 4).to(acc);
+        for (int j = 1; j < k; j++) sum = sum.Plus(Input(j, dtype, 4).to(acc));
         foreach (var r in results) Assert.True(r.equal(sum.to(dtype)).all().item<bool>());
     }
 

@@ -2,6 +2,7 @@ using TorchSharp;
 using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Parallel;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Parallel;
@@ -40,7 +41,7 @@ public class GradientBucketTests
                 {
                     var g = g0.clone();
                     if (plan.IsPartialOnModelAxis(name, shapes[name])) g = ctx.Model.AllReduce(g);
-                    if (data > 1) g = ctx.Data.AllReduce(g).div_(data);
+                    if (data > 1) g = ctx.Data.AllReduce(g).DivideInPlace(data);
                     if (plan.IsFsdpSharded(name, shapes[name]))
                     {
                         var (counts, dim) = (plan.FsdpCounts(name, shapes[name], shard.ModelIndex), plan.FsdpDim(name, shapes[name]));
@@ -54,7 +55,7 @@ public class GradientBucketTests
                 shard.BackwardBucketBytes = bucketBytes;
                 foreach (var p in shard.Module.parameters()) p.grad = null;
                 using (var scope = torch.NewDisposeScope())
-                    shard.Backward(shard.Forward(images.narrow(0, shard.DataIndex * per, per)).square().sum());
+                    shard.Backward(shard.Forward(images.narrow(0, shard.DataIndex * per, per)).Squared().sum());
                 var sync = shard.SynchronizeGradients(bucketBytes);
                 using var gradScope = torch.NewDisposeScope();
                 return (shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone().DetachFromDisposeScope()), sync);
@@ -105,7 +106,7 @@ public class GradientBucketTests
             shard.LoadFull(full);
             shard.Module.Checkpointing = ActivationCheckpointing.Parse(recompute);
             using (var scope = torch.NewDisposeScope())
-                shard.Backward(shard.Forward(batch).square().sum());
+                shard.Backward(shard.Forward(batch).Squared().sum());
             using var gradScope = torch.NewDisposeScope();
             return shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone().DetachFromDisposeScope());
         });
@@ -136,7 +137,7 @@ public class GradientBucketTests
             for (int pass = 0; pass < 2; pass++)
             {
                 using var scope = torch.NewDisposeScope();
-                shard.Backward(shard.Forward(Batch(pass, shard.DataIndex)).square().sum());
+                shard.Backward(shard.Forward(Batch(pass, shard.DataIndex)).Squared().sum());
             }
             var sync = shard.SynchronizeGradients(4096);
             var wrong = new List<string>();
@@ -148,12 +149,12 @@ public class GradientBucketTests
                     var (g1, g2) = (local[0][shard.DataIndex][shard.ModelIndex][name], local[1][shard.DataIndex][shard.ModelIndex][name]);
                     Tensor expected;
                     if (InBackward(name))       // each pass averaged over the data axis as backward produces it, then summed
-                        expected = ctx.Data.AllReduce(g1).div_(data).add(ctx.Data.AllReduce(g2).div_(data));
+                        expected = ctx.Data.AllReduce(g1).DivideInPlace(data).Plus(ctx.Data.AllReduce(g2).DivideInPlace(data));
                     else                        // accumulated over both passes, then summed over the model axis and averaged
                     {
-                        var g = g1.add(g2);
+                        var g = g1.Plus(g2);
                         if (plan.IsPartialOnModelAxis(name, shapes[name])) g = ctx.Model.AllReduce(g);
-                        expected = ctx.Data.AllReduce(g).div_(data);
+                        expected = ctx.Data.AllReduce(g).DivideInPlace(data);
                     }
                     if (!TensorAssert.Same(expected, p.grad!)) wrong.Add($"rank ({shard.DataIndex}, {shard.ModelIndex}) {name}");
                 }
@@ -189,7 +190,7 @@ public class GradientBucketTests
                 throw new InvalidOperationException("injected on data rank 0");
             });
             using var scope = torch.NewDisposeScope();
-            var loss = shard.Forward(images.narrow(0, 2 * shard.DataIndex, 2)).square().sum();
+            var loss = shard.Forward(images.narrow(0, 2 * shard.DataIndex, 2)).Squared().sum();
             Exception? thrown = Record.Exception(() => shard.Backward(loss));
             hook.remove();
             return (Thrown: thrown, IssuedAtFailure: issuedAtFailure, Issued: log.Count(e => e.Event != "wait"));
@@ -218,7 +219,7 @@ public class GradientBucketTests
             shard.LoadFull(full);
             shard.BackwardBucketBytes = 1024;                  // several buckets: every weight is 1 KiB or more
             using var scope = torch.NewDisposeScope();
-            var loss = shard.Forward(images.narrow(0, shard.DataIndex * 2, 2)).square().sum();
+            var loss = shard.Forward(images.narrow(0, shard.DataIndex * 2, 2)).Squared().sum();
             int beforeBackward = log.Count;
             loss.backward();                                   // not Backward(): the log shows what backward itself issued
             int afterBackward = log.Count;
@@ -328,7 +329,7 @@ public class GradientBucketTests
                 shard.BackwardBucketBytes = bytes;
                 foreach (var p in shard.Module.parameters()) p.grad = null;
                 using (var scope = torch.NewDisposeScope())
-                    shard.Backward(shard.Forward(images.narrow(0, shard.DataIndex * per, per)).square().sum());
+                    shard.Backward(shard.Forward(images.narrow(0, shard.DataIndex * per, per)).Squared().sum());
                 var sync = shard.SynchronizeGradients();
                 using var gradScope = torch.NewDisposeScope();
                 steps.Add((shard.Module.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad!.clone().DetachFromDisposeScope()), sync));

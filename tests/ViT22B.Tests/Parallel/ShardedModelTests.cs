@@ -3,6 +3,7 @@ using ViT22B.Accounting;
 using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Parallel;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Parallel;
@@ -240,7 +241,7 @@ public class ShardedModelTests
             models[ctx.Rank] = ctx.Model;
             using var shard = new ShardedVisionTransformer(plan, ctx, CommMode.Overlapped, ScalarType.Float32);
             using var scope = torch.NewDisposeScope();
-            var loss = shard.Forward(images).square().sum();
+            var loss = shard.Forward(images).Squared().sum();
             if (ctx.Rank == 1) throw new InvalidOperationException("rank 1 gives up before backward");
             shard.Backward(loss);
             return 0;

@@ -5,6 +5,7 @@ using ViT22B.Interop;
 using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Training;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Performance;
@@ -93,7 +94,7 @@ public class MemoryPlannerTests
         var (model, weights) = Measured(() => new VisionTransformer(c, torch.CPU, dtype));
         using var modelOwner = model;
         using var images = torch.randn(batch, 3, 224, 224).to(dtype);
-        using var labels = torch.arange((long)batch);
+        using var labels = ScalarMath.Arange(batch, ScalarType.Int64, torch.CPU);
         // The library's AdamW allocates its moments (and a float32 master copy of 16-bit parameters) here.
         var (optimizer, optimizerState) = Measured(() => new AdamW(Optimizer.WithWeightDecay(model, 0.05, 0.05)));
         using var optimizerOwner = optimizer;
@@ -141,7 +142,7 @@ public class MemoryPlannerTests
             var recomputed = MemoryPlanner.Plan(c, dtype, batch, training: true, checkpointing: checkpointing);
             using var model = new VisionTransformer(c, torch.CPU, dtype);
             using var images = torch.randn(batch, 3, 224, 224).to(dtype);
-            using var labels = torch.arange((long)batch);
+            using var labels = ScalarMath.Arange(batch, ScalarType.Int64, torch.CPU);
             long Saved()
             {
                 using var scope = torch.NewDisposeScope();

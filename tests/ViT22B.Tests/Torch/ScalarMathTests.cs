@@ -7,6 +7,7 @@ namespace ViT22B.Tests.Torch;
 /// <summary>Each <see cref="ScalarMath"/> helper gives the values of the TorchSharp form it replaces, element by element
 /// equal in three dtypes. (The implicit forms leave their Scalar unreferenced during the call, which a garbage
 /// collection on another thread could free; a rare failure here would be that race, not a mismatch.)</summary>
+#pragma warning disable RS0030 // the implicit forms are the reference each helper is compared with
 public class ScalarMathTests
 {
     [Theory]

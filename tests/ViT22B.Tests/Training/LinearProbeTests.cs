@@ -3,6 +3,7 @@ using ViT22B.Data;
 using ViT22B.Layers;
 using ViT22B.Models;
 using ViT22B.Training;
+using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Training;
@@ -68,13 +69,13 @@ public sealed class LinearProbeTests
         using var scope = torch.NewDisposeScope();
         var sd = model.state_dict();
         var reference = new Reference(sd, cfg);
-        var x = reference.PatchEmbed(images) + sd["pos_embed"];                         // tokens entering block 0
+        var x = reference.PatchEmbed(images).Plus(sd["pos_embed"]);                      // tokens entering block 0
         var h = reference.Norm("blocks.0.in_norm.", x);
         var p = h.matmul(sd["blocks.0.in_proj.weight"].t());
         long f = cfg.MlpDim, d = cfg.EmbedDim, hd = cfg.HeadDim;
         var q = p.narrow(-1, f, d).view(2, 4, 2, hd).transpose(1, 2);
         var k = p.narrow(-1, f + d, d).view(2, 4, 2, hd).transpose(1, 2);
-        var logits = q.matmul(k.transpose(-2, -1)) / Math.Sqrt(hd);
+        var logits = q.matmul(k.transpose(-2, -1)).DividedBy(Math.Sqrt(hd));
         var prob = logits.softmax(-1);
         var entropy = -(prob * prob.log()).sum(-1);
         Assert.Equal(logits.abs().max().item<double>(), stats[0].MaxAbsLogit, 1e-10);

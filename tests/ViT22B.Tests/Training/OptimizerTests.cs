@@ -1,6 +1,7 @@
 using TorchSharp;
 using TorchSharp.Modules;
 using ViT22B.Training;
+using ViT22B.Torch;
 using AdamW = ViT22B.Training.AdamW;
 using static TorchSharp.torch;
 
@@ -130,7 +131,7 @@ public sealed class OptimizerTests
         using var scope = torch.NewDisposeScope();
         for (int i = 0; i < 10; i++)
         {
-            p.grad = torch.full(4, -1.0, dtype: ScalarType.BFloat16);
+            p.grad = ScalarMath.Full(new long[] { 4 }, -1.0, ScalarType.BFloat16, torch.CPU);
             opt.Step(1e-3);   // each update (1e-3) is below bf16's resolution at 1.0 (2^-7 ≈ 0.0078)
         }
         Assert.Equal(1.01f, opt.State["p.master"][0].item<float>(), 5);
