@@ -40,7 +40,7 @@ declare -A bad_file=([empty]=empty.jpg [truncated]=truncated.jpg [corrupt]=corru
 for kind in empty truncated corrupt oversized; do
   cp samples/images/*.jpg "$work/$kind/"
   expect_error -m "${bad_file[$kind]}" Features --config Ti/16 --input "$work/$kind" --output "$work/o.safetensors"
-  expect_error -m "${bad_file[$kind]}" Classify --checkpoint fashion-mnist-vit.safetensors --labels fashion-mnist-vit.labels.txt "$work/$kind"
+  expect_error -m "${bad_file[$kind]}" Classify --checkpoint samples/models/fashion-mnist-vit.safetensors --labels samples/models/fashion-mnist-vit.labels.txt "$work/$kind"
 done
 expect_error Features --config Ti/16 --input /nonexistent --output "$work/o.safetensors"
 expect_error Features --config nonsense --input samples/images --output "$work/o.safetensors"
@@ -76,8 +76,8 @@ printf '{"img_size":32,"patch_size":16,"embed_dim":64,"depth":1,"num_heads":2,"m
 dotnet run --project samples/Features -c Release --no-build -- --config "$work/headless.json" --input samples/images \
   --output "$work/h.safetensors" --save-weights "$work/headless.safetensors" > /dev/null \
   || { echo "FAIL (setup): Features could not write a checkpoint without a classifier"; failures=$((failures + 1)); }
-expect_error -m "no classifier" Classify --checkpoint "$work/headless.safetensors" --labels fashion-mnist-vit.labels.txt samples/images
-expect_error -m "--config" Classify --config Ti/16 --checkpoint fashion-mnist-vit.safetensors --labels fashion-mnist-vit.labels.txt samples/images
+expect_error -m "no classifier" Classify --checkpoint "$work/headless.safetensors" --labels samples/models/fashion-mnist-vit.labels.txt samples/images
+expect_error -m "--config" Classify --config Ti/16 --checkpoint samples/models/fashion-mnist-vit.safetensors --labels samples/models/fashion-mnist-vit.labels.txt samples/images
 # Features --num-classes: a negative count, and a classifier the checkpoint lacks without --reset-head.
 expect_error -m "--num-classes" Features --config Ti/16 --num-classes -1 --input samples/images --output "$work/o.safetensors"
 expect_error -m "classifier differs" Features --config "$work/headless.json" --weights "$work/headless.safetensors" --num-classes 10 \
@@ -85,11 +85,11 @@ expect_error -m "classifier differs" Features --config "$work/headless.json" --w
 expect_error LinearProbe --checkpoint /nonexistent.safetensors
 expect_error Mfu --preset nonsense
 # ONNX: a truncated export, a file that is not ONNX, a bad backend or weight type, a training mode on ONNX Runtime.
-head -c 3000 fashion-mnist-vit.safetensors > "$work/truncated.onnx"
-expect_error Classify --backend onnx --checkpoint "$work/truncated.onnx" --labels fashion-mnist-vit.labels.txt samples/images
-expect_error Classify --backend onnx --checkpoint fashion-mnist-vit.safetensors --labels fashion-mnist-vit.labels.txt samples/images
-expect_error Classify --backend tensorflow --checkpoint fashion-mnist-vit.safetensors --labels fashion-mnist-vit.labels.txt samples/images
-expect_error ExportOnnx --checkpoint fashion-mnist-vit.safetensors --output "$work/m.onnx" --weights int4
+head -c 3000 samples/models/fashion-mnist-vit.safetensors > "$work/truncated.onnx"
+expect_error Classify --backend onnx --checkpoint "$work/truncated.onnx" --labels samples/models/fashion-mnist-vit.labels.txt samples/images
+expect_error Classify --backend onnx --checkpoint samples/models/fashion-mnist-vit.safetensors --labels samples/models/fashion-mnist-vit.labels.txt samples/images
+expect_error Classify --backend tensorflow --checkpoint samples/models/fashion-mnist-vit.safetensors --labels samples/models/fashion-mnist-vit.labels.txt samples/images
+expect_error ExportOnnx --checkpoint samples/models/fashion-mnist-vit.safetensors --output "$work/m.onnx" --weights int4
 expect_error ExportOnnx --checkpoint /nonexistent.safetensors --output "$work/m.onnx"
 expect_error ExportOnnx --checkpoint "$work/bad.safetensors" --output "$work/m.onnx"
 expect_error Features --config Ti/16 --input samples/images --output "$work/o.safetensors" --backend onnx --layers 2

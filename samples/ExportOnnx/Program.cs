@@ -5,8 +5,8 @@
 // than 1e-4 (max |difference| / max |library|), or an int8 export that agrees with the library on under 99 % of the
 // Fashion-MNIST predictions or costs more than 0.5 points of top-1. 16-bit exports are reported, not checked.
 //
-//   dotnet run --project samples/ExportOnnx -c Release -- --checkpoint fashion-mnist-vit.safetensors --output fm.onnx
-//   dotnet run --project samples/ExportOnnx -c Release -- --checkpoint fashion-mnist-vit.safetensors --output fm-int8.onnx --weights int8 --fashion-mnist
+//   dotnet run --project samples/ExportOnnx -c Release -- --checkpoint samples/models/fashion-mnist-vit.safetensors --output fm.onnx
+//   dotnet run --project samples/ExportOnnx -c Release -- --checkpoint samples/models/fashion-mnist-vit.safetensors --output fm-int8.onnx --weights int8 --fashion-mnist
 //   dotnet run --project samples/ExportOnnx -c Release -- --config vit_base_patch16_224 --checkpoint model.safetensors --output vit.onnx
 //
 // Deployment needs only ViT22B.OnnxRuntime and ONNX Runtime's native package (no TorchSharp, no libtorch):
@@ -58,6 +58,8 @@ root.SetAction(parse =>
     if (parse.GetValue(configOption) is { } configArg)
     {
         var config = File.Exists(configArg) ? ViTConfigJson.Load(configArg) : ViTConfig.TimmNames.Contains(configArg) ? ViTConfig.FromTimm(configArg) : ViTConfig.Parse(configArg);
+        config = PretrainedCheckpoint.MatchHome(config, checkpoint.FullName, out var changes);   // its home library's activation and norm ε
+        foreach (var change in changes) Console.WriteLine($"Config matched to the checkpoint's home: {change}.");
         using var source = TensorSources.Open(checkpoint.FullName);
         stored = Preprocessing.FromMetadata(source.Metadata) ?? (ViTConfig.TimmNames.Contains(configArg) ? ViTConfig.TimmPreprocessing(configArg) : null);
         model = new VisionTransformer(config, torch.CPU, ScalarType.Float32);

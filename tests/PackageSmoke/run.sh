@@ -81,7 +81,7 @@ if [ -n "$cache_sum_before" ] && [ "$(sha256sum "$cache_lib")" != "$cache_sum_be
 fi
 # A deployment: an app that references ViT22B.OnnxRuntime and ONNX Runtime's CPU build alone runs a model exported by samples/ExportOnnx, and its
 # output folder holds no TorchSharp or libtorch file.
-dotnet run --project "$root/samples/ExportOnnx" -c Release -- --checkpoint "$root/fashion-mnist-vit.safetensors" --output "$work/fm.onnx"
+dotnet run --project "$root/samples/ExportOnnx" -c Release -- --checkpoint "$root/samples/models/fashion-mnist-vit.safetensors" --output "$work/fm.onnx"
 console_app "$work/deploy" Deploy "$root/tests/PackageSmoke/Deploy.cs.txt" \
   "<PackageReference Include=\"ViT22B.OnnxRuntime\" Version=\"$version\" />" \
   '<PackageReference Include="Microsoft.ML.OnnxRuntime" Version="1.31.1" />'
