@@ -361,6 +361,81 @@ public class MemoryPlannerTests
     }
 
     [Fact]
+    public void Saving_a_sharded_model_as_one_file_holds_one_parameter_at_a_time_never_the_whole_model()
+    {
+        // SaveFull gathers and writes one parameter before the next: beside the shards, the process should hold only
+        // the copies one parameter's gather makes. Two model-axis ranks (threads of this process) save together while a
+        // third thread samples what the process has allocated; a save that gathered the model first (Unshard, then
+        // write) would hold the whole model, many times the largest parameter.
+        Assert.True(HaveMallInfo2(), "needs glibc's mallinfo2 (Linux, glibc 2.33+)");
+        var c = new ViTConfig
+        {
+            ImgSize = 32, PatchSize = 8, EmbedDim = 512, Depth = 16, NumHeads = 8, MlpDim = 2048, Block = BlockKind.Parallel,
+            GlobalPool = GlobalPool.Gap, NumClasses = 0,
+        };
+        var plan = new ViT22B.Parallel.ShardingPlan(c, modelSize: 2, dataSize: 1, fsdp: false);
+        var shapes = plan.FullShapes();
+        long largest = shapes.Values.Max(s => s.Aggregate(1L, (a, n) => a * n)) * 4;
+        long whole = shapes.Values.Sum(s => s.Aggregate(1L, (a, n) => a * n)) * 4;
+        // Per rank, a gather makes: the local shard transposed to the gathered dimension (half a parameter), the gathered
+        // parameter, its transposition back; on the writing rank also the parameter reordered into the file's layout.
+        // Eight parameters' worth covers both ranks with room; the whole model is over twenty.
+        long bound = 8 * largest;
+        Assert.True(whole > 2 * bound, $"the model ({whole:N0} bytes) must be well above the bound ({bound:N0})");
+        string dir = Directory.CreateTempSubdirectory("vit22b-save-peak-").FullName;
+        var mesh = new ViT22B.Parallel.DeviceMesh(1, 2);
+        var world = new ViT22B.Parallel.ThreadedWorld(mesh.WorldSize, TimeSpan.FromSeconds(120));
+        var ranks = ViT22B.Parallel.RankContext.CreateThreaded(world, mesh);
+        Assert.Equal(1, MallOpt(MmapThreshold, 4096));      // as in Training_memory_matches_measured_allocation
+        var shards = ranks.Select(r => new ViT22B.Parallel.ShardedVisionTransformer(plan, r, ViT22B.Parallel.CommMode.Overlapped, ScalarType.Float32)).ToArray();
+        try
+        {
+            string path = Path.Combine(dir, "model.safetensors");
+            // Other threads of the process now and then allocate and keep a few MB (see the loading test above), so the
+            // save runs three times and the smallest peak is compared.
+            var peaks = new List<long>();
+            int samples = 0;
+            for (int pass = 0; pass < 3; pass++)
+            {
+                long baseline = Allocated(), peak = 0;
+                using var done = new ManualResetEventSlim();
+                var sampler = new Thread(() =>
+                {
+                    do
+                    {
+                        peak = Math.Max(peak, Allocated(collect: false) - baseline);
+                        Interlocked.Increment(ref samples);
+                    }
+                    while (!done.Wait(1));
+                });
+                sampler.Start();
+                ViT22B.Parallel.Spmd.Run(world, r =>
+                {
+                    shards[r].SaveFull(path);
+                    return 0;
+                });
+                done.Set();
+                sampler.Join();
+                peaks.Add(peak);
+            }
+            long least = peaks.Min();
+            string seen = $"peaks {string.Join(", ", peaks.Select(x => x.ToString("N0", System.Globalization.CultureInfo.InvariantCulture)))} bytes " +
+                          $"beyond the shards ({samples} samples); the largest parameter is {largest:N0}, the whole model {whole:N0}";
+            Assert.True(least <= bound, $"saving held more than one parameter's copies: {seen}");
+            Assert.True(peaks.Max() >= largest, $"the gathers were not seen: {seen}");
+            using var reader = SafetensorsReader.Open(path);
+            Assert.Equal(shapes.Count, reader.Names.Count);
+        }
+        finally
+        {
+            _ = MallOpt(MmapThreshold, 128 * 1024);
+            foreach (var shard in shards) shard.Dispose();
+            foreach (var r in ranks) r.Dispose();
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    [Fact]
     public void Param_Zero_leaves_no_handle_behind()
     {
         using var t = torch.ones(1000);
