@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every sample meets bad input with one clear line and exit code 1, never an unhandled-exception trace.
+# Every sample meets bad input with a clear message and exit code 1, never an unhandled-exception trace (an option
+# error: System.CommandLine's message and the help; anything found while running: one error: line).
 # Usage: .ci/bad-input.sh (after `dotnet build -c Release`). Runs every case, then fails if any case failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."

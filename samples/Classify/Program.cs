@@ -9,7 +9,7 @@
 //   dotnet run --project samples/Classify -c Release -- --checkpoint fashion-mnist-vit.safetensors \
 //       --labels fashion-mnist-vit.labels.txt fmnist-samples
 //   # The same through ONNX Runtime, from an export of samples/ExportOnnx:
-//   dotnet run --project samples/Classify -c Release -- --backend onnx --checkpoint fm.onnx --labels samples/models/fashion-mnist-vit.labels.txt fmnist-samples
+//   dotnet run --project samples/Classify -c Release -- --backend onnx --checkpoint fm.onnx --labels fashion-mnist-vit.labels.txt fmnist-samples
 //   # A pretrained checkpoint with a classifier:
 //   dotnet run --project samples/Classify -c Release -- --config vit_base_patch16_224 --checkpoint model.safetensors --labels imagenet.txt images
 using System.CommandLine;

@@ -357,10 +357,11 @@ public sealed class ShardedVisionTransformer : IDisposable
     /// <summary>
     /// Writes the full (unsharded) model to one safetensors file (timm's keys, this model's dtype), gathering one
     /// parameter at a time over the mesh and writing it before the next is gathered, so beside its shard a rank holds
-    /// the copies that one parameter's gather makes (the gathered shards; on the writing rank also their CPU copy and
-    /// the same reordered into the file's layout), never the whole model. Every rank calls it; the rank at mesh
-    /// position 0 writes <paramref name="path"/> (atomically: the file appears when complete). The file loads into a
-    /// single-device <see cref="VisionTransformer"/> (<see cref="SafetensorsCheckpoint.Load(nn.Module, string, bool, string)"/>)
+    /// the copies that one parameter's gather makes (the gathered parameter and the backend's working copies, for a
+    /// parameter split along its second dimension also its transposed copies; on the writing rank the parameter on the
+    /// CPU, a copy when the mesh is on GPUs, and the same reordered into the file's layout), never the whole model
+    /// (measured: MemoryPlannerTests). Every rank calls it; the rank at mesh position 0 writes <paramref name="path"/>
+    /// (atomically: the file appears when complete). The file loads into a single-device <see cref="VisionTransformer"/> (<see cref="SafetensorsCheckpoint.Load(nn.Module, string, bool, string)"/>)
     /// or into any mesh (<see cref="LoadFull(ITensorSource)"/>).
     /// </summary>
     public void SaveFull(string path)
