@@ -213,6 +213,8 @@ internal sealed unsafe class NcclComm : IDisposable
     /// <summary>Destroys the communicator (an aborted one is already released).</summary>
     public void Dispose()
     {
+        // No ncclCommFinalize first: when it was not called, ncclCommDestroy finalizes the communicator itself
+        // (commReclaim in NCCL's src/init.cc), which is what a separate call would do before destroying.
         lock (_gate)
         {
             if (_comm == 0) return;
