@@ -110,6 +110,14 @@ internal static class TensorAssert
         using var scope = torch.NewDisposeScope();
         return a.eq(b).all().item<bool>();
     }
+
+    /// <summary>Every element equals <paramref name="value"/> (compared in the tensor's dtype); temporaries scoped as
+    /// in <see cref="Same"/>.</summary>
+    public static bool AllEqual(torch.Tensor t, double value)
+    {
+        using var scope = torch.NewDisposeScope();
+        return t.eq(ScalarMath.FullLike(t, value)).all().item<bool>();
+    }
 }
 
 /// <summary>Why a GPU test cannot run here (null when it can); shared by both test projects' fact attributes.</summary>

@@ -361,8 +361,9 @@ public sealed class ShardedVisionTransformer : IDisposable
     /// parameter split along its second dimension also its transposed copies; on the writing rank the parameter on the
     /// CPU, a copy when the mesh is on GPUs, and the same reordered into the file's layout), never the whole model
     /// (measured: MemoryPlannerTests). Every rank calls it; the rank at mesh position 0 writes <paramref name="path"/>
-    /// (atomically: the file appears when complete). The file loads into a single-device <see cref="VisionTransformer"/> (<see cref="SafetensorsCheckpoint.Load(nn.Module, string, bool, string)"/>)
-    /// or into any mesh (<see cref="LoadFull(ITensorSource)"/>).
+    /// (atomically: the file appears when complete). The file loads into a single-device <see cref="VisionTransformer"/>
+    /// (<see cref="SafetensorsCheckpoint.Load(nn.Module, string, bool, string)"/>) or into any mesh
+    /// (<see cref="LoadFull(ITensorSource)"/>).
     /// </summary>
     public void SaveFull(string path)
     {

@@ -2,7 +2,6 @@ using SkiaSharp;
 using TorchSharp;
 using ViT22B.Data;
 using ViT22B.Imaging;
-using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Imaging;
@@ -88,7 +87,7 @@ public sealed class ImageTensorsTests : IDisposable
         string path = Write("alpha.png", 8, 8, (_, _) => new SKColor(0, 0, 0, 0), SKEncodedImageFormat.Png);
         using var scope = torch.NewDisposeScope();
         var t = ImageTensors.Load(path, 8);
-        Assert.True(t.eq(ScalarMath.FullLike(t, 1f)).all().item<bool>());
+        Assert.True(TensorAssert.AllEqual(t, 1f));
     }
 
     [Fact]

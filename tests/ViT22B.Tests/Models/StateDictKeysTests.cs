@@ -1,7 +1,6 @@
 using TorchSharp;
 using ViT22B.Layers;
 using ViT22B.Models;
-using ViT22B.Torch;
 using static TorchSharp.torch;
 
 namespace ViT22B.Tests.Models;
@@ -168,7 +167,7 @@ public class StateDictKeysTests
         using var model = new VisionTransformer(seq, torch.CPU, ScalarType.Float64);
         using var scope = torch.NewDisposeScope();
         foreach (var (key, p) in model.named_parameters().Where(p => p.name.EndsWith("gamma", StringComparison.Ordinal)))
-            Assert.True(p.eq(ScalarMath.FullLike(p, 1e-5)).all().item<bool>(), $"{key} is not initialized to init_values");
+            Assert.True(TensorAssert.AllEqual(p, 1e-5), $"{key} is not initialized to init_values");
     }
 
     [Theory]

@@ -178,13 +178,13 @@ public sealed class StreamedVisionTransformerTests : IDisposable
         Assert.InRange(pe.mean().item<float>(), -0.01 * std, 0.01 * std);
 
         using var gamma = a.Read("blocks.0.ls.gamma");
-        Assert.True(gamma.eq(ScalarMath.FullLike(gamma, 0.25f)).all().item<bool>());
+        Assert.True(TensorAssert.AllEqual(gamma, 0.25f));
         using var norm = a.Read("blocks.0.in_norm.weight");
-        Assert.True(norm.eq(ScalarMath.FullLike(norm, 1f)).all().item<bool>());
+        Assert.True(TensorAssert.AllEqual(norm, 1f));
         using var normBias = a.Read("blocks.0.in_norm.bias");
-        Assert.True(normBias.eq(ScalarMath.FullLike(normBias, 0f)).all().item<bool>());
+        Assert.True(TensorAssert.AllEqual(normBias, 0f));
         using var head = a.Read("head.weight");
-        Assert.True(head.eq(ScalarMath.FullLike(head, 0f)).all().item<bool>());
+        Assert.True(TensorAssert.AllEqual(head, 0f));
         Assert.Contains("blocks.9.in_proj.weight", Assert.Throws<KeyNotFoundException>(() => a.Read("blocks.9.in_proj.weight")).Message);
     }
 }
