@@ -91,11 +91,10 @@ public static class OnnxExport
         ArgumentNullException.ThrowIfNull(path);
         options ??= new OnnxExportOptions();
         CheckModules(model);
-        // One file when the weights fit one message. The estimate is a lower bound (an int8 export also stores float32
-        // scales and its unquantised weights), so a model it lets through may still come out too large: then the
-        // weights go to a data file as if it had been asked for.
-        if (!options.ExternalData && LeastBytes(model, options) <= maxBytes && BuildInline(model, options, maxBytes, out _) is { } proto)
+        // One file when the weights fit one message, as a dry run of the graph that stores no weight data says exactly.
+        if (!options.ExternalData && WeightBytes(model, options) <= maxBytes)
         {
+            var proto = Build(model, options, new OnnxGraph());
             AtomicFile.Write(path, s => proto.WriteTo(s));
             return;
         }
@@ -121,27 +120,23 @@ public static class OnnxExport
         _ => ScalarType.Float32,
     };
 
-    // An int8 export stores at least one byte per parameter, the others the size of their stored dtype.
-    private static long LeastBytes(VisionTransformer model, OnnxExportOptions options) =>
-        model.parameters().Sum(p => p.numel()) * (options.Weights == OnnxWeights.DynamicInt8 ? 1 : Storage(options.Weights) == ScalarType.Float32 ? 4 : 2);
+    /// <summary>The bytes of weight data an export of <paramref name="model"/> stores (every initializer's raw data),
+    /// from a dry run of the graph that stores no weight data.</summary>
+    internal static long WeightBytes(VisionTransformer model, OnnxExportOptions options)
+    {
+        var graph = OnnxGraph.SizeOnly();
+        ViTGraph.Emit(graph, model, Storage(options.Weights), options.Weights == OnnxWeights.DynamicInt8);
+        return graph.InitializerBytes;
+    }
 
-    // The model with its weights inside: the size is checked before any weight is copied, then exactly.
+    // The model with its weights inside, refused before any weight is copied when they take more than maxBytes.
     internal static ModelProto Build(VisionTransformer model, OnnxExportOptions? options, long maxBytes = MaxModelBytes)
     {
         ArgumentNullException.ThrowIfNull(model);
         options ??= new OnnxExportOptions();
         CheckModules(model);
-        if (LeastBytes(model, options) is var least && least > maxBytes) throw TooLarge(least, maxBytes);
-        return BuildInline(model, options, maxBytes, out long bytes) ?? throw TooLarge(bytes, maxBytes);
-    }
-
-    // The model with its weights inside, or null when they take more than maxBytes (their size in bytes).
-    private static ModelProto? BuildInline(VisionTransformer model, OnnxExportOptions options, long maxBytes, out long bytes)
-    {
-        var graph = new OnnxGraph(null, null);
-        var proto = Build(model, options, graph);
-        bytes = graph.InitializerBytes;
-        return bytes > maxBytes ? null : proto;
+        if (WeightBytes(model, options) is var bytes && bytes > maxBytes) throw TooLarge(bytes, maxBytes);
+        return Build(model, options, new OnnxGraph());
     }
 
     private static ModelProto Build(VisionTransformer model, OnnxExportOptions options, OnnxGraph graph)
@@ -165,7 +160,7 @@ public static class OnnxExport
     }
 
     private static NotSupportedException TooLarge(long bytes, long maxBytes) =>
-        new($"ONNX export: the weights take {bytes:N0} bytes or more, more than one protobuf message can hold ({maxBytes:N0}); save to a file (OnnxExport.Save writes them as external data), or export 16-bit or int8 weights.");
+        new($"ONNX export: the weights take {bytes:N0} bytes, more than one protobuf message can hold ({maxBytes:N0}); save to a file (OnnxExport.Save writes them as external data), or export 16-bit or int8 weights.");
 
     private static void CheckModules(VisionTransformer model)
     {

@@ -18,10 +18,17 @@ internal sealed class OnnxGraph
     private int _counter;
     private readonly Stream? _external;
     private readonly string? _externalName;
+    private readonly bool _sizeOnly;
 
     /// <summary>A graph whose weights of at least <see cref="ExternalThreshold"/> bytes go to <paramref name="external"/>
     /// (ONNX external data, file name <paramref name="externalName"/> beside the model) when it is given.</summary>
     public OnnxGraph(Stream? external = null, string? externalName = null) => (_external, _externalName) = (external, externalName);
+
+    private OnnxGraph(bool sizeOnly) => _sizeOnly = sizeOnly;
+
+    /// <summary>A graph that stores no weight data and only adds up <see cref="InitializerBytes"/>: the dry run that says,
+    /// exactly, whether an export's weights fit one protobuf message.</summary>
+    public static OnnxGraph SizeOnly() => new(sizeOnly: true);
 
     /// <summary>Weights this large or larger go to the external-data file, each at an offset that is a multiple of 4096
     /// (the page size, so that a runtime can map them).</summary>
@@ -109,22 +116,23 @@ internal sealed class OnnxGraph
     /// and the tensor is large enough.</summary>
     private TensorProto Tensor(string name, Tensor value, ScalarType dtype)
     {
-        var code = dtype switch
+        var (code, size) = dtype switch
         {
-            ScalarType.Float32 => TensorProto.Types.DataType.Float,
-            ScalarType.Float64 => TensorProto.Types.DataType.Double,
-            ScalarType.Float16 => TensorProto.Types.DataType.Float16,
-            ScalarType.BFloat16 => TensorProto.Types.DataType.Bfloat16,
-            ScalarType.Int8 => TensorProto.Types.DataType.Int8,
-            ScalarType.Byte => TensorProto.Types.DataType.Uint8,
+            ScalarType.Float32 => (TensorProto.Types.DataType.Float, 4),
+            ScalarType.Float64 => (TensorProto.Types.DataType.Double, 8),
+            ScalarType.Float16 => (TensorProto.Types.DataType.Float16, 2),
+            ScalarType.BFloat16 => (TensorProto.Types.DataType.Bfloat16, 2),
+            ScalarType.Int8 => (TensorProto.Types.DataType.Int8, 1),
+            ScalarType.Byte => (TensorProto.Types.DataType.Uint8, 1),
             _ => throw new ArgumentException($"No ONNX initializer type for {dtype}.", nameof(dtype)),
         };
+        long bytes = value.numel() * size;
+        var proto = new TensorProto { Name = name, DataType = (int)code };
+        proto.Dims.AddRange(value.shape);
+        InitializerBytes += bytes;
+        if (_sizeOnly) return proto;
         using var scope = torch.NewDisposeScope();
         var cpu = value.detach().to(torch.CPU).to(dtype).contiguous();
-        long bytes = cpu.numel() * cpu.element_size();
-        var proto = new TensorProto { Name = name, DataType = (int)code };
-        proto.Dims.AddRange(cpu.shape);
-        InitializerBytes += bytes;
         if (_external is not null && bytes >= ExternalThreshold)
         {
             long offset = (_external.Position + 4095) / 4096 * 4096;

@@ -174,6 +174,7 @@ internal sealed class ViTGraph
 
     private string QuantizedMatMul(string x, string prefix, Tensor weight)
     {
+        using var scope = torch.NewDisposeScope();      // this weight's float32 temporaries go before the next one's come
         var wt = weight.t().to(ScalarType.Float32);                                              // [in, out]
         var scale = wt.abs().amax(new long[] { 0 }).AtLeast(1e-12).DividedBy(127.0);              // per output column
         var q = torch.round(wt / scale).Clamped(-127, 127);

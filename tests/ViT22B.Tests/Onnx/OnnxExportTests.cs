@@ -281,27 +281,36 @@ public sealed class OnnxExportTests : IDisposable
         AssertClose(expected, vit.Encode(data, shape), Float32Bound, "external data");
     }
 
-    [Fact]
-    public void An_int8_export_whose_estimate_fits_one_message_but_whose_weights_do_not_goes_to_external_data()
+    [Theory]
+    [InlineData(OnnxWeights.F32)]
+    [InlineData(OnnxWeights.BF16)]
+    [InlineData(OnnxWeights.DynamicInt8)]
+    public void The_weights_go_to_external_data_exactly_when_they_exceed_one_message(OnnxWeights weights)
     {
         var c = TestUtil.Tiny(BlockKind.Parallel) with { EmbedDim = 64, NumHeads = 4, MlpDim = 128 };
         using var model = Model(c);
         TestUtil.Randomize(model, 1, scale: 0.1);
-        long parameters = model.parameters().Sum(p => p.numel());
-        var int8 = new OnnxExportOptions { Weights = OnnxWeights.DynamicInt8 };
-        // The estimate (one byte per parameter) fits the limit; the scales and float32 weights beside the int8 ones do not.
-        string path = Path.Combine(_dir, "int8-external.onnx");
-        OnnxExport.SaveWithLimit(model, path, int8, maxBytes: parameters);
-        Assert.True(File.Exists(path + ".data"));
-        Assert.True(new FileInfo(path).Length < new FileInfo(path + ".data").Length / 4, "the weights should live in the data file");
-        // The same graph as the export with the weights inside.
-        using var vit = OnnxVisionTransformer.Load(path, new OnnxRunnerOptions { Threads = 1 });
-        using var inside = OnnxVisionTransformer.Load(Export(model, int8), new OnnxRunnerOptions { Threads = 1 });
+        var options = new OnnxExportOptions { Weights = weights };
+        // The dry run's size is the raw data the export with the weights inside really stores (an int8 export also
+        // stores float32 scales and its unquantised weights, so no per-parameter count gives it).
+        long bytes = OnnxExport.WeightBytes(model, options);
+        byte[] inlineBytes = OnnxExport.ToBytes(model, options);
+        var inline = ModelProto.Parser.ParseFrom(inlineBytes);
+        Assert.Equal(inline.Graph.Initializer.Sum(t => (long)t.RawData.Length), bytes);
+        Assert.Throws<NotSupportedException>(() => OnnxExport.Build(model, options, maxBytes: bytes - 1));
+        // At the limit: one file; one byte below it: a data file beside the model, computing the same.
+        string fits = Path.Combine(_dir, $"fits-{weights}.onnx"), spills = Path.Combine(_dir, $"spills-{weights}.onnx");
+        OnnxExport.SaveWithLimit(model, fits, options, maxBytes: bytes);
+        OnnxExport.SaveWithLimit(model, spills, options, maxBytes: bytes - 1);
+        Assert.False(File.Exists(fits + ".data"));
+        Assert.Equal(inlineBytes, File.ReadAllBytes(fits));
+        Assert.True(File.Exists(spills + ".data"));
+        Assert.True(new FileInfo(spills).Length < new FileInfo(spills + ".data").Length / 4, "the weights should live in the data file");
+        using var vit = OnnxVisionTransformer.Load(spills, new OnnxRunnerOptions { Threads = 1 });
+        using var inside = OnnxVisionTransformer.Load(fits, new OnnxRunnerOptions { Threads = 1 });
         using var images = TestUtil.RandomImages(c, 2, seed: 4, ScalarType.Float32);
         var (data, shape) = Pixels(images);
-        var expected = inside.Encode(data, shape);
-        var actual = vit.Encode(data, shape);
-        Assert.Equal(expected.Pooled.Data, actual.Pooled.Data);
+        Assert.Equal(inside.Encode(data, shape).Pooled.Data, vit.Encode(data, shape).Pooled.Data);
     }
 
     [Fact]

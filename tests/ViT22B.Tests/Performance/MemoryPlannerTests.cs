@@ -399,32 +399,11 @@ public class MemoryPlannerTests
             int samples = 0;
             for (int pass = 0; pass < 3; pass++)
             {
-                long baseline = Allocated(), peak = 0;
-                using var done = new ManualResetEventSlim();
-                var sampler = new Thread(() =>
+                peaks.Add(PeakDuring(() => ViT22B.Parallel.Spmd.Run(world, r =>
                 {
-                    do
-                    {
-                        peak = Math.Max(peak, Allocated(collect: false) - baseline);
-                        Interlocked.Increment(ref samples);
-                    }
-                    while (!done.Wait(1));
-                }) { IsBackground = true };
-                sampler.Start();
-                try
-                {
-                    ViT22B.Parallel.Spmd.Run(world, r =>
-                    {
-                        shards[r].SaveFull(path);
-                        return 0;
-                    });
-                }
-                finally
-                {
-                    done.Set();         // also when a rank failed: the sampler stops before its event is disposed
-                    sampler.Join();
-                }
-                peaks.Add(peak);
+                    shards[r].SaveFull(path);
+                    return 0;
+                }), ref samples));
             }
             long least = peaks.Min();
             string seen = $"peaks {string.Join(", ", peaks.Select(x => x.ToString("N0", System.Globalization.CultureInfo.InvariantCulture)))} bytes " +
@@ -442,6 +421,78 @@ public class MemoryPlannerTests
             foreach (var r in ranks) r.Dispose();
             Directory.Delete(dir, recursive: true);
         }
+    }
+
+    [Fact]
+    public void An_int8_onnx_export_holds_one_weight_s_temporaries_at_a_time()
+    {
+        // Quantizing a linear weight makes float32 temporaries of its size (|W|, W / scale, rounded, clamped). With the
+        // weights going to a data file, the export should hold beside the model only those of the weight being written;
+        // temporaries kept until the whole graph is built would be several times the model.
+        Assert.True(HaveMallInfo2(), "needs glibc's mallinfo2 (Linux, glibc 2.33+)");
+        var c = new ViTConfig
+        {
+            ImgSize = 32, PatchSize = 8, EmbedDim = 512, Depth = 16, NumHeads = 8, MlpDim = 2048, Block = BlockKind.Parallel,
+            GlobalPool = GlobalPool.Gap, NumClasses = 0,
+        };
+        string dir = Directory.CreateTempSubdirectory("vit22b-onnx-peak-").FullName;
+        Assert.Equal(1, MallOpt(MmapThreshold, 4096));      // as in Training_memory_matches_measured_allocation
+        try
+        {
+            using var model = new VisionTransformer(c, torch.CPU, ScalarType.Float32);
+            long largest = model.parameters().Max(p => p.numel()) * 4, whole = model.parameters().Sum(p => p.numel()) * 4;
+            // One weight's temporaries and its int8 copy, with room: under a quarter of the model; holding every weight's
+            // temporaries would be about four times the model.
+            long bound = 6 * largest;
+            Assert.True(whole > 4 * bound, $"the model ({whole:N0} bytes) must be well above the bound ({bound:N0})");
+            string path = Path.Combine(dir, "model.onnx");
+            var options = new ViT22B.Onnx.OnnxExportOptions { Weights = ViT22B.Onnx.OnnxWeights.DynamicInt8, ExternalData = true };
+            // As in the saving test above: the smallest of three peaks.
+            var peaks = new List<long>();
+            int samples = 0;
+            for (int pass = 0; pass < 3; pass++) peaks.Add(PeakDuring(() => ViT22B.Onnx.OnnxExport.Save(model, path, options), ref samples));
+            long least = peaks.Min();
+            string seen = $"peaks {string.Join(", ", peaks.Select(x => x.ToString("N0", System.Globalization.CultureInfo.InvariantCulture)))} bytes " +
+                          $"beyond the model ({samples} samples); the largest weight is {largest:N0}, the whole model {whole:N0}";
+            Assert.True(samples >= 30, $"too few samples to see an export: {seen}");
+            Assert.True(least <= bound, $"the export held more than one weight's temporaries: {seen}");
+            Assert.True(peaks.Max() >= largest, $"the quantization was not seen: {seen}");
+        }
+        finally
+        {
+            _ = MallOpt(MmapThreshold, 128 * 1024);
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    /// <summary>The most the process allocated beyond what it held before <paramref name="action"/>, sampled by another
+    /// thread every millisecond while it runs (<paramref name="samples"/> counts the samples).</summary>
+    private static long PeakDuring(Action action, ref int samples)
+    {
+        long baseline = Allocated(), peak = 0;
+        int taken = 0;
+        using var done = new ManualResetEventSlim();
+        var sampler = new Thread(() =>
+        {
+            do
+            {
+                peak = Math.Max(peak, Allocated(collect: false) - baseline);
+                taken++;
+            }
+            while (!done.Wait(1));
+        }) { IsBackground = true };
+        sampler.Start();
+        try
+        {
+            action();
+        }
+        finally
+        {
+            done.Set();         // also when the action failed: the sampler stops before its event is disposed
+            sampler.Join();
+        }
+        samples += taken;
+        return peak;
     }
 
     [Fact]
