@@ -58,10 +58,30 @@ public static class IdxFile
         {
             shape[i] = BinaryPrimitives.ReadUInt32BigEndian(dimBytes.AsSpan(4 * i));
             count *= shape[i];
-            if (count > int.MaxValue) throw new InvalidDataException($"IDX file '{path}': header shape [{string.Join(", ", shape.Take(i + 1))}] exceeds 2^31 values.");
+            if (count > Array.MaxLength) throw new InvalidDataException($"IDX file '{path}': header shape [{string.Join(", ", shape.Take(i + 1))}] exceeds {Array.MaxLength:N0} values, the most one array holds.");
         }
-        var data = new byte[count];
-        int got = ReadFully(s, data);
+        // A file's remaining length is checked before its data is allocated, and a gzip stream's data is collected as it
+        // arrives, so a header that declares more than the file holds is refused without allocating what it declares.
+        byte[] data;
+        long got;
+        if (s.CanSeek && s.Length - s.Position < count)
+        {
+            (data, got) = (Array.Empty<byte>(), s.Length - s.Position);
+        }
+        else if (s.CanSeek)
+        {
+            data = new byte[count];
+            got = ReadFully(s, data);
+        }
+        else
+        {
+            using var received = new MemoryStream((int)Math.Min(count, 64L << 20));
+            var chunk = new byte[1 << 20];
+            int n;
+            while (received.Length < count && (n = s.Read(chunk, 0, (int)Math.Min(chunk.Length, count - received.Length))) > 0) received.Write(chunk, 0, n);
+            got = received.Length;
+            data = received.Length == received.Capacity ? received.GetBuffer() : received.ToArray();
+        }
         if (got < count)
             throw new InvalidDataException($"IDX file '{path}': header shape [{string.Join(", ", shape)}] needs {count:N0} data bytes, the file holds {got:N0}.");
         if (s.ReadByte() >= 0)
@@ -79,6 +99,7 @@ public static class IdxFile
         if (labels.dim() != 1) throw new InvalidDataException($"IDX labels file '{labelsPath}' has shape [{string.Join(", ", labels.shape)}]; expected [N].");
         if (images.shape[0] != labels.shape[0])
             throw new InvalidDataException($"IDX files disagree: '{imagesPath}' holds {images.shape[0]} images, '{labelsPath}' holds {labels.shape[0]} labels.");
+        if (labels.shape[0] == 0) throw new InvalidDataException($"IDX files '{imagesPath}' and '{labelsPath}' hold no examples.");
         long max = labels.max().item<byte>();
         if (max >= classes.Count) throw new InvalidDataException($"IDX labels file '{labelsPath}' holds label {max}, but only {classes.Count} classes are given.");
         return new TensorDataset(images, labels, classes, transform, Path.GetFileName(imagesPath));

@@ -55,6 +55,33 @@ public sealed class IdxFileTests : IDisposable
         }
     }
 
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void A_header_declaring_more_data_than_the_file_holds_is_refused_before_allocating_it(bool gzip)
+    {
+        // Almost 2 GiB declared, none present: a reader must not allocate that on the word of an 8-byte header.
+        string path = Write("huge" + (gzip ? ".gz" : ""), Idx(new[] { 0x7FFFFF00 }, Array.Empty<byte>()), gzip);
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        var e = Assert.Throws<InvalidDataException>(() => IdxFile.Read(path));
+        Assert.True(GC.GetAllocatedBytesForCurrentThread() - before < 100 << 20, "the reader allocated the declared size");
+        Assert.Contains(path, e.Message, StringComparison.Ordinal);
+        Assert.Contains($"needs {0x7FFFFF00:N0} data bytes, the file holds 0", e.Message, StringComparison.Ordinal);
+        // 2^31 − 1: more than any .NET array holds.
+        string larger = Write("larger" + (gzip ? ".gz" : ""), Idx(new[] { int.MaxValue }, Array.Empty<byte>()), gzip);
+        e = Assert.Throws<InvalidDataException>(() => IdxFile.Read(larger));
+        Assert.Contains("the most one array holds", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void A_dataset_without_examples_is_named()
+    {
+        string images = Write("img0", Idx(new[] { 0, 3, 4 }, Array.Empty<byte>()));
+        string labels = Write("lbl0", Idx(new[] { 0 }, Array.Empty<byte>()));
+        var e = Assert.Throws<InvalidDataException>(() => IdxFile.LoadDataset(images, labels, new[] { "a" }));
+        Assert.Contains("no examples", e.Message, StringComparison.Ordinal);
+    }
+
     [Fact]
     public void Wrong_magic_number_is_named()
     {
