@@ -7,7 +7,7 @@ namespace ViT22B.Training;
 /// Adafactor as the big_vision / ViT-22B family uses it (big_vision <c>scale_by_adafactor</c> = optax
 /// <c>scale_by_factored_rms</c> + optional block-RMS clipping + momentum; Shazeer &amp; Stern 2018):
 /// <list type="bullet">
-/// <item>decay β̂ₜ = min(β₂cap, 1 − t^(−0.8)) with t = step + 1 (so the first step uses g² alone);</item>
+/// <item>decay β̂ₜ = min(β₂cap, 1 − t^(−0.8)) with t the parameter's update count, 1 at its first (so the first update uses g² alone);</item>
 /// <item>a parameter with at least two dimensions whose second-largest dimension is ≥ <c>minDimSizeToFactor</c> keeps
 /// factored second moments: with d₀ its largest and d₁ its second-largest dimension,
 /// R ← β̂R + (1−β̂)·mean_{d₀}(g² + ε), C ← β̂C + (1−β̂)·mean_{d₁}(g² + ε), and
@@ -89,9 +89,9 @@ public sealed class Adafactor : Optimizer
     }
 
     /// <inheritdoc />
-    protected override void Update(int index, OptimizedParameter parameter, Tensor weight, Tensor grad, double lr)
+    protected override void Update(int index, OptimizedParameter parameter, Tensor weight, Tensor grad, double lr, long step)
     {
-        double t = StepCount + 1;
+        double t = step;
         double decay = Math.Min(Beta2Cap, 1 - Math.Pow(t, -DecayExponent));
         var g2 = grad.Squared().PlusInPlace(Eps);
         Tensor u;

@@ -5,7 +5,8 @@ namespace ViT22B.Training;
 
 /// <summary>
 /// AdamW (Loshchilov &amp; Hutter 2019) with PyTorch's semantics: m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g²,
-/// p ← p·(1 − lr·λ) − lr·m̂ / (√v̂ + ε) with bias-corrected m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ). State slots
+/// p ← p·(1 − lr·λ) − lr·m̂ / (√v̂ + ε) with bias-corrected m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ), t the parameter's own
+/// update count. State slots
 /// <c>exp_avg</c>, <c>exp_avg_sq</c> (float32, or float64 for float64 parameters).
 /// </summary>
 public sealed class AdamW : Optimizer
@@ -42,9 +43,9 @@ public sealed class AdamW : Optimizer
     public override string Describe() => $"adamw(beta1={F(Beta1)}, beta2={F(Beta2)}, eps={F(Eps)})";
 
     /// <inheritdoc />
-    protected override void Update(int index, OptimizedParameter parameter, Tensor weight, Tensor grad, double lr)
+    protected override void Update(int index, OptimizedParameter parameter, Tensor weight, Tensor grad, double lr, long step)
     {
-        long t = StepCount + 1;
+        long t = step;
         var m = _m[index];
         var v = _v[index];
         m.TimesInPlace(Beta1).PlusInPlace(grad, 1 - Beta1);

@@ -17,12 +17,17 @@ public sealed record OptimizedParameter(string Name, Parameter Value, double Wei
 /// Base of the library's optimizers (<see cref="AdamW"/>, <see cref="Adafactor"/>). Unlike TorchSharp's, every
 /// piece of state is a named tensor (<see cref="State"/>), so a training checkpoint can hold it and a resumed run
 /// continues bit-identically. Parameters that are not float32 (bfloat16/float16 training) get a float32 master
-/// copy: updates are computed and accumulated in float32 and rounded into the parameter after each step.
+/// copy: updates are computed and accumulated in float32 and rounded into the parameter after each step; a value
+/// written into the parameter since (loading weights, re-initialising a head) is taken into the master first, element
+/// by element, so it is kept as it would be in PyTorch. As in PyTorch, each parameter counts its own steps (state slot
+/// <c>step</c>): a parameter without a gradient is skipped and its count does not advance.
 /// </summary>
 public abstract class Optimizer : IDisposable
 {
     private readonly Dictionary<string, Tensor> _state = new(StringComparer.Ordinal);
     private readonly Tensor?[] _masters;
+    private readonly long[] _steps;
+    private readonly Tensor[] _stepState;
 
     /// <summary>Creates the optimizer for <paramref name="parameters"/>.</summary>
     protected Optimizer(IEnumerable<OptimizedParameter> parameters)
@@ -33,6 +38,8 @@ public abstract class Optimizer : IDisposable
         var dup = Parameters.GroupBy(p => p.Name).FirstOrDefault(g => g.Count() > 1);
         if (dup is not null) throw new ArgumentException($"Parameter name '{dup.Key}' appears twice.", nameof(parameters));
         _masters = new Tensor?[Parameters.Count];
+        _steps = new long[Parameters.Count];
+        _stepState = new Tensor[Parameters.Count];
         using var noGrad = torch.no_grad();
         for (int i = 0; i < Parameters.Count; i++)
         {
@@ -45,19 +52,24 @@ public abstract class Optimizer : IDisposable
                 using var wide = detached.to(ScalarType.Float32);
                 _masters[i] = AddState(p.Name, "master", wide.clone());
             }
+            _stepState[i] = AddState(p.Name, "step", torch.zeros(Array.Empty<long>(), dtype: ScalarType.Int64, device: torch.CPU));
         }
     }
 
     /// <summary>The parameters, in order.</summary>
     public IReadOnlyList<OptimizedParameter> Parameters { get; }
 
-    /// <summary>Completed steps.</summary>
+    /// <summary>Completed calls of <see cref="Step"/>.</summary>
     public long StepCount { get; private set; }
+
+    /// <summary>The updates parameter <paramref name="index"/> has received (the steps at which it had a gradient).</summary>
+    public long StepsOf(int index) => _steps[index];
 
     /// <summary>Name and hyper-parameters, as written into checkpoints (a checkpoint of another optimizer is refused).</summary>
     public abstract string Describe();
 
-    /// <summary>All state tensors, keyed <c>{parameter}.{slot}</c> (<c>master</c> = float32 copy of a 16-bit parameter).</summary>
+    /// <summary>All state tensors, keyed <c>{parameter}.{slot}</c> (<c>master</c> = float32 copy of a 16-bit parameter,
+    /// <c>step</c> = the parameter's update count, an int64 scalar on the CPU).</summary>
     public IReadOnlyDictionary<string, Tensor> State => _state;
 
     /// <summary>Applies one update with learning rate <paramref name="lr"/> to every parameter that has a gradient.</summary>
@@ -72,10 +84,13 @@ public abstract class Optimizer : IDisposable
             if (grad is null) continue;
             using var scope = NewDisposeScope();
             var master = _masters[i];
+            if (master is not null)
+                master.copy_(torch.where(master.to(p.Value.dtype).ne(p.Value), p.Value.to(master.dtype), master));   // keep outside writes
             var w = master ?? p.Value;
             var g = grad.dtype == w.dtype ? grad : grad.to(w.dtype);
             if (p.WeightDecay != 0 && lr != 0) w.TimesInPlace(1 - lr * p.WeightDecay);
-            Update(i, p, w, g, lr);
+            Update(i, p, w, g, lr, ++_steps[i]);
+            _stepState[i].data<long>()[0] = _steps[i];
             if (master is not null) p.Value.copy_(master);
         }
         StepCount++;
@@ -94,8 +109,9 @@ public abstract class Optimizer : IDisposable
     }
 
     /// <summary>Subclasses: apply the update to <paramref name="weight"/> (the parameter, or its float32 master)
-    /// in place, from the gradient <paramref name="grad"/> in the weight's dtype; weight decay is already applied.</summary>
-    protected abstract void Update(int index, OptimizedParameter parameter, Tensor weight, Tensor grad, double lr);
+    /// in place, from the gradient <paramref name="grad"/> in the weight's dtype; weight decay is already applied.
+    /// <paramref name="step"/> is the parameter's own update count, 1 at its first update.</summary>
+    protected abstract void Update(int index, OptimizedParameter parameter, Tensor weight, Tensor grad, double lr, long step);
 
     /// <summary>Subclasses: registers a state tensor of parameter <paramref name="parameter"/> (created once).</summary>
     protected Tensor AddState(string parameter, string slot, Tensor value)
@@ -104,23 +120,33 @@ public abstract class Optimizer : IDisposable
         return value;
     }
 
-    /// <summary>Copies saved state into this optimizer (same parameters, shapes and dtypes) and sets the step count.</summary>
+    /// <summary>Copies saved state into this optimizer (same parameters, shapes and dtypes) and sets the step count.
+    /// State saved before parameters counted their own steps has no <c>step</c> slots: each parameter's count is then
+    /// <paramref name="stepCount"/>, as every parameter advanced at every step then.</summary>
     /// <exception cref="InvalidDataException">A key is missing or unexpected, or a shape differs.</exception>
     public void LoadState(IReadOnlyDictionary<string, Tensor> state, long stepCount, string source)
     {
         ArgumentNullException.ThrowIfNull(state);
-        var missing = _state.Keys.Where(k => !state.ContainsKey(k)).ToList();
+        var stepKeys = Parameters.Select(p => p.Name + ".step").ToHashSet(StringComparer.Ordinal);
+        bool countsSaved = stepKeys.Any(state.ContainsKey);
+        var missing = _state.Keys.Where(k => !state.ContainsKey(k) && (countsSaved || !stepKeys.Contains(k))).ToList();
         var extra = state.Keys.Where(k => !_state.ContainsKey(k)).ToList();
         if (missing.Count > 0 || extra.Count > 0)
             throw new InvalidDataException($"'{source}': optimizer state does not match this optimizer (missing: {string.Join(", ", missing.Take(5))}{(missing.Count > 5 ? " …" : "")}; unexpected: {string.Join(", ", extra.Take(5))}{(extra.Count > 5 ? " …" : "")}).");
         foreach (var (k, t) in _state)
         {
-            var src = state[k];
+            if (!state.TryGetValue(k, out var src)) continue;
             if (!src.shape.SequenceEqual(t.shape))
                 throw new InvalidDataException($"'{source}': optimizer state '{k}' has shape [{string.Join(", ", src.shape)}], expected [{string.Join(", ", t.shape)}].");
         }
         using var noGrad = torch.no_grad();
-        foreach (var (k, t) in _state) t.copy_(state[k]);
+        foreach (var (k, t) in _state)
+            if (state.TryGetValue(k, out var saved)) t.copy_(saved);
+        for (int i = 0; i < _steps.Length; i++)
+        {
+            if (!countsSaved) _stepState[i].data<long>()[0] = stepCount;
+            _steps[i] = _stepState[i].item<long>();
+        }
         StepCount = stepCount;
     }
 

@@ -65,7 +65,8 @@ public sealed record LearningRateSchedule : ILearningRateSchedule
     public double At(long step)
     {
         double lr = PeakLr, s = step;
-        double progress = TotalSteps == WarmupSteps ? 1 : Math.Clamp((s - WarmupSteps) / (TotalSteps - WarmupSteps), 0, 1);
+        // A run that is all warmup never reaches the decay (progress 0 throughout, as the clip gives every step ≤ W).
+        double progress = TotalSteps == WarmupSteps ? 0 : Math.Clamp((s - WarmupSteps) / (TotalSteps - WarmupSteps), 0, 1);
         switch (Decay)
         {
             case DecayKind.Rsqrt:

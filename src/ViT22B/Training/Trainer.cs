@@ -177,8 +177,9 @@ public sealed class Trainer
     }
 
     /// <summary>
-    /// Trains until epoch <paramref name="epochs"/> is done (or <paramref name="maxSteps"/> steps are completed),
-    /// continuing from <see cref="Position"/> (set by <see cref="LoadCheckpoint"/>). After each epoch evaluates on
+    /// Trains until epoch <paramref name="epochs"/> is done or <see cref="Step"/> reaches <paramref name="maxSteps"/>
+    /// (then nothing is trained; an epoch that ends on that step is finished first), continuing from
+    /// <see cref="Position"/> (set by <see cref="LoadCheckpoint"/>). After each epoch evaluates on
     /// <paramref name="eval"/> (if given), logs, checkpoints (if <see cref="TrainerOptions.CheckpointPath"/> is set) and
     /// calls <paramref name="onEpoch"/>; <paramref name="progress"/> hears about every step.
     /// </summary>
@@ -187,13 +188,15 @@ public sealed class Trainer
     {
         ArgumentNullException.ThrowIfNull(train);
         if (epochs <= 0) throw new ArgumentOutOfRangeException(nameof(epochs), $"epochs must be positive, found {epochs}.");
+        if (maxSteps < 0) throw new ArgumentOutOfRangeException(nameof(maxSteps), $"maxSteps must be ≥ 0, found {maxSteps}.");
         string order = DataOrder(train);
         if (_resumedDataOrder is not null && _resumedDataOrder != order)
             throw new InvalidOperationException($"The checkpoint was trained with data order '{_resumedDataOrder}', this loader gives '{order}'; resuming would not see the same batches.");
         var results = new List<EpochResult>();
         double flopsPerImage = ModelAccounting.Flops(_model.Config).Training;
         double hardwareFlopsPerImage = ModelAccounting.HardwareTrainingFlops(_model.Config, _model.Checkpointing);
-        while (Position.Epoch < epochs)
+        bool Reached() => maxSteps is { } m && Step >= m;
+        while (Position.Epoch < epochs && !Reached())
         {
             int epoch = Position.Epoch;
             double lossSum = 0;
@@ -221,10 +224,11 @@ public sealed class Trainer
                     window.Restart();
                     windowImages = 0;
                 }
-                bool stop = maxSteps is { } m && Step >= m;
                 bool epochDone = Position.BatchInEpoch == train.BatchesPerEpoch;
                 if (epochDone) Position = new TrainingPosition(Step, epoch + 1, 0);
-                // A periodic checkpoint that falls on an epoch's last step is left to the end-of-epoch one (same state).
+                // A checkpoint (periodic, or at the step limit) that falls on an epoch's last step is left to the
+                // end-of-epoch one (same state); a limit reached there lets the epoch finish first.
+                bool stop = Reached() && !epochDone;
                 bool periodic = Options.CheckpointEverySteps > 0 && Step % Options.CheckpointEverySteps == 0 && !epochDone;
                 if (Options.CheckpointPath is { } path && (stop || periodic)) SaveCheckpoint(path, order);
                 if (stop) return results;

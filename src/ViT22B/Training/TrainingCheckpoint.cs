@@ -99,14 +99,15 @@ public static class TrainingCheckpoint
             int.Parse(Meta(reader, "epoch"), CultureInfo.InvariantCulture), int.Parse(Meta(reader, "batch_in_epoch"), CultureInfo.InvariantCulture));
         string dataOrder = reader.Metadata.TryGetValue("data_order", out var d) ? d : "";
         if (!reader.Contains("rng/torch_cpu")) throw new InvalidDataException($"Training checkpoint '{path}' lacks the tensor 'rng/torch_cpu'.");
-        var missing = optimizer.State.Keys.Where(k => !reader.Contains("optimizer/" + k)).Take(5).ToList();
+        // Checkpoints written before parameters counted their own steps have no 'step' slots (Optimizer.LoadState).
+        var missing = optimizer.State.Keys.Where(k => !reader.Contains("optimizer/" + k) && !k.EndsWith(".step", StringComparison.Ordinal)).Take(5).ToList();
         if (missing.Count > 0) throw new InvalidDataException($"Training checkpoint '{path}' lacks optimizer state {string.Join(", ", missing)}.");
 
         SafetensorsCheckpoint.Load(model, reader, strict: true, prefix: "model/");   // checks every key and shape before copying
         var state = new Dictionary<string, Tensor>();
         try
         {
-            foreach (var k in optimizer.State.Keys) state[k] = reader.Read("optimizer/" + k);
+            foreach (var k in optimizer.State.Keys.Where(k => reader.Contains("optimizer/" + k))) state[k] = reader.Read("optimizer/" + k);
             optimizer.LoadState(state, position.Step, path);
         }
         finally

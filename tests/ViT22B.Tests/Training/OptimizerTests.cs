@@ -49,7 +49,7 @@ public sealed class OptimizerTests
             for (int i = 0; i < 3; i++) Assert.Equal(w[i], actual[i], 14);
         }
         Assert.Equal(2, opt.StepCount);
-        Assert.Equal(new[] { "w.exp_avg", "w.exp_avg_sq" }, opt.State.Keys.OrderBy(k => k));
+        Assert.Equal(new[] { "w.exp_avg", "w.exp_avg_sq", "w.step" }, opt.State.Keys.OrderBy(k => k, StringComparer.Ordinal));
     }
 
     [Fact]
@@ -75,7 +75,7 @@ public sealed class OptimizerTests
         double lr = 0.05, wd = 0.2, mom = 0.9, eps = 1e-30;
         using var opt = new Adafactor(new[] { new OptimizedParameter("m", mat, wd), new OptimizedParameter("v", vec, 0) },
             minDimSizeToFactor: 2, momentum: mom, eps: eps);
-        Assert.Equal(new[] { "m.momentum", "m.v_col", "m.v_row", "v.momentum", "v.v" }, opt.State.Keys.OrderBy(k => k));
+        Assert.Equal(new[] { "m.momentum", "m.step", "m.v_col", "m.v_row", "v.momentum", "v.step", "v.v" }, opt.State.Keys.OrderBy(k => k, StringComparer.Ordinal));
 
         double[] W = (double[])mat0.Clone(), V = (double[])vec0.Clone();
         double[] R = new double[3], C = new double[4], Vv = new double[4], Mm = new double[12], Mv = new double[4];
@@ -136,6 +136,48 @@ public sealed class OptimizerTests
         }
         Assert.Equal(1.01f, opt.State["p.master"][0].item<float>(), 5);
         Assert.Equal(1.0078125f, p[0].to(ScalarType.Float32).item<float>());   // the master rounded to bf16
+    }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void A_sixteen_bit_parameter_written_outside_the_optimizer_keeps_the_write(bool adafactor)
+    {
+        // Building the optimizer, then loading weights (or re-initialising a head) is the usual order: the write must
+        // survive the next step, as in PyTorch, where the optimizer updates the parameter itself. A zero gradient and no
+        // weight decay make the update zero, so the parameter must stay exactly what was written.
+        using var p = new Parameter(torch.ones(4, dtype: ScalarType.BFloat16));
+        var ps = new[] { new OptimizedParameter("p", p, 0) };
+        using Optimizer opt = adafactor ? new Adafactor(ps, momentum: 0) : new AdamW(ps);
+        using var scope = torch.NewDisposeScope();
+        using (torch.no_grad()) p.copy_(torch.tensor(new[] { 2.0f, -3.0f, 0.5f, 1.0f }));
+        p.grad = torch.zeros(4, dtype: ScalarType.BFloat16);
+        opt.Step(1e-3);
+        Assert.Equal(new[] { 2.0f, -3.0f, 0.5f, 1.0f }, p.to(ScalarType.Float32).data<float>().ToArray());
+        Assert.Equal(new[] { 2.0f, -3.0f, 0.5f, 1.0f }, opt.State["p.master"].data<float>().ToArray());
+    }
+
+    [Fact]
+    public void A_parameter_without_a_gradient_does_not_advance_its_step()
+    {
+        // PyTorch keeps a step per parameter and skips those without a gradient: a parameter that first gets a
+        // gradient at step 1001 takes AdamW's first, bias-corrected step (lr·g/(|g| + ε)), not the thousand-and-first.
+        using var a = P(new[] { 0.0 }, 1);
+        using var b = P(new[] { 0.0 }, 1);
+        using var opt = new AdamW(new[] { new OptimizedParameter("a", a, 0), new OptimizedParameter("b", b, 0) });
+        for (int i = 0; i < 1000; i++)
+        {
+            SetGrad(a, new[] { 1.0 });
+            opt.Step(0.01);
+        }
+        Assert.Equal(1000, opt.StepCount);
+        SetGrad(a, new[] { 1.0 });
+        SetGrad(b, new[] { 0.5 });
+        opt.Step(0.01);
+        Assert.Equal(-0.01 * 0.5 / (0.5 + 1e-8), b.data<double>()[0], 14);
+        Assert.Equal(1001, opt.StepCount);
+        Assert.Equal(1001, opt.State["a.step"].item<long>());
+        Assert.Equal(1, opt.State["b.step"].item<long>());
     }
 
     [Fact]

@@ -34,6 +34,18 @@ public sealed class ScheduleAndLossTests
         Assert.Throws<ArgumentOutOfRangeException>(() => new LearningRateSchedule { PeakLr = -1, TotalSteps = 10 }.Validate());
     }
 
+    [Theory]
+    [InlineData(DecayKind.Cosine)]
+    [InlineData(DecayKind.Linear)]
+    [InlineData(DecayKind.Rsqrt)]
+    public void A_run_that_is_all_warmup_ramps_to_the_peak(DecayKind decay)
+    {
+        // No step is past the warmup, so no decay applies (big_vision's progress clip((s − W)/(T − W), 0, 1) is 0 for s ≤ W).
+        var s = new LearningRateSchedule { PeakLr = 1.0, TotalSteps = 10, WarmupSteps = 10, Decay = decay }.Validate();
+        Assert.Equal(0.5, s.At(5), 15);
+        Assert.Equal(0.9, s.At(9), 15);
+    }
+
     [Fact]
     public void Softmax_and_sigmoid_cross_entropy_match_their_formulas()
     {

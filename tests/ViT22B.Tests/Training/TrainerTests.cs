@@ -110,6 +110,56 @@ public sealed class TrainerTests : IDisposable
     }
 
     [Fact]
+    public void Fit_stops_at_max_steps_and_finishes_an_epoch_that_ends_there()
+    {
+        using var train = Quadrants(64, 0);   // 4 batches per epoch
+        using var test = Quadrants(16, 1);
+        using var run = NewRun(totalSteps: 12);
+        // Mid-epoch: two steps, no epoch result; asked again for the same limit, nothing more.
+        Assert.Empty(run.Trainer.Fit(Loader(train), epochs: 3, maxSteps: 2));
+        Assert.Equal(2, run.Trainer.Step);
+        Assert.Empty(run.Trainer.Fit(Loader(train), epochs: 3, maxSteps: 2));
+        Assert.Equal(2, run.Trainer.Step);
+        // A limit on an epoch's last step: the epoch is evaluated and reported before Fit returns.
+        var epochs = new List<EpochResult>();
+        var results = run.Trainer.Fit(Loader(train), epochs: 3, eval: Loader(test), maxSteps: 4, onEpoch: epochs.Add);
+        Assert.Equal(4, run.Trainer.Step);
+        Assert.Single(results);
+        Assert.NotNull(results[0].Eval);
+        Assert.Equal(results, epochs);
+        Assert.Equal(new TrainingPosition(4, 1, 0), run.Trainer.Position);
+    }
+
+    [Fact]
+    public void A_checkpoint_without_per_parameter_step_counts_resumes_with_the_global_step()
+    {
+        // Checkpoints written before each parameter counted its own steps lack the optimizer's 'step' slots; every
+        // parameter advanced at every step then, so each count is the checkpoint's step and the run continues exactly.
+        using var train = Quadrants(64, 0);
+        string ckpt = Path.Combine(_dir, "old.safetensors"), old = Path.Combine(_dir, "old-format.safetensors");
+        using (var first = NewRun(ckpt, totalSteps: 8))
+            first.Trainer.Fit(Loader(train), epochs: 2, maxSteps: 3);
+        using (var reader = SafetensorsReader.Open(ckpt))
+        {
+            var kept = reader.Names.Where(n => !n.EndsWith(".step", StringComparison.Ordinal)).ToList();
+            Assert.True(kept.Count < reader.Names.Count, "the checkpoint should hold step slots");
+            var tensors = kept.Select(n => KeyValuePair.Create(n, reader.Read(n))).ToList();
+            Safetensors.Save(tensors, old, reader.Metadata.ToDictionary(kv => kv.Key, kv => kv.Value));
+            foreach (var (_, t) in tensors) t.Dispose();
+        }
+        using var fromNew = NewRun(totalSteps: 8);
+        using var fromOld = NewRun(totalSteps: 8);
+        fromNew.Trainer.LoadCheckpoint(ckpt);
+        fromOld.Trainer.LoadCheckpoint(old);
+        for (int i = 0; i < fromOld.Optimizer.Parameters.Count; i++) Assert.Equal(3, fromOld.Optimizer.StepsOf(i));
+        fromNew.Trainer.Fit(Loader(train), epochs: 2);
+        fromOld.Trainer.Fit(Loader(train), epochs: 2);
+        var a = fromNew.Model.state_dict();
+        var b = fromOld.Model.state_dict();
+        foreach (var (k, t) in a) Assert.True(TensorAssert.Same(t, b[k]), $"{k} differs");
+    }
+
+    [Fact]
     public void A_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint()
     {
         using var train = Quadrants(64, 0, nanAt: 40);
