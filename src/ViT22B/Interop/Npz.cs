@@ -80,7 +80,16 @@ public sealed class NpzReader : ITensorSource
             foreach (var d in directory) methods.TryAdd(d.Name, d.Method);
             var members = new Dictionary<string, Member>(StringComparer.Ordinal);
             var names = new List<string>();
-            foreach (var entry in zip.Entries)
+            IReadOnlyList<ZipArchiveEntry> entries;
+            try
+            {
+                entries = zip.Entries;      // the central directory is parsed here, not by the constructor
+            }
+            catch (InvalidDataException e)
+            {
+                throw new NpzFormatException($"NumPy archive '{path}' has a corrupt central directory: {e.Message}", e);
+            }
+            foreach (var entry in entries)
             {
                 string where = $"NumPy archive '{path}', member '{entry.FullName}'";
                 if (entry.FullName.EndsWith('/')) continue;   // a directory entry
@@ -127,11 +136,15 @@ public sealed class NpzReader : ITensorSource
         var t = torch.empty(storedShape, dtype: m.DType, device: torch.CPU);
         try
         {
-            using (var s = OpenEntry(where, m.Entry))
+            using (var entry = OpenEntry(where, m.Entry))
+            using (var s = new Crc32Stream(entry))
             {
                 SkipExactly(where, s, m.HeaderBytes);
                 TensorPointers.ReadInto(t, s, m.DataBytes);
                 if (s.ReadByte() != -1) throw new NpzFormatException($"{where}: more data than its header's shape [{string.Join(", ", m.Shape)}] holds.");
+                // A stored member has no other check (NumPy's reader, Python's zipfile, compares it too).
+                if (s.Crc != m.Entry.Crc32)
+                    throw new NpzFormatException($"{where}: its bytes have CRC-32 0x{s.Crc:X8} but the archive records 0x{m.Entry.Crc32:X8}; the member is corrupt.");
             }
             if (!m.FortranOrder || m.Shape.Length < 2) return t;
             using var stored = t;
@@ -355,4 +368,32 @@ public sealed class NpzReader : ITensorSource
     }
 
     private static string Quote(string header) => "\"" + (header.Length > 200 ? header[..200] + "…" : header).TrimEnd() + "\"";
+}
+
+/// <summary>A read-only stream that passes another through and keeps the CRC-32 (zip's checksum) of what was read.</summary>
+internal sealed class Crc32Stream(Stream inner) : Stream
+{
+    private readonly System.IO.Hashing.Crc32 _crc = new();
+
+    /// <summary>The CRC-32 of every byte read so far.</summary>
+    public uint Crc => _crc.GetCurrentHashAsUInt32();
+
+    public override int Read(Span<byte> buffer)
+    {
+        int n = inner.Read(buffer);
+        _crc.Append(buffer[..n]);
+        return n;
+    }
+
+    public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
+
+    public override bool CanRead => true;
+    public override bool CanSeek => false;
+    public override bool CanWrite => false;
+    public override long Length => throw new NotSupportedException();
+    public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
+    public override void Flush() { }
+    public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+    public override void SetLength(long value) => throw new NotSupportedException();
+    public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
 }

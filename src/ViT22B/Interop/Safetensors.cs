@@ -143,6 +143,11 @@ public sealed class SafetensorsReader : ITensorSource
         try
         {
             var (mapped, view) = Mapping();
+            // The header was checked against the file's length at Open; a file cut short since would be read past its
+            // end (a crash, not an exception), so its current length, and the mapping's, are checked before the copy.
+            long needed = _dataStart + e.End, fileLength = _stream.Length, mappedLength = _mappedLength;
+            if (needed > Math.Min(fileLength, mappedLength))
+                throw new SafetensorsFormatException($"Safetensors file '{Path}', tensor '{name}': data_offsets end at byte {needed:N0} of the file, which now holds {fileLength:N0} bytes{(mappedLength < fileLength ? $" ({mappedLength:N0} mapped)" : "")}; the file was truncated while open.");
             bool added = false;
             view.DangerousAddRef(ref added);          // a concurrent Dispose cannot unmap the file under the copy
             try
@@ -184,6 +189,7 @@ public sealed class SafetensorsReader : ITensorSource
     private MemoryMappedFile? _map;
     private MemoryMappedViewAccessor? _view;
     private unsafe byte* _base;
+    private long _mappedLength;
 
     private unsafe (nint Base, SafeHandle View) Mapping()
     {
@@ -197,6 +203,7 @@ public sealed class SafetensorsReader : ITensorSource
                 byte* p = null;
                 _view.SafeMemoryMappedViewHandle.AcquirePointer(ref p);
                 _base = p + _view.PointerOffset;
+                _mappedLength = _view.Capacity;
             }
             return ((nint)_base, _view!.SafeMemoryMappedViewHandle);
         }
@@ -248,6 +255,7 @@ public sealed class SafetensorsReader : ITensorSource
             throw new SafetensorsFormatException($"Safetensors file '{path}': header is not valid JSON: {e.Message}", e);
         }
         var entries = new List<SafetensorsEntry>();
+        var names = new HashSet<string>(StringComparer.Ordinal);
         var metadata = new Dictionary<string, string>();
         using (doc)
         {
@@ -267,6 +275,8 @@ public sealed class SafetensorsReader : ITensorSource
                     }
                     continue;
                 }
+                if (!names.Add(p.Name))
+                    throw new SafetensorsFormatException($"Safetensors file '{path}': tensor '{p.Name}' appears twice in the header.");
                 entries.Add(ParseEntry(path, p));
             }
         }
@@ -296,11 +306,13 @@ public sealed class SafetensorsReader : ITensorSource
         if (!p.Value.TryGetProperty("data_offsets", out var off) || off.ValueKind != JsonValueKind.Array || off.GetArrayLength() != 2)
             throw new SafetensorsFormatException($"{where}: 'data_offsets' must be [begin, end].");
         var o = off.EnumerateArray().ToArray();
-        if (!o[0].TryGetInt64(out long begin) || !o[1].TryGetInt64(out long end) || begin < 0 || end < begin)
+        if (o[0].ValueKind != JsonValueKind.Number || o[1].ValueKind != JsonValueKind.Number
+            || !o[0].TryGetInt64(out long begin) || !o[1].TryGetInt64(out long end) || begin < 0 || end < begin)
             throw new SafetensorsFormatException($"{where}: invalid data_offsets {off.GetRawText()} (need 0 <= begin <= end).");
         long elements = 1;
         foreach (long d in shape)
             elements = d == 0 ? 0 : elements > long.MaxValue / d ? throw new SafetensorsFormatException($"{where}: shape is too large.") : elements * d;
+        if (elements > long.MaxValue / info.Size) throw new SafetensorsFormatException($"{where}: shape is too large ({elements} elements of {info.Size} bytes overflow 64 bits).");
         if (elements * info.Size != end - begin)
             throw new SafetensorsFormatException($"{where}: data_offsets {off.GetRawText()} span {end - begin} bytes but dtype {dtype} with shape [{string.Join(", ", shape)}] needs {elements * info.Size}.");
         return new SafetensorsEntry(p.Name, dtype, info.Type, shape.ToArray(), begin, end);

@@ -117,6 +117,40 @@ public sealed class NpzTests : IDisposable
         Assert.Contains("truncated member", e.Message, StringComparison.Ordinal);
     }
 
+    [Theory]
+    [InlineData(0)]
+    [InlineData(8)]
+    public void A_member_whose_bytes_do_not_match_its_crc_is_refused(ushort method)
+    {
+        // One flipped bit in the last float: a stored member has no other check, so without the CRC it would load.
+        using var scope = torch.NewDisposeScope();
+        var npy = HomeLayouts.Npy(Values(ScalarType.Float32, 64));
+        var flipped = (byte[])npy.Clone();
+        flipped[^1] ^= 0x01;
+        var data = method == 0 ? flipped : Deflate(flipped);
+        string path = PathOf($"crc{method}.npz");
+        File.WriteAllBytes(path, RawZip.Build(new[] { new RawZip.Entry("w.npy", data, method, flipped.Length, RawZip.Crc32(npy)) }));
+        using var r = NpzReader.Open(path);
+        var e = Assert.Throws<NpzFormatException>(() => r.Read("w"));
+        Assert.Contains("'w.npy'", e.Message, StringComparison.Ordinal);
+        Assert.Contains("CRC-32", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void A_central_directory_that_disagrees_with_its_end_record_is_named()
+    {
+        using var scope = torch.NewDisposeScope();
+        var npy = HomeLayouts.Npy(Values(ScalarType.Float32, 8));
+        var bytes = RawZip.Build(new[] { new RawZip.Entry("w.npy", npy, 0, npy.Length, RawZip.Crc32(npy)) });
+        // The end record's two entry counts (bytes 8 and 10 of the 22-byte record) say 2; the directory holds 1.
+        bytes[bytes.Length - 22 + 8] = 2;
+        bytes[bytes.Length - 22 + 10] = 2;
+        string path = PathOf("count.npz");
+        File.WriteAllBytes(path, bytes);
+        var e = Assert.Throws<NpzFormatException>(() => NpzReader.Open(path));
+        Assert.Contains(path, e.Message, StringComparison.Ordinal);
+    }
+
     [Fact]
     public void A_member_claiming_more_than_deflate_can_expand_is_a_zip_bomb()
     {

@@ -190,6 +190,55 @@ public sealed class SafetensorsTests : IDisposable
     }
 
     [Fact]
+    public void A_shape_whose_byte_count_overflows_is_rejected()
+    {
+        // 2^62 float32 elements are 2^64 bytes, which wraps to 0 in 64 bits: the empty offsets must not pass as its size.
+        string path = Raw("wrap.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[4611686018427387904],\"data_offsets\":[0,0]}}", Array.Empty<byte>());
+        var e = Assert.Throws<SafetensorsFormatException>(() => SafetensorsReader.Open(path));
+        Assert.Contains("'a'", e.Message, StringComparison.Ordinal);
+        Assert.Contains("too large", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void A_tensor_named_twice_is_rejected()
+    {
+        string path = Raw("twice.safetensors",
+            "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", new byte[8]);
+        var e = Assert.Throws<SafetensorsFormatException>(() => SafetensorsReader.Open(path));
+        Assert.Contains("'a'", e.Message, StringComparison.Ordinal);
+        Assert.Contains("twice", e.Message, StringComparison.Ordinal);
+    }
+
+    [Theory]
+    [InlineData("[\"0\",\"4\"]")]
+    [InlineData("[null,4]")]
+    [InlineData("[0,4.5]")]
+    public void Offsets_that_are_not_integers_are_rejected(string offsets)
+    {
+        string path = Raw("offsets.safetensors", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":" + offsets + "}}", new byte[4]);
+        var e = Assert.Throws<SafetensorsFormatException>(() => SafetensorsReader.Open(path));
+        Assert.Contains("'a'", e.Message, StringComparison.Ordinal);
+        Assert.Contains("data_offsets", e.Message, StringComparison.Ordinal);
+    }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void A_file_truncated_while_open_is_named_by_ReadSlice_not_read_past(bool mappedFirst)
+    {
+        // Before the memory mapping exists, and after (a slice read first): the copy must not run past the file's end.
+        string path = PathOf("shrinks.safetensors");
+        using (var scope = torch.NewDisposeScope())
+            Safetensors.Save(new Dictionary<string, Tensor> { ["head"] = torch.ones(4), ["tail"] = torch.ones(1 << 20) }, path);
+        using var reader = SafetensorsReader.Open(path);
+        if (mappedFirst) reader.ReadSlice("head", 0, new[] { (0L, 2L) }).Dispose();
+        using (var shrink = new FileStream(path, FileMode.Open, FileAccess.Write, FileShare.ReadWrite)) shrink.SetLength(200);
+        var e = Assert.Throws<SafetensorsFormatException>(() => reader.ReadSlice("tail", 0, new[] { ((1L << 20) - 8, 8L) }));
+        Assert.Contains(path, e.Message, StringComparison.Ordinal);
+        Assert.Contains("'tail'", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void Unknown_dtype_is_rejected()
     {
         string path = Raw("dtype.safetensors", "{\"a\":{\"dtype\":\"F8_E4M3\",\"shape\":[2],\"data_offsets\":[0,2]}}", new byte[2]);
