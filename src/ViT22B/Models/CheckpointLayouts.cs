@@ -36,8 +36,9 @@ internal sealed record Recipe(string Target, IReadOnlyList<string> Sources, Func
     public string Note => Sources.Count == 0 ? "zeros: the checkpoint has no such tensor (as timm's converter)" : "from " + string.Join(" + ", Sources);
 }
 
-/// <summary>What a checkpoint's keys map to: recipes for model keys, keys skipped with a reason, keys not understood.</summary>
-internal sealed record LayoutMap(CheckpointLayout Layout, List<Recipe> Recipes, List<KeyNote> Skipped, List<string> Unknown);
+/// <summary>What a checkpoint's keys map to: recipes for model keys, keys skipped with a reason, keys not understood,
+/// and the shape of any recipe's source (for a scanned block's name, its block's slice of the stacked tensor).</summary>
+internal sealed record LayoutMap(CheckpointLayout Layout, List<Recipe> Recipes, List<KeyNote> Skipped, List<string> Unknown, Func<string, long[]> SourceShape);
 
 /// <summary>
 /// Detects a checkpoint's layout from its keys and maps its tensors to this library's (timm's) keys. The names and
@@ -264,7 +265,12 @@ internal static class CheckpointLayouts
                 return torch.zeros(weight.shape[0], dtype: weight.dtype, device: weight.device);
             }, true));
         }
-        return new LayoutMap(layout, recipes, skipped, unknown);
+        Func<string, long[]> sourceShape = names is null ? source.ShapeOf : n =>
+        {
+            using var scope = torch.NewDisposeScope();
+            return names[n](x => torch.empty(source.ShapeOf(x), dtype: ScalarType.Float32, device: torch.META)).shape;
+        };
+        return new LayoutMap(layout, recipes, skipped, unknown, sourceShape);
     }
 
     // The key under the image tower's prefix, the classifier or projection that sits beside the tower, or null.
@@ -317,7 +323,12 @@ internal static class CheckpointLayouts
         static string Normalize(string target) => target.Replace(".query.", ".q.", StringComparison.Ordinal)
             .Replace(".key.", ".k.", StringComparison.Ordinal).Replace(".value.", ".v.", StringComparison.Ordinal);
         var byTarget = new Dictionary<string, (string Source, Op Op)>(StringComparer.Ordinal);
-        foreach (var (t, s, op) in renamed) byTarget[Normalize(t)] = (s, op);
+        foreach (var (t, s, op) in renamed)
+        {
+            if (byTarget.TryGetValue(Normalize(t), out var first))
+                throw new CheckpointLayoutException($"Checkpoint keys '{first.Source}' and '{s}' both map to '{Normalize(t)}'; one of them must go (a file should hold one name for each weight).");
+            byTarget[Normalize(t)] = (s, op);
+        }
         var recipes = new List<Recipe>();
         var used = new HashSet<string>(StringComparer.Ordinal);
         foreach (var (target, (source, op)) in byTarget)
@@ -383,24 +394,44 @@ internal static class CheckpointLayouts
         public static Dictionary<string, Func<Func<string, Tensor>, Tensor>> Expand(ITensorSource source, string prefix)
         {
             var result = new Dictionary<string, Func<Func<string, Tensor>, Tensor>>(StringComparer.Ordinal);
+            var origin = new Dictionary<string, string>(StringComparer.Ordinal);      // per-block name → stacked tensor
             string stacked = prefix + "Transformer/encoderblock/";
+            (string Name, long Depth)? first = null;
+            void Add(string key, string from, Func<Func<string, Tensor>, Tensor> read)
+            {
+                if (!result.TryAdd(key, read))
+                {
+                    string stackedName = from.StartsWith(stacked, StringComparison.Ordinal) ? from : origin[key];
+                    throw new CheckpointLayoutException($"Checkpoint '{source.Path}': '{key}' is both a tensor of its own and a block of the stacked '{stackedName}'; a file should hold one name for each weight.");
+                }
+                origin[key] = from;
+            }
+            // The stacked tensors first, checked before any is listed block by block: each holds data (a dimension of 0
+            // would let a declared depth of any size cost nothing in the file) and all hold the same number of blocks.
+            foreach (string name in source.Names.Where(n => n.StartsWith(stacked, StringComparison.Ordinal)))
+            {
+                var shape = source.ShapeOf(name);
+                if (shape.Length == 0 || shape.Contains(0))
+                    throw new CheckpointLayoutException($"Checkpoint '{source.Path}': scanned block tensor '{name}' has shape [{string.Join(", ", shape)}]; expected a leading block axis and no empty dimension.");
+                if (first is { } f && f.Depth != shape[0])
+                    throw new CheckpointLayoutException($"Checkpoint '{source.Path}': scanned block tensor '{name}' stacks {shape[0]} blocks, '{f.Name}' {f.Depth}; every stacked tensor holds one slice per block.");
+                first ??= (name, shape[0]);
+            }
             foreach (string name in source.Names)
             {
                 if (!name.StartsWith(stacked, StringComparison.Ordinal))
                 {
-                    result[name] = read => read(name);
+                    Add(name, name, read => read(name));
                     continue;
                 }
-                long depth = source.ShapeOf(name) is { Length: > 0 } s ? s[0]
-                    : throw new CheckpointLayoutException($"Checkpoint '{source.Path}': scanned block tensor '{name}' is a scalar; expected a leading block axis.");
-                for (long i = 0; i < depth; i++)
+                for (long i = 0; i < first!.Value.Depth; i++)
                 {
                     long index = i;
-                    result[$"{prefix}Transformer/encoderblock_{i}/{name[stacked.Length..]}"] = read =>
+                    Add($"{prefix}Transformer/encoderblock_{i}/{name[stacked.Length..]}", name, read =>
                     {
                         using var all = read(name);
                         return all.select(0, index).clone();
-                    };
+                    });
                 }
             }
             return result;

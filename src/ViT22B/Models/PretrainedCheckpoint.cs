@@ -111,7 +111,7 @@ public static class PretrainedCheckpoint
             catch (Exception e) when (e is ExternalException or ArgumentException or IndexOutOfRangeException or InvalidOperationException)
             {
                 // A source tensor of another rank than its layout has (a 2-D conv kernel, a scalar Flax kernel).
-                var found = r.Sources.Count > 0 ? source.ShapeOf(r.Sources[0]) : Array.Empty<long>();
+                var found = r.Sources.Count > 0 ? map.SourceShape(r.Sources[0]) : Array.Empty<long>();
                 var expected = target.TryGetValue(r.Target, out var m) ? m.shape : Array.Empty<long>();
                 mismatched.Add(new ShapeMismatch($"{r.Target} (from {string.Join(" + ", r.Sources)}, whose shape cannot be converted: {e.Message.Split('\n')[0]})", expected, found));
                 continue;

@@ -376,6 +376,73 @@ public sealed class PretrainedCheckpointTests : IDisposable
     }
 
     [Fact]
+    public void A_scanned_tensor_of_the_wrong_rank_is_a_mismatch_naming_it_not_a_crash()
+    {
+        // As above, in a checkpoint whose blocks are stacked (scan=True): the per-block name the report gives is not a
+        // key of the file, so its shape must come from the stacked tensor.
+        var c = Classic with { ClassToken = false, GlobalPool = GlobalPool.Map, NumClasses = 3 };
+        using var m = Random(c, 19);
+        var tensors = HomeLayouts.BigVision(m.state_dict(), c, "", scan: true);
+        tensors["Transformer/encoderblock/MultiHeadDotProductAttention_0/out/kernel"] = torch.ones(c.Depth, dtype: ScalarType.Float64);
+        string path = PathOf("rank-scanned.npz");
+        HomeLayouts.SaveNpz(path, tensors);
+        using var loaded = new VisionTransformer(c, torch.CPU, ScalarType.Float64);
+        var e = Assert.Throws<CheckpointMismatchException>(() => PretrainedCheckpoint.Load(loaded, path));
+        var x = Assert.Single(e.Report.Mismatched, x => x.Key.StartsWith("blocks.0.attn.proj.weight (from Transformer/encoderblock_0/MultiHeadDotProductAttention_0/out/kernel", StringComparison.Ordinal));
+        Assert.Empty(x.Found);      // one block's slice of a [depth] stack: a scalar
+    }
+
+    [Fact]
+    public async Task A_scanned_stack_with_an_empty_dimension_or_another_depth_is_refused_at_once()
+    {
+        // A stacked tensor of 10^18 blocks of nothing holds no data, so its size cannot give it away: the layout must
+        // refuse it before listing its blocks (it was expanded one block at a time, a hang and then out of memory).
+        var c = Classic with { ClassToken = false, GlobalPool = GlobalPool.Map, NumClasses = 3 };
+        using var m = Random(c, 22);
+        var tensors = HomeLayouts.BigVision(m.state_dict(), c, "", scan: true);
+        var members = tensors.ToDictionary(kv => kv.Key, kv => HomeLayouts.Npy(kv.Value));
+        members["Transformer/encoderblock/LayerNorm_0/scale"] = HomeLayouts.Npy(torch.empty(0, dtype: ScalarType.Float32), shapeText: "(1000000000000000000, 0)");
+        string path = PathOf("deep.npz");
+        HomeLayouts.SaveNpz(path, members, compress: false);
+        using var loaded = new VisionTransformer(c, torch.CPU, ScalarType.Float64);
+        var load = Task.Run(() => PretrainedCheckpoint.Load(loaded, path));
+        Assert.Same(load, await Task.WhenAny(load, Task.Delay(TimeSpan.FromSeconds(30))));     // not still expanding blocks
+        var e = await Assert.ThrowsAsync<CheckpointLayoutException>(() => load);
+        Assert.Contains("Transformer/encoderblock/LayerNorm_0/scale", e.Message, StringComparison.Ordinal);
+
+        // Stacks of different depths.
+        members["Transformer/encoderblock/LayerNorm_0/scale"] = HomeLayouts.Npy(torch.ones(c.Depth + 1, c.EmbedDim, dtype: ScalarType.Float64));
+        HomeLayouts.SaveNpz(path, members, compress: false);
+        var deeper = Assert.Throws<CheckpointLayoutException>(() => PretrainedCheckpoint.Load(loaded, path));
+        Assert.Contains("Transformer/encoderblock/LayerNorm_0/scale", deeper.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Two_checkpoint_keys_for_one_model_key_are_refused_naming_both()
+    {
+        // big_vision's and the original vision_transformer's names for one norm, and a block both stacked and unstacked.
+        var c = Classic with { ClassToken = false, GlobalPool = GlobalPool.Map, NumClasses = 3 };
+        using var m = Random(c, 23);
+        var tensors = HomeLayouts.BigVision(m.state_dict(), c, "");
+        var norm = tensors.Keys.Single(k => k.StartsWith("Transformer/encoderblock_0/LayerNorm_", StringComparison.Ordinal) && k.EndsWith("/scale", StringComparison.Ordinal) && !k.Contains("LayerNorm_0", StringComparison.Ordinal));
+        string other = norm.Contains("LayerNorm_1", StringComparison.Ordinal) ? norm.Replace("LayerNorm_1", "LayerNorm_2", StringComparison.Ordinal) : norm.Replace("LayerNorm_2", "LayerNorm_1", StringComparison.Ordinal);
+        tensors[other] = tensors[norm].neg();
+        string path = PathOf("twice.npz");
+        HomeLayouts.SaveNpz(path, tensors);
+        using var loaded = new VisionTransformer(c, torch.CPU, ScalarType.Float64);
+        var e = Assert.Throws<CheckpointLayoutException>(() => PretrainedCheckpoint.Load(loaded, path));
+        Assert.Contains(norm, e.Message, StringComparison.Ordinal);
+        Assert.Contains(other, e.Message, StringComparison.Ordinal);
+
+        var stacked = HomeLayouts.BigVision(m.state_dict(), c, "", scan: true);
+        stacked["Transformer/encoderblock_0/LayerNorm_0/scale"] = torch.ones(c.EmbedDim, dtype: ScalarType.Float64);
+        HomeLayouts.SaveNpz(path, stacked);
+        e = Assert.Throws<CheckpointLayoutException>(() => PretrainedCheckpoint.Load(loaded, path));
+        Assert.Contains("Transformer/encoderblock_0/LayerNorm_0/scale", e.Message, StringComparison.Ordinal);
+        Assert.Contains("Transformer/encoderblock/LayerNorm_0/scale", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void An_incomplete_qkv_group_reports_the_pieces_it_has()
     {
         var c = Classic with { ClassToken = false, GlobalPool = GlobalPool.Map, NumClasses = 0 };
