@@ -32,12 +32,13 @@ var layersOption = new Option<string?>("--layers") { Description = "Also write b
 var numClassesOption = new Option<int?>("--num-classes") { Description = "Build the model with this many classes instead of the config's (0: no classifier); with --reset-head a checkpoint's classifier of another class count is replaced by a freshly initialised one." };
 var resetHeadOption = new Option<bool>("--reset-head") { Description = "Load a checkpoint whose classifier has another class count (or none), keeping a freshly initialised one." };
 var resizePatchOption = new Option<bool>("--resize-patch-embed") { Description = "Load a checkpoint of another patch size, resizing its patch embedding (FlexiViT)." };
+var resampleOption = new Option<ResampleFilter>("--resample") { Description = "How the position and patch embeddings are resampled at load: BicubicAntialiased (timm's default) or Bilinear (timm's choice for FlexiViT checkpoints).", DefaultValueFactory = _ => ResampleFilter.BicubicAntialiased };
 var backendOption = new Option<string>("--backend") { Description = "torch (this library) or onnx (the model exported to ONNX and run by ONNX Runtime; no --layers)." , DefaultValueFactory = _ => "torch" };
 var saveWeightsOption = new Option<FileInfo?>("--save-weights") { Description = "Also write the model that ran (timm keys, at the image size it ran at, with its config and preprocessing in the metadata): converts a Hugging Face, OpenCLIP or big_vision checkpoint into this library's layout." };
 var root = new RootCommand("Extract ViT features (pooled embedding, patch tokens, logits, block outputs) into a safetensors file.")
 {
     configOption, weightsOption, inputOption, outputOption, seedOption, batchOption, deviceOption, dtypeOption, normOption,
-    imgSizeOption, layersOption, numClassesOption, resetHeadOption, resizePatchOption, saveWeightsOption, backendOption,
+    imgSizeOption, layersOption, numClassesOption, resetHeadOption, resizePatchOption, resampleOption, saveWeightsOption, backendOption,
 };
 imgSizeOption.Validators.Add(r =>
 {
@@ -49,7 +50,7 @@ numClassesOption.Validators.Add(r =>
 });
 root.SetAction(parse =>
 {
-    var options = new PretrainedLoadOptions { ResetHead = parse.GetValue(resetHeadOption), ResizePatchEmbed = parse.GetValue(resizePatchOption) };
+    var options = new PretrainedLoadOptions { ResetHead = parse.GetValue(resetHeadOption), ResizePatchEmbed = parse.GetValue(resizePatchOption), Resampling = parse.GetValue(resampleOption) };
     Run(parse.GetValue(configOption)!, parse.GetValue(weightsOption), parse.GetValue(inputOption)!, parse.GetValue(outputOption)!,
         parse.GetValue(seedOption), parse.GetValue(batchOption), parse.GetValue(deviceOption)!, parse.GetValue(dtypeOption), parse.GetValue(normOption),
         parse.GetValue(imgSizeOption), parse.GetValue(numClassesOption), parse.GetValue(layersOption), options, parse.GetValue(saveWeightsOption), parse.GetValue(backendOption)!);

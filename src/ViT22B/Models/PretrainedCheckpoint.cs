@@ -24,6 +24,20 @@ public sealed record PretrainedLoadOptions
     /// <summary>Refuse a checkpoint that leaves model keys missing or has keys the model does not have (default). Off:
     /// load what fits and report the rest. Shapes that cannot be adapted are refused either way.</summary>
     public bool Strict { get; init; } = true;
+
+    /// <summary>The filter that resamples the position embedding to another grid and defines the patch-embedding resize
+    /// (timm's <c>checkpoint_filter_fn</c> <c>interpolation</c> and <c>antialias</c>).</summary>
+    public ResampleFilter Resampling { get; init; } = ResampleFilter.BicubicAntialiased;
+}
+
+/// <summary>How a checkpoint's position embedding (and, on request, its patch embedding) is resampled.</summary>
+public enum ResampleFilter
+{
+    /// <summary>Bicubic with antialiasing: timm's default for every checkpoint but FlexiViT's.</summary>
+    BicubicAntialiased,
+    /// <summary>Bilinear without antialiasing: what timm uses for Google's FlexiViT checkpoints (which, its code notes,
+    /// "have a strong preference" for it) and what big_vision's FlexiViT resizes with.</summary>
+    Bilinear,
 }
 
 /// <summary>
@@ -125,7 +139,7 @@ public static class PretrainedCheckpoint
             if (r.Target == "pos_embed")
             {
                 // Always planned by grid, not by shape: a square 12×12 embedding has the shape of a 16×9 one.
-                if (!PlanPositions(c, t.shape, r, shape, recipes, SourceGrid(source), Read, plans, resampled, converted, loaded))
+                if (!PlanPositions(c, t.shape, r, shape, recipes, SourceGrid(source), options.Resampling, Read, plans, resampled, converted, loaded))
                     mismatched.Add(new ShapeMismatch(r.Changed ? $"{r.Target} ({r.Note})" : r.Target, t.shape, shape));
             }
             else if (t.shape.SequenceEqual(shape))
@@ -139,9 +153,9 @@ public static class PretrainedCheckpoint
                 plans[r.Target] = () =>
                 {
                     using var w = r.Build(Read);
-                    return EmbeddingResampling.PatchEmbedding(w, t.shape[2], t.shape[3]);
+                    return EmbeddingResampling.PatchEmbedding(w, t.shape[2], t.shape[3], options.Resampling);
                 };
-                resampled.Add(new KeyNote(r.Target, $"patch {shape[2]}×{shape[3]} → {t.shape[2]}×{t.shape[3]} (FlexiViT pseudo-inverse resize){(r.Changed ? "; " + r.Note : "")}"));
+                resampled.Add(new KeyNote(r.Target, $"patch {shape[2]}×{shape[3]} → {t.shape[2]}×{t.shape[3]} (FlexiViT pseudo-inverse resize, {EmbeddingResampling.Describe(options.Resampling)}){(r.Changed ? "; " + r.Note : "")}"));
             }
             else if (IsHead(r.Target) && options.ResetHead)
             {
@@ -314,7 +328,7 @@ public static class PretrainedCheckpoint
     }
 
     private static bool PlanPositions(ViTConfig c, long[] modelShape, Recipe r, long[] shape, Dictionary<string, Recipe> recipes, (int Prefix, long H, long W)? known,
-        Func<string, Tensor> read, Dictionary<string, Func<Tensor>> plans, List<KeyNote> resampled, List<KeyNote> converted, List<string> loaded)
+        ResampleFilter filter, Func<string, Tensor> read, Dictionary<string, Func<Tensor>> plans, List<KeyNote> resampled, List<KeyNote> converted, List<string> loaded)
     {
         if (shape.Length != 3 || shape[0] != 1 || shape[2] != modelShape[2]) return false;
         long slots = shape[1];
@@ -341,8 +355,8 @@ public static class PretrainedCheckpoint
             return true;
         }
         var how = new List<string>();
-        if (!same) how.Add($"grid {h0}×{w0} → {gh}×{gw} (bicubic, antialiased)");
-        Tensor Grid(Tensor src, int prefix) => same ? src.alias() : EmbeddingResampling.PositionEmbedding(src, prefix, (h0, w0), (gh, gw));
+        if (!same) how.Add($"grid {h0}×{w0} → {gh}×{gw} ({EmbeddingResampling.Describe(filter)})");
+        Tensor Grid(Tensor src, int prefix) => same ? src.alias() : EmbeddingResampling.PositionEmbedding(src, prefix, (h0, w0), (gh, gw), filter);
         if (ps == modelPrefix)
         {
             plans["pos_embed"] = () =>

@@ -325,6 +325,36 @@ public sealed class PretrainedCheckpointTests : IDisposable
     }
 
     [Fact]
+    public void FlexiViT_checkpoints_resample_bilinearly_on_request()
+    {
+        // timm loads Google's FlexiViT weights with bilinear, non-antialiased resampling of both embeddings: a
+        // 4-px-patch, 4×4-grid checkpoint into a 6-px-patch model at 30 px (5×5 grid).
+        var c = Classic;
+        using var m = Random(c, 24);
+        string path = Save("flexi.safetensors", m.state_dict());
+        var c6 = c with { PatchSize = 6, ImgSize = 30 };
+        using var loaded = new VisionTransformer(c6, torch.CPU, ScalarType.Float64);
+        var report = PretrainedCheckpoint.Load(loaded, path, new PretrainedLoadOptions { ResizePatchEmbed = true, Resampling = ResampleFilter.Bilinear });
+        Assert.Contains(report.Resampled, n => n.Key == "pos_embed" && n.Note.Contains("4×4 → 5×5 (bilinear)", StringComparison.Ordinal));
+        Assert.Contains(report.Resampled, n => n.Key == "patch_embed.proj.weight" && n.Note.Contains("bilinear", StringComparison.Ordinal));
+        using var scope = torch.NewDisposeScope();
+        var expected = ReferenceResampling.PositionEmbedding(m.state_dict()["pos_embed"], 1, 4, 5, 5, bilinear: true);
+        Assert.True(TestUtil.MaxAbs(loaded.state_dict()["pos_embed"], expected) < 1e-12);
+        // The patch embedding by FlexiViT's property, with the bilinear resize of the reference.
+        var w4 = m.state_dict()["patch_embed.proj.weight"];
+        var w6 = loaded.state_dict()["patch_embed.proj.weight"];
+        var x = torch.randn(new long[] { 5, 3, 4, 4 }, dtype: ScalarType.Float64, generator: new torch.Generator(25));
+        var x6 = ReferenceResampling.Resize(x, 6, 6, bilinear: true);
+        var before = x.reshape(5, -1).matmul(w4.reshape(w4.shape[0], -1).t());
+        var after = x6.reshape(5, -1).matmul(w6.reshape(w6.shape[0], -1).t());
+        Assert.True(TestUtil.MaxAbs(after, before) < 1e-10, $"{TestUtil.MaxAbs(after, before):E2}");
+        // And the default is not bilinear: the same load without the option gives another embedding.
+        using var bicubic = new VisionTransformer(c6, torch.CPU, ScalarType.Float64);
+        PretrainedCheckpoint.Load(bicubic, path, new PretrainedLoadOptions { ResizePatchEmbed = true });
+        Assert.True(TestUtil.MaxAbs(bicubic.state_dict()["pos_embed"], expected) > 1e-6);
+    }
+
+    [Fact]
     public void A_classifier_of_another_class_count_is_reinitialised_only_on_request()
     {
         var c = Classic with { NumClasses = 5 };
