@@ -245,7 +245,8 @@ internal static class CheckpointLayouts
             }
             if (rules is null)
             {
-                renamed.Add((key!, name, Op.Copy));
+                // timm's keys, or Meta's DINOv2 layout, which calls the registers 'register_tokens' (timm's _convert_dinov2).
+                renamed.Add((key == "register_tokens" ? "reg_token" : key!, name, Op.Copy));
                 continue;
             }
             var rule = rules.FirstOrDefault(r => r.Pattern.IsMatch(key!));
@@ -295,6 +296,7 @@ internal static class CheckpointLayouts
     private static string? SkipReason(string key) => key switch
     {
         "embeddings.mask_token" => "masked-image-modeling token, not used by a forward pass",
+        "mask_token" => "masked-image-modeling token of Meta's DINOv2 layout, not used by a forward pass",
         "embeddings.position_ids" => "index buffer, not a weight",
         _ when key.StartsWith("pooler.", StringComparison.Ordinal) => "ViTModel's pooler (dense + tanh on the class token) is not part of timm's ViT",
         _ when key.StartsWith("pre_logits/", StringComparison.Ordinal) => "big_vision's representation layer, dropped as timm does",

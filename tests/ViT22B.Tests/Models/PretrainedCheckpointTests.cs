@@ -96,6 +96,29 @@ public sealed class PretrainedCheckpointTests : IDisposable
     }
 
     [Fact]
+    public void Meta_s_DINOv2_layout_loads_as_timm_converts_it()
+    {
+        // Meta's own state dicts (torch.hub, the .pth files) have timm's block names but keep 'mask_token', call the
+        // registers 'register_tokens' and give the class token a position slot; timm's _convert_dinov2 drops the first,
+        // renames the second and folds the slot into the class token.
+        var c = Classic with { InitValues = 1e-5, NumClasses = 0, RegTokens = 4, NoEmbedClass = true };
+        using var m = Random(c, 26);
+        using var scope = torch.NewDisposeScope();
+        var slot = torch.randn(new long[] { 1, 1, c.EmbedDim }, dtype: ScalarType.Float64, generator: new torch.Generator(27));
+        var meta = m.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value);
+        meta["register_tokens"] = meta["reg_token"];
+        meta.Remove("reg_token");
+        meta["cls_token"] = meta["cls_token"] - slot;
+        meta["pos_embed"] = torch.cat(new[] { slot, meta["pos_embed"] }, 1);
+        meta["mask_token"] = torch.zeros(1, c.EmbedDim, dtype: ScalarType.Float64);
+        string path = Save("meta-dinov2-reg.safetensors", meta);
+        var report = AssertLoadsAs(m, c, path, "timm");
+        Assert.Contains(report.Converted, n => n.Key == "reg_token" && n.Note == "from register_tokens");
+        Assert.Contains(report.Converted, n => n.Key == "cls_token" && n.Note.Contains("class slot", StringComparison.Ordinal));
+        Assert.Contains(report.Skipped, n => n.Key == "mask_token");
+    }
+
+    [Fact]
     public void Hugging_Face_SigLIP_loads_with_its_attention_pool_split_and_the_text_tower_skipped()
     {
         var c = Classic with { ClassToken = false, GlobalPool = GlobalPool.Map, NumClasses = 0 };
