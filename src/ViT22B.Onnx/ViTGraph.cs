@@ -110,11 +110,12 @@ internal sealed class ViTGraph
             grid = _g.Transpose(_g.Reshape(grid, 1, c.GridHeight, c.GridWidth, c.EmbedDim), 0, 3, 1, 2);       // [1, D, gh0, gw0]
             var size = _g.Concat(0, _g.Int64s(1, c.EmbedDim), _g.Slice(_g.Shape(map), 2L, 4L, 0L));
             // As torch.nn.functional.interpolate(bicubic, align_corners=False, antialias=True): the antialiased kernel
-            // has a = -0.5 (-0.75 is plain bicubic), half-pixel centers, and taps outside the grid dropped with the
+            // has a = -0.5 (-0.75 is plain bicubic), half-pixel centers (half_pixel, not pytorch_half_pixel, which puts
+            // an output of length 1 at input 0 where torch centres it), and taps outside the grid dropped with the
             // weights renormalized (exclude_outside; without it ONNX Runtime differs by 4e-3 when upsampling).
             var resized = _g.Node("Resize", new[] { grid, "", "", size }, null, OnnxGraph.Text("mode", "cubic"),
                 OnnxGraph.Float("cubic_coeff_a", -0.5f), OnnxGraph.Int("antialias", 1), OnnxGraph.Int("exclude_outside", 1),
-                OnnxGraph.Text("coordinate_transformation_mode", "pytorch_half_pixel"));
+                OnnxGraph.Text("coordinate_transformation_mode", "half_pixel"));
             var flat = _g.Reshape(_g.Transpose(resized, 0, 2, 3, 1), 1, -1, c.EmbedDim);
             pos = p == 0 ? flat : _g.Concat(1, _g.Slice(pos, 0L, p, 1L), flat);
         }

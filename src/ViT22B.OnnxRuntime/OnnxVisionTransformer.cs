@@ -56,6 +56,8 @@ public sealed class OnnxVisionTransformer : IDisposable
     private readonly InferenceSession _session;
     private readonly string[] _outputs;
     private readonly long[] _inputDims;
+    private readonly ReaderWriterLockSlim _use = new();      // runs share it; Dispose waits for them and takes it alone
+    private bool _disposed;
     private static readonly string[] OutputNames = { "features", "tokens", "logits" }, InputNames = { "images" };
 
     private OnnxVisionTransformer(InferenceSession session, string path, string provider)
@@ -68,10 +70,15 @@ public sealed class OnnxVisionTransformer : IDisposable
             if (!session.OutputMetadata.ContainsKey(name))
                 throw new InvalidDataException($"ONNX model '{path}' is not a ViT22B export: it has no output '{name}'; found outputs {Describe(session.OutputMetadata)}.");
         _outputs = OutputNames.Where(session.OutputMetadata.ContainsKey).ToArray();
+        if (_outputs.Any(o => session.OutputMetadata[o].ElementDataType != Microsoft.ML.OnnxRuntime.Tensors.TensorElementType.Float))
+            throw new InvalidDataException($"ONNX model '{path}' is not a ViT22B export: its outputs must be float; found outputs {Describe(session.OutputMetadata)}.");
         _inputDims = input.Dimensions.Select(d => (long)d).ToArray();
+        if (_inputDims[1] < 1)
+            throw new InvalidDataException($"ONNX model '{path}' is not a ViT22B export: its input 'images' needs a fixed channel count; found inputs {Describe(session.InputMetadata)}.");
         Metadata = session.ModelMetadata.CustomMetadataMap;
         Channels = (int)_inputDims[1];
         ImageSize = _inputDims[2] > 0 && _inputDims[3] > 0 ? ((int)_inputDims[2], (int)_inputDims[3]) : null;
+        if (Metadata.TryGetValue("config", out var config)) PatchSize = ParsePatchSize(config, path);
         if (Metadata.TryGetValue("preprocessing", out var json)) (Mean, Std) = ParseNormalization(json, path, Channels);
         if (session.OutputMetadata.TryGetValue("logits", out var logits) && logits.Dimensions.Length == 2 && logits.Dimensions[1] > 0) Classes = logits.Dimensions[1];
     }
@@ -85,6 +92,10 @@ public sealed class OnnxVisionTransformer : IDisposable
 
     /// <summary>The input (height, width) the model takes, or null when it takes any multiple of its patch size.</summary>
     public (int Height, int Width)? ImageSize { get; }
+
+    /// <summary>The patch size, from the <c>config</c> metadata (null when not stored); with a dynamic image size the
+    /// height and width must be multiples of it, as the library requires.</summary>
+    public int? PatchSize { get; }
 
     /// <summary>Classifier outputs, or null when the model has no classifier.</summary>
     public int? Classes { get; }
@@ -145,7 +156,22 @@ public sealed class OnnxVisionTransformer : IDisposable
 
     /// <summary>One pass over images [B, C, H, W] (row-major, normalized as the model expects).</summary>
     /// <exception cref="ArgumentException">The shape does not match the data's length or the model's input (named).</exception>
+    /// <exception cref="ObjectDisposedException">The runner was disposed.</exception>
     public OnnxViTOutput Encode(float[] images, long[] shape)
+    {
+        _use.EnterReadLock();
+        try
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            return Run(images, shape);
+        }
+        finally
+        {
+            _use.ExitReadLock();
+        }
+    }
+
+    private OnnxViTOutput Run(float[] images, long[] shape)
     {
         ArgumentNullException.ThrowIfNull(images);
         ArgumentNullException.ThrowIfNull(shape);
@@ -157,6 +183,8 @@ public sealed class OnnxVisionTransformer : IDisposable
         for (int i = 1; i < 4; i++)
             if (_inputDims[i] > 0 && shape[i] != _inputDims[i])
                 throw new ArgumentException($"The model takes images {Shape(_inputDims)}, found {Shape(shape)}.", nameof(shape));
+        if (ImageSize is null && PatchSize is int p && (shape[2] % p != 0 || shape[3] % p != 0))
+            throw new ArgumentException($"The model takes images whose height and width are a multiple of the patch size {p}, found {Shape(shape)}.", nameof(shape));
         using var input = OrtValue.CreateTensorValueFromMemory(images, shape);
         using var run = new RunOptions();
         IDisposableReadOnlyCollection<OrtValue> results;
@@ -193,8 +221,21 @@ public sealed class OnnxVisionTransformer : IDisposable
         }
     }
 
-    /// <inheritdoc />
-    public void Dispose() => _session.Dispose();
+    /// <summary>Releases the session, after any <see cref="Encode"/> running on another thread has returned.</summary>
+    public void Dispose()
+    {
+        _use.EnterWriteLock();
+        try
+        {
+            if (_disposed) return;
+            _disposed = true;
+            _session.Dispose();
+        }
+        finally
+        {
+            _use.ExitWriteLock();
+        }
+    }
 
     private static InvalidOperationException NativeLibraryMissing(Exception e) =>
         new("ONNX Runtime's native library (libonnxruntime) cannot be loaded: reference Microsoft.ML.OnnxRuntime (CPU) or Microsoft.ML.OnnxRuntime.Gpu in the application.", e);
@@ -225,6 +266,21 @@ public sealed class OnnxVisionTransformer : IDisposable
 
     private static string Describe(IReadOnlyDictionary<string, NodeMetadata> values) => values.Count == 0 ? "none"
         : string.Join(", ", values.Select(kv => $"'{kv.Key}' {kv.Value.ElementDataType} [{string.Join(", ", kv.Value.Dimensions)}]"));
+
+    // The "patch_size" of ViT22B's config JSON.
+    private static int ParsePatchSize(string json, string path)
+    {
+        try
+        {
+            using var doc = JsonDocument.Parse(json);
+            int p = doc.RootElement.GetProperty("patch_size").GetInt32();
+            return p >= 1 ? p : throw new FormatException($"patch_size must be positive, found {p}");
+        }
+        catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException or FormatException)
+        {
+            throw new InvalidDataException($"ONNX model '{path}': metadata 'config' is malformed ({e.Message}).", e);
+        }
+    }
 
     // The "mean" and "std" of ViT22B's preprocessing JSON (RGB), per model channel.
     private static (float[], float[]) ParseNormalization(string json, string path, int channels)

@@ -103,8 +103,9 @@ public sealed class OnnxExportTests : IDisposable
         Assert.Equal(new[] { "batch", "", "height", "width" }, input.Type.TensorType.Shape.Dim.Select(d => d.DimParam));
         using var vit = OnnxVisionTransformer.Load(path, new OnnxRunnerOptions { Threads = 1 });
         Assert.Null(vit.ImageSize);
-        // The trained grid (4 × 4), a larger one, a smaller one and a non-square one.
-        foreach (var (h, w) in new[] { (16L, 16L), (28L, 24L), (8L, 8L), (12L, 20L) })
+        // The trained grid (4 × 4), a larger one, a smaller one, a non-square one, and grids one patch high or wide
+        // (ONNX's pytorch_half_pixel puts a length-1 output at input 0, torch at the middle: half_pixel is torch's).
+        foreach (var (h, w) in new[] { (16L, 16L), (28L, 24L), (8L, 8L), (12L, 20L), (4L, 16L), (16L, 4L) })
         {
             using var images = TestUtil.RandomImages(c, 2, seed: 3, ScalarType.Float32, h, w);
             using var inference = torch.inference_mode();
@@ -112,6 +113,24 @@ public sealed class OnnxExportTests : IDisposable
             var (data, shape) = Pixels(images);
             AssertClose(expected, vit.Encode(data, shape), Float32Bound, $"{block} {pos} {pool} at {h}×{w}");
         }
+        // Sizes the library refuses (not a multiple of the patch, smaller than one) are refused here too, by name.
+        foreach (var (h, w) in new[] { (18L, 16L), (2L, 16L) })
+        {
+            var e = Assert.Throws<ArgumentException>(() => vit.Encode(new float[2 * 3 * h * w], new[] { 2L, 3, h, w }));
+            Assert.Contains("multiple of the patch size 4", e.Message, StringComparison.Ordinal);
+        }
+    }
+
+    [Fact]
+    public void A_disposed_runner_refuses_to_run()
+    {
+        using var model = Model(TestUtil.Tiny(BlockKind.Parallel));
+        var vit = OnnxVisionTransformer.Load(Export(model), new OnnxRunnerOptions { Threads = 1 });
+        using var images = TestUtil.RandomImages(model.Config, 1, seed: 5, ScalarType.Float32);
+        var (data, shape) = Pixels(images);
+        vit.Dispose();
+        Assert.Throws<ObjectDisposedException>(() => vit.Encode(data, shape));
+        vit.Dispose();      // twice is harmless
     }
 
     [Theory]
@@ -353,6 +372,39 @@ public sealed class OnnxExportTests : IDisposable
         var u = Assert.Throws<InvalidDataException>(() => OnnxVisionTransformer.Load(unrelated));
         Assert.Contains("'images'", u.Message, StringComparison.Ordinal);
         Assert.Contains("'x'", u.Message, StringComparison.Ordinal);
+
+        // ViT-like names, but a symbolic channel count (with preprocessing metadata), or float16 outputs.
+        ModelProto Lookalike(object channels, TensorProto.Types.DataType outputs)
+        {
+            var m = new ModelProto { IrVersion = 8, Graph = new GraphProto { Name = "lookalike" } };
+            m.OpsetImport.Add(new OperatorSetIdProto { Version = 18 });
+            m.Graph.Input.Add(OnnxGraph.Value("images", TensorProto.Types.DataType.Float, "batch", channels, 16, 16));
+            string x = "images";
+            if (outputs != TensorProto.Types.DataType.Float)
+            {
+                m.Graph.Node.Add(new NodeProto { OpType = "Cast", Input = { "images" }, Output = { "half" }, Attribute = { OnnxGraph.Int("to", (long)outputs) } });
+                x = "half";
+            }
+            foreach (var name in new[] { "features", "tokens" })
+            {
+                m.Graph.Node.Add(new NodeProto { OpType = "Identity", Input = { x }, Output = { name } });
+                m.Graph.Output.Add(OnnxGraph.Value(name, outputs, "batch", channels, 16, 16));
+            }
+            m.MetadataProps.Add(new StringStringEntryProto { Key = "preprocessing", Value = "{\"mean\": [0.5, 0.5, 0.5], \"std\": [0.5, 0.5, 0.5]}" });
+            return m;
+        }
+        foreach (var (name, proto, says) in new[]
+        {
+            ("symbolic-channels.onnx", Lookalike("channels", TensorProto.Types.DataType.Float), "fixed channel count"),
+            ("half-outputs.onnx", Lookalike(3, TensorProto.Types.DataType.Float16), "outputs must be float"),
+        })
+        {
+            string lookalike = Path.Combine(_dir, name);
+            File.WriteAllBytes(lookalike, Google.Protobuf.MessageExtensions.ToByteArray(proto));
+            var l = Assert.Throws<InvalidDataException>(() => OnnxVisionTransformer.Load(lookalike));
+            Assert.Contains(says, l.Message, StringComparison.Ordinal);
+            Assert.Contains(lookalike, l.Message, StringComparison.Ordinal);
+        }
 
         Assert.Throws<FileNotFoundException>(() => OnnxVisionTransformer.Load(Path.Combine(_dir, "missing.onnx")));
 
