@@ -105,6 +105,33 @@ expect_error QkNormStability --data /nonexistent
 expect_error Sharding --data 0
 expect_error Sharding launch 0
 
+# Errors inside the ranks of a threaded run are named like any other (each rank's own message, not "unexpected").
+expect_error -m "names block 4" Sharding --checkpointing blocks:4
+# --device is checked while parsing.
+expect_error -m "--device" Mfu --preset Ti/16 --device vulkan
+expect_error -m "--device" Features --config Ti/16 --device gpu --input samples/images --output "$work/o.safetensors"
+# Output folders are checked before the work starts (nothing is written), and an output is never one of the inputs.
+rm -f "$work/o2.safetensors"
+expect_error -m "does not exist" Features --config Ti/16 --input samples/images --output "$work/o2.safetensors" --save-weights /nonexistent/w.safetensors
+if [ -e "$work/o2.safetensors" ]; then echo "FAIL (Features): wrote --output before finding --save-weights unwritable"; failures=$((failures + 1)); fi
+expect_error -m "--csv" Mfu --preset Ti/16 --csv /nonexistent/m.csv
+cp samples/models/fashion-mnist-vit.safetensors "$work/existing.safetensors"
+expect_error -m "also an input" ExportOnnx --checkpoint "$work/existing.safetensors" --output "$work/existing.safetensors"
+# TrainFashionMnist never replaces an existing checkpoint without --resume (before reading the dataset or writing anything).
+expect_error -m "--resume" TrainFashionMnist --epochs 1 --train-limit 10 --test-limit 10 --checkpoint "$work/existing.safetensors"
+if ! cmp -s samples/models/fashion-mnist-vit.safetensors "$work/existing.safetensors"; then
+  echo "FAIL (TrainFashionMnist): the existing checkpoint was changed"; failures=$((failures + 1))
+fi
+if [ -e "$work/existing.labels.txt" ]; then echo "FAIL (TrainFashionMnist): wrote its labels before refusing"; failures=$((failures + 1)); fi
+# Classify: a folder without images among other inputs is named, not skipped.
+mkdir -p "$work/noimages"
+expect_error -m "noimages" Classify --checkpoint samples/models/fashion-mnist-vit.safetensors --labels samples/models/fashion-mnist-vit.labels.txt \
+  samples/images/chelsea.jpg "$work/noimages"
+# ExportOnnx takes a checkpoint that stores its config (Features --save-weights) without --config, as Classify does.
+dotnet run --project samples/ExportOnnx -c Release --no-build -- --checkpoint "$work/headless.safetensors" --output "$work/headless.onnx" > /dev/null \
+  && test -s "$work/headless.onnx" \
+  || { echo "FAIL (ExportOnnx): could not export a checkpoint that stores its config"; failures=$((failures + 1)); }
+
 if [ "$failures" -gt 0 ]; then
   echo "$failures bad-input case(s) failed"
   exit 1

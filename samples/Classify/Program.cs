@@ -15,13 +15,10 @@
 using System.CommandLine;
 using Spectre.Console;
 using TorchSharp;
-using ViT22B.Accounting;
 using ViT22B.Data;
 using ViT22B.Imaging;
-using ViT22B.Interop;
 using ViT22B.Models;
 using ViT22B.OnnxRuntime;
-using ViT22B.Training;
 using static TorchSharp.torch;
 
 var inputsArgument = new Argument<string[]>("inputs") { Description = "Image files or folders of images (JPEG, PNG, WebP, BMP, GIF).", Arity = ArgumentArity.OneOrMore };
@@ -42,7 +39,8 @@ root.SetAction(parse =>
     var labelFile = parse.GetValue(labelsOption)!;
     int topK = parse.GetValue(topKOption);
     string? configArg = parse.GetValue(configOption);
-    var files = parse.GetValue(inputsArgument)!.SelectMany(p => Directory.Exists(p) ? ImageTensors.ListImages(p)
+    var files = parse.GetValue(inputsArgument)!.SelectMany(p => Directory.Exists(p)
+            ? ImageTensors.ListImages(p) is { Count: > 0 } images ? images : throw new ArgumentException($"Input folder '{p}' holds no images (its subfolders are not searched).")
         : File.Exists(p) ? new[] { p } : throw new FileNotFoundException($"Input '{p}' is neither an image file nor a folder.", p)).ToList();
     if (files.Count == 0) throw new ArgumentException("No images found in the inputs.");
 
@@ -56,7 +54,7 @@ root.SetAction(parse =>
     // The runner: the library's model (from a training checkpoint or any checkpoint it loads), or ONNX Runtime on an
     // export. Either maps a batch of one normalized image [1, C, H, W] to class probabilities.
     IReadOnlyDictionary<string, string>? checkpointMetadata = null;
-    using var model = backend == "torch" ? LoadModel(checkpoint.FullName, configArg, out checkpointMetadata) : null;
+    using var model = backend == "torch" ? CheckpointModel.Load(checkpoint.FullName, configArg, out checkpointMetadata) : null;
     using var onnx = backend == "onnx" ? OnnxVisionTransformer.Load(checkpoint.FullName) : null;
     model?.eval();
     int classes, channels, size;
@@ -124,35 +122,6 @@ return SampleMain.Invoke(root, args);
 
 // A training checkpoint (its format metadata says so) through TrainingCheckpoint; any other checkpoint through
 // PretrainedCheckpoint, with the config from --config or the file's metadata. Float32 on the CPU.
-static VisionTransformer LoadModel(string path, string? configArg, out IReadOnlyDictionary<string, string> metadata)
-{
-    using var source = TensorSources.Open(path);
-    metadata = source.Metadata.ToDictionary();
-    if (source.Metadata.TryGetValue("format", out var format) && format == TrainingCheckpoint.Format)
-    {
-        if (configArg is not null) throw new ArgumentException($"--config is for checkpoints of other layouts; training checkpoint '{path}' stores its own config.");
-        return TrainingCheckpoint.LoadModel(path, torch.CPU, ScalarType.Float32);
-    }
-    var config = configArg is null
-        ? source.Metadata.TryGetValue(PretrainedCheckpoint.ConfigMetadataKey, out var json) ? ViTConfigJson.FromJson(json, path)
-            : throw new ArgumentException($"Checkpoint '{path}' stores no config (metadata '{PretrainedCheckpoint.ConfigMetadataKey}') and is not a training checkpoint; pass --config (a preset, timm name or config JSON).")
-        : File.Exists(configArg) ? ViTConfigJson.Load(configArg) : ViTConfig.TimmNames.Contains(configArg) ? ViTConfig.FromTimm(configArg) : ViTConfig.Parse(configArg);
-    config = PretrainedCheckpoint.MatchHome(config, path, out var changes);   // its home library's activation and norm ε
-    foreach (var change in changes) Console.WriteLine($"Config matched to the checkpoint's home: {change}.");
-    ModelAccounting.EnsureFitsInHostMemory(config, ScalarType.Float32);
-    var model = new VisionTransformer(config, torch.CPU, ScalarType.Float32);
-    try
-    {
-        PretrainedCheckpoint.Load(model, source);
-        return model;
-    }
-    catch
-    {
-        model.Dispose();
-        throw;
-    }
-}
-
 // The image size a dynamic-size ONNX export was built for: its config's, from the export's metadata.
 static (int Height, int Width) ConfigImageSize(IReadOnlyDictionary<string, string> metadata, string path)
 {

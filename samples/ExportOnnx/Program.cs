@@ -17,15 +17,13 @@ using System.Diagnostics;
 using Spectre.Console;
 using TorchSharp;
 using ViT22B.Data;
-using ViT22B.Interop;
 using ViT22B.Models;
 using ViT22B.Onnx;
 using ViT22B.OnnxRuntime;
-using ViT22B.Training;
 using static TorchSharp.torch;
 
-var checkpointOption = new Option<FileInfo>("--checkpoint") { Description = "A training checkpoint (samples/TrainFashionMnist), or with --config a pretrained checkpoint (timm, Hugging Face, OpenCLIP, big_vision layouts).", Required = true };
-var configOption = new Option<string?>("--config") { Description = "Preset, timm name or config JSON of a pretrained checkpoint; without it --checkpoint is a training checkpoint." };
+var checkpointOption = new Option<FileInfo>("--checkpoint") { Description = "A training checkpoint (samples/TrainFashionMnist), a checkpoint that stores its config (Features --save-weights), or with --config a pretrained checkpoint (timm, Hugging Face, OpenCLIP, big_vision layouts).", Required = true };
+var configOption = new Option<string?>("--config") { Description = "Preset, timm name or config JSON of a pretrained checkpoint; without it the checkpoint's own config is used." };
 var outputOption = new Option<FileInfo>("--output") { Description = "The .onnx file to write.", Required = true };
 var weightsOption = new Option<string>("--weights") { Description = "Weight storage: float32, float16, bfloat16 (cast to float32 when loaded) or int8 (dynamic int8 linear layers).", DefaultValueFactory = _ => "float32" };
 var normOption = new Option<PixelNormalization?>("--normalization") { Description = "Preprocessing stored in the model (default: the checkpoint's own, else MinusOneToOne)." };
@@ -51,24 +49,12 @@ root.SetAction(parse =>
         var w => throw new ArgumentException($"--weights must be float32, float16, bfloat16 or int8, found '{w}'."),
     };
     var output = parse.GetValue(outputOption)!;
+    SampleMain.CheckOutput(output, "--output", checkpoint.FullName);
 
-    // The model, in float32, and the preprocessing it expects.
-    VisionTransformer model;
-    Preprocessing? stored = null;
-    if (parse.GetValue(configOption) is { } configArg)
-    {
-        var config = File.Exists(configArg) ? ViTConfigJson.Load(configArg) : ViTConfig.TimmNames.Contains(configArg) ? ViTConfig.FromTimm(configArg) : ViTConfig.Parse(configArg);
-        config = PretrainedCheckpoint.MatchHome(config, checkpoint.FullName, out var changes);   // its home library's activation and norm ε
-        foreach (var change in changes) Console.WriteLine($"Config matched to the checkpoint's home: {change}.");
-        using var source = TensorSources.Open(checkpoint.FullName);
-        stored = Preprocessing.FromMetadata(source.Metadata) ?? (ViTConfig.TimmNames.Contains(configArg) ? ViTConfig.TimmPreprocessing(configArg) : null);
-        model = new VisionTransformer(config, torch.CPU, ScalarType.Float32);
-        PretrainedCheckpoint.Load(model, source);
-    }
-    else
-    {
-        model = TrainingCheckpoint.LoadModel(checkpoint.FullName, torch.CPU, ScalarType.Float32);
-    }
+    // The model, in float32, and the preprocessing it expects: stored with the checkpoint, else the timm name's.
+    string? configArg = parse.GetValue(configOption);
+    var model = CheckpointModel.Load(checkpoint.FullName, configArg, out var metadata);
+    var stored = Preprocessing.FromMetadata(metadata) ?? (configArg is not null && ViTConfig.TimmNames.Contains(configArg) ? ViTConfig.TimmPreprocessing(configArg) : null);
     using var _ = model;
     model.eval();
     var preprocessing = parse.GetValue(normOption) is PixelNormalization n ? Preprocessing.FromNormalization(n)

@@ -24,7 +24,7 @@ var inputOption = new Option<string>("--input") { Description = "A folder of ima
 var outputOption = new Option<FileInfo>("--output") { Description = "Safetensors file to write: 'features' [N, D], 'tokens' [N, T, D], with a classifier 'logits' [N, C], with --layers 'layers.<i>' [N, T, D].", Required = true };
 var seedOption = new Option<long>("--seed") { Description = "Seed of the random init (used without --weights).", DefaultValueFactory = _ => 0 };
 var batchOption = new Option<int>("--batch-size") { Description = "Images per forward pass.", DefaultValueFactory = _ => 16 }.AtLeast(1);
-var deviceOption = new Option<string>("--device") { Description = "cpu or cuda[:N].", DefaultValueFactory = _ => "cpu" };
+var deviceOption = SampleMain.DeviceOption();
 var dtypeOption = new Option<string?>("--dtype") { Description = "float32, bfloat16, float16 or float64 (default: the config's dtype)." };
 var normOption = new Option<PixelNormalization?>("--normalization") { Description = "Override the checkpoint's preprocessing for image folders: MinusOneToOne (big_vision) or ImageNet (shorter side, center crop)." };
 var imgSizeOption = new Option<int?>("--img-size") { Description = "Run at this image size instead of the config's (the position embedding is resampled at load)." };
@@ -62,6 +62,9 @@ static void Run(string configArg, string? weights, string input, FileInfo output
     PixelNormalization? norm, int? imgSize, int? numClasses, string? layersArg, PretrainedLoadOptions loadOptions, FileInfo? saveWeights, string backend)
 {
     if (backend is not ("torch" or "onnx")) throw new ArgumentException($"--backend must be torch or onnx, found '{backend}'.");
+    SampleMain.CheckOutput(output, "--output", weights, input);
+    SampleMain.CheckOutput(saveWeights, "--save-weights", weights, input);
+    if (saveWeights is not null && saveWeights.FullName == output.FullName) throw new ArgumentException("--save-weights and --output name the same file.");
     if (backend == "onnx" && layersArg is not null) throw new ArgumentException("--layers needs --backend torch: the ONNX export has the features, tokens and logits outputs only.");
     bool timmName = ViTConfig.TimmNames.Contains(configArg);
     var config = File.Exists(configArg) ? ViTConfigJson.Load(configArg) : timmName ? ViTConfig.FromTimm(configArg) : ViTConfig.Parse(configArg);
@@ -74,7 +77,7 @@ static void Run(string configArg, string? weights, string input, FileInfo output
         foreach (var change in changes) Console.WriteLine($"Config matched to the checkpoint's home: {change}.");
     }
     var dtype = dtypeArg is null ? config.DType : ViTConfigJson.ParseDType(dtypeArg);
-    var device = new Device(deviceArg);
+    var device = SampleMain.Device(deviceArg);
     int[]? layers = layersArg is null ? null : ParseLayers(layersArg, config.Depth);
 
     // The preprocessing: --normalization if given, else the checkpoint's own, else the timm name's, else big_vision's.

@@ -23,7 +23,7 @@ var presetOption = new Option<string>("--preset") { Description = "Preset (e.g. 
 var blockOption = new Option<string?>("--block") { Description = "Override the block kind: parallel or sequential, or both (the two models measured interleaved in one run, with their speed ratio)." };
 var batchOption = new Option<int>("--batch-size") { Description = "Images per step.", DefaultValueFactory = _ => 8 }.AtLeast(1);
 var dtypeOption = new Option<string>("--dtype") { Description = "float32 or bfloat16 (float16, float64 also accepted).", DefaultValueFactory = _ => "float32" };
-var deviceOption = new Option<string>("--device") { Description = "cpu or cuda[:N].", DefaultValueFactory = _ => "cpu" };
+var deviceOption = SampleMain.DeviceOption();
 var modeOption = new Option<string>("--mode") { Description = "inference, forward-backward (no optimizer), or training (forward, backward, AdamW step).", DefaultValueFactory = _ => "inference" };
 var samplesOption = new Option<int>("--samples") { Description = "Timed rounds (a GEMM before each measured step); medians are reported.", DefaultValueFactory = _ => 10 }.AtLeast(1);
 var warmupOption = new Option<int>("--warmup") { Description = "Untimed warm-up steps.", DefaultValueFactory = _ => 2 }.AtLeast(0);
@@ -63,7 +63,9 @@ root.SetAction(parse =>
         var w => throw new ArgumentException($"--onnx-weights must be float32 or int8, found '{w}'."),
     };
     if (parse.GetValue(peakOption) is double pk && !(pk > 0)) throw new ArgumentException($"--peak-tflops must be positive, found {pk}.");
-    var results = Measure(configs, parse.GetValue(presetOption)!, parse.GetValue(batchOption), dtype, new Device(parse.GetValue(deviceOption)!),
+    SampleMain.CheckOutput(parse.GetValue(jsonOption), "--json");
+    SampleMain.CheckOutput(parse.GetValue(csvOption), "--csv");
+    var results = Measure(configs, parse.GetValue(presetOption)!, parse.GetValue(batchOption), dtype, SampleMain.Device(parse.GetValue(deviceOption)!),
         mode, parse.GetValue(samplesOption), parse.GetValue(warmupOption), parse.GetValue(peakOption), ActivationCheckpointing.Parse(parse.GetValue(recomputeOption)!),
         backend, onnxWeights);
     Print(results);

@@ -19,7 +19,9 @@ internal static class SampleMain
         {
             var inner = Unwrap(e);
             string kind = IsUserError(inner) ? "" : $"unexpected {inner.GetType().Name}: ";
-            Console.Error.WriteLine($"error: {kind}{inner.Message}");
+            // An aggregate's Message repeats every inner message; the first rank's failure (in failure order) says it.
+            string message = inner is AggregateException { InnerExceptions: [var first, ..] } all ? $"{all.InnerExceptions.Count} ranks failed; first: {first.Message}" : inner.Message;
+            Console.Error.WriteLine($"error: {kind}{message}");
             if (Environment.GetEnvironmentVariable("VIT22B_TRACE") is "1" or "true") Console.Error.WriteLine(e);
             else if (kind.Length > 0) Console.Error.WriteLine("(set VIT22B_TRACE=1 to see where)");
             return 1;
@@ -35,10 +37,55 @@ internal static class SampleMain
 
     // The exceptions the library and the samples throw for bad input: arguments, files, formats, checkpoints, memory, a
     // missing native library (libtorch, NCCL), a collective a peer failed or did not join (a rendezvous failure is an
-    // IOException, CUDA's and NCCL's errors are InvalidOperationExceptions).
-    private static bool IsUserError(Exception e) => e is ArgumentException or FormatException or IOException or InvalidDataException or InvalidOperationException
-        or NotSupportedException or UnauthorizedAccessException or KeyNotFoundException or InsufficientMemoryException or OperationCanceledException
-        or ViT22B.Interop.NativeLibraryException or ViT22B.Parallel.CommunicatorException;
+    // IOException, the library's CUDA and NCCL errors are InvalidOperationExceptions); and ranks of an SPMD run
+    // (Spmd.Run: an AggregateException of RankFailedExceptions) that each failed for one of these reasons.
+    private static bool IsUserError(Exception e) => e switch
+    {
+        AggregateException a => a.InnerExceptions.Count > 0 && a.InnerExceptions.All(IsUserError),
+        ViT22B.Parallel.RankFailedException { InnerException: { } cause } => IsUserError(Unwrap(cause)),
+        _ => e is ArgumentException or FormatException or IOException or InvalidDataException or InvalidOperationException
+            or NotSupportedException or UnauthorizedAccessException or KeyNotFoundException or InsufficientMemoryException or OperationCanceledException
+            or ViT22B.Interop.NativeLibraryException or ViT22B.Parallel.CommunicatorException,
+    };
+
+    /// <summary>The samples' <c>--device</c>: cpu, or cuda[:N] (checked while parsing; <see cref="Device"/> checks
+    /// that TorchSharp sees the GPU).</summary>
+    public static Option<string> DeviceOption() => new Option<string>("--device") { Description = "cpu or cuda[:N].", DefaultValueFactory = _ => "cpu" }.Validated();
+
+    private static Option<string> Validated(this Option<string> option)
+    {
+        option.Validators.Add(r =>
+        {
+            string v = r.GetValueOrDefault<string>() ?? "";
+            if (!System.Text.RegularExpressions.Regex.IsMatch(v, @"^(cpu|cuda(:\d{1,3})?)$"))
+                r.AddError($"{option.Name} must be cpu, cuda or cuda:N, found '{v}'.");
+        });
+        return option;
+    }
+
+    /// <summary>The device a validated <c>--device</c> names, once TorchSharp is known to see it.</summary>
+    public static TorchSharp.torch.Device Device(string value)
+    {
+        if (value == "cpu") return TorchSharp.torch.CPU;
+        if (!TorchSharp.torch.cuda.is_available())
+            throw new ArgumentException($"--device {value}: TorchSharp sees no CUDA device (a CUDA build of libtorch 2.10 and an NVIDIA driver are needed; docs/gpu.md).");
+        int index = value.Length > 5 ? int.Parse(value[5..], System.Globalization.CultureInfo.InvariantCulture) : 0;
+        int count = (int)TorchSharp.torch.cuda.device_count();
+        if (index >= count) throw new ArgumentException($"--device {value}: TorchSharp sees {count} CUDA device(s), numbered from 0.");
+        return TorchSharp.torch.device($"cuda:{index}");
+    }
+
+    /// <summary>Checks, before any work, that <paramref name="file"/> (the value of <paramref name="option"/>, if given)
+    /// can be written: its folder exists, and it is none of <paramref name="inputs"/> (which the run reads).</summary>
+    public static void CheckOutput(FileInfo? file, string option, params string?[] inputs)
+    {
+        if (file is null) return;
+        if (file.Directory is { Exists: false } folder)
+            throw new DirectoryNotFoundException($"{option} {file.FullName}: the folder '{folder.FullName}' does not exist.");
+        foreach (var input in inputs)
+            if (input is not null && string.Equals(Path.GetFullPath(input), file.FullName, StringComparison.Ordinal))
+                throw new ArgumentException($"{option} {file.FullName} is also an input of this run; write to another file.");
+    }
 
     /// <summary>Requires a value ≥ <paramref name="min"/>.</summary>
     public static Option<int> AtLeast(this Option<int> option, int min)

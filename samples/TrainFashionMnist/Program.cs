@@ -33,7 +33,7 @@ patchOption.Validators.Add(r =>
 });
 var poolOption = new Option<string>("--pool") { Description = "Pooling head: map (ViT-22B), gap or token.", DefaultValueFactory = _ => "map" };
 var augmentOption = new Option<string>("--augment") { Description = "Training augmentation: none, flip, or crop-flip (random 28×28 crop of the 2-pixel zero-padded image, then flip).", DefaultValueFactory = _ => "flip" };
-var checkpointOption = new Option<FileInfo>("--checkpoint") { Description = "Training checkpoint written after every epoch.", DefaultValueFactory = _ => new FileInfo("fashion-mnist-vit.safetensors") };
+var checkpointOption = new Option<FileInfo>("--checkpoint") { Description = "Training checkpoint written after every epoch (an existing one is continued with --resume, and never replaced without it).", DefaultValueFactory = _ => new FileInfo("fashion-mnist-vit.safetensors") };
 var exportOption = new Option<DirectoryInfo?>("--export-test-images") { Description = "Also write the first --export-count test images as PNG files into this folder (input for samples/Classify)." };
 var exportCountOption = new Option<int>("--export-count") { Description = "Test images to export.", DefaultValueFactory = _ => 8 }.AtLeast(0);
 var resumeOption = new Option<bool>("--resume") { Description = "Continue from --checkpoint." };
@@ -86,6 +86,12 @@ return SampleMain.Invoke(root, args);
 static int Train(ViTConfig config, ImageTransform[] augment, DirectoryInfo data, int epochs, int batchSize, double lr, double labelSmoothing, string optimizerName, FileInfo checkpoint,
     bool resume, int seed, int trainLimit, int testLimit, DirectoryInfo? export, int exportCount, ActivationCheckpointing recompute, double? peakTflops)
 {
+    // Everything the user asked for is checked before anything is written: the optimizer, and the checkpoint, which
+    // the first epoch would replace (a finished run's weights are not overwritten by a new run without being asked).
+    if (optimizerName is not ("adamw" or "adafactor")) throw new ArgumentException($"--optimizer must be adamw or adafactor, found '{optimizerName}'.");
+    SampleMain.CheckOutput(checkpoint, "--checkpoint");
+    if (checkpoint.Exists && !resume)
+        throw new IOException($"--checkpoint {checkpoint.FullName} exists: pass --resume to continue it, or name another file (or delete it) to start a new run.");
     if (Console.IsOutputRedirected) AnsiConsole.Profile.Width = 120;
     // Interactive: a progress bar, and only warnings from the logger; redirected (logs, CI): the logger's lines.
     bool interactive = !Console.IsOutputRedirected;
