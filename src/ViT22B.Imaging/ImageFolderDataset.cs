@@ -4,8 +4,11 @@ namespace ViT22B.Imaging;
 
 /// <summary>
 /// A folder with one sub-folder per class (torchvision's <c>ImageFolder</c>): classes are the sub-folder names in
-/// ordinal order, examples the image files inside each (by extension, sorted). Images are decoded when asked for
-/// (<see cref="ImageTensors.Decode(string, long)"/>) and passed through the transform.
+/// ordinal order, examples the image files anywhere inside each, in torchvision's order (<c>sorted(os.walk(…,
+/// followlinks=True))</c>: folders by path, ordinally, then files by name), following links (unlike os.walk, a link
+/// to a folder already walked is not walked again, so a link back up the tree ends). Images are recognised by extension (<see cref="ImageTensors.IsImageFile"/>: JPEG, PNG, WebP, BMP and
+/// GIF; torchvision also lists TIFF, PPM and PGM, which SkiaSharp does not decode, and not GIF). Images are decoded when
+/// asked for (<see cref="ImageTensors.Decode(string, long)"/>) and passed through the transform.
 /// </summary>
 public sealed class ImageFolderDataset : IDataset
 {
@@ -27,7 +30,7 @@ public sealed class ImageFolderDataset : IDataset
         var items = new List<(string, int)>();
         for (int c = 0; c < classDirs.Count; c++)
         {
-            var files = ImageTensors.ListImages(classDirs[c]);
+            var files = Walk(classDirs[c]);
             if (files.Count == 0)
                 throw new InvalidDataException($"Class folder '{classDirs[c]}' holds no images (JPEG, PNG, WebP, BMP or GIF).");
             items.AddRange(files.Select(f => (f, c)));
@@ -36,6 +39,25 @@ public sealed class ImageFolderDataset : IDataset
         Classes = classDirs.Select(d => Path.GetFileName(d)).ToList();
         Root = root;
         _maxPixels = maxPixels;
+    }
+
+    // The image files under a class folder: every folder reached (links followed, unless to a folder already walked)
+    // in ordinal order of its path, its files in ordinal order of their names.
+    private static List<string> Walk(string classDir)
+    {
+        var folders = new List<string>();
+        var seen = new HashSet<string>(StringComparer.Ordinal);
+        var pending = new Stack<string>();
+        pending.Push(classDir);
+        while (pending.Count > 0)
+        {
+            string dir = pending.Pop();
+            string real = new DirectoryInfo(dir).ResolveLinkTarget(returnFinalTarget: true)?.FullName ?? Path.GetFullPath(dir);
+            if (!seen.Add(real)) continue;
+            folders.Add(dir);
+            foreach (string sub in Directory.EnumerateDirectories(dir)) pending.Push(sub);
+        }
+        return folders.Order(StringComparer.Ordinal).SelectMany(ImageTensors.ListImages).ToList();
     }
 
     /// <summary>The dataset folder.</summary>

@@ -20,6 +20,10 @@ public static class ImageTensors
     /// are refused before decoding, as a guard against decompression bombs.</summary>
     public const long DefaultMaxPixels = 89_478_485;
 
+    // The most pixels a decode can take whatever maxPixels says: the RGBA bytes SkiaSharp copies out, and the float
+    // array of three channels, are single .NET arrays indexed by int.
+    private static readonly long MaxDecodablePixels = Array.MaxLength / 4;
+
     /// <summary>Whether the file name has an image extension this class decodes.</summary>
     public static bool IsImageFile(string path) => Extensions.Contains(Path.GetExtension(path).ToLowerInvariant());
 
@@ -129,6 +133,8 @@ public static class ImageTensors
         if (w <= 0 || h <= 0) throw new InvalidDataException($"'{name}' declares an empty size {w}×{h}.");
         if (w * h > maxPixels)
             throw new InvalidDataException($"'{name}' declares {w}×{h} = {w * h:N0} pixels, over the limit of {maxPixels:N0}; refused before decoding (raise maxPixels if the file is trusted).");
+        if (w * h > MaxDecodablePixels)
+            throw new InvalidDataException($"'{name}' declares {w}×{h} = {w * h:N0} pixels, more than this decoder can hold ({MaxDecodablePixels:N0}: its RGBA bytes must fit one .NET array); refused before decoding.");
         var info = new SKImageInfo((int)w, (int)h, SKColorType.Rgba8888, SKAlphaType.Unpremul);
         var bitmap = new SKBitmap(info);
         // Frame 0 only (GIF, animated WebP).

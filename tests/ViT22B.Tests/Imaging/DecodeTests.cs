@@ -172,6 +172,11 @@ public sealed class DecodeTests : IDisposable
         Assert.Contains("bomb.bmp", e.Message);
         Assert.Contains("30000×30000 = 900,000,000 pixels", e.Message);
         Assert.Contains("over the limit of 89,478,485", e.Message);
+        // With the limit lifted, a size beyond what one .NET array holds is still refused before anything is allocated
+        // (it allocated the 3.6 GB bitmap, then reported the header-only file as truncated).
+        e = Assert.Throws<InvalidDataException>(() => ImageTensors.Decode(bomb, maxPixels: long.MaxValue));
+        Assert.Contains("bomb.bmp", e.Message);
+        Assert.Contains("more than this decoder can hold", e.Message);
         string small = Save("small.bmp", Bmp(20, 10, (_, _) => (1, 2, 3)));
         Assert.Contains("over the limit of 100", Assert.Throws<InvalidDataException>(() => ImageTensors.Decode(small, maxPixels: 100)).Message);
         using var ok = ImageTensors.Decode(small, maxPixels: 200);
@@ -203,6 +208,24 @@ public sealed class DecodeTests : IDisposable
             Assert.Equal(1, ex.Label);
             Assert.Equal(new long[] { 3, 4, 4 }, ex.Image.shape);
         }
+    }
+
+    [Fact]
+    public void Image_folder_walks_each_class_folder_recursively_in_torchvision_s_order()
+    {
+        // torchvision's make_dataset: sorted(os.walk(class folder, followlinks=True)), files sorted in each folder. A
+        // class whose images all sit in subfolders is a class; a link back up the tree is walked once.
+        WriteCard("tree/cat/2.bmp");
+        WriteCard("tree/cat/a/1.bmp");
+        WriteCard("tree/cat/a b/3.bmp");
+        WriteCard("tree/cat/a/x/0.bmp");
+        WriteCard("tree/dog/deep/er/5.bmp");
+        Directory.CreateSymbolicLink(Path.Combine(_dir, "tree/cat/a/x/loop"), Path.Combine(_dir, "tree/cat"));
+        var ds = new ImageFolderDataset(Path.Combine(_dir, "tree"), Transforms.Normalize(PixelNormalization.MinusOneToOne));
+        Assert.Equal(new[] { "cat", "dog" }, ds.Classes);
+        // By folder path in ordinal order ("cat/a" < "cat/a b" < "cat/a/x", as Python sorts), then by file name.
+        var expected = new[] { "cat/2.bmp", "cat/a/1.bmp", "cat/a b/3.bmp", "cat/a/x/0.bmp", "dog/deep/er/5.bmp" };
+        Assert.Equal(expected, Enumerable.Range(0, ds.Count).Select(i => Path.GetRelativePath(Path.Combine(_dir, "tree"), ds.Describe(i)).Replace('\\', '/')));
     }
 
     [Fact]
