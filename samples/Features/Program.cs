@@ -88,7 +88,8 @@ static void Run(string configArg, string? weights, string input, FileInfo output
         : stored is not null ? (stored, "the checkpoint's metadata")
         : timmName ? (ViTConfig.TimmPreprocessing(configArg), $"timm name {configArg}")
         : (Preprocessing.FromNormalization(PixelNormalization.MinusOneToOne), "default (big_vision's [-1, 1])");
-    using var images = LoadInput(input, config, preprocessing, out var names);
+    using var images = OpenInput(input, config, preprocessing);
+    var names = images.Names;
     if (Directory.Exists(input)) Console.WriteLine($"Preprocessing ({from}): {preprocessing}.");
     if (device.type == DeviceType.CPU) ModelAccounting.EnsureFitsInHostMemory(config, dtype);
     torch.manual_seed(seed);
@@ -108,7 +109,8 @@ static void Run(string configArg, string? weights, string input, FileInfo output
     // --backend onnx: the same weights exported to ONNX (float32) and run by ONNX Runtime.
     using var onnx = backend == "onnx" ? ExportAndLoad(model, preprocessing, device.type == DeviceType.CUDA) : null;
     if (onnx is not null) Console.WriteLine($"Running on ONNX Runtime ({onnx.ExecutionProvider}).");
-    long count = images.shape[0];
+    // One batch of images in memory at a time; the outputs are kept (they are the result) and written one at a time.
+    long count = names.Length;
     var outputs = new Dictionary<string, List<Tensor>>();
     void Add(string key, Tensor t) => (outputs.TryGetValue(key, out var list) ? list : outputs[key] = new List<Tensor>()).Add(t.to(ScalarType.Float32).cpu().MoveToOuterDisposeScope());
     for (long start = 0; start < count; start += batchSize)
@@ -117,14 +119,14 @@ static void Run(string configArg, string? weights, string input, FileInfo output
         using var scope = torch.NewDisposeScope();
         if (onnx is not null)
         {
-            var pixels = images.narrow(0, start, Math.Min(batchSize, count - start)).contiguous();
+            var pixels = images.Batch(start, Math.Min(batchSize, count - start));
             var r = onnx.Encode(pixels.data<float>().ToArray(), pixels.shape);
             Add("features", torch.tensor(r.Pooled.Data).reshape(r.Pooled.Shape));
             Add("tokens", torch.tensor(r.PatchTokens.Data).reshape(r.PatchTokens.Shape));
             if (r.Logits is not null) Add("logits", torch.tensor(r.Logits.Data).reshape(r.Logits.Shape));
             continue;
         }
-        var batch = images.narrow(0, start, Math.Min(batchSize, count - start)).to(device).to(dtype);
+        var batch = images.Batch(start, Math.Min(batchSize, count - start)).to(device).to(dtype);
         using var o = model.Encode(batch);
         Add("features", o.Pooled);
         Add("tokens", o.PatchTokens);
@@ -132,7 +134,7 @@ static void Run(string configArg, string? weights, string input, FileInfo output
         if (layers is null) continue;
         foreach (var block in model.ForwardIntermediates(batch, layers)) Add($"layers.{block.Block}", block.Tokens);
     }
-    var result = outputs.ToDictionary(kv => kv.Key, kv => torch.cat(kv.Value, 0));
+    var layout = outputs.Select(kv => (kv.Key, ScalarType.Float32, kv.Value[0].shape.Select((d, i) => i == 0 ? kv.Value.Sum(t => t.shape[0]) : d).ToArray())).ToList();
     var metadata = new Dictionary<string, string>
     {
         ["config"] = ViTConfigJson.ToJson(config),
@@ -141,9 +143,16 @@ static void Run(string configArg, string? weights, string input, FileInfo output
         ["inputs"] = JsonSerializer.Serialize(names),
         [Preprocessing.MetadataKey] = preprocessing.ToJson(),
     };
-    Safetensors.Save(result, output.FullName, metadata);
-    Console.WriteLine($"Wrote {output.FullName}: " + string.Join(", ", result.Select(kv => $"{kv.Key} [{string.Join(", ", kv.Value.shape)}]")));
-    foreach (var t in result.Values.Concat(outputs.Values.SelectMany(l => l))) t.Dispose();
+    Safetensors.SaveStreamed(output.FullName, layout, emit =>
+    {
+        foreach (var (key, parts) in outputs)
+        {
+            using (var all = torch.cat(parts, 0)) emit(key, all);
+            foreach (var t in parts) t.Dispose();      // each output's batches go once it is written
+            parts.Clear();
+        }
+    }, metadata);
+    Console.WriteLine($"Wrote {output.FullName}: " + string.Join(", ", layout.Select(l => $"{l.Key} [{string.Join(", ", l.Item3)}]")));
 
     if (saveWeights is null) return;
     PretrainedCheckpoint.Save(model, saveWeights.FullName, preprocessing);
@@ -184,7 +193,9 @@ static int[] ParseLayers(string text, int depth)
     return values;
 }
 
-static Tensor LoadInput(string input, ViTConfig config, Preprocessing preprocessing, out string[] names)
+// The input, read one batch at a time: images decoded from a folder, or slices of a safetensors file's 'images' copied
+// out of its memory mapping.
+static Input OpenInput(string input, ViTConfig config, Preprocessing preprocessing)
 {
     if (Directory.Exists(input))
     {
@@ -192,16 +203,29 @@ static Tensor LoadInput(string input, ViTConfig config, Preprocessing preprocess
             throw new ArgumentException($"Image folders are fed square crops; the config's images are {config.ImgSize}×{w}. Pass a safetensors file of 'images' [N, C, {config.ImgSize}, {w}] instead.");
         var files = ImageTensors.ListImages(input);
         if (files.Count == 0) throw new IOException($"No images (jpg, png, webp, bmp, gif) in folder '{input}'.");
-        names = files.Select(Path.GetFileName).ToArray()!;
-        return ImageTensors.LoadBatch(files, config.ImgSize, preprocessing);
+        return new Input(files.Select(Path.GetFileName).ToArray()!, (start, n) => ImageTensors.LoadBatch(files.Skip((int)start).Take((int)n), config.ImgSize, preprocessing), null);
     }
     if (!File.Exists(input)) throw new IOException($"Input '{input}' is neither a folder nor a file.");
-    using var reader = SafetensorsReader.Open(input);
-    if (!reader.Contains("images"))
-        throw new ArgumentException($"Safetensors input '{input}' has no tensor 'images'; found: {string.Join(", ", reader.Entries.Select(e => e.Name))}.");
-    var entry = reader["images"];
-    if (entry.Shape.Length != 4 || entry.ScalarType != ScalarType.Float32)
-        throw new ArgumentException($"Safetensors input '{input}': 'images' must be float32 [N, C, H, W], found {entry.DType} [{string.Join(", ", entry.Shape)}].");
-    names = Enumerable.Range(0, (int)entry.Shape[0]).Select(i => $"images[{i}]").ToArray();
-    return reader.Read("images");
+    var reader = SafetensorsReader.Open(input);
+    try
+    {
+        if (!reader.Contains("images"))
+            throw new ArgumentException($"Safetensors input '{input}' has no tensor 'images'; found: {string.Join(", ", reader.Entries.Select(e => e.Name))}.");
+        var entry = reader["images"];
+        if (entry.Shape.Length != 4 || entry.ScalarType != ScalarType.Float32)
+            throw new ArgumentException($"Safetensors input '{input}': 'images' must be float32 [N, C, H, W], found {entry.DType} [{string.Join(", ", entry.Shape)}].");
+        var names = Enumerable.Range(0, (int)entry.Shape[0]).Select(i => $"images[{i}]").ToArray();
+        return new Input(names, (start, n) => reader.ReadSlice("images", 0, new[] { (start, n) }), reader);
+    }
+    catch
+    {
+        reader.Dispose();
+        throw;
+    }
+}
+
+// A sample's input: the name of each image, and batches of them [n, C, H, W] float32 on the CPU.
+internal sealed record Input(string[] Names, Func<long, long, Tensor> Batch, IDisposable? Owner) : IDisposable
+{
+    public void Dispose() => Owner?.Dispose();
 }
