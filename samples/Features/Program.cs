@@ -109,12 +109,21 @@ static void Run(string configArg, string? weights, string input, FileInfo output
     // --backend onnx: the same weights exported to ONNX (float32) and run by ONNX Runtime.
     using var onnx = backend == "onnx" ? ExportAndLoad(model, preprocessing, device.type == DeviceType.CUDA) : null;
     if (onnx is not null) Console.WriteLine($"Running on ONNX Runtime ({onnx.ExecutionProvider}).");
-    // One batch of images in memory at a time; the outputs are kept (they are the result) and written one at a time.
+    // One batch of images in memory at a time; each output is allocated once at its full size [N, …] and filled batch
+    // by batch (it is the result), then written one at a time.
     long count = names.Length;
-    var outputs = new Dictionary<string, List<Tensor>>();
-    void Add(string key, Tensor t) => (outputs.TryGetValue(key, out var list) ? list : outputs[key] = new List<Tensor>()).Add(t.to(ScalarType.Float32).cpu().MoveToOuterDisposeScope());
+    var outputs = new Dictionary<string, Tensor>();
+    long at = 0;
+    void Add(string key, Tensor t)
+    {
+        if (!outputs.TryGetValue(key, out var all))
+            outputs[key] = all = torch.empty(t.shape.Select((d, i) => i == 0 ? count : d).ToArray(), dtype: ScalarType.Float32).DetachFromDisposeScope();
+        using var slice = all.narrow(0, at, t.shape[0]);
+        slice.copy_(t);
+    }
     for (long start = 0; start < count; start += batchSize)
     {
+        at = start;
         using var inference = torch.inference_mode();
         using var scope = torch.NewDisposeScope();
         if (onnx is not null)
@@ -134,7 +143,7 @@ static void Run(string configArg, string? weights, string input, FileInfo output
         if (layers is null) continue;
         foreach (var block in model.ForwardIntermediates(batch, layers)) Add($"layers.{block.Block}", block.Tokens);
     }
-    var layout = outputs.Select(kv => (kv.Key, ScalarType.Float32, kv.Value[0].shape.Select((d, i) => i == 0 ? kv.Value.Sum(t => t.shape[0]) : d).ToArray())).ToList();
+    var layout = outputs.Select(kv => (kv.Key, ScalarType.Float32, kv.Value.shape)).ToList();
     var metadata = new Dictionary<string, string>
     {
         ["config"] = ViTConfigJson.ToJson(config),
@@ -145,11 +154,10 @@ static void Run(string configArg, string? weights, string input, FileInfo output
     };
     Safetensors.SaveStreamed(output.FullName, layout, emit =>
     {
-        foreach (var (key, parts) in outputs)
+        foreach (var (key, all) in outputs)
         {
-            using (var all = torch.cat(parts, 0)) emit(key, all);
-            foreach (var t in parts) t.Dispose();      // each output's batches go once it is written
-            parts.Clear();
+            emit(key, all);
+            all.Dispose();      // each output goes once it is written
         }
     }, metadata);
     Console.WriteLine($"Wrote {output.FullName}: " + string.Join(", ", layout.Select(l => $"{l.Key} [{string.Join(", ", l.Item3)}]")));

@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using ViT22B.Data;
 
 namespace ViT22B.Imaging;
@@ -6,7 +7,8 @@ namespace ViT22B.Imaging;
 /// A folder with one sub-folder per class (torchvision's <c>ImageFolder</c>): classes are the sub-folder names in
 /// ordinal order, examples the image files anywhere inside each, in torchvision's order (<c>sorted(os.walk(…,
 /// followlinks=True))</c>: folders by path, ordinally, then files by name), following links (unlike os.walk, a link
-/// to a folder already walked is not walked again, so a link back up the tree ends). Images are recognised by extension (<see cref="ImageTensors.IsImageFile"/>: JPEG, PNG, WebP, BMP and
+/// to one of its own ancestors is not entered, so a loop ends; a folder reached through two links is listed twice, as
+/// os.walk lists it). Images are recognised by extension (<see cref="ImageTensors.IsImageFile"/>: JPEG, PNG, WebP, BMP and
 /// GIF; torchvision also lists TIFF, PPM and PGM, which SkiaSharp does not decode, and not GIF). Images are decoded when
 /// asked for (<see cref="ImageTensors.Decode(string, long)"/>) and passed through the transform.
 /// </summary>
@@ -41,24 +43,52 @@ public sealed class ImageFolderDataset : IDataset
         _maxPixels = maxPixels;
     }
 
-    // The image files under a class folder: every folder reached (links followed, unless to a folder already walked)
-    // in ordinal order of its path, its files in ordinal order of their names.
+    // The image files under a class folder, as torchvision's make_dataset finds them: every folder reached (links
+    // followed; a link to one of the folder's own ancestors, a loop, is not entered) in ordinal order of its path, its
+    // files in ordinal order of their names. A folder reached through two links is listed under both, as os.walk does.
     private static List<string> Walk(string classDir)
     {
         var folders = new List<string>();
-        var seen = new HashSet<string>(StringComparer.Ordinal);
-        var pending = new Stack<string>();
-        pending.Push(classDir);
-        while (pending.Count > 0)
+        var ancestors = new HashSet<string>(StringComparer.Ordinal);
+        void Visit(string dir)
         {
-            string dir = pending.Pop();
-            string real = new DirectoryInfo(dir).ResolveLinkTarget(returnFinalTarget: true)?.FullName ?? Path.GetFullPath(dir);
-            if (!seen.Add(real)) continue;
+            string real = RealPath(dir);
+            if (!ancestors.Add(real)) return;
             folders.Add(dir);
-            foreach (string sub in Directory.EnumerateDirectories(dir)) pending.Push(sub);
+            foreach (string sub in Directory.EnumerateDirectories(dir).Order(StringComparer.Ordinal)) Visit(sub);
+            ancestors.Remove(real);
         }
+        Visit(classDir);
         return folders.Order(StringComparer.Ordinal).SelectMany(ImageTensors.ListImages).ToList();
     }
+
+    // The canonical path, every link and '..' resolved (POSIX realpath; elsewhere the final link target, which is
+    // canonical unless a link lies above it).
+    private static string RealPath(string dir)
+    {
+        if (!OperatingSystem.IsWindows())
+        {
+            nint resolved = NativeRealPath(System.Text.Encoding.UTF8.GetBytes(dir + "\0"), 0);
+            if (resolved != 0)
+            {
+                try
+                {
+                    return Marshal.PtrToStringUTF8(resolved)!;
+                }
+                finally
+                {
+                    NativeFree(resolved);
+                }
+            }
+        }
+        return new DirectoryInfo(dir).ResolveLinkTarget(returnFinalTarget: true)?.FullName ?? Path.GetFullPath(dir);
+    }
+
+    [DllImport("libc", EntryPoint = "realpath")]
+    private static extern nint NativeRealPath(byte[] path, nint resolved);      // path: UTF-8, null-terminated
+
+    [DllImport("libc", EntryPoint = "free")]
+    private static extern void NativeFree(nint pointer);
 
     /// <summary>The dataset folder.</summary>
     public string Root { get; }

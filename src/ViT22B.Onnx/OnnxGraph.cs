@@ -30,6 +30,9 @@ internal sealed class OnnxGraph
     /// exactly, whether an export's weights fit one protobuf message.</summary>
     public static OnnxGraph SizeOnly() => new(sizeOnly: true);
 
+    /// <summary>Whether this is the dry run of <see cref="SizeOnly"/> (initializers need only the right shape).</summary>
+    public bool IsSizeOnly => _sizeOnly;
+
     /// <summary>Weights this large or larger go to the external-data file, each at an offset that is a multiple of 4096
     /// (the page size, so that a runtime can map them).</summary>
     public const int ExternalThreshold = 1024;

@@ -75,7 +75,7 @@ public static class IdxFile
         }
         else
         {
-            using var received = new MemoryStream((int)Math.Min(count, 64L << 20));
+            using var received = new MemoryStream((int)Math.Min(count, 1L << 20));
             var chunk = new byte[1 << 20];
             int n;
             while (received.Length < count && (n = s.Read(chunk, 0, (int)Math.Min(chunk.Length, count - received.Length))) > 0) received.Write(chunk, 0, n);

@@ -124,7 +124,8 @@ public sealed class SafetensorsReader : ITensorSource
     /// Reads part of a tensor (<see cref="ITensorSource.ReadSlice"/>) by copying only its bytes out of a read-only
     /// memory mapping of the file, created at the first call: a rank of a sharded model reads its shard of a full
     /// checkpoint without staging the whole tensor. Safe to call from several threads. The header was validated
-    /// when the file was opened; a file truncated while it is open is not supported (as for any memory mapping).
+    /// when the file was opened, and the file's current length is checked before each copy, so a file cut short since
+    /// is named; one cut short during the copy itself is not supported (as for any memory mapping: the process faults).
     /// </summary>
     /// <exception cref="KeyNotFoundException">No tensor of that name.</exception>
     /// <exception cref="ArgumentException">The dimension or a range lies outside the tensor.</exception>

@@ -216,8 +216,9 @@ internal static class CheckpointLayouts
             $"Checkpoint '{source.Path}' has no layout this library knows; its first keys are: {(first.Count == 0 ? "(none: the file holds no tensors)" : string.Join(", ", first))}{(source.Names.Count > 8 ? $", … ({source.Names.Count} in all)" : "")}. Known layouts: {Known}.");
     }
 
-    /// <summary>Maps every key of <paramref name="source"/> to this library's keys.</summary>
-    public static LayoutMap Map(ITensorSource source)
+    /// <summary>Maps every key of <paramref name="source"/> to this library's keys, for a model of
+    /// <paramref name="depth"/> blocks (a scanned big_vision stack of more blocks is refused before it is split).</summary>
+    public static LayoutMap Map(ITensorSource source, int depth)
     {
         var (layout, prefix) = Detect(source);
         var skipped = new List<KeyNote>();
@@ -233,7 +234,7 @@ internal static class CheckpointLayouts
             CheckpointLayout.BigVision => BigVision,
             _ => null,
         };
-        var names = layout == CheckpointLayout.BigVision ? ScannedBlocks.Expand(source, prefix) : null;
+        var names = layout == CheckpointLayout.BigVision ? ScannedBlocks.Expand(source, prefix, depth) : null;
         foreach (string name in names?.Keys ?? (IEnumerable<string>)source.Names)
         {
             string? key = KeyInTower(layout, prefix, name);
@@ -393,7 +394,7 @@ internal static class CheckpointLayouts
     /// <c>Transformer/encoderblock/…</c>; these are presented as per-block names <c>Transformer/encoderblock_N/…</c>.</summary>
     private static class ScannedBlocks
     {
-        public static Dictionary<string, Func<Func<string, Tensor>, Tensor>> Expand(ITensorSource source, string prefix)
+        public static Dictionary<string, Func<Func<string, Tensor>, Tensor>> Expand(ITensorSource source, string prefix, int modelDepth)
         {
             var result = new Dictionary<string, Func<Func<string, Tensor>, Tensor>>(StringComparer.Ordinal);
             var origin = new Dictionary<string, string>(StringComparer.Ordinal);      // per-block name → stacked tensor
@@ -417,6 +418,9 @@ internal static class CheckpointLayouts
                     throw new CheckpointLayoutException($"Checkpoint '{source.Path}': scanned block tensor '{name}' has shape [{string.Join(", ", shape)}]; expected a leading block axis and no empty dimension.");
                 if (first is { } f && f.Depth != shape[0])
                     throw new CheckpointLayoutException($"Checkpoint '{source.Path}': scanned block tensor '{name}' stacks {shape[0]} blocks, '{f.Name}' {f.Depth}; every stacked tensor holds one slice per block.");
+                // Blocks beyond the model's could only be unexpected keys; a stack of many is refused before it is split.
+                if (shape[0] > modelDepth)
+                    throw new CheckpointLayoutException($"Checkpoint '{source.Path}': scanned block tensor '{name}' stacks {shape[0]} blocks, more than the model's {modelDepth}.");
                 first ??= (name, shape[0]);
             }
             foreach (string name in source.Names)

@@ -91,8 +91,10 @@ public static class PretrainedCheckpoint
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(source);
         options ??= new PretrainedLoadOptions();
+        if (!Enum.IsDefined(options.Resampling))
+            throw new ArgumentOutOfRangeException(nameof(options), $"PretrainedLoadOptions.Resampling is {(int)options.Resampling}, not a ResampleFilter ({string.Join(", ", Enum.GetNames<ResampleFilter>())}).");
         var c = model.Config;
-        var map = CheckpointLayouts.Map(source);
+        var map = CheckpointLayouts.Map(source, c.Depth);
         var target = model.state_dict();
         var recipes = map.Recipes.ToDictionary(r => r.Target, StringComparer.Ordinal);
 

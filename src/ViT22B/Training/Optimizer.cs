@@ -63,7 +63,13 @@ public abstract class Optimizer : IDisposable
     public long StepCount { get; private set; }
 
     /// <summary>The updates parameter <paramref name="index"/> has received (the steps at which it had a gradient).</summary>
-    public long StepsOf(int index) => _steps[index];
+    /// <exception cref="ArgumentOutOfRangeException">No parameter has that index.</exception>
+    public long StepsOf(int index)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(index);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(index, Parameters.Count);
+        return _steps[index];
+    }
 
     /// <summary>Name and hyper-parameters, as written into checkpoints (a checkpoint of another optimizer is refused).</summary>
     public abstract string Describe();

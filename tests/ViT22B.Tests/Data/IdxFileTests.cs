@@ -64,7 +64,7 @@ public sealed class IdxFileTests : IDisposable
         string path = Write("huge" + (gzip ? ".gz" : ""), Idx(new[] { 0x7FFFFF00 }, Array.Empty<byte>()), gzip);
         long before = GC.GetAllocatedBytesForCurrentThread();
         var e = Assert.Throws<InvalidDataException>(() => IdxFile.Read(path));
-        Assert.True(GC.GetAllocatedBytesForCurrentThread() - before < 100 << 20, "the reader allocated the declared size");
+        Assert.True(GC.GetAllocatedBytesForCurrentThread() - before < 8 << 20, "the reader allocated more than a few MB on the header's word");
         Assert.Contains(path, e.Message, StringComparison.Ordinal);
         Assert.Contains($"needs {0x7FFFFF00:N0} data bytes, the file holds 0", e.Message, StringComparison.Ordinal);
         // 2^31 − 1: more than any .NET array holds.

@@ -219,11 +219,17 @@ public sealed class DecodeTests : IDisposable
         WriteCard("tree/cat/a b/3.bmp");
         WriteCard("tree/cat/a/x/0.bmp");
         WriteCard("tree/dog/deep/er/5.bmp");
+        // A link back up the tree (absolute); a link out of the tree whose target holds a relative link back to itself
+        // ('..' from inside it); a link to a sibling folder, which os.walk walks twice.
         Directory.CreateSymbolicLink(Path.Combine(_dir, "tree/cat/a/x/loop"), Path.Combine(_dir, "tree/cat"));
+        WriteCard("outside/y/7.bmp");
+        Directory.CreateSymbolicLink(Path.Combine(_dir, "tree/cat/a2"), Path.Combine(_dir, "outside"));
+        Directory.CreateSymbolicLink(Path.Combine(_dir, "outside/y/up"), "..");
+        Directory.CreateSymbolicLink(Path.Combine(_dir, "tree/dog/link"), "deep");
         var ds = new ImageFolderDataset(Path.Combine(_dir, "tree"), Transforms.Normalize(PixelNormalization.MinusOneToOne));
         Assert.Equal(new[] { "cat", "dog" }, ds.Classes);
-        // By folder path in ordinal order ("cat/a" < "cat/a b" < "cat/a/x", as Python sorts), then by file name.
-        var expected = new[] { "cat/2.bmp", "cat/a/1.bmp", "cat/a b/3.bmp", "cat/a/x/0.bmp", "dog/deep/er/5.bmp" };
+        // By folder path in ordinal order ("cat/a" < "cat/a b" < "cat/a/x" < "cat/a2", as Python sorts), then by file name.
+        var expected = new[] { "cat/2.bmp", "cat/a/1.bmp", "cat/a b/3.bmp", "cat/a/x/0.bmp", "cat/a2/y/7.bmp", "dog/deep/er/5.bmp", "dog/link/er/5.bmp" };
         Assert.Equal(expected, Enumerable.Range(0, ds.Count).Select(i => Path.GetRelativePath(Path.Combine(_dir, "tree"), ds.Describe(i)).Replace('\\', '/')));
     }
 

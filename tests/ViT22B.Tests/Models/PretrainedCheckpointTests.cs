@@ -371,6 +371,9 @@ public sealed class PretrainedCheckpointTests : IDisposable
         var before = x.reshape(5, -1).matmul(w4.reshape(w4.shape[0], -1).t());
         var after = x6.reshape(5, -1).matmul(w6.reshape(w6.shape[0], -1).t());
         Assert.True(TestUtil.MaxAbs(after, before) < 1e-10, $"{TestUtil.MaxAbs(after, before):E2}");
+        // A value that is no filter is refused, not taken for the default.
+        var bad = Assert.Throws<ArgumentOutOfRangeException>(() => PretrainedCheckpoint.Load(loaded, path, new PretrainedLoadOptions { Resampling = (ResampleFilter)7 }));
+        Assert.Contains("Resampling is 7", bad.Message, StringComparison.Ordinal);
         // And the default is not bilinear: the same load without the option gives another embedding.
         using var bicubic = new VisionTransformer(c6, torch.CPU, ScalarType.Float64);
         PretrainedCheckpoint.Load(bicubic, path, new PretrainedLoadOptions { ResizePatchEmbed = true });
@@ -468,6 +471,13 @@ public sealed class PretrainedCheckpointTests : IDisposable
         HomeLayouts.SaveNpz(path, members, compress: false);
         var deeper = Assert.Throws<CheckpointLayoutException>(() => PretrainedCheckpoint.Load(loaded, path));
         Assert.Contains("Transformer/encoderblock/LayerNorm_0/scale", deeper.Message, StringComparison.Ordinal);
+
+        // Stacks that agree, of more blocks than the model has: refused before they are split.
+        var d = c with { Depth = c.Depth + 1 };
+        using var deep = Random(d, 22);
+        HomeLayouts.SaveNpz(path, HomeLayouts.BigVision(deep.state_dict(), d, "", scan: true));
+        var more = Assert.Throws<CheckpointLayoutException>(() => PretrainedCheckpoint.Load(loaded, path));
+        Assert.Contains($"stacks {d.Depth} blocks, more than the model's {c.Depth}", more.Message, StringComparison.Ordinal);
     }
 
     [Fact]

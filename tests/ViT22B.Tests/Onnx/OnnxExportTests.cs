@@ -133,6 +133,51 @@ public sealed class OnnxExportTests : IDisposable
         vit.Dispose();      // twice is harmless
     }
 
+    [Fact]
+    public void Disposing_while_another_thread_encodes_waits_for_it()
+    {
+        // A thread encodes again and again; the runner is disposed under it. Every call either completes with the full
+        // result or throws ObjectDisposedException; none may see a released session (a native use-after-free).
+        using var model = Model(TestUtil.Tiny(BlockKind.Parallel));
+        var vit = OnnxVisionTransformer.Load(Export(model), new OnnxRunnerOptions { Threads = 1 });
+        using var images = TestUtil.RandomImages(model.Config, 8, seed: 6, ScalarType.Float32);
+        var (data, shape) = Pixels(images);
+        var expected = vit.Encode(data, shape).Pooled.Data;
+        int completed = 0;
+        using var first = new ManualResetEventSlim();
+        Exception? failure = null;
+        var worker = new Thread(() =>
+        {
+            try
+            {
+                while (true)
+                {
+                    var r = vit.Encode(data, shape);
+                    Assert.Equal(expected, r.Pooled.Data);
+                    Interlocked.Increment(ref completed);
+                    first.Set();
+                }
+            }
+            catch (ObjectDisposedException)
+            {
+            }
+            catch (Exception e)
+            {
+                failure = e;
+            }
+            finally
+            {
+                first.Set();
+            }
+        });
+        worker.Start();
+        first.Wait();
+        vit.Dispose();
+        Assert.True(worker.Join(TimeSpan.FromSeconds(60)), "the encoding thread did not stop");
+        Assert.Null(failure);
+        Assert.True(completed >= 1);
+    }
+
     [Theory]
     [InlineData(BlockKind.Parallel)]
     [InlineData(BlockKind.Sequential)]

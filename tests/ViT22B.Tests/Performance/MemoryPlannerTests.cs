@@ -360,6 +360,17 @@ public class MemoryPlannerTests
         }
     }
 
+    // Sixteen 512-wide parallel blocks (about 200 MB in float32, the largest weight 7.3 MB): a model many times its
+    // largest weight, for the tests that bound what a whole-model operation holds beside it.
+    private static readonly ViTConfig SixteenWideBlocks = new()
+    {
+        ImgSize = 32, PatchSize = 8, EmbedDim = 512, Depth = 16, NumHeads = 8, MlpDim = 2048, Block = BlockKind.Parallel,
+        GlobalPool = GlobalPool.Gap, NumClasses = 0,
+    };
+
+    // The peaks as the failure messages list them.
+    private static string Peaks(IEnumerable<long> peaks) => string.Join(", ", peaks.Select(x => x.ToString("N0", System.Globalization.CultureInfo.InvariantCulture)));
+
     [Fact]
     public void Saving_a_sharded_model_as_one_file_holds_one_parameter_at_a_time_never_the_whole_model()
     {
@@ -368,11 +379,7 @@ public class MemoryPlannerTests
         // third thread samples what the process has allocated; a save that gathered the model first (Unshard, then
         // write) would hold the whole model, many times the largest parameter.
         Assert.True(HaveMallInfo2(), "needs glibc's mallinfo2 (Linux, glibc 2.33+)");
-        var c = new ViTConfig
-        {
-            ImgSize = 32, PatchSize = 8, EmbedDim = 512, Depth = 16, NumHeads = 8, MlpDim = 2048, Block = BlockKind.Parallel,
-            GlobalPool = GlobalPool.Gap, NumClasses = 0,
-        };
+        var c = SixteenWideBlocks;
         var plan = new ViT22B.Parallel.ShardingPlan(c, modelSize: 2, dataSize: 1, fsdp: false);
         var shapes = plan.FullShapes();
         long largest = shapes.Values.Max(s => s.Aggregate(1L, (a, n) => a * n)) * 4;
@@ -406,7 +413,7 @@ public class MemoryPlannerTests
                 }), ref samples));
             }
             long least = peaks.Min();
-            string seen = $"peaks {string.Join(", ", peaks.Select(x => x.ToString("N0", System.Globalization.CultureInfo.InvariantCulture)))} bytes " +
+            string seen = $"peaks {Peaks(peaks)} bytes " +
                           $"beyond the shards ({samples} samples); the largest parameter is {largest:N0}, the whole model {whole:N0}";
             Assert.True(samples >= 30, $"too few samples to see a save: {seen}");
             Assert.True(least <= bound, $"saving held more than one parameter's copies: {seen}");
@@ -430,11 +437,7 @@ public class MemoryPlannerTests
         // weights going to a data file, the export should hold beside the model only those of the weight being written;
         // temporaries kept until the whole graph is built would be several times the model.
         Assert.True(HaveMallInfo2(), "needs glibc's mallinfo2 (Linux, glibc 2.33+)");
-        var c = new ViTConfig
-        {
-            ImgSize = 32, PatchSize = 8, EmbedDim = 512, Depth = 16, NumHeads = 8, MlpDim = 2048, Block = BlockKind.Parallel,
-            GlobalPool = GlobalPool.Gap, NumClasses = 0,
-        };
+        var c = SixteenWideBlocks;
         string dir = Directory.CreateTempSubdirectory("vit22b-onnx-peak-").FullName;
         Assert.Equal(1, MallOpt(MmapThreshold, 4096));      // as in Training_memory_matches_measured_allocation
         try
@@ -452,7 +455,7 @@ public class MemoryPlannerTests
             int samples = 0;
             for (int pass = 0; pass < 3; pass++) peaks.Add(PeakDuring(() => ViT22B.Onnx.OnnxExport.Save(model, path, options), ref samples));
             long least = peaks.Min();
-            string seen = $"peaks {string.Join(", ", peaks.Select(x => x.ToString("N0", System.Globalization.CultureInfo.InvariantCulture)))} bytes " +
+            string seen = $"peaks {Peaks(peaks)} bytes " +
                           $"beyond the model ({samples} samples); the largest weight is {largest:N0}, the whole model {whole:N0}";
             Assert.True(samples >= 30, $"too few samples to see an export: {seen}");
             Assert.True(least <= bound, $"the export held more than one weight's temporaries: {seen}");

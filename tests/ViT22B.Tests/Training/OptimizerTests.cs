@@ -178,6 +178,8 @@ public sealed class OptimizerTests
         Assert.Equal(1001, opt.StepCount);
         Assert.Equal(1001, opt.State["a.step"].item<long>());
         Assert.Equal(1, opt.State["b.step"].item<long>());
+        Assert.Equal((1001, 1), (opt.StepsOf(0), opt.StepsOf(1)));
+        Assert.Throws<ArgumentOutOfRangeException>(() => opt.StepsOf(2));
     }
 
     [Fact]

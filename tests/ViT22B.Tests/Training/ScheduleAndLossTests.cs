@@ -41,9 +41,11 @@ public sealed class ScheduleAndLossTests
     public void A_run_that_is_all_warmup_ramps_to_the_peak(DecayKind decay)
     {
         // No step is past the warmup, so no decay applies (big_vision's progress clip((s − W)/(T − W), 0, 1) is 0 for s ≤ W).
+        // Rsqrt never used the progress: it is the control, which passed before the fix too.
         var s = new LearningRateSchedule { PeakLr = 1.0, TotalSteps = 10, WarmupSteps = 10, Decay = decay }.Validate();
         Assert.Equal(0.5, s.At(5), 15);
         Assert.Equal(0.9, s.At(9), 15);
+        Assert.Equal(1.0, s.At(10), 15);
     }
 
     [Fact]
