@@ -58,8 +58,8 @@ internal sealed class ViTGraph
             : _g.Node("Slice", new[] { x, _g.Int64s(prefix), _g.Int64s(long.MaxValue), _g.Int64s(1) }, "tokens");
         var pooled = c.GlobalPool switch
         {
-            GlobalPool.Map => MapHead(x, "attn_pool"),
-            GlobalPool.Gap => _g.Node("ReduceMean", new[] { tokens, _g.Int64s(1) }, null, OnnxGraph.Int("keepdims", 0)),
+            GlobalPool.Map => MapHead(c.PoolIncludePrefix ? x : tokens, "attn_pool"),
+            GlobalPool.Gap => _g.Node("ReduceMean", new[] { c.PoolIncludePrefix ? x : tokens, _g.Int64s(1) }, null, OnnxGraph.Int("keepdims", 0)),
             _ => _g.Node("Gather", new[] { x, _g.Int64Scalar(0) }, null, OnnxGraph.Int("axis", 1)),
         };
         if (Has("fc_norm.weight")) pooled = Norm(pooled, "fc_norm");

@@ -167,11 +167,14 @@ internal sealed class Reference
             x = _c.Block == BlockKind.Parallel ? ParallelBlock($"blocks.{i}.", x) : SequentialBlock($"blocks.{i}.", x);
         bool fcNorm = _c.FcNorm ?? _c.GlobalPool == GlobalPool.Gap;   // timm: use_fc_norm = global_pool == 'avg' unless fc_norm is given
         if (!fcNorm) x = Norm("norm.", x);
+        // timm's pool(): the MAP head and the average see the patch tokens only, unless pool_include_prefix (big_vision's
+        // MAPHead never sees a class token: it adds none with map pooling).
         int prefix = (_c.ClassToken ? 1 : 0) + _c.RegTokens;
+        var pooledTokens = _c.PoolIncludePrefix ? x : x.narrow(1, prefix, x.shape[1] - prefix);
         var pooled = _c.GlobalPool switch
         {
-            GlobalPool.Map => MapHead(x),
-            GlobalPool.Gap => x.narrow(1, prefix, x.shape[1] - prefix).mean(new long[] { 1 }),
+            GlobalPool.Map => MapHead(pooledTokens),
+            GlobalPool.Gap => pooledTokens.mean(new long[] { 1 }),
             _ => x.select(1, 0),
         };
         if (fcNorm) pooled = Norm("fc_norm.", pooled);

@@ -95,6 +95,8 @@ internal static class TestUtil
             yield return ($"{b}-registers-no-embed-class-gap", t with { RegTokens = 3, ClassToken = true, NoEmbedClass = true, GlobalPool = GlobalPool.Gap, NormBias = true });
             yield return ($"{b}-gap-without-fc-norm", t with { GlobalPool = GlobalPool.Gap, FcNorm = false, NormBias = true });
             yield return ($"{b}-token-with-fc-norm", t with { ClassToken = true, GlobalPool = GlobalPool.Token, FcNorm = true });
+            yield return ($"{b}-map-over-patches", t with { ClassToken = true, RegTokens = 2, GlobalPool = GlobalPool.Map, NumClasses = 3 });
+            yield return ($"{b}-map-including-prefix", t with { ClassToken = true, GlobalPool = GlobalPool.Map, PoolIncludePrefix = true });
         }
     }
 }

@@ -92,7 +92,8 @@ public static class ModelAccounting
         c.Validate();
         double d = c.EmbedDim, f = c.MlpDim, l = c.Depth, t = c.NumTokens;
         double n = l * (4 * d * d + 2 * d * f);
-        double head = (c.GlobalPool == GlobalPool.Map ? 4 * t * d * d + 4 * d * d + 4 * t * d + 4 * d * f : 0)
+        double pooledTokens = c.PoolIncludePrefix ? t : c.NumPatches;       // what the MAP head attends over
+        double head = (c.GlobalPool == GlobalPool.Map ? 4 * pooledTokens * d * d + 4 * d * d + 4 * pooledTokens * d + 4 * d * f : 0)
                       + 2 * d * c.NumClasses;
         return new FlopsCount(
             Stem: 2.0 * c.NumPatches * c.InChans * c.PatchSize * c.PatchSize * d,

@@ -94,6 +94,10 @@ public sealed record ViTConfig
     public bool PreNorm { get; init; }
     /// <summary>Pooling head. JSON <c>global_pool</c>: "map" | "gap" | "token".</summary>
     public GlobalPool GlobalPool { get; init; } = GlobalPool.Map;
+
+    /// <summary>Whether the MAP head and average pooling also see the class and register tokens (timm's
+    /// <c>pool_include_prefix</c>; default false: they pool the patch tokens only, as timm and big_vision do).</summary>
+    public bool PoolIncludePrefix { get; init; }
     /// <summary>timm's <c>fc_norm</c>: true = the final norm comes after pooling (<c>fc_norm</c>, tokens un-normed),
     /// false = before pooling (<c>norm</c>); null = timm's default, after pooling for <see cref="GlobalPool.Gap"/> only.
     /// JSON <c>fc_norm</c> (true, false or null).</summary>

@@ -20,7 +20,7 @@ public static class ViTConfigJson
     {
         "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_dim", "block", "qkv_bias",
         "qk_norm", "norm", "norm_bias", "mlp_bias", "proj_bias", "fuse_out_proj", "act", "init_values", "class_token",
-        "reg_tokens", "no_embed_class", "pre_norm", "global_pool", "pos_embed", "num_classes", "norm_eps", "dynamic_img_size", "fc_norm", "dtype",
+        "reg_tokens", "no_embed_class", "pre_norm", "global_pool", "pool_include_prefix", "pos_embed", "num_classes", "norm_eps", "dynamic_img_size", "fc_norm", "dtype",
     };
 
     /// <summary>Serializes every knob (indented).</summary>
@@ -61,6 +61,7 @@ public static class ViTConfigJson
             w.WriteBoolean("no_embed_class", c.NoEmbedClass);
             w.WriteBoolean("pre_norm", c.PreNorm);
             w.WriteString("global_pool", c.GlobalPool switch { GlobalPool.Map => "map", GlobalPool.Gap => "gap", _ => "token" });
+            w.WriteBoolean("pool_include_prefix", c.PoolIncludePrefix);
             w.WriteString("pos_embed", c.PosEmbed == PosEmbedKind.Learn ? "learn" : "sincos2d");
             w.WriteNumber("num_classes", c.NumClasses);
             w.WriteNumber("norm_eps", c.NormEps);
@@ -122,6 +123,7 @@ public static class ViTConfigJson
                     "no_embed_class" => c with { NoEmbedClass = Bool(where, p) },
                     "pre_norm" => c with { PreNorm = Bool(where, p) },
                     "global_pool" => c with { GlobalPool = Choice(where, p, ("map", GlobalPool.Map), ("gap", GlobalPool.Gap), ("token", GlobalPool.Token)) },
+                    "pool_include_prefix" => c with { PoolIncludePrefix = Bool(where, p) },
                     "pos_embed" => c with { PosEmbed = Choice(where, p, ("learn", PosEmbedKind.Learn), ("sincos2d", PosEmbedKind.SinCos2d)) },
                     "num_classes" => c with { NumClasses = Int(where, p) },
                     "norm_eps" => c with { NormEps = Number(where, p) },

@@ -181,10 +181,13 @@ public sealed class VisionTransformer : nn.Module<Tensor, Tensor>
     public Tensor ForwardHead(Tensor tokens, bool preLogits = false)
     {
         using var scope = torch.NewDisposeScope();
+        // timm's pool(): the MAP head and the average see the patch tokens only unless PoolIncludePrefix.
+        int prefix = Config.NumPrefixTokens;
+        var pooledTokens = Config.PoolIncludePrefix || prefix == 0 ? tokens : tokens.narrow(1, prefix, tokens.shape[1] - prefix);
         var pooled = Config.GlobalPool switch
         {
-            GlobalPool.Map => attn_pool!.call(tokens),
-            GlobalPool.Gap => tokens.narrow(1, Config.NumPrefixTokens, tokens.shape[1] - Config.NumPrefixTokens).mean(new long[] { 1 }),
+            GlobalPool.Map => attn_pool!.call(pooledTokens),
+            GlobalPool.Gap => pooledTokens.mean(new long[] { 1 }),
             _ => tokens.select(1, 0),
         };
         if (fc_norm is not null) pooled = fc_norm.call(pooled);
