@@ -76,10 +76,13 @@ public class PlainBaselineBenchmarks : MfuBenchmark
         if (Impl == "library")
         {
             _encoder.forward(_x);
-            return;
         }
-        var h = _x;
-        foreach (var w in _weights) h = Block == BlockKind.Parallel ? PlainParallel(h, w) : PlainSequential(h, w);
+        else
+        {
+            var h = _x;
+            foreach (var w in _weights) h = Block == BlockKind.Parallel ? PlainParallel(h, w) : PlainSequential(h, w);
+        }
+        Bench.Sync();
     }
 
     /// <summary>Samples the peak after each iteration.</summary>

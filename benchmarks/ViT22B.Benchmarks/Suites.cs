@@ -13,6 +13,13 @@ internal static class Bench
 {
     public static readonly Device Device = Environment.GetEnvironmentVariable("VIT22B_BENCH_DEVICE") is { Length: > 0 } d ? new Device(d) : torch.CPU;
 
+    /// <summary>Waits for the device's queued work, so that a benchmark's clock measures the kernels, not their
+    /// launch (CUDA runs asynchronously to the host; nothing to wait for on the CPU).</summary>
+    public static void Sync()
+    {
+        if (Device.type == DeviceType.CUDA) torch.cuda.synchronize(Device);
+    }
+
     /// <summary>"with" or "without" biases on every layer and norm (QKV, MLP, out-projection, norms).</summary>
     public static ViTConfig WithBiases(ViTConfig c, bool biases) => c with { QkvBias = biases, MlpBias = biases, ProjBias = biases, NormBias = biases };
 
@@ -79,6 +86,7 @@ public class BlockBenchmarks : MfuBenchmark
             _block.zero_grad();
             (_block.call(_x) * _probe).sum().backward();
         }
+        Bench.Sync();
     }
 
     /// <summary>Samples the peak after each iteration.</summary>
@@ -151,11 +159,14 @@ public class ModelBenchmarks : MfuBenchmark
         {
             using var mode = torch.inference_mode();
             _model.call(_images);
-            return;
         }
-        _optimizer.ZeroGrad();
-        nn.functional.cross_entropy(_model.call(_images).to(ScalarType.Float32), _labels).backward();
-        _optimizer.Step(1e-4);
+        else
+        {
+            _optimizer.ZeroGrad();
+            nn.functional.cross_entropy(_model.call(_images).to(ScalarType.Float32), _labels).backward();
+            _optimizer.Step(1e-4);
+        }
+        Bench.Sync();
     }
 
     /// <summary>Samples the peak after each iteration.</summary>
@@ -199,7 +210,7 @@ public class GemmPeakBenchmarks : MfuBenchmark
     {
         using var mode = torch.inference_mode();
         using var c = _a.matmul(_b);
-        if (Bench.Device.type == DeviceType.CUDA) torch.cuda.synchronize(Bench.Device);
+        Bench.Sync();
     }
 
     /// <summary>Samples the peak after each iteration.</summary>

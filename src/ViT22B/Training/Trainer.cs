@@ -289,13 +289,15 @@ public sealed class Trainer
             meter.SampleRound();
             peak = meter.PeakFlopsPerSecond;
         }
+        // Which peak the utilization is of: the datasheet's, or the best GEMM timed during the run.
+        string of = Options.PeakFlopsPerSecond is null ? "of the run's best GEMM" : "of the datasheet peak";
         if (peak is { } p && hardwareFlopsPerImage > flopsPerImage)
-            _logger.LogInformation("step {Step} epoch {Epoch}: loss {Loss:F4}, top-1 {Top1:P1}, lr {Lr:E3}, grad norm {GradNorm:F3}, {Ips:F0} img/s, {Tflops:F3} TFLOP/s, MFU {Mfu}, HFU {Hfu}",
+            _logger.LogInformation("step {Step} epoch {Epoch}: loss {Loss:F4}, top-1 {Top1:P1}, lr {Lr:E3}, grad norm {GradNorm:F3}, {Ips:F0} img/s, {Tflops:F3} TFLOP/s, MFU {Mfu}, HFU {Hfu} {PeakSource}",
                 r.Step, epoch + 1, r.Loss, (double)r.Correct / r.Count, r.LearningRate, r.GradNorm, imagesPerSecond, achieved / 1e12, Utilization.Format(achieved, p),
-                Utilization.Format(imagesPerSecond * hardwareFlopsPerImage, p));
+                Utilization.Format(imagesPerSecond * hardwareFlopsPerImage, p), of);
         else if (peak is { } q)
-            _logger.LogInformation("step {Step} epoch {Epoch}: loss {Loss:F4}, top-1 {Top1:P1}, lr {Lr:E3}, grad norm {GradNorm:F3}, {Ips:F0} img/s, {Tflops:F3} TFLOP/s, MFU {Mfu}",
-                r.Step, epoch + 1, r.Loss, (double)r.Correct / r.Count, r.LearningRate, r.GradNorm, imagesPerSecond, achieved / 1e12, Utilization.Format(achieved, q));
+            _logger.LogInformation("step {Step} epoch {Epoch}: loss {Loss:F4}, top-1 {Top1:P1}, lr {Lr:E3}, grad norm {GradNorm:F3}, {Ips:F0} img/s, {Tflops:F3} TFLOP/s, MFU {Mfu} {PeakSource}",
+                r.Step, epoch + 1, r.Loss, (double)r.Correct / r.Count, r.LearningRate, r.GradNorm, imagesPerSecond, achieved / 1e12, Utilization.Format(achieved, q), of);
         else
             _logger.LogInformation("step {Step} epoch {Epoch}: loss {Loss:F4}, top-1 {Top1:P1}, lr {Lr:E3}, grad norm {GradNorm:F3}, {Ips:F0} img/s, {Tflops:F3} TFLOP/s",
                 r.Step, epoch + 1, r.Loss, (double)r.Correct / r.Count, r.LearningRate, r.GradNorm, imagesPerSecond, achieved / 1e12);

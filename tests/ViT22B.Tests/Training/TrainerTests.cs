@@ -288,13 +288,14 @@ public sealed class TrainerTests : IDisposable
         var steps = slow.Lines.Where(l => l.StartsWith("step", StringComparison.Ordinal)).ToList();
         Assert.NotEmpty(steps);
         Assert.All(steps, l => Assert.Contains("MFU n/a (achieved", l, StringComparison.Ordinal));
+        Assert.All(steps, l => Assert.EndsWith("of the datasheet peak", l, StringComparison.Ordinal));
         // A peak measured during the run (MfuMeter): a percentage, sampled at every log line.
         using var meter = new MfuMeter(torch.CPU, ScalarType.Float32);
         var measured = new ListLogger();
         new Trainer(model, opt, schedule, new TrainerOptions { LogEverySteps = 1, PeakMeter = meter }, measured).Fit(Loader(train), epochs: 1);
         var lines = measured.Lines.Where(l => l.StartsWith("step", StringComparison.Ordinal)).ToList();
         Assert.NotEmpty(lines);
-        Assert.All(lines, l => Assert.Matches(@"MFU \d+\.\d %", l));
+        Assert.All(lines, l => Assert.Matches(@"MFU \d+\.\d % of the run's best GEMM$", l));
         // Each shape once per line, and MinimumRounds times before the first (never a peak from one timing).
         Assert.Equal((lines.Count - 1 + MfuMeter.MinimumRounds) * meter.Shapes.Count, meter.PeakSamples);
         Assert.Throws<ArgumentOutOfRangeException>(() => new Trainer(model, opt, schedule, new TrainerOptions { PeakFlopsPerSecond = 0 }));
