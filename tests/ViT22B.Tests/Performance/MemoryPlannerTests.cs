@@ -69,9 +69,32 @@ public class MemoryPlannerTests
         }
     }
 
-    private static void Measure(string preset, BlockKind block, ScalarType dtype)
+    [Theory]
+    [InlineData(ScalarType.Float32, 1.15, 1.4)]
+    [InlineData(ScalarType.BFloat16, 1.35, 1.7)]
+    public void The_planner_underestimates_a_ViT22B_block_s_saved_activations(ScalarType dtype, double low, double high)
     {
-        var c = ViTConfig.Parse(preset) with { Block = block };
+        // A known gap, pinned until the planner models it: ViT-22B's block (QK-norm, scale-only RMSNorm computed in
+        // float32 for 16-bit inputs, a separate MLP bias whose sum GELU keeps) saves more than the planner's per-block
+        // count, which the LayerNorm presets above match. Measured 2026-12-03: 1.26 (float32) and 1.53 (bfloat16) times
+        // the planned activations. When the planner is fixed this test fails and its cases join the test above.
+        Assert.True(HaveMallInfo2(), "needs glibc's mallinfo2 (Linux, glibc 2.33+)");
+        Assert.Equal(1, MallOpt(MmapThreshold, 4096));
+        try
+        {
+            Measure("22B-small", BlockKind.Parallel, dtype, (low, high));
+        }
+        finally
+        {
+            _ = MallOpt(MmapThreshold, 128 * 1024);
+        }
+    }
+
+    private static void Measure(string preset, BlockKind block, ScalarType dtype, (double Low, double High)? activationRatio = null)
+    {
+        // "22B-small": ViT-22B's block (QK-norm, scale-only RMSNorm, no QKV bias, a separate MLP bias) at Ti/16's width.
+        var c = preset == "22B-small" ? ViTConfig.Parse("22B/14") with { EmbedDim = 192, NumHeads = 3, MlpDim = 768, Depth = 4 }
+            : ViTConfig.Parse(preset) with { Block = block };
         const int batch = 4;
         var plan = MemoryPlanner.Plan(c, dtype, batch, training: true);
         // The allocation being measured is deterministic; other threads of the process (the runtime's background
@@ -122,7 +145,8 @@ public class MemoryPlannerTests
         Assert.True((double)optimizerState / plan.OptimizerState is > 0.98 and < 1.05, ratios);
         Assert.Equal(plan.Gradients, gradients);
         // The planned activations add one block's working set to the saved tensors: measured saved ≈ 0.85–1.0 of it.
-        Assert.True((double)saved / plan.Activations is > 0.85 and < 1.1, ratios);
+        var (low, high) = activationRatio ?? (0.85, 1.1);
+        Assert.True((double)saved / plan.Activations > low && (double)saved / plan.Activations < high, ratios);
     }
 
     [Theory]
@@ -247,8 +271,9 @@ public class MemoryPlannerTests
                 string seen = $"peaks while reading {string.Join(", ", peaks.Select(x => x.ToString("N0", System.Globalization.CultureInfo.InvariantCulture)))} bytes, " +
                               $"planned {plan.Total:N0} (weights {plan.Weights:N0}, staging {plan.Staging:N0}, activations {plan.Activations:N0}); model {model:N0}";
                 // 1.5: the smallest peak of three passes came to 1.0-1.45 times the plan depending on which tests ran before in
-                // the same process (garbage awaiting a collection counts here); one block kept alive too many would be
-                // 1.7 times, the staging leak of TorchSharp's zero_() handle 9 times.
+                // the same process (garbage awaiting a collection counts here), so this bound catches a leak of a block per
+                // block or of the staging buffer (TorchSharp's zero_() handle: 9 times), not one block too many (0.4-0.9
+                // of the plan more, depending on the case): StreamedVisionTransformerTests counts the blocks alive.
                 Assert.True(peak <= 1.5 * plan.Total, seen);
                 Assert.True(highest >= 0.5 * plan.Total, $"the plan is far above what was measured: {seen}");
                 // What stays allocated after a pass (without a garbage collection): the resident parameters and at most
