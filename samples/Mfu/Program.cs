@@ -28,7 +28,7 @@ var modeOption = new Option<string>("--mode") { Description = "inference, forwar
 var samplesOption = new Option<int>("--samples") { Description = "Timed rounds (a GEMM before each measured step); medians are reported.", DefaultValueFactory = _ => 10 }.AtLeast(1);
 var warmupOption = new Option<int>("--warmup") { Description = "Untimed warm-up steps.", DefaultValueFactory = _ => 2 }.AtLeast(0);
 var threadsOption = new Option<int>("--threads") { Description = "libtorch intra-op threads (0 = default).", DefaultValueFactory = _ => 0 }.AtLeast(0);
-var peakOption = new Option<double?>("--peak-tflops") { Description = "Also report MFU against this datasheet peak (TFLOP/s), e.g. 989 for an H100 SXM in bf16 dense." };
+var peakOption = new Option<double?>("--peak-tflops") { Description = "Take MFU against this datasheet peak (TFLOP/s) instead of the best GEMM of the run (which is still timed and printed), e.g. 989 for an H100 SXM in bf16 dense." };
 var recomputeOption = new Option<string>("--checkpointing") { Description = "Training modes: blocks that recompute their activations in backward (none, all, every:N or blocks:I,J,…); HFU then counts the recomputed forward passes, MFU does not.", DefaultValueFactory = _ => "none" };
 var backendOption = new Option<string>("--backend") { Description = "torch (this library), onnx (the same model exported to ONNX and run by ONNX Runtime, inference only), or both (measured interleaved, with their speed ratio).", DefaultValueFactory = _ => "torch" };
 var onnxWeightsOption = new Option<string>("--onnx-weights") { Description = "Weights of the ONNX export: float32 or int8 (dynamic int8 linear layers).", DefaultValueFactory = _ => "float32" };

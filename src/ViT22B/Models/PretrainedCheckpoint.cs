@@ -96,7 +96,8 @@ public static class PretrainedCheckpoint
         var c = model.Config;
         var map = CheckpointLayouts.Map(source, c.Depth);
         var target = model.state_dict();
-        var recipes = map.Recipes.ToDictionary(r => r.Target, StringComparer.Ordinal);
+        var mapped = FuseOutProjections(map.Recipes, target);
+        var recipes = mapped.ToDictionary(r => r.Target, StringComparer.Ordinal);
 
         var plans = new Dictionary<string, Func<Tensor>>(StringComparer.Ordinal);
         var loaded = new List<string>();
@@ -117,7 +118,7 @@ public static class PretrainedCheckpoint
         static bool IsHead(string key) => key is "head.weight" or "head.bias";
 
         // The position embedding last: adapting it may rewrite the class token's plan.
-        foreach (var r in map.Recipes.OrderBy(r => r.Target == "pos_embed"))
+        foreach (var r in mapped.OrderBy(r => r.Target == "pos_embed"))
         {
             long[] shape;
             try
@@ -327,6 +328,41 @@ public static class PretrainedCheckpoint
         {
             return null;   // not our config: infer the grid as timm does
         }
+    }
+
+    // timm's ParallelScalingBlock keeps its out-projections apart by default (attn_out_proj, mlp_out_proj); a model with
+    // the fused out_proj takes them as ParallelBlock.FuseOutProjection does: weight [W_attn | W_mlp], bias b_attn + b_mlp.
+    private static readonly string[] OutProjBiases = { "attn_out_proj.bias", "mlp_out_proj.bias" };
+
+    private static List<Recipe> FuseOutProjections(List<Recipe> recipes, IReadOnlyDictionary<string, Tensor> target)
+    {
+        var byTarget = recipes.ToDictionary(r => r.Target, StringComparer.Ordinal);
+        var result = new List<Recipe>(recipes);
+        foreach (var key in target.Keys.Where(k => k.EndsWith(".out_proj.weight", StringComparison.Ordinal) && k.StartsWith("blocks.", StringComparison.Ordinal)))
+        {
+            string block = key[..^"out_proj.weight".Length];
+            if (byTarget.ContainsKey(key) || !byTarget.TryGetValue(block + "attn_out_proj.weight", out var attn) || !byTarget.TryGetValue(block + "mlp_out_proj.weight", out var mlp))
+                continue;
+            result.Remove(attn);
+            result.Remove(mlp);
+            result.Add(new Recipe(key, attn.Sources.Concat(mlp.Sources).ToArray(), read =>
+            {
+                using var scope = torch.NewDisposeScope();
+                return torch.cat(new[] { attn.Build(read), mlp.Build(read) }, 1).MoveToOuterDisposeScope();
+            }, true));
+            if (!target.ContainsKey(block + "out_proj.bias")) continue;
+            var biases = OutProjBiases.Select(b => byTarget.GetValueOrDefault(block + b)).OfType<Recipe>().ToList();
+            if (biases.Count == 0) continue;
+            foreach (var b in biases) result.Remove(b);
+            result.Add(new Recipe(block + "out_proj.bias", biases.SelectMany(b => b.Sources).ToArray(), read =>
+            {
+                using var scope = torch.NewDisposeScope();
+                var sum = biases[0].Build(read);
+                foreach (var b in biases.Skip(1)) sum = sum.Plus(b.Build(read));
+                return sum.MoveToOuterDisposeScope();
+            }, true));
+        }
+        return result;
     }
 
     private static bool PlanPositions(ViTConfig c, long[] modelShape, Recipe r, long[] shape, Dictionary<string, Recipe> recipes, (int Prefix, long H, long W)? known,

@@ -96,6 +96,26 @@ public sealed class PretrainedCheckpointTests : IDisposable
     }
 
     [Fact]
+    public void A_timm_parallel_block_checkpoint_with_separate_out_projections_loads_into_the_fused_default()
+    {
+        // timm's ParallelScalingBlock defaults to fuse_out_proj=False (attn_out_proj, mlp_out_proj); this library's
+        // default fuses them: the checkpoint's two projections become one, columns [attn | mlp], biases summed.
+        var unfused = TestUtil.Tiny(BlockKind.Parallel) with { FuseOutProj = false, ProjBias = true, NumClasses = 3 };
+        using var m = Random(unfused, 28);
+        string path = Save("timm-parallel.safetensors", m.state_dict());
+        var fused = unfused with { FuseOutProj = true };
+        using var loaded = new VisionTransformer(fused, torch.CPU, ScalarType.Float64);
+        var report = PretrainedCheckpoint.Load(loaded, path);
+        Assert.True(report.IsExact, report.ToString());
+        Assert.Contains(report.Converted, n => n.Key == "blocks.0.out_proj.weight" && n.Note == "from blocks.0.attn_out_proj.weight + blocks.0.mlp_out_proj.weight");
+        Assert.Contains(report.Converted, n => n.Key == "blocks.0.out_proj.bias");
+        using var scope = torch.NewDisposeScope();
+        using var noGrad = torch.no_grad();
+        var images = TestUtil.RandomImages(unfused, 2, seed: 29);
+        Assert.True(TestUtil.MaxAbs(loaded.call(images), m.call(images)) < 1e-12);
+    }
+
+    [Fact]
     public void Meta_s_DINOv2_layout_loads_as_timm_converts_it()
     {
         // Meta's own state dicts (torch.hub, the .pth files) have timm's block names but keep 'mask_token', call the
