@@ -61,7 +61,7 @@ public static class Initialization
         else if (key == "pos_embed") p.normal_(0, 1.0 / Math.Sqrt(d), generator);
         else if (key == "cls_token") Param.Zero(p);
         else if (key == "reg_token") p.normal_(0, 1e-6, generator);                 // timm's init for register tokens
-        else if (key == "attn_pool.latent") TruncatedNormal(p, 1.0 / Math.Sqrt(d), -2, 2, generator);
+        else if (key == "attn_pool.latent") TruncatedNormal(p, 1.0 / Math.Sqrt(d), -2 / Math.Sqrt(d), 2 / Math.Sqrt(d), generator);   // timm trunc_normal_tf_: ±2σ
         else if (key.StartsWith("head.", StringComparison.Ordinal)) Param.Zero(p);
         else if (leaf == "weight" && p.dim() == 2)
         {

@@ -177,6 +177,15 @@ public sealed class StreamedVisionTransformerTests : IDisposable
         Assert.InRange(pe.abs().max().item<float>(), 0.95 * 2 * std / .87962566103423978, 2 * std / .87962566103423978 * (1 + 1e-6));
         Assert.InRange(pe.mean().item<float>(), -0.01 * std, 0.01 * std);
 
+        // The MAP probe as timm's AttentionPoolLatent draws it (trunc_normal_tf_, std 1/√D): truncated at ±2σ, so its
+        // spread is 0.88σ; untruncated, some of the 768 values would lie beyond 2σ.
+        var withMap = c with { GlobalPool = GlobalPool.Map, ClassToken = false };
+        using var mapWeights = new SeededWeights(withMap, seed: 1);
+        using var latent = mapWeights.Read("attn_pool.latent");
+        double sigma = 1 / Math.Sqrt(c.EmbedDim);
+        Assert.InRange(latent.abs().max().item<float>(), 1.5 * sigma, 2 * sigma * (1 + 1e-6));
+        Assert.InRange(latent.std().item<float>(), 0.8 * sigma, 0.96 * sigma);
+
         using var gamma = a.Read("blocks.0.ls.gamma");
         Assert.True(TensorAssert.AllEqual(gamma, 0.25f));
         using var norm = a.Read("blocks.0.in_norm.weight");
