@@ -149,7 +149,7 @@ static MfuResult[] Measure(IReadOnlyList<ViTConfig> configs, string preset, int 
                 torch.get_num_threads(), batch * k.Config.NumTokens / m.StepSeconds, batch / m.StepSeconds, m.AchievedFlopsPerSecond / 1e12,
                 k.HardwareFlops / m.StepSeconds / 1e12, onnx ? null : m.PeakFlopsPerSecond / 1e12, datasheetTflops,
                 mode == "inference" ? "none" : recompute.ToString(), m.StepSeconds, samples,
-                i == 0 ? null : MfuMeter.MedianRatio(measured[0].StepSamples, m.StepSamples));
+                i == 0 ? null : MfuMeter.MedianRatio(measured[0].StepSamples, m.StepSamples), Machine(device));
         }).ToArray();
     }
     finally
@@ -187,18 +187,30 @@ static void Print(IReadOnlyList<MfuResult> results)
         AnsiConsole.MarkupLine(($"Note: ONNX Runtime ({r.Block}, float32) reached {r.AchievedTflops:F4} TFLOP/s of model FLOPs, above the run's best float32 libtorch GEMM ({gemm:F4}): " +
             "that GEMM is not this processor's float32 limit, so the torch rows' float32 utilization is relative to libtorch's GEMM, not to the machine.").EscapeMarkup());
     AnsiConsole.MarkupLine(($"Median of {first.Samples} interleaved samples; step {string.Join(" / ", results.Select(r => $"{r.StepSeconds * 1000:F1} ms"))}; " +
-        $"{first.Threads} threads. Model FLOPs per docs/model.md (2 per MAC, matmuls only, forward-backward and training = 3 × forward); HFU adds the forward FLOPs of recomputed blocks; " +
+        $"{first.Threads} threads on {first.Machine}. Model FLOPs per docs/model.md (2 per MAC, matmuls only, forward-backward and training = 3 × forward); HFU adds the forward FLOPs of recomputed blocks; " +
         "utilization is never printed above 100 % (docs/performance.md); ONNX Runtime rows report throughput only.").EscapeMarkup());
+}
+
+// The machine a measurement ran on, for the record: the CPU's model name and logical CPU count (Linux: /proc/cpuinfo),
+// and the CUDA device when one ran it (TorchSharp 0.107 has no device-name call).
+static string Machine(Device device)
+{
+    string? cpu = null;
+    if (File.Exists("/proc/cpuinfo"))
+        cpu = File.ReadLines("/proc/cpuinfo").FirstOrDefault(l => l.StartsWith("model name", StringComparison.Ordinal))?.Split(':', 2)[1].Trim();
+    string host = $"{cpu ?? System.Runtime.InteropServices.RuntimeInformation.OSDescription}, {Environment.ProcessorCount} logical CPUs";
+    return device.type == DeviceType.CUDA ? $"{device} on {host}" : host;
 }
 
 /// <summary>One MFU measurement, as printed and as written to JSON/CSV.</summary>
 /// <param name="SpeedupOverFirst">With several blocks measured in one run: how many times as fast as the first
 /// (median over rounds of the first step's time over this step's); null for the first.</param>
+/// <param name="Machine">The CPU model and logical CPU count, and the CUDA device when one ran it.</param>
 /// <param name="PeakTflops">The best same-dtype GEMM of the run; null for ONNX Runtime rows (its own GEMM peak is not
 /// measured, so they report throughput only).</param>
 internal sealed record MfuResult(string Preset, string Block, string Backend, string Mode, string DType, string Device, int Batch, int Threads,
     double TokensPerSecond, double ImagesPerSecond, double AchievedTflops, double HardwareTflops, double? PeakTflops, double? DatasheetPeakTflops,
-    string Recompute, double StepSeconds, int Samples, double? SpeedupOverFirst)
+    string Recompute, double StepSeconds, int Samples, double? SpeedupOverFirst, string Machine)
 {
     /// <summary>The peak the utilization is taken against: the datasheet's when given, else the best GEMM of the run.</summary>
     public double? UtilizationPeakTflops => PeakTflops is null ? null : DatasheetPeakTflops ?? PeakTflops;
@@ -207,13 +219,13 @@ internal sealed record MfuResult(string Preset, string Block, string Backend, st
     public string MfuText => UtilizationPeakTflops is { } p ? Utilization.Format(AchievedTflops * 1e12, p * 1e12) : "-";
     public string HfuText => UtilizationPeakTflops is { } p ? Utilization.Format(HardwareTflops * 1e12, p * 1e12) : "-";
 
-    public const string CsvHeader = "preset,block,backend,mode,dtype,device,batch,threads,tokens_per_s,images_per_s,achieved_tflops,hardware_tflops,best_gemm_tflops,datasheet_peak_tflops,mfu,hfu,recompute,step_s,samples,speedup_over_first\n";
+    public const string CsvHeader = "preset,block,backend,mode,dtype,device,batch,threads,tokens_per_s,images_per_s,achieved_tflops,hardware_tflops,best_gemm_tflops,datasheet_peak_tflops,mfu,hfu,recompute,step_s,samples,speedup_over_first,machine\n";
 
     public string ToCsvRow()
     {
         var c = CultureInfo.InvariantCulture;
         return string.Join(",", Preset, Block, Backend, Mode, DType, Device, Batch.ToString(c), Threads.ToString(c), TokensPerSecond.ToString("R", c), ImagesPerSecond.ToString("R", c),
             AchievedTflops.ToString("R", c), HardwareTflops.ToString("R", c), PeakTflops?.ToString("R", c) ?? "", DatasheetPeakTflops?.ToString("R", c) ?? "",
-            Mfu?.ToString("R", c) ?? "", Hfu?.ToString("R", c) ?? "", $"\"{Recompute}\"", StepSeconds.ToString("R", c), Samples.ToString(c), SpeedupOverFirst?.ToString("R", c) ?? "") + "\n";
+            Mfu?.ToString("R", c) ?? "", Hfu?.ToString("R", c) ?? "", $"\"{Recompute}\"", StepSeconds.ToString("R", c), Samples.ToString(c), SpeedupOverFirst?.ToString("R", c) ?? "", $"\"{Machine.Replace("\"", "'", StringComparison.Ordinal)}\"") + "\n";
     }
 }
