@@ -94,6 +94,10 @@ public sealed record FusedLayout(long Dim, long MlpDim, bool QkvBias, bool MlpBi
         return new[] { a, a, a };
     }
 
+    /// <summary>The fused <c>out_proj.weight</c> [D, D+F] of unfused ones (timm's <c>attn_out_proj.weight</c> [D, D],
+    /// <c>mlp_out_proj.weight</c> [D, F]): attention columns first (<see cref="OutAttnColumns"/>), then the MLP's.</summary>
+    internal static Tensor FuseOutWeight(Tensor attnOutWeight, Tensor mlpOutWeight) => cat(new[] { attnOutWeight, mlpOutWeight }, 1);
+
     /// <summary>The fused <c>out_proj.bias</c> of unfused biases: their sum, or the one that exists, or none.</summary>
     internal static Tensor? FuseOutBias(Tensor? attnOutBias, Tensor? mlpOutBias) =>
         attnOutBias is null ? mlpOutBias : mlpOutBias is null ? attnOutBias : attnOutBias.Plus(mlpOutBias);

@@ -101,7 +101,7 @@ public sealed class ParallelBlock : nn.Module<Tensor, Tensor>
                 string prefix = key[..^"attn_out_proj.weight".Length];
                 if (!stateDict.TryGetValue(prefix + "mlp_out_proj.weight", out var mlpW))
                     throw new KeyNotFoundException($"'{key}' has no matching '{prefix}mlp_out_proj.weight'.");
-                using (torch.no_grad()) result[prefix + "out_proj.weight"] = torch.cat(new[] { value, mlpW }, 1);
+                using (torch.no_grad()) result[prefix + "out_proj.weight"] = FusedLayout.FuseOutWeight(value, mlpW);
                 continue;
             }
             if (key.EndsWith("attn_out_proj.bias", StringComparison.Ordinal))

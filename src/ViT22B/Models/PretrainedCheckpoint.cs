@@ -331,9 +331,8 @@ public static class PretrainedCheckpoint
     }
 
     // timm's ParallelScalingBlock keeps its out-projections apart by default (attn_out_proj, mlp_out_proj); a model with
-    // the fused out_proj takes them as ParallelBlock.FuseOutProjection does: weight [W_attn | W_mlp], bias b_attn + b_mlp.
-    private static readonly string[] OutProjBiases = { "attn_out_proj.bias", "mlp_out_proj.bias" };
-
+    // the fused out_proj takes them as ParallelBlock.FuseOutProjection does, through FusedLayout's FuseOutWeight and
+    // FuseOutBias.
     private static List<Recipe> FuseOutProjections(List<Recipe> recipes, IReadOnlyDictionary<string, Tensor> target)
     {
         var byTarget = recipes.ToDictionary(r => r.Target, StringComparer.Ordinal);
@@ -348,18 +347,17 @@ public static class PretrainedCheckpoint
             result.Add(new Recipe(key, attn.Sources.Concat(mlp.Sources).ToArray(), read =>
             {
                 using var scope = torch.NewDisposeScope();
-                return torch.cat(new[] { attn.Build(read), mlp.Build(read) }, 1).MoveToOuterDisposeScope();
+                return FusedLayout.FuseOutWeight(attn.Build(read), mlp.Build(read)).MoveToOuterDisposeScope();
             }, true));
-            if (!target.ContainsKey(block + "out_proj.bias")) continue;
-            var biases = OutProjBiases.Select(b => byTarget.GetValueOrDefault(block + b)).OfType<Recipe>().ToList();
-            if (biases.Count == 0) continue;
-            foreach (var b in biases) result.Remove(b);
+            var attnBias = byTarget.GetValueOrDefault(block + "attn_out_proj.bias");
+            var mlpBias = byTarget.GetValueOrDefault(block + "mlp_out_proj.bias");
+            if (!target.ContainsKey(block + "out_proj.bias") || (attnBias is null && mlpBias is null)) continue;
+            var biases = new[] { attnBias, mlpBias }.OfType<Recipe>().ToList();
+            foreach (var bias in biases) result.Remove(bias);
             result.Add(new Recipe(block + "out_proj.bias", biases.SelectMany(b => b.Sources).ToArray(), read =>
             {
                 using var scope = torch.NewDisposeScope();
-                var sum = biases[0].Build(read);
-                foreach (var b in biases.Skip(1)) sum = sum.Plus(b.Build(read));
-                return sum.MoveToOuterDisposeScope();
+                return FusedLayout.FuseOutBias(attnBias?.Build(read), mlpBias?.Build(read))!.MoveToOuterDisposeScope();
             }, true));
         }
         return result;
