@@ -26,8 +26,7 @@ public abstract class Optimizer : IDisposable
 {
     private readonly Dictionary<string, Tensor> _state = new(StringComparer.Ordinal);
     private readonly Tensor?[] _masters;
-    private readonly long[] _steps;
-    private readonly Tensor[] _stepState;
+    private readonly Tensor[] _steps;      // each parameter's update count, an int64 scalar on the CPU (state slot 'step')
 
     /// <summary>Creates the optimizer for <paramref name="parameters"/>.</summary>
     protected Optimizer(IEnumerable<OptimizedParameter> parameters)
@@ -38,8 +37,7 @@ public abstract class Optimizer : IDisposable
         var dup = Parameters.GroupBy(p => p.Name).FirstOrDefault(g => g.Count() > 1);
         if (dup is not null) throw new ArgumentException($"Parameter name '{dup.Key}' appears twice.", nameof(parameters));
         _masters = new Tensor?[Parameters.Count];
-        _steps = new long[Parameters.Count];
-        _stepState = new Tensor[Parameters.Count];
+        _steps = new Tensor[Parameters.Count];
         using var noGrad = torch.no_grad();
         for (int i = 0; i < Parameters.Count; i++)
         {
@@ -52,7 +50,7 @@ public abstract class Optimizer : IDisposable
                 using var wide = detached.to(ScalarType.Float32);
                 _masters[i] = AddState(p.Name, "master", wide.clone());
             }
-            _stepState[i] = AddState(p.Name, "step", torch.zeros(Array.Empty<long>(), dtype: ScalarType.Int64, device: torch.CPU));
+            _steps[i] = AddState(p.Name, "step", torch.zeros(Array.Empty<long>(), dtype: ScalarType.Int64, device: torch.CPU));
         }
     }
 
@@ -68,7 +66,7 @@ public abstract class Optimizer : IDisposable
     {
         ArgumentOutOfRangeException.ThrowIfNegative(index);
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(index, Parameters.Count);
-        return _steps[index];
+        return _steps[index].item<long>();
     }
 
     /// <summary>Name and hyper-parameters, as written into checkpoints (a checkpoint of another optimizer is refused).</summary>
@@ -95,8 +93,9 @@ public abstract class Optimizer : IDisposable
             var w = master ?? p.Value;
             var g = grad.dtype == w.dtype ? grad : grad.to(w.dtype);
             if (p.WeightDecay != 0 && lr != 0) w.TimesInPlace(1 - lr * p.WeightDecay);
-            Update(i, p, w, g, lr, ++_steps[i]);
-            _stepState[i].data<long>()[0] = _steps[i];
+            long step = _steps[i].item<long>() + 1;
+            _steps[i].data<long>()[0] = step;
+            Update(i, p, w, g, lr, step);
             if (master is not null) p.Value.copy_(master);
         }
         StepCount++;
@@ -148,11 +147,8 @@ public abstract class Optimizer : IDisposable
         using var noGrad = torch.no_grad();
         foreach (var (k, t) in _state)
             if (state.TryGetValue(k, out var saved)) t.copy_(saved);
-        for (int i = 0; i < _steps.Length; i++)
-        {
-            if (!countsSaved) _stepState[i].data<long>()[0] = stepCount;
-            _steps[i] = _stepState[i].item<long>();
-        }
+        if (!countsSaved)
+            foreach (var step in _steps) step.data<long>()[0] = stepCount;
         StepCount = stepCount;
     }
 
