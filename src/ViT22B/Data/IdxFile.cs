@@ -62,16 +62,13 @@ public static class IdxFile
         }
         // A file's remaining length is checked before its data is allocated, and a gzip stream's data is collected as it
         // arrives, so a header that declares more than the file holds is refused without allocating what it declares.
+        InvalidDataException Short(long got) => new($"IDX file '{path}': header shape [{string.Join(", ", shape)}] needs {count:N0} data bytes, the file holds {got:N0}.");
         byte[] data;
-        long got;
-        if (s.CanSeek && s.Length - s.Position < count)
+        if (s.CanSeek)
         {
-            (data, got) = (Array.Empty<byte>(), s.Length - s.Position);
-        }
-        else if (s.CanSeek)
-        {
+            if (s.Length - s.Position < count) throw Short(s.Length - s.Position);
             data = new byte[count];
-            got = ReadFully(s, data);
+            if (ReadFully(s, data) is var got && got < count) throw Short(got);
         }
         else
         {
@@ -79,11 +76,9 @@ public static class IdxFile
             var chunk = new byte[1 << 20];
             int n;
             while (received.Length < count && (n = s.Read(chunk, 0, (int)Math.Min(chunk.Length, count - received.Length))) > 0) received.Write(chunk, 0, n);
-            got = received.Length;
+            if (received.Length < count) throw Short(received.Length);
             data = received.Length == received.Capacity ? received.GetBuffer() : received.ToArray();
         }
-        if (got < count)
-            throw new InvalidDataException($"IDX file '{path}': header shape [{string.Join(", ", shape)}] needs {count:N0} data bytes, the file holds {got:N0}.");
         if (s.ReadByte() >= 0)
             throw new InvalidDataException($"IDX file '{path}': data continues past the {count:N0} bytes the header shape [{string.Join(", ", shape)}] declares.");
         return torch.tensor(data, shape, ScalarType.Byte);

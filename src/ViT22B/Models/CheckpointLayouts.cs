@@ -397,17 +397,14 @@ internal static class CheckpointLayouts
         public static Dictionary<string, Func<Func<string, Tensor>, Tensor>> Expand(ITensorSource source, string prefix, int modelDepth)
         {
             var result = new Dictionary<string, Func<Func<string, Tensor>, Tensor>>(StringComparer.Ordinal);
-            var origin = new Dictionary<string, string>(StringComparer.Ordinal);      // per-block name → stacked tensor
-            string stacked = prefix + "Transformer/encoderblock/";
+            string stacked = prefix + "Transformer/encoderblock/", perBlock = prefix + "Transformer/encoderblock_";
             (string Name, long Depth)? first = null;
-            void Add(string key, string from, Func<Func<string, Tensor>, Tensor> read)
+            void Add(string key, Func<Func<string, Tensor>, Tensor> read)
             {
-                if (!result.TryAdd(key, read))
-                {
-                    string stackedName = from.StartsWith(stacked, StringComparison.Ordinal) ? from : origin[key];
-                    throw new CheckpointLayoutException($"Checkpoint '{source.Path}': '{key}' is both a tensor of its own and a block of the stacked '{stackedName}'; a file should hold one name for each weight.");
-                }
-                origin[key] = from;
+                if (result.TryAdd(key, read)) return;
+                // Only a per-block name can be listed twice: once as a tensor of its own, once as a block of its stack.
+                string stackedName = stacked + key[perBlock.Length..].Split('/', 2)[1];
+                throw new CheckpointLayoutException($"Checkpoint '{source.Path}': '{key}' is both a tensor of its own and a block of the stacked '{stackedName}'; a file should hold one name for each weight.");
             }
             // The stacked tensors first, checked before any is listed block by block: each holds data (a dimension of 0
             // would let a declared depth of any size cost nothing in the file) and all hold the same number of blocks.
@@ -427,13 +424,13 @@ internal static class CheckpointLayouts
             {
                 if (!name.StartsWith(stacked, StringComparison.Ordinal))
                 {
-                    Add(name, name, read => read(name));
+                    Add(name, read => read(name));
                     continue;
                 }
                 for (long i = 0; i < first!.Value.Depth; i++)
                 {
                     long index = i;
-                    Add($"{prefix}Transformer/encoderblock_{i}/{name[stacked.Length..]}", name, read =>
+                    Add($"{perBlock}{i}/{name[stacked.Length..]}", read =>
                     {
                         using var all = read(name);
                         return all.select(0, index).clone();
