@@ -176,12 +176,21 @@ internal sealed class ViTGraph
     private string QuantizedMatMul(string x, string prefix, Tensor weight)
     {
         using var scope = torch.NewDisposeScope();      // this weight's float32 temporaries go before the next one's come
-        // The dry run that sizes the export needs only the shapes: nothing is quantized for it.
-        var wt = _g.IsSizeOnly ? weight.t() : weight.t().to(ScalarType.Float32);                  // [in, out]
-        var scale = _g.IsSizeOnly ? torch.empty(wt.shape[1], dtype: ScalarType.Float32, device: torch.CPU) : wt.abs().amax(new long[] { 0 }).AtLeast(1e-12).DividedBy(127.0);   // per output column
-        var q = _g.IsSizeOnly ? wt : torch.round(wt / scale).Clamped(-127, 127);
+        Tensor q, scale;                                                                          // [in, out], per output column
+        if (_g.IsSizeOnly)
+        {
+            // The dry run that sizes the export needs only the shapes: nothing is quantized for it.
+            q = weight.t();
+            scale = torch.empty(q.shape[1], dtype: ScalarType.Float32, device: torch.CPU);
+        }
+        else
+        {
+            var wt = weight.t().to(ScalarType.Float32);
+            scale = wt.abs().amax(new long[] { 0 }).AtLeast(1e-12).DividedBy(127.0);
+            q = torch.round(wt / scale).Clamped(-127, 127);
+        }
         var wq = _g.Initializer(prefix + ".weight_int8", q, ScalarType.Int8);
-        var wzp = _g.Initializer(prefix + ".weight_zero_point", torch.zeros(wt.shape[1], dtype: ScalarType.Int8), ScalarType.Int8);
+        var wzp = _g.Initializer(prefix + ".weight_zero_point", torch.zeros(q.shape[1], dtype: ScalarType.Int8), ScalarType.Int8);
         var ws = _g.Initializer(prefix + ".weight_scale", scale, ScalarType.Float32);
         var dq = _g.NodeN("DynamicQuantizeLinear", new[] { x }, 3);                             // uint8, scale, zero point
         var acc = _g.Node("MatMulInteger", new[] { dq[0], wq, dq[2], wzp });

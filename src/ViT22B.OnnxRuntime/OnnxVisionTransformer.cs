@@ -268,34 +268,32 @@ public sealed class OnnxVisionTransformer : IDisposable
         : string.Join(", ", values.Select(kv => $"'{kv.Key}' {kv.Value.ElementDataType} [{string.Join(", ", kv.Value.Dimensions)}]"));
 
     // The "patch_size" of ViT22B's config JSON.
-    private static int ParsePatchSize(string json, string path)
+    private static int ParsePatchSize(string json, string path) => ParseMetadata("config", json, path, root =>
+    {
+        int p = root.GetProperty("patch_size").GetInt32();
+        return p >= 1 ? p : throw new FormatException($"patch_size must be positive, found {p}");
+    });
+
+    // One JSON metadata entry read by read; anything malformed is an InvalidDataException naming the file and the entry.
+    private static T ParseMetadata<T>(string key, string json, string path, Func<JsonElement, T> read)
     {
         try
         {
             using var doc = JsonDocument.Parse(json);
-            int p = doc.RootElement.GetProperty("patch_size").GetInt32();
-            return p >= 1 ? p : throw new FormatException($"patch_size must be positive, found {p}");
+            return read(doc.RootElement);
         }
         catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException or FormatException)
         {
-            throw new InvalidDataException($"ONNX model '{path}': metadata 'config' is malformed ({e.Message}).", e);
+            throw new InvalidDataException($"ONNX model '{path}': metadata '{key}' is malformed ({e.Message}).", e);
         }
     }
 
     // The "mean" and "std" of ViT22B's preprocessing JSON (RGB), per model channel.
-    private static (float[], float[]) ParseNormalization(string json, string path, int channels)
+    private static (float[], float[]) ParseNormalization(string json, string path, int channels) => ParseMetadata("preprocessing", json, path, root =>
     {
-        try
-        {
-            using var doc = JsonDocument.Parse(json);
-            float[] Triple(string name) => doc.RootElement.GetProperty(name).EnumerateArray().Select(e => (float)e.GetDouble()).ToArray();
-            var (mean, std) = (Triple("mean"), Triple("std"));
-            if (mean.Length != 3 || std.Length != 3 || std.Any(s => !(s > 0))) throw new FormatException("mean and std must have 3 entries (R, G, B), std positive");
-            return channels == 3 ? (mean, std) : (Enumerable.Repeat(mean.Average(), channels).ToArray(), Enumerable.Repeat(std.Average(), channels).ToArray());
-        }
-        catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException or FormatException)
-        {
-            throw new InvalidDataException($"ONNX model '{path}': metadata 'preprocessing' is malformed ({e.Message}).", e);
-        }
-    }
+        float[] Triple(string name) => root.GetProperty(name).EnumerateArray().Select(e => (float)e.GetDouble()).ToArray();
+        var (mean, std) = (Triple("mean"), Triple("std"));
+        if (mean.Length != 3 || std.Length != 3 || std.Any(s => !(s > 0))) throw new FormatException("mean and std must have 3 entries (R, G, B), std positive");
+        return channels == 3 ? (mean, std) : (Enumerable.Repeat(mean.Average(), channels).ToArray(), Enumerable.Repeat(std.Average(), channels).ToArray());
+    });
 }
