@@ -67,7 +67,7 @@ static void Run(string configArg, string? weights, string input, FileInfo output
     if (saveWeights is not null && saveWeights.FullName == output.FullName) throw new ArgumentException("--save-weights and --output name the same file.");
     if (backend == "onnx" && layersArg is not null) throw new ArgumentException("--layers needs --backend torch: the ONNX export has the features, tokens and logits outputs only.");
     bool timmName = ViTConfig.TimmNames.Contains(configArg);
-    var config = File.Exists(configArg) ? ViTConfigJson.Load(configArg) : timmName ? ViTConfig.FromTimm(configArg) : ViTConfig.Parse(configArg);
+    var config = CheckpointModel.Config(configArg);
     if (imgSize is int size) config = (config with { ImgSize = size }).Validate();
     if (numClasses is int classes) config = (config with { NumClasses = classes }).Validate();
     if (weights is not null)

@@ -13,8 +13,7 @@ internal static class Threads
     {
         if (Console.IsOutputRedirected) AnsiConsole.Profile.Width = 120;
         if (device is not ("cpu" or "cuda")) throw new ArgumentException($"--device must be cpu or cuda, found '{device}'.");
-        if (device == "cuda" && !torch.cuda.is_available())
-            throw new ArgumentException("--device cuda: TorchSharp sees no CUDA device (a CUDA build of libtorch 2.10 and an NVIDIA driver are needed; docs/gpu.md).");
+        _ = SampleMain.Device(device);      // cuda: refused, naming what is needed, when TorchSharp sees no GPU
         var config = MeshArgs.Config;
         var plan = a.Plan();
         var reference = Reference.Compute(config, a.Batch);

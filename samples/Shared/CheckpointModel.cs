@@ -8,6 +8,10 @@ using static TorchSharp.torch;
 /// <summary>The samples' one way of building a model from a checkpoint file the user names.</summary>
 internal static class CheckpointModel
 {
+    /// <summary>The config a <c>--config</c> value names: a config JSON file, a timm model name or a preset.</summary>
+    public static ViTConfig Config(string configArg) =>
+        File.Exists(configArg) ? ViTConfigJson.Load(configArg) : ViTConfig.TimmNames.Contains(configArg) ? ViTConfig.FromTimm(configArg) : ViTConfig.Parse(configArg);
+
     /// <summary>
     /// A float32 CPU model from <paramref name="path"/>: a training checkpoint (its own config; <paramref name="configArg"/>
     /// must then be null), or a checkpoint of any layout the library reads with the config <paramref name="configArg"/>
@@ -27,7 +31,7 @@ internal static class CheckpointModel
         var config = configArg is null
             ? source.Metadata.TryGetValue(PretrainedCheckpoint.ConfigMetadataKey, out var json) ? ViTConfigJson.FromJson(json, path)
                 : throw new ArgumentException($"Checkpoint '{path}' stores no config (metadata '{PretrainedCheckpoint.ConfigMetadataKey}') and is not a training checkpoint; pass --config (a preset, timm name or config JSON).")
-            : File.Exists(configArg) ? ViTConfigJson.Load(configArg) : ViTConfig.TimmNames.Contains(configArg) ? ViTConfig.FromTimm(configArg) : ViTConfig.Parse(configArg);
+            : Config(configArg);
         config = PretrainedCheckpoint.MatchHome(config, path, out var changes);   // its home library's activation and norm ε
         foreach (var change in changes) Console.WriteLine($"Config matched to the checkpoint's home: {change}.");
         ModelAccounting.EnsureFitsInHostMemory(config, ScalarType.Float32);
